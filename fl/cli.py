@@ -1,0 +1,145 @@
+"""The ``fl`` command line.
+
+A user's mistake (bad config, bad data, a failed federation) prints one line starting with
+``error:`` and exits with status 2; only a bug shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+# A privacy framework does not phone home: set before Flower is imported anywhere.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from fl.errors import DataError, OncoFedError  # noqa: E402
+
+if TYPE_CHECKING:
+    from fl.config import Config
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fl", description="OncoFed: federated learning for medical imaging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a federation on Flower's Simulation Engine")
+    run.add_argument("config", help="TOML config, e.g. configs/quickstart.toml")
+    run.add_argument("--out", help="parent folder of the run folder (sets output.dir)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set rounds=5 --set train.lr=0.005")
+    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own log lines")
+    run.set_defaults(func=cmd_run)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write synthetic multi-site NIfTI data, one folder per node")
+    synth.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
+    synth.add_argument("--nodes", type=int, required=True, help="number of sites")
+    synth.add_argument("--task", default="seg2d", help="task from the catalogue (seg2d, seg3d)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=0, help="edge length; 0 takes the task's default")
+    synth.set_defaults(func=cmd_data_synth)
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
+    keys = config.add_parser("keys", help="print every config key with its type, default and meaning")
+    keys.set_defaults(func=cmd_config_keys)
+    return parser
+
+
+def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
+    """Make the synthetic federation on first use, then check every node's folder."""
+    from fl.tasks import get_task
+    from nodes.data import load_local_data
+    from nodes.synth import node_dir, synthesize
+
+    root, task = Path(cfg.data.root), get_task(cfg.task)
+    if not root.exists():
+        if not cfg.data.synthesize:
+            raise DataError(f"data.root: {root} does not exist (set data.synthesize = true to generate it)")
+        say(f"generating synthetic data for {cfg.data.nodes} nodes in {root}")
+        synthesize(root, nodes=cfg.data.nodes, task=task, seed=cfg.seed, image_size=cfg.data.image_size)
+    for index in range(cfg.data.nodes):
+        load_local_data(node_dir(root, index), task, use_cache=False)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fl import config as config_mod
+    from fl.progress import LiveProgress, summary_table
+    from fl.run_folder import RunFolder
+    from fl.server_app import run_dir_for
+
+    overrides = list(args.overrides) + ([f"output.dir={_toml_str(args.out)}"] if args.out else [])
+    cfg = config_mod.load(args.config, overrides)
+    run_dir = run_dir_for(cfg).resolve()
+    cfg = cfg.replace(
+        **{
+            "output.dir": str(run_dir.parent),
+            "output.run_name": run_dir.name,
+            "data.root": str(Path(cfg.data.root).resolve()),
+        }
+    )
+    console = Console()
+    if not args.verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    prepare_data(cfg, lambda text: console.print(f"[dim]{text}"))
+
+    from fl.simulation import simulate
+
+    started = time.perf_counter()
+    with LiveProgress(console) as progress:
+        simulate(cfg, progress)
+    folder = RunFolder(run_dir)
+    summary = folder.read_summary()
+    summary["total_seconds"] = time.perf_counter() - started
+    folder.write_summary(summary)
+    console.print(summary_table(summary, str(run_dir)))
+    return 0
+
+
+def _toml_str(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from fl.tasks import get_task
+    from nodes.synth import synthesize
+
+    folders = synthesize(args.out, nodes=args.nodes, task=get_task(args.task), seed=args.seed, image_size=args.image_size)
+    for folder in folders:
+        print(folder)
+    return 0
+
+
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    from fl.config import reference_markdown
+
+    print(reference_markdown())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fl`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except OncoFedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

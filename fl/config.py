@@ -1,0 +1,317 @@
+"""Typed, validated run configuration.
+
+A config is a TOML file whose tables become dotted keys (``[train] lr = 0.01`` is
+``train.lr``), the same flat shape as Flower's run config (``[tool.flwr.app.config]``).
+It is parsed once, at the edge, into frozen dataclasses; nothing deeper sees a raw dict.
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the
+key, the value received and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fl.errors import ConfigError
+from fl.tasks import TASK_NAMES
+
+Scalar = bool | int | float | str
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+def _key(default: Scalar, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
+def _one_of(*choices: str) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        if value in choices:
+            return None
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"must be one of {', '.join(choices)}{hint}"
+
+    return check
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where each node's data lives and how the synthetic default is made."""
+
+    root: str = _key(
+        "data/quickstart",
+        "Folder with one sub-folder per simulated node (node-0, node-1, ...), each holding "
+        "a dataset.json. Relative paths are taken from the working directory.",
+        _non_empty,
+    )
+    nodes: int = _key(3, "Number of nodes (virtual SuperNodes in simulation).", _positive)
+    synthesize: bool = _key(
+        True, "Generate synthetic multi-site data under data.root when it does not exist yet."
+    )
+    image_size: int = _key(
+        0,
+        "Edge length of synthetic images in voxels; 0 takes the task's default.",
+        _non_negative,
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each node."""
+
+    epochs: int = _key(1, "Local epochs per round.", _positive)
+    lr: float = _key(1e-2, "Learning rate of the node's Adam optimizer.", _positive)
+    batch_size: int = _key(8, "Mini-batch size on the node.", _positive)
+    proximal_mu: float = _key(
+        0.0,
+        "FedProx proximal weight mu; must be > 0 with strategy.name = 'fedprox'.",
+        _non_negative,
+    )
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """How the server samples nodes and aggregates their updates."""
+
+    name: str = _key("fedavg", "Aggregation: fedavg, fedprox or fedadam.", _one_of(*STRATEGIES))
+    fraction_train: float = _key(1.0, "Fraction of nodes sampled for training each round.", _fraction)
+    fraction_evaluate: float = _key(
+        1.0, "Fraction of nodes sampled for evaluation each round.", _fraction
+    )
+    min_nodes: int = _key(
+        0,
+        "Nodes that must be connected before a round starts; 0 means all data.nodes.",
+        _non_negative,
+    )
+    server_lr: float = _key(0.1, "FedAdam server learning rate (eta).", _positive)
+    tau: float = _key(1e-3, "FedAdam adaptivity (tau).", _positive)
+    timeout: float = _key(600.0, "Seconds to wait for the nodes' replies in one round.", _positive)
+    evaluate_initial: bool = _key(
+        True, "Evaluate the initial model on the nodes before round 1 (round 0 in metrics.jsonl)."
+    )
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Flower Simulation Engine resources (ignored in deployment)."""
+
+    cpus_per_node: float = _key(
+        1.0, "CPU cores Ray reserves for each virtual node; sets how many train at once.", _positive
+    )
+    threads_per_node: int = _key(1, "Torch threads inside each virtual node.", _positive)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where the run folder goes."""
+
+    dir: str = _key("runs", "Parent folder of run folders.", _non_empty)
+    run_name: str = _key("", "Run folder name; empty makes MODEL_NAME-YYYYmmdd-HHMMSS.")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One federation run. Sections are nested dataclasses; keys are dotted names."""
+
+    task: str = _key("seg2d", f"Task from the catalogue: {', '.join(TASK_NAMES)}.", _one_of(*TASK_NAMES))
+    rounds: int = _key(3, "Number of federated rounds.", _positive)
+    seed: int = _key(0, "Seed for the initial model, data synthesis and local shuffling.")
+    model_name: str = _key("oncofed", "Name of the model this run trains.", _non_empty)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        if self.strategy.name == "fedprox" and self.train.proximal_mu <= 0:
+            raise ConfigError(
+                "train.proximal_mu: strategy.name = 'fedprox' needs a proximal weight > 0 "
+                f"(got {self.train.proximal_mu})"
+            )
+        if self.strategy.min_nodes > self.data.nodes:
+            raise ConfigError(
+                f"strategy.min_nodes: {self.strategy.min_nodes} is more than data.nodes = "
+                f"{self.data.nodes}"
+            )
+
+    @property
+    def min_nodes(self) -> int:
+        """Nodes the server waits for before sampling (all of them unless set)."""
+        return self.strategy.min_nodes or self.data.nodes
+
+    def to_flat(self) -> dict[str, Scalar]:
+        """The config as Flower run config: dotted keys, scalar values."""
+        return {spec.key: spec.get(self) for spec in KEYS}
+
+    def replace(self, **flat: Scalar) -> Config:
+        """A copy with some dotted keys changed, validated like a loaded file."""
+        return from_flat({**self.to_flat(), **flat}, source="override")
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One documented config key."""
+
+    key: str
+    section: str | None
+    name: str
+    type: type
+    default: Scalar
+    doc: str
+    check: Callable[[Any], str | None] | None
+
+    def get(self, cfg: Config) -> Scalar:
+        holder = getattr(cfg, self.section) if self.section else cfg
+        return typing.cast(Scalar, getattr(holder, self.name))
+
+
+def _specs() -> Iterator[KeySpec]:
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            sub_hints = typing.get_type_hints(kind)
+            for g in dataclasses.fields(kind):
+                yield KeySpec(
+                    f"{f.name}.{g.name}", f.name, g.name, sub_hints[g.name], g.default,
+                    g.metadata["doc"], g.metadata["check"],
+                )
+        else:
+            yield KeySpec(f.name, None, f.name, kind, f.default, f.metadata["doc"], f.metadata["check"])
+
+
+KEYS: tuple[KeySpec, ...] = tuple(_specs())
+_BY_KEY = {spec.key: spec for spec in KEYS}
+
+
+def _coerce(spec: KeySpec, value: Any, source: str) -> Scalar:
+    where = f"{source}: {spec.key}"
+    expected = spec.type
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+        raise ConfigError(
+            f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}"
+        )
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+    if spec.check is not None and (problem := spec.check(value)):
+        raise ConfigError(f"{where}: {problem}, got {value!r}")
+    return typing.cast(Scalar, value)
+
+
+def from_flat(flat: Mapping[str, Any], source: str = "config") -> Config:
+    """Build a :class:`Config` from dotted keys; missing keys take their defaults."""
+    unknown = [k for k in flat if k not in _BY_KEY]
+    if unknown:
+        key = sorted(unknown)[0]
+        close = difflib.get_close_matches(key, list(_BY_KEY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{source}: unknown key {key!r}{hint}; `fl config keys` lists them")
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for key, raw in flat.items():
+        spec = _BY_KEY[key]
+        value = _coerce(spec, raw, source)
+        if spec.section:
+            sections.setdefault(spec.section, {})[spec.name] = value
+        else:
+            top[spec.name] = value
+    hints = typing.get_type_hints(Config)
+    for name, values in sections.items():
+        top[name] = hints[name](**values)
+    try:
+        return Config(**top)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def flatten(table: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
+    """Turn nested TOML tables into dotted keys."""
+    flat: dict[str, Any] = {}
+    for name, value in table.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            if key in _BY_KEY:
+                raise ConfigError(f"{source}: {key} must be a value, not a table")
+            flat.update(flatten(value, source, f"{key}."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key=value`` from ``--set``; the value is read as TOML, else as a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set rounds=5")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML config file and apply ``--set`` overrides."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    flat = flatten(table, str(path))
+    flat.update(parse_override(item) for item in overrides)
+    return from_flat(flat, source=str(path))
+
+
+def _toml_literal(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+def reference_markdown() -> str:
+    """The config reference as a Markdown table (kept in the README; a test checks it)."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for spec in KEYS:
+        rows.append(
+            f"| `{spec.key}` | {spec.type.__name__} | `{_toml_literal(spec.default)}` | {spec.doc} |"
+        )
+    return "\n".join(rows)

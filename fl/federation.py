@@ -1,0 +1,210 @@
+"""The server's round loop: Flower's strategy decides, OncoFed owns the loop.
+
+Flower's ``Strategy.start`` waits for all replies of a phase at once and keeps no per-node
+record; owning the (short) loop lets the server report progress as each node replies, keep
+per-node metrics for ``metrics.jsonl`` and name the nodes that failed. Sampling and
+aggregation stay Flower's: ``configure_train``, ``aggregate_train``, ``configure_evaluate``
+and ``aggregate_evaluate`` of the configured strategy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from fl import __version__, wire
+from fl.config import Config
+from fl.errors import FederationError
+from fl.run_folder import RunFolder
+from fl.tasks import get_task
+from strategies import build_strategy
+
+log = logging.getLogger("oncofed.server")
+
+TRAIN, EVALUATE = "train", "evaluate"
+PULL_INTERVAL_S = 0.05
+
+
+class Observer(Protocol):
+    """Receives progress from the round loop (the CLI draws it; the default logs it)."""
+
+    def on_start(self, rounds: int) -> None: ...
+    def on_phase(self, server_round: int, phase: str, done: int, total: int) -> None: ...
+    def on_round(self, record: dict[str, Any]) -> None: ...
+
+
+class LogObserver:
+    """One log line per round: what ``flwr run`` users see."""
+
+    def on_start(self, rounds: int) -> None:
+        log.info("OncoFed: starting %d rounds", rounds)
+
+    def on_phase(self, server_round: int, phase: str, done: int, total: int) -> None:
+        pass
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        agg = record.get("evaluate", {}).get("aggregate", {})
+        log.info(
+            "round %d: train loss %s, val dice %s, %d node(s) failed, %.1f s",
+            record["round"],
+            _fmt(record.get("train", {}).get("aggregate", {}).get(wire.TRAIN_LOSS)),
+            _fmt(agg.get(wire.DICE)),
+            len(record.get("failures", {})),
+            record["seconds"],
+        )
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@dataclass
+class PhaseResult:
+    """Replies of one phase, split into successes and per-node failures."""
+
+    ok: list[Message] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def per_node(self) -> dict[str, dict[str, float]]:
+        return {str(m.metadata.src_node_id): dict(m.content[wire.METRICS]) for m in self.ok}
+
+
+def exchange(
+    grid: Grid, messages: Iterable[Message], *, timeout: float, report: Any
+) -> PhaseResult:
+    """Send ``messages`` and collect replies until all arrive or ``timeout`` passes."""
+    messages = list(messages)
+    pending = {mid: m.metadata.dst_node_id for mid, m in zip(grid.push_messages(messages), messages)}
+    total, result = len(pending), PhaseResult()
+    deadline = time.monotonic() + timeout
+    report(0, total)
+    while pending and time.monotonic() < deadline:
+        replies = list(grid.pull_messages(list(pending)))
+        for reply in replies:
+            pending.pop(reply.metadata.reply_to_message_id, None)
+            node = str(reply.metadata.src_node_id)
+            if reply.has_error():
+                result.failures[node] = f"error {reply.error.code}: {reply.error.reason}"
+            else:
+                result.ok.append(reply)
+        if replies:
+            report(total - len(pending), total)
+        elif pending:
+            time.sleep(PULL_INTERVAL_S)
+    for node_id in pending.values():
+        result.failures[str(node_id)] = f"no reply within {timeout:g} s"
+    return result
+
+
+def _instructions(cfg: Config) -> tuple[ConfigRecord, ConfigRecord]:
+    train = ConfigRecord(
+        {
+            wire.TASK: cfg.task,
+            wire.EPOCHS: cfg.train.epochs,
+            wire.LR: cfg.train.lr,
+            wire.BATCH_SIZE: cfg.train.batch_size,
+            wire.PROXIMAL_MU: cfg.train.proximal_mu,
+            wire.SEED: cfg.seed,
+        }
+    )
+    evaluate = ConfigRecord({wire.TASK: cfg.task, wire.BATCH_SIZE: cfg.train.batch_size})
+    return train, evaluate
+
+
+def initial_arrays(cfg: Config) -> ArrayRecord:
+    """The initial global model: the task's network, seeded by ``cfg.seed``."""
+    torch.manual_seed(cfg.seed)
+    return ArrayRecord(get_task(cfg.task).build_network().state_dict())
+
+
+def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -> dict[str, Any]:
+    """Run ``cfg.rounds`` rounds; write the run folder; return the summary."""
+    started = time.perf_counter()
+    folder = RunFolder.create(run_dir, cfg)
+    strategy = build_strategy(cfg)
+    arrays = initial_arrays(cfg)
+    train_cfg, eval_cfg = _instructions(cfg)
+    observer.on_start(cfg.rounds)
+
+    def phase(server_round: int, name: str, messages: Iterable[Message]) -> PhaseResult:
+        def report(done: int, total: int) -> None:
+            observer.on_phase(server_round, name, done, total)
+
+        return exchange(grid, messages, timeout=cfg.strategy.timeout, report=report)
+
+    def evaluate(server_round: int) -> tuple[dict[str, Any], dict[str, str]]:
+        res = phase(server_round, EVALUATE, strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(eval_cfg)), grid))
+        agg = strategy.aggregate_evaluate(server_round, res.ok)
+        return {"aggregate": dict(agg or {}), "nodes": res.per_node()}, res.failures
+
+    history: list[dict[str, Any]] = []
+    if cfg.strategy.evaluate_initial:
+        t0 = time.perf_counter()
+        ev, failures = evaluate(0)
+        record = {"round": 0, "evaluate": ev, "failures": failures, "seconds": time.perf_counter() - t0}
+        folder.append_round(record)
+        history.append(record)
+        observer.on_round(record)
+
+    for server_round in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_cfg)), grid)
+        res = phase(server_round, TRAIN, messages)
+        new_arrays, train_agg = strategy.aggregate_train(server_round, res.ok)
+        if new_arrays is None:
+            detail = "; ".join(f"node {n}: {why}" for n, why in res.failures.items()) or "no node was sampled"
+            raise FederationError(f"round {server_round}: no node returned an update ({detail})")
+        arrays = new_arrays
+        ev, eval_failures = evaluate(server_round)
+        failures = {**{n: f"train: {w}" for n, w in res.failures.items()}, **{n: f"evaluate: {w}" for n, w in eval_failures.items()}}
+        for node, why in failures.items():
+            log.warning("round %d: node %s failed (%s)", server_round, node, why)
+        record = {
+            "round": server_round,
+            "train": {"aggregate": dict(train_agg or {}), "nodes": res.per_node()},
+            "evaluate": ev,
+            "failures": failures,
+            "seconds": time.perf_counter() - t0,
+        }
+        folder.append_round(record)
+        history.append(record)
+        observer.on_round(record)
+
+    summary = _summary(cfg, history, wall=time.perf_counter() - started)
+    folder.save_weights(arrays.to_torch_state_dict(), {"task": cfg.task, "rounds": str(cfg.rounds)})
+    folder.write_summary(summary)
+    return summary
+
+
+def _summary(cfg: Config, history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    train_seconds = sum(
+        node[wire.TRAIN_SECONDS] for rec in history for node in rec.get("train", {}).get("nodes", {}).values()
+    )
+    last = history[-1]
+    final = last.get("evaluate", {}).get("aggregate", {})
+    initial = history[0]["evaluate"]["aggregate"] if history[0]["round"] == 0 else {}
+    return {
+        "oncofed_version": __version__,
+        "task": cfg.task,
+        "strategy": cfg.strategy.name,
+        "model_name": cfg.model_name,
+        "rounds": cfg.rounds,
+        "nodes": cfg.data.nodes,
+        "initial_metrics": {"dice": initial.get(wire.DICE), "val_loss": initial.get(wire.VAL_LOSS)},
+        "final_metrics": {
+            "dice": final.get(wire.DICE),
+            "val_loss": final.get(wire.VAL_LOSS),
+            "train_loss": last.get("train", {}).get("aggregate", {}).get(wire.TRAIN_LOSS),
+        },
+        "wall_seconds": wall,
+        "train_seconds": train_seconds,
+        "overhead": wall / train_seconds if train_seconds > 0 else None,
+    }

@@ -1,0 +1,79 @@
+"""What the developer sees: a live progress line per run and a summary table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fl import wire
+
+
+class LiveProgress:
+    """Round i/R, nodes done in the current phase, last validation Dice (an Observer)."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]round"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TextColumn("{task.fields[phase]}"),
+            TextColumn("dice {task.fields[dice]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task("rounds", total=None, phase="starting", dice="-")
+
+    def __enter__(self) -> LiveProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def on_start(self, rounds: int) -> None:
+        self.progress.update(self.task, total=rounds, phase="waiting for nodes")
+
+    def on_phase(self, server_round: int, phase: str, done: int, total: int) -> None:
+        label = "initial evaluation" if server_round == 0 else phase
+        self.progress.update(self.task, phase=f"{label}: {done}/{total} nodes")
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        dice = record.get("evaluate", {}).get("aggregate", {}).get(wire.DICE)
+        fields: dict[str, Any] = {"dice": "-" if dice is None else f"{dice:.3f}"}
+        if record["round"] > 0:
+            self.progress.advance(self.task)
+        failures = record.get("failures") or {}
+        if failures:
+            names = ", ".join(sorted(failures))
+            self.progress.console.print(f"[yellow]round {record['round']}: node(s) {names} failed")
+        self.progress.update(self.task, **fields)
+
+
+def _num(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def summary_table(summary: dict[str, Any], run_dir: str) -> Table:
+    """The final summary: metrics, time and where the time went."""
+    table = Table(title="OncoFed run summary", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    final, initial = summary["final_metrics"], summary.get("initial_metrics", {})
+    rows = [
+        ("task / strategy", f"{summary['task']} / {summary['strategy']}"),
+        ("rounds x nodes", f"{summary['rounds']} x {summary['nodes']}"),
+        ("validation Dice", f"{_num(initial.get('dice'), '.4f')} -> {_num(final.get('dice'), '.4f')}"),
+        ("validation loss", f"{_num(initial.get('val_loss'), '.4f')} -> {_num(final.get('val_loss'), '.4f')}"),
+        ("rounds wall (s)", _num(summary["wall_seconds"], ".1f")),
+        ("node training (s, summed)", _num(summary["train_seconds"], ".1f")),
+        ("overhead (wall / training)", _num(summary.get("overhead"), ".2f")),
+        ("total incl. engine start (s)", _num(summary.get("total_seconds"), ".1f")),
+        ("run folder", run_dir),
+    ]
+    for what, value in rows:
+        table.add_row(what, value)
+    return table

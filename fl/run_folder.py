@@ -1,0 +1,95 @@
+"""The run folder: resolved config, one metrics line per round, final weights, summary.
+
+Every file that is written whole (config, weights, summary) goes through a temporary file,
+fsync and rename, so a crash never leaves a half-written one; ``metrics.jsonl`` is appended
+one complete line per round and flushed to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fl.config import Config
+from fl.errors import ConfigError
+
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary sibling, fsync and rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def nested(cfg: Config) -> dict[str, Any]:
+    """The config as nested tables, the shape of a config file."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.to_flat().items():
+        *sections, name = key.split(".")
+        table = out
+        for section in sections:
+            table = table.setdefault(section, {})
+        table[name] = value
+    return out
+
+
+class RunFolder:
+    """Writes one run's artefacts under ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, path: Path, cfg: Config) -> RunFolder:
+        """Make the folder (refusing to reuse a non-empty one) and record the config."""
+        if path.exists() and any(path.iterdir()):
+            raise ConfigError(f"output.run_name: run folder {path} already exists; pick another name")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"output.dir: cannot create run folder {path} ({exc.strerror})") from None
+        folder = cls(path)
+        atomic_write(path / CONFIG_FILE, tomli_w.dumps(nested(cfg)).encode())
+        return folder
+
+    def append_round(self, record: Mapping[str, Any]) -> None:
+        """Append one round's metrics as a JSON line, flushed to disk."""
+        with open(self.path / METRICS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def save_weights(self, state: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
+        """Save the final global weights as safetensors."""
+        from safetensors.torch import save
+
+        tensors = {name: tensor.detach().contiguous() for name, tensor in state.items()}
+        atomic_write(self.path / WEIGHTS_FILE, save(tensors, metadata=dict(metadata)))
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        atomic_write(self.path / SUMMARY_FILE, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+
+    def read_summary(self) -> dict[str, Any]:
+        return dict(json.loads((self.path / SUMMARY_FILE).read_text(encoding="utf-8")))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        lines = (self.path / METRICS_FILE).read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]

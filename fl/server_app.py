@@ -1,0 +1,37 @@
+"""The Flower ServerApp: read the run config, run the rounds, write the run folder.
+
+``flwr run .`` loads the module-level ``app``; ``fl run`` builds one with its own observer
+(the live progress display) through :func:`make_server_app`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fl.config import Config, from_flat
+from fl.federation import LogObserver, Observer, run_federation
+
+
+def run_dir_for(cfg: Config) -> Path:
+    """``output.dir/output.run_name``, naming the run after the model and time when unset."""
+    name = cfg.output.run_name or f"{cfg.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.output.dir) / name
+
+
+def make_server_app(observer: Observer | None = None) -> ServerApp:
+    """A ServerApp reporting progress to ``observer`` (log lines by default)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = from_flat(dict(context.run_config), source="run config")
+        run_federation(grid, cfg, run_dir_for(cfg), observer or LogObserver())
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,140 @@
+"""The task catalogue: network, loss, metric and transforms, identical on server and nodes.
+
+A :class:`Task` is a frozen description; the heavy objects (MONAI network, loss, transforms)
+are built on demand so that importing the catalogue stays cheap. Every network uses
+instance normalisation and non-inplace activations, never BatchNorm, so that the same task
+trains under Opacus DP-SGD unchanged (per-sample gradients need per-sample normalisation).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fl.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from monai.transforms import Compose
+
+IMAGE_KEY = "image"
+LABEL_KEY = "label"
+
+
+@dataclass(frozen=True)
+class Task:
+    """A segmentation task: ``num_classes`` includes the background (label 0)."""
+
+    name: str
+    description: str
+    spatial_dims: int
+    num_classes: int
+    image_size: int
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    num_res_units: int
+
+    def build_network(self) -> torch.nn.Module:
+        """A fresh MONAI UNet (instance norm, LeakyReLU without in-place ops)."""
+        from monai.networks.nets import UNet
+
+        return UNet(
+            spatial_dims=self.spatial_dims,
+            in_channels=1,
+            out_channels=self.num_classes,
+            channels=self.channels,
+            strides=self.strides,
+            num_res_units=self.num_res_units,
+            act=("leakyrelu", {"inplace": False}),
+            norm="instance",
+        )
+
+    def build_loss(self) -> torch.nn.Module:
+        """Dice + cross-entropy on softmax outputs against integer label maps."""
+        from monai.losses import DiceCELoss
+
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def dice(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-case mean foreground Dice, shape ``(batch,)``; empty-vs-empty counts as 1."""
+        from monai.metrics import compute_dice
+        from monai.networks.utils import one_hot
+
+        pred = one_hot(logits.argmax(dim=1, keepdim=True), self.num_classes)
+        truth = one_hot(labels.long(), self.num_classes)
+        per_class = compute_dice(pred, truth, include_background=False, ignore_empty=False)
+        return per_class.mean(dim=1)
+
+    def preprocess(self) -> Compose:
+        """Deterministic preprocessing of a loaded case (arrays from MONAI's ``LoadImage``).
+
+        Channel first, each image scaled to [0, 1] (this removes the scanner-dependent
+        intensity range, as a hospital's pipeline would), spatial size padded to the multiple
+        the UNet's down-sampling needs, then plain tensors (float32 image, uint8 label).
+        """
+        from monai.transforms import Compose, DivisiblePadd, EnsureChannelFirstd, EnsureTyped, ScaleIntensityd
+
+        keys = [IMAGE_KEY, LABEL_KEY]
+        return Compose(
+            [
+                EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
+                ScaleIntensityd(keys=IMAGE_KEY),
+                DivisiblePadd(keys=keys, k=self.divisor),
+                EnsureTyped(keys=IMAGE_KEY, data_type="tensor", dtype=torch_dtype("float32"), track_meta=False),
+                EnsureTyped(keys=LABEL_KEY, data_type="tensor", dtype=torch_dtype("uint8"), track_meta=False),
+            ]
+        )
+
+    @property
+    def divisor(self) -> int:
+        """Spatial sizes must be multiples of this for the UNet's down/up sampling."""
+        out = 1
+        for stride in self.strides:
+            out *= stride
+        return out
+
+
+CATALOGUE: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task(
+            name="seg2d",
+            description="2D lesion segmentation (UNet, Dice+CE loss, mean foreground Dice)",
+            spatial_dims=2,
+            num_classes=2,
+            image_size=64,
+            channels=(8, 16, 32, 64),
+            strides=(2, 2, 2),
+            num_res_units=1,
+        ),
+        Task(
+            name="seg3d",
+            description="3D lesion segmentation on volumes (UNet, Dice+CE loss, mean Dice)",
+            spatial_dims=3,
+            num_classes=2,
+            image_size=32,
+            channels=(8, 16, 32, 64),
+            strides=(2, 2, 2),
+            num_res_units=1,
+        ),
+    )
+}
+TASK_NAMES: tuple[str, ...] = tuple(CATALOGUE)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """A torch dtype by name, importing torch only when needed."""
+    import torch
+
+    return getattr(torch, name)
+
+
+def get_task(name: str) -> Task:
+    """Look a task up by name; an unknown name gets a did-you-mean."""
+    try:
+        return CATALOGUE[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, TASK_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"task: unknown task {name!r}{hint}; known: {', '.join(TASK_NAMES)}") from None

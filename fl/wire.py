@@ -1,0 +1,34 @@
+"""Names on the wire between the ServerApp and the nodes' ClientApps.
+
+Both sides import these constants; a message carries only weights (``arrays``), counts and
+metrics (``metrics``) and instructions (``config``): never images, labels, paths or
+per-sample outputs.
+"""
+
+ARRAYS = "arrays"
+METRICS = "metrics"
+CONFIG = "config"
+
+# config sent with a train or evaluate instruction
+SERVER_ROUND = "server-round"
+TASK = "task"
+EPOCHS = "epochs"
+LR = "lr"
+BATCH_SIZE = "batch-size"
+PROXIMAL_MU = "proximal-mu"  # the key Flower's FedProx strategy writes
+SEED = "seed"
+
+# metrics in a node's reply
+NUM_EXAMPLES = "num-examples"  # the key Flower's strategies weight by
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+VAL_LOSS = "val-loss"
+DICE = "dice"
+
+# node config (deployment: `--node-config "data-dir='/data/site'"`; simulation: partition-id)
+NODE_DATA_DIR = "data-dir"
+NODE_PARTITION_ID = "partition-id"
+
+# error reply codes a node may send instead of a result
+ERROR_DATASET_INVALID = 4001
+ERROR_TRAINING_FAILED = 4002

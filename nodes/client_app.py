@@ -1,0 +1,116 @@
+"""The node's Flower ClientApp: train and evaluate on this node's data only.
+
+The data folder comes from the node config: ``data-dir`` in deployment
+(``--node-config "data-dir='/data/site'"``); in simulation, virtual node ``partition-id``
+reads ``<data.root>/node-<partition-id>`` from the run config. A reply carries weights,
+the example count and aggregate metrics, nothing else. A dataset that fails validation is
+reported to the server as a bare error code: the details (file names included) stay in the
+node's own log.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl import wire
+from fl.errors import DataError
+from fl.tasks import Task, get_task
+from nodes.data import LocalData, load_local_data
+from nodes.synth import node_dir
+from nodes.train import evaluate_local, train_local
+
+log = logging.getLogger("oncofed.node")
+
+app = ClientApp()
+
+
+def resolve_data_dir(context: Context) -> Path:
+    """This node's data folder, from the node config (deployment) or partition (simulation)."""
+    node_config = context.node_config
+    if wire.NODE_DATA_DIR in node_config:
+        return Path(str(node_config[wire.NODE_DATA_DIR]))
+    if wire.NODE_PARTITION_ID in node_config:
+        return node_dir(str(context.run_config["data.root"]), int(node_config[wire.NODE_PARTITION_ID]))
+    raise DataError(f"node config has no '{wire.NODE_DATA_DIR}': start the node with --node-config \"data-dir='/path'\"")
+
+
+def _prepare(msg: Message, context: Context) -> tuple[Task, torch.nn.Module, LocalData, Path]:
+    if wire.NODE_PARTITION_ID in context.node_config:  # a virtual node shares the machine
+        torch.set_num_threads(int(context.run_config.get("simulation.threads_per_node", 1)))
+    config = msg.content[wire.CONFIG]
+    task = get_task(str(config[wire.TASK]))
+    data_dir = resolve_data_dir(context)
+    data = load_local_data(data_dir, task)
+    net = task.build_network()
+    net.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
+    return task, net, data, data_dir
+
+
+def _local_generator(seed: int, server_round: int, data_dir: Path) -> torch.Generator:
+    """Shuffling order for this node and round: reproducible, different across nodes."""
+    mixed = (seed * 1_000_003 + server_round * 7919 + zlib.crc32(str(data_dir).encode())) % 2**63
+    return torch.Generator().manual_seed(mixed)
+
+
+def _refuse(msg: Message, exc: Exception) -> Message:
+    if isinstance(exc, DataError):
+        log.error("node %s: %s", msg.metadata.dst_node_id, exc)
+    else:
+        log.exception("node %s: local task failed", msg.metadata.dst_node_id)
+    code = wire.ERROR_DATASET_INVALID if isinstance(exc, DataError) else wire.ERROR_TRAINING_FAILED
+    reason = (
+        "local dataset failed validation; details are in the node's log"
+        if isinstance(exc, DataError)
+        else "local task failed; details are in the node's log"
+    )
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Load the global weights, train locally, reply weights and aggregate metrics."""
+    try:
+        task, net, data, data_dir = _prepare(msg, context)
+        config = msg.content[wire.CONFIG]
+        generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data_dir)
+        result = train_local(
+            net,
+            task,
+            data.train,
+            epochs=int(config[wire.EPOCHS]),
+            lr=float(config[wire.LR]),
+            batch_size=int(config[wire.BATCH_SIZE]),
+            proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
+            generator=generator,
+        )
+    except (DataError, RuntimeError, ValueError) as exc:
+        return _refuse(msg, exc)
+    metrics = MetricRecord(
+        {
+            wire.NUM_EXAMPLES: len(data.train),
+            wire.TRAIN_LOSS: result.loss,
+            wire.TRAIN_SECONDS: result.seconds,
+        }
+    )
+    content = RecordDict({wire.ARRAYS: ArrayRecord(net.state_dict()), wire.METRICS: metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global weights on the node's held-out cases."""
+    try:
+        task, net, data, _ = _prepare(msg, context)
+        result = evaluate_local(net, task, data.val, batch_size=int(msg.content[wire.CONFIG][wire.BATCH_SIZE]))
+    except (DataError, RuntimeError, ValueError) as exc:
+        return _refuse(msg, exc)
+    metrics = MetricRecord(
+        {wire.NUM_EXAMPLES: len(data.val), wire.VAL_LOSS: result.loss, wire.DICE: result.dice}
+    )
+    return Message(content=RecordDict({wire.METRICS: metrics}), reply_to=msg)

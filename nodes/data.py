@@ -1,0 +1,188 @@
+"""A node's local data: its Decathlon-style ``dataset.json`` and the files it lists.
+
+The node reads only its own folder. Every case goes through MONAI's reader
+(``LoadImage``) and the task's preprocessing once, is checked (readable, finite, image and
+label shapes equal, label values within the task's classes, one shape per node), and the
+resulting tensors are cached in the node process, keyed by the folder, the task and the size
+and modification time of every file, so later rounds don't touch the disk and an edited
+dataset is read again.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fl.errors import DataError
+from fl.tasks import IMAGE_KEY, LABEL_KEY, Task
+from nodes.synth import DATASET_JSON
+
+SPLITS = ("training", "validation")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Preprocessed cases of one split, stacked: ``images`` float32, ``labels`` uint8."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """A node's training and held-out validation cases."""
+
+    train: Split
+    val: Split
+
+
+def read_datalist(data_dir: Path) -> dict[str, list[dict[str, Path]]]:
+    """Parse ``dataset.json``: each split becomes a list of ``{image, label}`` absolute paths."""
+    manifest_path = data_dir / DATASET_JSON
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder not found")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{manifest_path}: missing (each node folder needs a Decathlon-style dataset.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{manifest_path}: not readable JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{manifest_path}: expected a JSON object with 'training' and 'validation' lists")
+    out: dict[str, list[dict[str, Path]]] = {}
+    for split in SPLITS:
+        entries = manifest.get(split)
+        if not isinstance(entries, list) or not entries:
+            raise DataError(f"{manifest_path}: '{split}' must be a non-empty list of {{image, label}} entries")
+        out[split] = [_entry(manifest_path, split, i, e) for i, e in enumerate(entries)]
+    return out
+
+
+def _entry(manifest_path: Path, split: str, index: int, entry: Any) -> dict[str, Path]:
+    where = f"{manifest_path}: {split}[{index}]"
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: expected an object with 'image' and 'label'")
+    paths = {}
+    for key in (IMAGE_KEY, LABEL_KEY):
+        value = entry.get(key)
+        if not isinstance(value, str) or not value:
+            raise DataError(f"{where}: '{key}' must be a file path relative to the dataset folder")
+        path = (manifest_path.parent / value).resolve()
+        if not path.is_file():
+            raise DataError(f"{path}: listed as {split}[{index}].{key} in {manifest_path.name} but not found")
+        paths[key] = path
+    return paths
+
+
+def _load_array(path: Path) -> np.ndarray:
+    from monai.transforms import LoadImage
+
+    try:
+        array = LoadImage(image_only=True)(str(path))
+    except Exception as exc:  # MONAI wraps every reader failure; name the file instead
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: unreadable image ({reason[:200]})") from None
+    return np.asarray(array)
+
+
+def _load_case(case: dict[str, Path], task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    image = _load_array(case[IMAGE_KEY])
+    label = _load_array(case[LABEL_KEY])
+    if image.ndim != task.spatial_dims:
+        raise DataError(
+            f"{case[IMAGE_KEY]}: {image.ndim}-D image, task {task.name} needs {task.spatial_dims}-D"
+        )
+    if image.shape != label.shape:
+        raise DataError(
+            f"{case[LABEL_KEY]}: label shape {label.shape} differs from image shape {image.shape}"
+        )
+    if not np.isfinite(image).all():
+        raise DataError(f"{case[IMAGE_KEY]}: image holds NaN or infinite values")
+    values = np.unique(label)
+    bad = [v for v in values.tolist() if v not in range(task.num_classes)]
+    if bad:
+        raise DataError(
+            f"{case[LABEL_KEY]}: label values {bad[:5]} outside the task's classes "
+            f"0..{task.num_classes - 1}"
+        )
+    sample = task.preprocess()({IMAGE_KEY: image, LABEL_KEY: label})
+    return sample[IMAGE_KEY], sample[LABEL_KEY]
+
+
+def _load_split(cases: list[dict[str, Path]], task: Task) -> Split:
+    images, labels = [], []
+    for case in cases:
+        image, label = _load_case(case, task)
+        if images and image.shape != images[0].shape:
+            raise DataError(
+                f"{case[IMAGE_KEY]}: shape {tuple(image.shape[1:])} differs from this node's other "
+                f"cases {tuple(images[0].shape[1:])}; resample the dataset to one grid"
+            )
+        images.append(image)
+        labels.append(label)
+    return Split(torch.stack(images).contiguous(), torch.stack(labels).contiguous())
+
+
+def _signature(data_dir: Path, datalist: dict[str, list[dict[str, Path]]]) -> tuple[Any, ...]:
+    files = [data_dir / DATASET_JSON] + [p for s in SPLITS for case in datalist[s] for p in case.values()]
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+class _DataCache:
+    """Least-recently-used cache of loaded datasets inside one node process."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._entries: OrderedDict[tuple[Any, ...], LocalData] = OrderedDict()
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def get_or_load(self, key: tuple[Any, ...], load: Any) -> LocalData:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        data = load()
+        with self._lock:
+            self._entries[key] = data
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+        return data
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_CACHE = _DataCache(max_entries=4)
+
+
+def load_local_data(data_dir: str | Path, task: Task, *, use_cache: bool = True) -> LocalData:
+    """Validate and load a node's dataset; raises :class:`DataError` naming the bad file."""
+    data_dir = Path(data_dir).resolve()
+    datalist = read_datalist(data_dir)
+
+    def load() -> LocalData:
+        return LocalData(
+            train=_load_split(datalist["training"], task),
+            val=_load_split(datalist["validation"], task),
+        )
+
+    if not use_cache:
+        return load()
+    key = (task.name, _signature(data_dir, datalist))
+    return _CACHE.get_or_load(key, load)
+
+
+def clear_cache() -> None:
+    """Forget every cached dataset in this process (tests, or a node told to re-read)."""
+    _CACHE.clear()

@@ -1,0 +1,156 @@
+"""Synthetic multi-site data: the embedded default federation.
+
+Each site is a hospital with its own scanner and population: intensity range and offset,
+noise level, lesion count and size (so class balance), and number of cases all differ, so
+the federation is non-IID. Images come from MONAI's synthetic generators and are written as
+NIfTI with a Decathlon-style ``dataset.json`` (``training`` and held-out ``validation``
+lists), exactly the layout a real node serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fl.errors import DataError
+from fl.tasks import Task
+
+DATASET_JSON = "dataset.json"
+
+
+def node_dir(root: str | Path, index: int) -> Path:
+    """The folder of simulated node ``index`` under a federation's data root."""
+    return Path(root) / f"node-{index}"
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """How one synthetic site's acquisitions and population look."""
+
+    intensity_scale: float
+    intensity_offset: float
+    noise: float
+    lesions: int
+    radius_min: int
+    radius_max: int
+    train_cases: int
+    val_cases: int
+
+
+def site_profiles(nodes: int, image_size: int, rng: np.random.Generator) -> list[SiteProfile]:
+    """Profiles spread over the range so that every pair of sites differs.
+
+    Site ``i`` sits at ``t = i / (nodes - 1)`` along each axis (shuffled per axis), with a
+    little jitter: a lesion-rich, low-noise site with many cases faces a sparse, noisy one.
+    """
+    positions = np.linspace(0.0, 1.0, nodes) if nodes > 1 else np.array([0.5])
+
+    def axis() -> np.ndarray:
+        return np.clip(rng.permutation(positions) + rng.uniform(-0.05, 0.05, nodes), 0, 1)
+
+    scale, noise, lesions, radius, cases = axis(), axis(), axis(), axis(), axis()
+    r_unit = image_size / 64
+    profiles = []
+    for i in range(nodes):
+        radius_max = max(4, round((8 + 8 * radius[i]) * r_unit))
+        profiles.append(
+            SiteProfile(
+                intensity_scale=float(10 ** (3 * scale[i])),
+                intensity_offset=float(rng.uniform(-50, 50) * scale[i]),
+                noise=float(0.15 + 0.45 * noise[i]),
+                lesions=int(round(2 + 8 * lesions[i])),
+                radius_min=max(3, radius_max // 2),
+                radius_max=radius_max,
+                train_cases=int(round(16 + 32 * cases[i])),
+                val_cases=int(round(6 + 6 * cases[i])),
+            )
+        )
+    return profiles
+
+
+def _case(task: Task, size: int, profile: SiteProfile, rs: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+    from monai.data.synthetic import create_test_image_2d, create_test_image_3d
+
+    common = dict(
+        num_objs=profile.lesions,
+        rad_max=profile.radius_max,
+        rad_min=profile.radius_min,
+        noise_max=profile.noise,
+        num_seg_classes=task.num_classes - 1,
+        random_state=rs,
+    )
+    if task.spatial_dims == 2:
+        image, label = create_test_image_2d(size, size, **common)
+    else:
+        image, label = create_test_image_3d(size, size, size, **common)
+    image = image * profile.intensity_scale + profile.intensity_offset
+    return image.astype(np.float32), label.astype(np.uint8)
+
+
+def _write_site(folder: Path, task: Task, size: int, profile: SiteProfile, seed: int) -> None:
+    import nibabel as nib
+
+    rs = np.random.RandomState(seed)
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    entries: dict[str, list[dict[str, str]]] = {"training": [], "validation": []}
+    count = 0
+    for split, n in (("training", profile.train_cases), ("validation", profile.val_cases)):
+        for _ in range(n):
+            image, label = _case(task, size, profile, rs)
+            name = f"case_{count:03d}.nii.gz"
+            nib.save(nib.Nifti1Image(image, np.eye(4)), folder / "imagesTr" / name)
+            nib.save(nib.Nifti1Image(label, np.eye(4)), folder / "labelsTr" / name)
+            entries[split].append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+            count += 1
+    manifest = {
+        "name": f"oncofed-synthetic-{folder.name}",
+        "description": "Synthetic lesions from MONAI's generators; OncoFed's embedded default.",
+        "tensorImageSize": f"{task.spatial_dims}D",
+        "modality": {"0": "synthetic"},
+        "labels": {"0": "background", **{str(c): f"lesion-{c}" for c in range(1, task.num_classes)}},
+        "numTraining": profile.train_cases,
+        "site_profile": asdict(profile),
+        **entries,
+    }
+    (folder / DATASET_JSON).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def synthesize(root: str | Path, *, nodes: int, task: Task, seed: int = 0, image_size: int = 0) -> list[Path]:
+    """Write one folder per node under ``root``; returns the node folders.
+
+    The whole federation is written in a temporary sibling folder and renamed into place, so
+    an interrupted run never leaves a half-written ``root``. An existing non-empty ``root`` is
+    refused rather than overwritten.
+    """
+    root = Path(root)
+    size = image_size or task.image_size
+    if nodes < 1:
+        raise DataError(f"--nodes: need at least one node, got {nodes}")
+    if size % task.divisor or size < 4 * task.divisor:
+        raise DataError(
+            f"image size {size}: must be a multiple of {task.divisor} and at least "
+            f"{4 * task.divisor} for task {task.name}"
+        )
+    if root.exists() and any(root.iterdir()):
+        raise DataError(f"{root}: already exists and is not empty; remove it or pick another folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    profiles = site_profiles(nodes, size, rng)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        for i, profile in enumerate(profiles):
+            _write_site(node_dir(staging, i), task, size, profile, seed=int(rng.integers(2**31)))
+        if root.exists():
+            root.rmdir()
+        os.replace(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [node_dir(root, i) for i in range(nodes)]

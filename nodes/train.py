@@ -1,0 +1,84 @@
+"""Local training and evaluation on a node: plain functions over tensors, no Flower here."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fl.tasks import Task
+from nodes.data import Split
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a node reports after local training (aggregates only, never per-sample values)."""
+
+    loss: float
+    seconds: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Mean loss and mean foreground Dice over the node's held-out cases."""
+
+    loss: float
+    dice: float
+
+
+def train_local(
+    net: torch.nn.Module,
+    task: Task,
+    data: Split,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    proximal_mu: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> TrainResult:
+    """Train ``net`` in place for ``epochs`` passes over ``data`` with Adam.
+
+    With ``proximal_mu > 0`` the FedProx term ``mu / 2 * ||w - w_global||^2`` (Li et al.
+    2020, eq. 2) is added to the loss, ``w_global`` being the weights at entry.
+    """
+    started = time.perf_counter()
+    loss_fn = task.build_loss()
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    anchor = [p.detach().clone() for p in net.parameters()] if proximal_mu > 0 else []
+    net.train()
+    steps, loss_sum, seen = 0, 0.0, 0
+    for _ in range(epochs):
+        loss_sum, seen = 0.0, 0  # report the last epoch's mean loss
+        order = torch.randperm(len(data), generator=generator)
+        for batch in order.split(batch_size):
+            images, labels = data.images[batch], data.labels[batch]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(net(images), labels)
+            if anchor:
+                drift = sum((p - a).pow(2).sum() for p, a in zip(net.parameters(), anchor))
+                loss = loss + proximal_mu / 2 * drift
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            loss_sum += float(loss.detach()) * len(batch)
+            seen += len(batch)
+    return TrainResult(loss=loss_sum / max(seen, 1), seconds=time.perf_counter() - started, steps=steps)
+
+
+@torch.no_grad()
+def evaluate_local(net: torch.nn.Module, task: Task, data: Split, *, batch_size: int) -> EvalResult:
+    """Loss and Dice of ``net`` on ``data``, averaged over cases."""
+    loss_fn = task.build_loss()
+    net.eval()
+    loss_sum, dice_sum = 0.0, 0.0
+    for start in range(0, len(data), batch_size):
+        images = data.images[start : start + batch_size]
+        labels = data.labels[start : start + batch_size]
+        logits = net(images)
+        loss_sum += float(loss_fn(logits, labels)) * len(images)
+        dice_sum += float(task.dice(logits, labels).sum())
+    n = max(len(data), 1)
+    return EvalResult(loss=loss_sum / n, dice=dice_sum / n)
