@@ -27,7 +27,7 @@ from fl.run_folder import RunFolder
 from fl.tasks import get_task
 from strategies import build_strategy
 
-log = logging.getLogger("oncofed.server")
+log = logging.getLogger("flwr.oncofed.server")  # under Flower's logger: same handler, same levels
 
 TRAIN, EVALUATE = "train", "evaluate"
 PULL_INTERVAL_S = 0.05

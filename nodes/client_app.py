@@ -25,7 +25,7 @@ from nodes.data import LocalData, load_local_data
 from nodes.synth import node_dir
 from nodes.train import evaluate_local, train_local
 
-log = logging.getLogger("oncofed.node")
+log = logging.getLogger("flwr.oncofed.node")  # lands in the SuperNode's own log
 
 app = ClientApp()
 

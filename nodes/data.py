@@ -109,7 +109,7 @@ def _load_case(case: dict[str, Path], task: Task) -> tuple[torch.Tensor, torch.T
     if not np.isfinite(image).all():
         raise DataError(f"{case[IMAGE_KEY]}: image holds NaN or infinite values")
     values = np.unique(label)
-    bad = [v for v in values.tolist() if v not in range(task.num_classes)]
+    bad = [int(v) if float(v).is_integer() else v for v in values.tolist() if v not in range(task.num_classes)]
     if bad:
         raise DataError(
             f"{case[LABEL_KEY]}: label values {bad[:5]} outside the task's classes "

@@ -1,0 +1,68 @@
+"""The ClientApp's replies: what leaves a node, and what a broken node says."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fl import wire
+from fl.config import Config
+from fl.federation import initial_arrays
+from nodes.client_app import app, resolve_data_dir
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _message(kind: str) -> Message:
+    cfg = Config().replace(task="seg2d")
+    config = ConfigRecord({wire.TASK: "seg2d", wire.EPOCHS: 1, wire.LR: 0.01, wire.BATCH_SIZE: 8,
+                           wire.PROXIMAL_MU: 0.0, wire.SEED: 0, wire.SERVER_ROUND: 1})
+    content = RecordDict({wire.ARRAYS: initial_arrays(cfg), wire.CONFIG: config})
+    return Message(content=content, dst_node_id=7, message_type=kind)
+
+
+def _context(node_config: dict, run_config: dict | None = None) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config or {})
+
+
+def test_train_reply_carries_only_weights_count_and_aggregate_metrics(tiny_federation: Path) -> None:
+    msg = _message(MessageType.TRAIN)
+    reply = app(msg, _context({wire.NODE_DATA_DIR: str(tiny_federation / "node-0")}))
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == {wire.ARRAYS, wire.METRICS}
+    assert set(reply.content[wire.ARRAYS].keys()) == set(msg.content[wire.ARRAYS].keys())
+    metrics = dict(reply.content[wire.METRICS])
+    assert set(metrics) == {wire.NUM_EXAMPLES, wire.TRAIN_LOSS, wire.TRAIN_SECONDS}
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+
+
+def test_evaluate_reply_carries_only_aggregate_metrics(tiny_federation: Path) -> None:
+    reply = app(_message(MessageType.EVALUATE), _context({wire.NODE_DATA_DIR: str(tiny_federation / "node-0")}))
+    assert set(reply.content.keys()) == {wire.METRICS}
+    metrics = dict(reply.content[wire.METRICS])
+    assert set(metrics) == {wire.NUM_EXAMPLES, wire.VAL_LOSS, wire.DICE}
+    assert 0.0 <= metrics[wire.DICE] <= 1.0
+
+
+def test_broken_dataset_is_refused_without_sending_its_paths(tiny_federation: Path, tmp_path: Path) -> None:
+    node = tmp_path / "site"
+    shutil.copytree(tiny_federation / "node-0", node)
+    (node / "imagesTr" / "case_000.nii.gz").unlink()
+    reply = app(_message(MessageType.TRAIN), _context({wire.NODE_DATA_DIR: str(node)}))
+    assert reply.has_error()
+    assert reply.error.code == wire.ERROR_DATASET_INVALID
+    assert "/" not in reply.error.reason and "case_000" not in reply.error.reason
+
+
+def test_virtual_node_reads_its_partition_folder(tiny_federation: Path) -> None:
+    context = _context({wire.NODE_PARTITION_ID: 1}, {"data.root": str(tiny_federation)})
+    assert resolve_data_dir(context) == tiny_federation / "node-1"
+    deployed = _context({wire.NODE_DATA_DIR: "/srv/site", wire.NODE_PARTITION_ID: 1})
+    assert resolve_data_dir(deployed) == Path("/srv/site")
