@@ -1,0 +1,28 @@
+# OncoFed's two commands:  `make run` (set up + quickstart)  and  `make test` (set up + tests).
+# Set-up makes .venv once: the CPU build of torch first (a wheel on this machine's disk; a bare
+# `torch` requirement could pull a multi-GB CUDA build), then OncoFed with its test extras.
+
+PYTHON ?= python3
+VENV   ?= .venv
+STAMP  := $(VENV)/.oncofed-installed
+TORCH  ?= torch==2.13.0
+
+.PHONY: run test setup clean
+
+run: $(STAMP)
+	$(VENV)/bin/fl run configs/quickstart.toml
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) data runs
