@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU nodes: keep Ray quiet
 
 from fl.errors import DataError, OncoFedError  # noqa: E402
 
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="parent folder of the run folder (sets output.dir)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set rounds=5 --set train.lr=0.005")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the newest registry version of model_name (sets registry.resume)")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own log lines")
     run.set_defaults(func=cmd_run)
 
@@ -52,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
     keys = config.add_parser("keys", help="print every config key with its type, default and meaning")
     keys.set_defaults(func=cmd_config_keys)
+
+    from fl.cli_models import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
@@ -80,6 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fl.server_app import run_dir_for
 
     overrides = list(args.overrides) + ([f"output.dir={_toml_str(args.out)}"] if args.out else [])
+    overrides += ["registry.resume=true"] if args.resume else []
     cfg = config_mod.load(args.config, overrides)
     run_dir = run_dir_for(cfg).resolve()
     cfg = cfg.replace(
@@ -87,6 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "output.dir": str(run_dir.parent),
             "output.run_name": run_dir.name,
             "data.root": str(Path(cfg.data.root).resolve()),
+            "registry.root": str(Path(cfg.registry.root).resolve()),
         }
     )
     console = Console()

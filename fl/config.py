@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import math
+import re
 import tomllib
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -56,6 +59,11 @@ def _one_of(*choices: str) -> Callable[[str], str | None]:
 
 def _non_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
+
+
+def _model_name(value: str) -> str | None:
+    ok = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value)
+    return None if ok else "must be 1-128 letters, digits, '.', '_' or '-', not starting with a dot"
 
 
 @dataclass(frozen=True)
@@ -134,18 +142,33 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    """Where global model versions are committed, and whether to continue the newest."""
+
+    root: str = _key("./registry", "Registry folder: <root>/<model_name>/v<N>/ per committed round.", _non_empty)
+    resume: bool = _key(
+        False,
+        "Continue from the newest version of model_name: its weights, strategy state and round "
+        "counter (`fl run --resume`).",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """One federation run. Sections are nested dataclasses; keys are dotted names."""
 
     task: str = _key("seg2d", f"Task from the catalogue: {', '.join(TASK_NAMES)}.", _one_of(*TASK_NAMES))
     rounds: int = _key(3, "Number of federated rounds.", _positive)
     seed: int = _key(0, "Seed for the initial model, data synthesis and local shuffling.")
-    model_name: str = _key("oncofed", "Name of the model this run trains.", _non_empty)
+    model_name: str = _key(
+        "oncofed", "Name of the model in the registry (letters, digits, '.', '_', '-').", _model_name
+    )
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     def __post_init__(self) -> None:
         if self.strategy.name == "fedprox" and self.train.proximal_mu <= 0:
@@ -167,6 +190,11 @@ class Config:
     def to_flat(self) -> dict[str, Scalar]:
         """The config as Flower run config: dotted keys, scalar values."""
         return {spec.key: spec.get(self) for spec in KEYS}
+
+    def settings_hash(self) -> str:
+        """SHA-256 of the keys that shape the model (not where outputs go or whether resumed)."""
+        shaping = {k: v for k, v in self.to_flat().items() if not k.startswith(("output.", "registry."))}
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
     def replace(self, **flat: Scalar) -> Config:
         """A copy with some dotted keys changed, validated like a loaded file."""

@@ -22,7 +22,9 @@ from flwr.serverapp import Grid
 
 from fl import __version__, wire
 from fl.config import Config
+from fl.checkpoint import decode_weights, encode_state, encode_weights, manifest_fields, resume_point, restore_state
 from fl.errors import FederationError
+from fl.registry import Registry
 from fl.run_folder import RunFolder
 from fl.tasks import get_task
 from strategies import build_strategy
@@ -76,6 +78,14 @@ class PhaseResult:
     def per_node(self) -> dict[str, dict[str, float]]:
         return {str(m.metadata.src_node_id): dict(m.content[wire.METRICS]) for m in self.ok}
 
+    def fingerprints(self) -> dict[str, str]:
+        """Each replying node's dataset fingerprint (a hash; nothing else about its data)."""
+        out = {}
+        for m in self.ok:
+            if wire.NODE_INFO in m.content.config_records:
+                out[str(m.metadata.src_node_id)] = str(m.content[wire.NODE_INFO].get(wire.DATASET_FINGERPRINT, ""))
+        return out
+
 
 def exchange(
     grid: Grid, messages: Iterable[Message], *, timeout: float, report: Any
@@ -126,12 +136,21 @@ def initial_arrays(cfg: Config) -> ArrayRecord:
 
 
 def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -> dict[str, Any]:
-    """Run ``cfg.rounds`` rounds; write the run folder; return the summary."""
+    """Run ``cfg.rounds`` rounds, committing a registry version after each; return the summary."""
     started = time.perf_counter()
-    folder = RunFolder.create(run_dir, cfg)
+    registry = Registry(cfg.registry.root)
     strategy = build_strategy(cfg)
-    arrays = initial_arrays(cfg)
+    if cfg.registry.resume:
+        start = resume_point(registry, cfg)
+        arrays = decode_weights(start.weights.read_bytes())
+        restore_state(strategy, start.state.read_bytes())
+        first_round, parent, resumed_from = int(start.manifest["round"]) + 1, start.hash, start.ref()
+    else:
+        newest = registry.latest(cfg.model_name)
+        arrays, first_round, parent, resumed_from = initial_arrays(cfg), 1, newest.hash if newest else None, None
+    folder = RunFolder.create(run_dir, cfg)
     train_cfg, eval_cfg = _instructions(cfg)
+    last_round = first_round + cfg.rounds - 1
     observer.on_start(cfg.rounds)
 
     def phase(server_round: int, name: str, messages: Iterable[Message]) -> PhaseResult:
@@ -141,20 +160,25 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         return exchange(grid, messages, timeout=cfg.strategy.timeout, report=report)
 
     def evaluate(server_round: int) -> tuple[dict[str, Any], dict[str, str]]:
-        res = phase(server_round, EVALUATE, strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(eval_cfg)), grid))
+        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(eval_cfg)), grid)
+        res = phase(server_round, EVALUATE, messages)
         agg = strategy.aggregate_evaluate(server_round, res.ok)
         return {"aggregate": dict(agg or {}), "nodes": res.per_node()}, res.failures
 
-    history: list[dict[str, Any]] = []
-    if cfg.strategy.evaluate_initial:
-        t0 = time.perf_counter()
-        ev, failures = evaluate(0)
-        record = {"round": 0, "evaluate": ev, "failures": failures, "seconds": time.perf_counter() - t0}
+    def finish_round(record: dict[str, Any]) -> None:
         folder.append_round(record)
         history.append(record)
         observer.on_round(record)
 
-    for server_round in range(1, cfg.rounds + 1):
+    history: list[dict[str, Any]] = []
+    if cfg.strategy.evaluate_initial:
+        t0 = time.perf_counter()
+        ev, failures = evaluate(first_round - 1)
+        finish_round({"round": first_round - 1, "evaluate": ev, "failures": failures,
+                      "seconds": time.perf_counter() - t0, "initial": True})
+
+    versions: list[str] = []
+    for server_round in range(first_round, last_round + 1):
         t0 = time.perf_counter()
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_cfg)), grid)
         res = phase(server_round, TRAIN, messages)
@@ -164,22 +188,35 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
             raise FederationError(f"round {server_round}: no node returned an update ({detail})")
         arrays = new_arrays
         ev, eval_failures = evaluate(server_round)
-        failures = {**{n: f"train: {w}" for n, w in res.failures.items()}, **{n: f"evaluate: {w}" for n, w in eval_failures.items()}}
+        failures = {**{n: f"train: {w}" for n, w in res.failures.items()},
+                    **{n: f"evaluate: {w}" for n, w in eval_failures.items()}}
         for node, why in failures.items():
             log.warning("round %d: node %s failed (%s)", server_round, node, why)
-        record = {
+        record: dict[str, Any] = {
             "round": server_round,
             "train": {"aggregate": dict(train_agg or {}), "nodes": res.per_node()},
             "evaluate": ev,
             "failures": failures,
-            "seconds": time.perf_counter() - t0,
         }
-        folder.append_round(record)
-        history.append(record)
-        observer.on_round(record)
+        t_commit = time.perf_counter()
+        version = registry.commit(
+            cfg.model_name,
+            weights=encode_weights(arrays),
+            state=encode_state(strategy),
+            fields=manifest_fields(cfg, run_id=run_dir.name, record=record,
+                                   fingerprints=res.fingerprints(), resumed_from=resumed_from),
+            expected_parent=parent,
+        )
+        parent = version.hash
+        versions.append(version.ref())
+        record.update(version=version.ref(), commit_seconds=time.perf_counter() - t_commit,
+                      seconds=time.perf_counter() - t0)
+        finish_round(record)
 
     summary = _summary(cfg, history, wall=time.perf_counter() - started)
-    folder.save_weights(arrays.to_torch_state_dict(), {"task": cfg.task, "rounds": str(cfg.rounds)})
+    summary.update(first_round=first_round, last_round=last_round, versions=versions,
+                   registry=str(registry.root), resumed_from=resumed_from)
+    folder.save_weights(arrays.to_torch_state_dict(), {"task": cfg.task, "version": versions[-1]})
     folder.write_summary(summary)
     return summary
 
@@ -190,7 +227,7 @@ def _summary(cfg: Config, history: list[dict[str, Any]], wall: float) -> dict[st
     )
     last = history[-1]
     final = last.get("evaluate", {}).get("aggregate", {})
-    initial = history[0]["evaluate"]["aggregate"] if history[0]["round"] == 0 else {}
+    initial = history[0]["evaluate"]["aggregate"] if history[0].get("initial") else {}
     return {
         "oncofed_version": __version__,
         "task": cfg.task,

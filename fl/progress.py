@@ -16,7 +16,7 @@ class LiveProgress:
 
     def __init__(self, console: Console) -> None:
         self.progress = Progress(
-            TextColumn("[bold]round"),
+            TextColumn("[bold]rounds"),
             MofNCompleteColumn(),
             BarColumn(),
             TextColumn("{task.fields[phase]}"),
@@ -38,13 +38,13 @@ class LiveProgress:
         self.progress.update(self.task, total=rounds, phase="waiting for nodes")
 
     def on_phase(self, server_round: int, phase: str, done: int, total: int) -> None:
-        label = "initial evaluation" if server_round == 0 else phase
+        label = f"round {server_round} {phase}"
         self.progress.update(self.task, phase=f"{label}: {done}/{total} nodes")
 
     def on_round(self, record: dict[str, Any]) -> None:
         dice = record.get("evaluate", {}).get("aggregate", {}).get(wire.DICE)
         fields: dict[str, Any] = {"dice": "-" if dice is None else f"{dice:.3f}"}
-        if record["round"] > 0:
+        if not record.get("initial"):
             self.progress.advance(self.task)
         failures = record.get("failures") or {}
         if failures:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fl.errors import ConfigError
 
@@ -35,20 +35,28 @@ class Task:
     strides: tuple[int, ...]
     num_res_units: int
 
+    network_target = "monai.networks.nets.UNet"
+
+    def network_kwargs(self) -> dict[str, Any]:
+        """Arguments of the MONAI network (also written into exported MONAI bundles)."""
+        return {
+            "spatial_dims": self.spatial_dims,
+            "in_channels": 1,
+            "out_channels": self.num_classes,
+            "channels": list(self.channels),
+            "strides": list(self.strides),
+            "num_res_units": self.num_res_units,
+            "act": ["leakyrelu", {"inplace": False}],
+            "norm": "instance",
+        }
+
     def build_network(self) -> torch.nn.Module:
         """A fresh MONAI UNet (instance norm, LeakyReLU without in-place ops)."""
         from monai.networks.nets import UNet
 
-        return UNet(
-            spatial_dims=self.spatial_dims,
-            in_channels=1,
-            out_channels=self.num_classes,
-            channels=self.channels,
-            strides=self.strides,
-            num_res_units=self.num_res_units,
-            act=("leakyrelu", {"inplace": False}),
-            norm="instance",
-        )
+        kwargs = self.network_kwargs()
+        kwargs["act"] = tuple(kwargs["act"])
+        return UNet(**kwargs)
 
     def build_loss(self) -> torch.nn.Module:
         """Dice + cross-entropy on softmax outputs against integer label maps."""

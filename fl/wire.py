@@ -8,6 +8,7 @@ per-sample outputs.
 ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
+NODE_INFO = "node-info"  # a ConfigRecord in train replies: strings that aren't metrics
 
 # config sent with a train or evaluate instruction
 SERVER_ROUND = "server-round"
@@ -24,6 +25,9 @@ TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 VAL_LOSS = "val-loss"
 DICE = "dice"
+
+# node-info in a train reply
+DATASET_FINGERPRINT = "dataset-fingerprint"  # SHA-256 over dataset.json and its files
 
 # node config (deployment: `--node-config "data-dir='/data/site'"`; simulation: partition-id)
 NODE_DATA_DIR = "data-dir"

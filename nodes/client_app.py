@@ -15,7 +15,7 @@ import zlib
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl import wire
@@ -98,7 +98,8 @@ def train(msg: Message, context: Context) -> Message:
             wire.TRAIN_SECONDS: result.seconds,
         }
     )
-    content = RecordDict({wire.ARRAYS: ArrayRecord(net.state_dict()), wire.METRICS: metrics})
+    info = ConfigRecord({wire.DATASET_FINGERPRINT: data.fingerprint})
+    content = RecordDict({wire.ARRAYS: ArrayRecord(net.state_dict()), wire.METRICS: metrics, wire.NODE_INFO: info})
     return Message(content=content, reply_to=msg)
 
 

@@ -10,6 +10,7 @@ dataset is read again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -40,10 +41,11 @@ class Split:
 
 @dataclass(frozen=True)
 class LocalData:
-    """A node's training and held-out validation cases."""
+    """A node's training and held-out validation cases, and the dataset's fingerprint."""
 
     train: Split
     val: Split
+    fingerprint: str
 
 
 def read_datalist(data_dir: Path) -> dict[str, list[dict[str, Path]]]:
@@ -133,6 +135,20 @@ def _load_split(cases: list[dict[str, Path]], task: Task) -> Split:
     return Split(torch.stack(images).contiguous(), torch.stack(labels).contiguous())
 
 
+def fingerprint(data_dir: Path, datalist: dict[str, list[dict[str, Path]]]) -> str:
+    """SHA-256 over ``dataset.json`` and the bytes of every file it lists, in list order.
+
+    Only this hash leaves the node (into the registry's provenance): it proves which data
+    trained a model without revealing anything about it.
+    """
+    digest = hashlib.sha256((data_dir / DATASET_JSON).read_bytes())
+    for split in SPLITS:
+        for case in datalist[split]:
+            for key in (IMAGE_KEY, LABEL_KEY):
+                digest.update(hashlib.sha256(case[key].read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def _signature(data_dir: Path, datalist: dict[str, list[dict[str, Path]]]) -> tuple[Any, ...]:
     files = [data_dir / DATASET_JSON] + [p for s in SPLITS for case in datalist[s] for p in case.values()]
     return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
@@ -175,6 +191,7 @@ def load_local_data(data_dir: str | Path, task: Task, *, use_cache: bool = True)
         return LocalData(
             train=_load_split(datalist["training"], task),
             val=_load_split(datalist["validation"], task),
+            fingerprint=fingerprint(data_dir, datalist),
         )
 
     if not use_cache:

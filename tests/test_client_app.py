@@ -36,7 +36,9 @@ def test_train_reply_carries_only_weights_count_and_aggregate_metrics(tiny_feder
     msg = _message(MessageType.TRAIN)
     reply = app(msg, _context({wire.NODE_DATA_DIR: str(tiny_federation / "node-0")}))
     assert not reply.has_error()
-    assert set(reply.content.keys()) == {wire.ARRAYS, wire.METRICS}
+    assert set(reply.content.keys()) == {wire.ARRAYS, wire.METRICS, wire.NODE_INFO}
+    assert set(reply.content[wire.NODE_INFO].keys()) == {wire.DATASET_FINGERPRINT}
+    assert len(reply.content[wire.NODE_INFO][wire.DATASET_FINGERPRINT]) == 64
     assert set(reply.content[wire.ARRAYS].keys()) == set(msg.content[wire.ARRAYS].keys())
     metrics = dict(reply.content[wire.METRICS])
     assert set(metrics) == {wire.NUM_EXAMPLES, wire.TRAIN_LOSS, wire.TRAIN_SECONDS}

@@ -1,0 +1,131 @@
+"""What a round commits to the registry, and how a resumed run reads it back."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import random
+from importlib.metadata import version as dist_version
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
+from safetensors.numpy import load as load_numpy
+from safetensors.numpy import save as save_numpy
+from safetensors.torch import load as load_torch
+from safetensors.torch import save as save_torch
+
+from fl import __version__
+from fl.config import Config
+from fl.registry import Registry, RegistryError, Version
+from strategies.state import export_state, import_state
+
+RANDOM_STATE = "python_random"
+
+
+def encode_weights(arrays: ArrayRecord) -> bytes:
+    tensors = {k: v.detach().contiguous() for k, v in arrays.to_torch_state_dict().items()}
+    return save_torch(tensors)
+
+
+def decode_weights(data: bytes) -> ArrayRecord:
+    return ArrayRecord(load_torch(data))
+
+
+def encode_state(strategy: Strategy) -> bytes:
+    """Strategy moments plus the server's Python RNG state (Flower samples nodes with it)."""
+    metadata = {RANDOM_STATE: json.dumps(random.getstate())}
+    return save_numpy(export_state(strategy), metadata=metadata)
+
+
+def restore_state(strategy: Strategy, data: bytes) -> None:
+    import_state(strategy, dict(load_numpy(data)))
+    header_len = int.from_bytes(data[:8], "little")  # safetensors: u64 length, then JSON header
+    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+    if RANDOM_STATE in metadata:
+        version, internal, gauss = json.loads(metadata[RANDOM_STATE])
+        random.setstate((version, tuple(internal), gauss))
+
+
+def software_versions() -> dict[str, str]:
+    return {
+        "oncofed": __version__,
+        "flwr": dist_version("flwr"),
+        "monai": dist_version("monai"),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _finite(value: Any) -> Any:
+    """Manifests are strict JSON: a non-finite metric is recorded as null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def manifest_fields(
+    cfg: Config, *, run_id: str, record: dict[str, Any], fingerprints: dict[str, str], resumed_from: str | None
+) -> dict[str, Any]:
+    """Provenance of one round's global model (the registry adds version, parent and hashes)."""
+    train_nodes = record.get("train", {}).get("nodes", {})
+    return _finite(
+        {
+            "run_id": run_id,
+            "round": record["round"],
+            "task": cfg.task,
+            "strategy": {
+                "name": cfg.strategy.name,
+                "fraction_train": cfg.strategy.fraction_train,
+                "fraction_evaluate": cfg.strategy.fraction_evaluate,
+                "min_nodes": cfg.min_nodes,
+                "server_lr": cfg.strategy.server_lr if cfg.strategy.name == "fedadam" else None,
+                "tau": cfg.strategy.tau if cfg.strategy.name == "fedadam" else None,
+                "proximal_mu": cfg.train.proximal_mu,
+                "local_epochs": cfg.train.epochs,
+                "local_lr": cfg.train.lr,
+                "batch_size": cfg.train.batch_size,
+            },
+            "dp": {"central": None, "local": None},
+            "secure_aggregation": False,
+            "nodes": [
+                {
+                    "node_id": node,
+                    "num_examples": int(metrics.get("num-examples", 0)),
+                    "dataset_fingerprint": fingerprints.get(node),
+                }
+                for node, metrics in sorted(train_nodes.items())
+            ],
+            "failures": record.get("failures", {}),
+            "metrics": {"train": record.get("train", {}), "evaluate": record.get("evaluate", {})},
+            "privacy": {"client_level": None, "record_level": {}},
+            "config_hash": cfg.settings_hash(),
+            "config": cfg.to_flat(),
+            "software": software_versions(),
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "resumed_from": resumed_from,
+        }
+    )
+
+
+def resume_point(registry: Registry, cfg: Config) -> Version:
+    """The newest version of ``cfg.model_name``, verified, and fit for this config."""
+    versions = registry.verify(cfg.model_name)
+    if not versions:
+        raise RegistryError(
+            f"registry.resume: no version of model {cfg.model_name!r} in {registry.root} to resume from"
+        )
+    latest = versions[-1]
+    if latest.manifest.get("task") != cfg.task:
+        raise RegistryError(
+            f"registry.resume: {latest.ref()} was trained for task {latest.manifest.get('task')!r}, "
+            f"this config says {cfg.task!r}"
+        )
+    return latest

@@ -1,0 +1,131 @@
+"""``fl models``: list, show, verify, export and diff registry versions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from fl.registry import Registry, Version
+
+
+def add_parsers(sub: Any) -> None:
+    models = sub.add_parser("models", help="the versioned model registry").add_subparsers(
+        dest="models_command", required=True
+    )
+
+    def cmd(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
+        parser = models.add_parser(name, help=help_text)
+        parser.add_argument("--registry", default="./registry", help="registry root (config registry.root)")
+        parser.set_defaults(func=func)
+        return parser
+
+    cmd("list", "every version, oldest first", cmd_list).add_argument("--json", action="store_true")
+    cmd("show", "a version's manifest and lineage", cmd_show).add_argument("ref", metavar="NAME[:VERSION]")
+    cmd("verify", "recompute every hash and the parent chain", cmd_verify).add_argument("name", nargs="?")
+    export = cmd("export", "write a version as a MONAI bundle, safetensors or TorchScript", cmd_export)
+    export.add_argument("ref", metavar="NAME:VERSION")
+    export.add_argument("--format", required=True, choices=("bundle", "safetensors", "torchscript"))
+    export.add_argument("--out", required=True)
+    diff = cmd("diff", "metric, config and parameter differences between two versions", cmd_diff)
+    diff.add_argument("a", metavar="NAME:VERSION")
+    diff.add_argument("b", metavar="NAME:VERSION")
+
+
+def _row(v: Version) -> dict[str, Any]:
+    m = v.manifest
+    return {
+        "name": v.name, "version": v.number, "round": m.get("round"), "hash": v.hash,
+        "parent": m.get("parent"), "run_id": m.get("run_id"), "created_at": m.get("created_at"),
+        "metrics": m.get("metrics", {}).get("evaluate", {}).get("aggregate", {}),
+        "nodes": len(m.get("nodes", [])),
+    }
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    registry = Registry(args.registry)
+    rows = [_row(v) for name in registry.models() for v in registry.versions(name)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"registry {registry.root}")
+    for column in ("model", "version", "round", "dice", "nodes", "run", "hash"):
+        table.add_column(column)
+    for r in rows:
+        dice = r["metrics"].get("dice")
+        table.add_row(r["name"], f"v{r['version']}", str(r["round"]), "-" if dice is None else f"{dice:.4f}",
+                      str(r["nodes"]), str(r["run_id"]), r["hash"][:12])
+    Console().print(table)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    registry = Registry(args.registry)
+    version = registry.get(args.ref)
+    lineage = [f"{v.ref()} (round {v.manifest.get('round')}, run {v.manifest.get('run_id')})"
+               for v in registry.versions(version.name) if v.number <= version.number]
+    print(json.dumps({"manifest": version.manifest, "lineage": lineage}, indent=2))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    registry = Registry(args.registry)
+    names = [args.name] if args.name else registry.models()
+    if not names:
+        print(f"registry {registry.root}: no models")
+        return 0
+    for name in names:
+        versions = registry.verify(name)
+        print(f"ok {name}: {len(versions)} version(s), chain and hashes verified")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fl.export import export
+
+    print(export(Registry(args.registry).get(args.ref), args.format, args.out))
+    return 0
+
+
+def _flat_metrics(v: Version) -> dict[str, float]:
+    agg = v.manifest.get("metrics", {})
+    out = {f"evaluate.{k}": val for k, val in agg.get("evaluate", {}).get("aggregate", {}).items()}
+    out.update({f"train.{k}": val for k, val in agg.get("train", {}).get("aggregate", {}).items()})
+    return out
+
+
+def diff(a: Version, b: Version) -> dict[str, Any]:
+    """Metric deltas, changed config keys and per-tensor parameter distances from ``a`` to ``b``."""
+    from safetensors.torch import load_file
+
+    ma, mb = _flat_metrics(a), _flat_metrics(b)
+    metrics = {k: {"a": ma.get(k), "b": mb.get(k),
+                   "delta": mb[k] - ma[k] if k in ma and k in mb and None not in (ma[k], mb[k]) else None}
+               for k in sorted(set(ma) | set(mb))}
+    ca, cb = a.manifest.get("config", {}), b.manifest.get("config", {})
+    config = {k: {"a": ca.get(k), "b": cb.get(k)} for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)}
+    wa, wb = load_file(a.weights), load_file(b.weights)
+    params: dict[str, Any] = {}
+    total_sq, base_sq = 0.0, 0.0
+    for key in sorted(set(wa) | set(wb)):
+        if key not in wa or key not in wb or wa[key].shape != wb[key].shape:
+            params[key] = "only in one version or shapes differ"
+            continue
+        delta = (wb[key].double() - wa[key].double()).norm().item()
+        params[key] = delta
+        total_sq += delta**2
+        base_sq += wa[key].double().norm().item() ** 2
+    return {
+        "a": a.ref(), "b": b.ref(), "metrics": metrics, "config": config,
+        "parameters": {"l2_distance": total_sq**0.5, "relative": (total_sq / base_sq) ** 0.5 if base_sq else None,
+                       "per_tensor": params},
+    }
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    registry = Registry(args.registry)
+    print(json.dumps(diff(registry.get(args.a), registry.get(args.b)), indent=2))
+    return 0

@@ -1,0 +1,34 @@
+"""Strategy state that an identical continuation needs, as named arrays.
+
+Flower's adaptive optimisers (FedAdam and the other FedOpt strategies) keep first and second
+moments between rounds (``m_t``, ``v_t``); they live on the strategy object and are lost
+with the process. Exporting them with every committed version lets ``--resume`` continue
+exactly where the last round left off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.serverapp.strategy import Strategy
+
+MOMENTS = ("m_t", "v_t")
+
+
+def export_state(strategy: Strategy) -> dict[str, np.ndarray]:
+    """``{"m_t/<array>": ..., "v_t/<array>": ...}`` for the moments the strategy holds."""
+    out: dict[str, np.ndarray] = {}
+    for attr in MOMENTS:
+        for key, value in (getattr(strategy, attr, None) or {}).items():
+            out[f"{attr}/{key}"] = np.ascontiguousarray(value)
+    return out
+
+
+def import_state(strategy: Strategy, arrays: dict[str, np.ndarray]) -> None:
+    """Put exported moments back; refuses moments the strategy does not keep."""
+    for name, value in arrays.items():
+        attr, _, key = name.partition("/")
+        if attr not in MOMENTS or not hasattr(strategy, attr):
+            raise ValueError(f"state array {name!r} does not belong to {type(strategy).__name__}")
+        moments = getattr(strategy, attr) or {}
+        moments[key] = value
+        setattr(strategy, attr, moments)
