@@ -98,6 +98,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             "registry.root": str(Path(cfg.registry.root).resolve()),
         }
     )
+    if cfg.registry.resume:  # fail before any data or engine work
+        from fl.checkpoint import resume_point
+        from fl.registry import Registry
+
+        resume_point(Registry(cfg.registry.root), cfg)
     console = Console()
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)

@@ -151,6 +151,11 @@ class RegistryConfig:
         "Continue from the newest version of model_name: its weights, strategy state and round "
         "counter (`fl run --resume`).",
     )
+    mlflow_uri: str = _key(
+        "",
+        "Also mirror each version into this MLflow Model Registry (e.g. sqlite:///mlflow.db); "
+        "empty: off. Needs the mlflow extra.",
+    )
 
 
 @dataclass(frozen=True)

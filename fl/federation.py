@@ -24,7 +24,8 @@ from fl import __version__, wire
 from fl.config import Config
 from fl.checkpoint import decode_weights, encode_state, encode_weights, manifest_fields, resume_point, restore_state
 from fl.errors import FederationError
-from fl.registry import Registry
+from fl.mlflow_mirror import MlflowMirror
+from fl.registry import Registry, Version
 from fl.run_folder import RunFolder
 from fl.tasks import get_task
 from strategies import build_strategy
@@ -148,6 +149,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
     else:
         newest = registry.latest(cfg.model_name)
         arrays, first_round, parent, resumed_from = initial_arrays(cfg), 1, newest.hash if newest else None, None
+    mirror = MlflowMirror(cfg.registry.mlflow_uri) if cfg.registry.mlflow_uri else None
     folder = RunFolder.create(run_dir, cfg)
     train_cfg, eval_cfg = _instructions(cfg)
     last_round = first_round + cfg.rounds - 1
@@ -209,6 +211,8 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         )
         parent = version.hash
         versions.append(version.ref())
+        if mirror is not None:
+            _publish(mirror, version)
         record.update(version=version.ref(), commit_seconds=time.perf_counter() - t_commit,
                       seconds=time.perf_counter() - t0)
         finish_round(record)
@@ -219,6 +223,14 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
     folder.save_weights(arrays.to_torch_state_dict(), {"task": cfg.task, "version": versions[-1]})
     folder.write_summary(summary)
     return summary
+
+
+def _publish(mirror: MlflowMirror, version: Version) -> None:
+    """Mirror a committed version; the local registry is the truth, so a failure only warns."""
+    try:
+        mirror.publish(version)
+    except Exception as exc:  # MLflow raises many types; the round's commit already stands
+        log.warning("MLflow mirror of %s failed (%s); the local registry has it", version.ref(), exc)
 
 
 def _summary(cfg: Config, history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
