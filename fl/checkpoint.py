@@ -93,7 +93,12 @@ def manifest_fields(
                 "local_lr": cfg.train.lr,
                 "batch_size": cfg.train.batch_size,
             },
-            "dp": {"central": None, "local": None},
+            "dp": {
+                "central": {k: v for k, v in cfg.to_flat().items() if k.startswith("central_dp.")}
+                if cfg.central_dp.enabled else None,
+                "local": {"noise_multiplier": cfg.local_dp.noise_multiplier,
+                          "max_grad_norm": cfg.local_dp.max_grad_norm} if cfg.local_dp.enabled else None,
+            },
             "secure_aggregation": False,
             "nodes": [
                 {
@@ -105,7 +110,7 @@ def manifest_fields(
             ],
             "failures": record.get("failures", {}),
             "metrics": {"train": record.get("train", {}), "evaluate": record.get("evaluate", {})},
-            "privacy": {"client_level": None, "record_level": {}},
+            "privacy": record.get("privacy") or {"client_level": None, "record_level": {}},
             "config_hash": cfg.settings_hash(),
             "config": cfg.to_flat(),
             "software": software_versions(),

@@ -56,9 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     keys = config.add_parser("keys", help="print every config key with its type, default and meaning")
     keys.set_defaults(func=cmd_config_keys)
 
-    from fl.cli_models import add_parsers
+    from fl import cli_models, cli_privacy
 
-    add_parsers(sub)
+    cli_models.add_parsers(sub)
+    cli_privacy.add_parsers(sub)
     return parser
 
 
@@ -76,6 +77,14 @@ def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
         synthesize(root, nodes=cfg.data.nodes, task=task, seed=cfg.seed, image_size=cfg.data.image_size)
     for index in range(cfg.data.nodes):
         load_local_data(node_dir(root, index), task, use_cache=False)
+    if cfg.node_policy.epsilon > 0:  # in simulation the launcher acts as every node's operator
+        from nodes.policy import Policy, save_policy, state_dir
+
+        p = cfg.node_policy
+        policy = Policy(epsilon=p.epsilon, delta=p.delta, min_noise_multiplier=p.min_noise_multiplier,
+                        max_clip_norm=p.max_clip_norm)
+        for index in range(cfg.data.nodes):
+            save_policy(state_dir(node_dir(root, index)), policy)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -142,6 +142,50 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class CentralDpConfig:
+    """Client-level DP on the aggregate (DP-FedAvg); see strategies/central_dp.py."""
+
+    enabled: bool = _key(False, "Clip each node's update and add Gaussian noise to their sum on the server.")
+    noise_multiplier: float = _key(1.0, "Noise std divided by the clipping norm (z).", _positive)
+    clipping: str = _key("fixed", "fixed, or adaptive (Andrew et al. 2021).", _one_of("fixed", "adaptive"))
+    clipping_norm: float = _key(1.0, "L2 bound C on each update (initial value when adaptive).", _positive)
+    clip_on: str = _key("server", "Who clips: server, or client (the node; the server checks).",
+                        _one_of("server", "client"))
+    sampling: str = _key("all", "Node sampling the accountant models: all, or poisson.", _one_of("all", "poisson"))
+    sample_rate: float = _key(1.0, "Poisson sampling probability per node and round.", _fraction)
+    target_quantile: float = _key(0.5, "Adaptive clipping: fraction of updates to leave unclipped.", _fraction)
+    clip_lr: float = _key(0.2, "Adaptive clipping: geometric learning rate of the norm.", _positive)
+    count_stddev: float = _key(
+        0.0, "Adaptive clipping: noise std of the unclipped count; 0 takes expected nodes / 20.", _non_negative
+    )
+    delta: float = _key(1e-5, "Client-level delta.", _fraction)
+    target_epsilon: float = _key(
+        0.0, "Stop before a round that would take client-level epsilon past this; 0: no limit.", _non_negative
+    )
+    accountant: str = _key("rdp", "rdp, prv or pld.", _one_of("rdp", "prv", "pld"))
+
+
+@dataclass(frozen=True)
+class LocalDpConfig:
+    """Record-level DP on each node (DP-SGD with Opacus); each node enforces its own budget."""
+
+    enabled: bool = _key(False, "Train on every node with DP-SGD (per-sample clipping, Poisson sampling).")
+    noise_multiplier: float = _key(1.0, "DP-SGD noise multiplier.", _positive)
+    max_grad_norm: float = _key(1.0, "DP-SGD per-sample gradient clipping norm.", _positive)
+
+
+@dataclass(frozen=True)
+class NodePolicyConfig:
+    """A privacy policy `fl run` writes into every simulated node (deployed nodes set their own)."""
+
+    epsilon: float = _key(0.0, "Record-level budget of each simulated node; 0 leaves the nodes' policies as they are.",
+                          _non_negative)
+    delta: float = _key(1e-5, "Record-level delta of that budget.", _fraction)
+    min_noise_multiplier: float = _key(0.0, "Weakest DP-SGD noise a node accepts.", _non_negative)
+    max_clip_norm: float = _key(0.0, "Largest DP-SGD clipping norm a node accepts; 0: any.", _non_negative)
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     """Where global model versions are committed, and whether to continue the newest."""
 
@@ -174,8 +218,21 @@ class Config:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    central_dp: CentralDpConfig = field(default_factory=CentralDpConfig)
+    local_dp: LocalDpConfig = field(default_factory=LocalDpConfig)
+    node_policy: NodePolicyConfig = field(default_factory=NodePolicyConfig)
 
     def __post_init__(self) -> None:
+        if self.central_dp.enabled and self.strategy.fraction_train < 1:
+            raise ConfigError(
+                "strategy.fraction_train: under central DP the accountant must know the sampling; "
+                "set central_dp.sampling = 'poisson' with central_dp.sample_rate instead"
+            )
+        if self.local_dp.enabled and self.train.proximal_mu > 0:
+            raise ConfigError(
+                "train.proximal_mu: the FedProx term is not privatised by DP-SGD; it cannot be combined "
+                "with local_dp.enabled"
+            )
         if self.strategy.name == "fedprox" and self.train.proximal_mu <= 0:
             raise ConfigError(
                 "train.proximal_mu: strategy.name = 'fedprox' needs a proximal weight > 0 "

@@ -22,6 +22,8 @@ from flwr.serverapp import Grid
 
 from fl import __version__, wire
 from fl.config import Config
+from fl import accounting
+from fl.accounting import GaussianEvent
 from fl.checkpoint import decode_weights, encode_state, encode_weights, manifest_fields, resume_point, restore_state
 from fl.errors import FederationError
 from fl.mlflow_mirror import MlflowMirror
@@ -29,10 +31,12 @@ from fl.registry import Registry, Version
 from fl.run_folder import RunFolder
 from fl.tasks import get_task
 from strategies import build_strategy
+from strategies.factory import central_dp_settings
 
 log = logging.getLogger("flwr.oncofed.server")  # under Flower's logger: same handler, same levels
 
 TRAIN, EVALUATE = "train", "evaluate"
+REFUSALS = {wire.ERROR_BUDGET, wire.ERROR_POLICY}  # a node's own decision, not a fault
 PULL_INTERVAL_S = 0.05
 
 
@@ -75,6 +79,7 @@ class PhaseResult:
 
     ok: list[Message] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
+    codes: dict[str, int] = field(default_factory=dict)
 
     def per_node(self) -> dict[str, dict[str, float]]:
         return {str(m.metadata.src_node_id): dict(m.content[wire.METRICS]) for m in self.ok}
@@ -104,6 +109,7 @@ def exchange(
             node = str(reply.metadata.src_node_id)
             if reply.has_error():
                 result.failures[node] = f"error {reply.error.code}: {reply.error.reason}"
+                result.codes[node] = reply.error.code
             else:
                 result.ok.append(reply)
         if replies:
@@ -126,6 +132,9 @@ def _instructions(cfg: Config) -> tuple[ConfigRecord, ConfigRecord]:
             wire.SEED: cfg.seed,
         }
     )
+    if cfg.local_dp.enabled:
+        train[wire.LOCAL_NOISE_MULTIPLIER] = cfg.local_dp.noise_multiplier
+        train[wire.LOCAL_MAX_GRAD_NORM] = cfg.local_dp.max_grad_norm
     evaluate = ConfigRecord({wire.TASK: cfg.task, wire.BATCH_SIZE: cfg.train.batch_size})
     return train, evaluate
 
@@ -146,9 +155,11 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         arrays = decode_weights(start.weights.read_bytes())
         restore_state(strategy, start.state.read_bytes())
         first_round, parent, resumed_from = int(start.manifest["round"]) + 1, start.hash, start.ref()
+        central = CentralAccount.resume(cfg, start.manifest)
     else:
         newest = registry.latest(cfg.model_name)
         arrays, first_round, parent, resumed_from = initial_arrays(cfg), 1, newest.hash if newest else None, None
+        central = CentralAccount(cfg, [])
     mirror = MlflowMirror(cfg.registry.mlflow_uri) if cfg.registry.mlflow_uri else None
     folder = RunFolder.create(run_dir, cfg)
     train_cfg, eval_cfg = _instructions(cfg)
@@ -180,25 +191,41 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
                       "seconds": time.perf_counter() - t0, "initial": True})
 
     versions: list[str] = []
+    stopped: str | None = None
     for server_round in range(first_round, last_round + 1):
+        if (reason := central.would_exceed()) is not None:
+            stopped = f"stopped before round {server_round}: {reason}"
+            log.warning("%s", stopped)
+            break
         t0 = time.perf_counter()
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_cfg)), grid)
         res = phase(server_round, TRAIN, messages)
+        for node, why in res.failures.items():
+            log.warning("round %d: node %s did not train (%s)", server_round, node, why)
         new_arrays, train_agg = strategy.aggregate_train(server_round, res.ok)
         if new_arrays is None:
             detail = "; ".join(f"node {n}: {why}" for n, why in res.failures.items()) or "no node was sampled"
+            if res.failures and set(res.codes.values()) <= REFUSALS:
+                stopped = f"stopped at round {server_round}: every node refused ({detail})"
+                log.warning("%s", stopped)
+                break
             raise FederationError(f"round {server_round}: no node returned an update ({detail})")
         arrays = new_arrays
+        central.spend()
         ev, eval_failures = evaluate(server_round)
+        excluded = getattr(strategy, "excluded", {})
         failures = {**{n: f"train: {w}" for n, w in res.failures.items()},
+                    **{n: f"train: update excluded, {w}" for n, w in excluded.items()},
                     **{n: f"evaluate: {w}" for n, w in eval_failures.items()}}
         for node, why in failures.items():
-            log.warning("round %d: node %s failed (%s)", server_round, node, why)
+            if not why.startswith("train: error"):
+                log.warning("round %d: node %s failed (%s)", server_round, node, why)
         record: dict[str, Any] = {
             "round": server_round,
             "train": {"aggregate": dict(train_agg or {}), "nodes": res.per_node()},
             "evaluate": ev,
             "failures": failures,
+            "privacy": privacy_record(central, res.per_node()),
         }
         t_commit = time.perf_counter()
         version = registry.commit(
@@ -217,12 +244,60 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
                       seconds=time.perf_counter() - t0)
         finish_round(record)
 
+    if not versions:
+        raise FederationError(f"no round ran ({stopped})")
     summary = _summary(cfg, history, wall=time.perf_counter() - started)
-    summary.update(first_round=first_round, last_round=last_round, versions=versions,
-                   registry=str(registry.root), resumed_from=resumed_from)
+    summary.update(first_round=first_round, last_round=history[-1]["round"], versions=versions,
+                   registry=str(registry.root), resumed_from=resumed_from, stopped=stopped,
+                   privacy=history[-1].get("privacy"))
     folder.save_weights(arrays.to_torch_state_dict(), {"task": cfg.task, "version": versions[-1]})
     folder.write_summary(summary)
     return summary
+
+
+class CentralAccount:
+    """The server's client-level accountant: one event per round that ran, from round 1 on."""
+
+    def __init__(self, cfg: Config, events: list[GaussianEvent]) -> None:
+        self.cfg, self.events = cfg, events
+        self.event = central_dp_settings(cfg).round_event() if cfg.central_dp.enabled else None
+
+    @classmethod
+    def resume(cls, cfg: Config, manifest: dict[str, Any]) -> CentralAccount:
+        """Continue the history recorded in the version a run resumes from: never reset."""
+        spent = (manifest.get("privacy") or {}).get("client_level") or {}
+        return cls(cfg, [GaussianEvent.from_dict(e) for e in spent.get("events", [])])
+
+    def epsilon(self, events: list[GaussianEvent] | None = None) -> float:
+        c = self.cfg.central_dp
+        return accounting.epsilon(self.events if events is None else events, c.delta, c.accountant)
+
+    def would_exceed(self) -> str | None:
+        target = self.cfg.central_dp.target_epsilon
+        if self.event is None or not target:
+            return None
+        after = self.epsilon([*self.events, self.event])
+        return f"client-level epsilon would reach {after:.3f} > target {target:g}" if after > target else None
+
+    def spend(self) -> None:
+        if self.event is not None:
+            self.events.append(self.event)
+
+    def report(self) -> dict[str, Any] | None:
+        if not self.events:
+            return None
+        c = self.cfg.central_dp
+        return {"epsilon": self.epsilon(), "delta": c.delta, "accountant": c.accountant,
+                "rounds": len(self.events), "events": [e.to_dict() for e in self.events]}
+
+
+def privacy_record(central: CentralAccount, nodes: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Epsilon spent: client-level (this server's accountant) and each node's record-level (as reported)."""
+    record_level = {
+        node: {"epsilon": m[wire.EPSILON_RECORD], "delta": m.get(wire.DELTA_RECORD)}
+        for node, m in nodes.items() if wire.EPSILON_RECORD in m
+    }
+    return {"client_level": central.report(), "record_level": record_level}
 
 
 def _publish(mirror: MlflowMirror, version: Version) -> None:

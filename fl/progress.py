@@ -57,6 +57,20 @@ def _num(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _client_level(summary: dict[str, Any]) -> str:
+    central = (summary.get("privacy") or {}).get("client_level")
+    if not central:
+        return "- (no central DP)"
+    return f"{central['epsilon']:.3f} at delta {central['delta']:g} ({central['accountant']}, {central['rounds']} rounds)"
+
+
+def _record_level(summary: dict[str, Any]) -> str:
+    nodes = (summary.get("privacy") or {}).get("record_level") or {}
+    if not nodes:
+        return "- (no local DP)"
+    return ", ".join(f"{node[-6:]}: {v['epsilon']:.3f}" for node, v in sorted(nodes.items()))
+
+
 def summary_table(summary: dict[str, Any], run_dir: str) -> Table:
     """The final summary: metrics, time and where the time went."""
     table = Table(title="OncoFed run summary", show_header=False)
@@ -72,8 +86,13 @@ def summary_table(summary: dict[str, Any], run_dir: str) -> Table:
         ("node training (s, summed)", _num(summary["train_seconds"], ".1f")),
         ("overhead (wall / training)", _num(summary.get("overhead"), ".2f")),
         ("total incl. engine start (s)", _num(summary.get("total_seconds"), ".1f")),
+        ("client-level epsilon (central DP)", _client_level(summary)),
+        ("record-level epsilon per node (local DP)", _record_level(summary)),
+        ("versions", ", ".join(summary.get("versions", [])[-3:]) or "-"),
         ("run folder", run_dir),
     ]
+    if summary.get("stopped"):
+        rows.append(("stopped early", summary["stopped"]))
     for what, value in rows:
         table.add_row(what, value)
     return table

@@ -32,7 +32,22 @@ DATASET_FINGERPRINT = "dataset-fingerprint"  # SHA-256 over dataset.json and its
 # node config (deployment: `--node-config "data-dir='/data/site'"`; simulation: partition-id)
 NODE_DATA_DIR = "data-dir"
 NODE_PARTITION_ID = "partition-id"
+NODE_STATE_DIR = "state-dir"  # optional: where the node keeps its privacy policy and ledger
 
 # error reply codes a node may send instead of a result
 ERROR_DATASET_INVALID = 4001
 ERROR_TRAINING_FAILED = 4002
+ERROR_BUDGET = 4003  # the node's record-level budget would be exceeded
+ERROR_POLICY = 4004  # the request breaks the node's privacy policy
+ERROR_LEDGER = 4005  # the node's ledger failed its checksum: it refuses to train
+
+# local DP (record level) in a train instruction; absent: no local DP
+LOCAL_NOISE_MULTIPLIER = "local-dp-noise-multiplier"
+LOCAL_MAX_GRAD_NORM = "local-dp-max-grad-norm"
+# central DP with client-side clipping: the node clips its update to this norm
+CLIENT_CLIP_NORM = "central-dp-clip-norm"
+
+# privacy figures in a train reply
+EPSILON_RECORD = "epsilon-record"  # this node's cumulative record-level epsilon after the round
+DELTA_RECORD = "delta-record"
+UPDATE_NORM_BELOW_CLIP = "update-norm-below-clip"  # 1.0/0.0, for adaptive client-side clipping

@@ -11,6 +11,7 @@ node's own log.
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from pathlib import Path
 
@@ -19,9 +20,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fl import wire
-from fl.errors import DataError
+from fl.errors import ConfigError, DataError
 from fl.tasks import Task, get_task
 from nodes.data import LocalData, load_local_data
+from nodes.dp_train import local_event, train_local_dp
+from nodes.ledger import Ledger, LedgerError
+from nodes.policy import LocalDpRequest, Refusal, admit, load_policy, state_dir
 from nodes.synth import node_dir
 from nodes.train import evaluate_local, train_local
 
@@ -59,47 +63,89 @@ def _local_generator(seed: int, server_round: int, data_dir: Path) -> torch.Gene
 
 
 def _refuse(msg: Message, exc: Exception) -> Message:
-    if isinstance(exc, DataError):
+    if isinstance(exc, (DataError, ConfigError)):
         log.error("node %s: %s", msg.metadata.dst_node_id, exc)
     else:
         log.exception("node %s: local task failed", msg.metadata.dst_node_id)
     code = wire.ERROR_DATASET_INVALID if isinstance(exc, DataError) else wire.ERROR_TRAINING_FAILED
-    reason = (
-        "local dataset failed validation; details are in the node's log"
-        if isinstance(exc, DataError)
-        else "local task failed; details are in the node's log"
-    )
+    reason = {
+        DataError: "local dataset failed validation; details are in the node's log",
+        ConfigError: "local privacy policy is invalid; details are in the node's log",
+    }.get(type(exc), "local task failed; details are in the node's log")
     return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def node_state_dir(context: Context, data_dir: Path) -> Path:
+    """Where this node keeps its privacy policy and ledger (``state-dir`` node config, or
+    ``<data-dir>/.oncofed``): on the node, beside the data, surviving restarts."""
+    if wire.NODE_STATE_DIR in context.node_config:
+        return Path(str(context.node_config[wire.NODE_STATE_DIR]))
+    return state_dir(data_dir)
+
+
+def _local_dp_request(config: ConfigRecord) -> LocalDpRequest | None:
+    if wire.LOCAL_NOISE_MULTIPLIER not in config:
+        return None
+    return LocalDpRequest(float(config[wire.LOCAL_NOISE_MULTIPLIER]), float(config[wire.LOCAL_MAX_GRAD_NORM]))
+
+
+def _clip_update(net: torch.nn.Module, global_state: dict[str, torch.Tensor], bound: float) -> float:
+    """Clip this node's update to ``bound`` in place (client-side clipping); 1.0 if it was below."""
+    state = net.state_dict()
+    deltas = {k: state[k] - global_state[k] for k in state}
+    norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in deltas.values())))
+    factor = min(1.0, bound / norm) if norm > 0 else 1.0
+    net.load_state_dict({k: global_state[k] + deltas[k] * factor for k in state})
+    return 1.0 if norm <= bound else 0.0
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Load the global weights, train locally, reply weights and aggregate metrics."""
+    """Check the request against this node's policy and budget, train, reply weights and metrics."""
     try:
         task, net, data, data_dir = _prepare(msg, context)
         config = msg.content[wire.CONFIG]
-        generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data_dir)
-        result = train_local(
-            net,
-            task,
-            data.train,
-            epochs=int(config[wire.EPOCHS]),
-            lr=float(config[wire.LR]),
-            batch_size=int(config[wire.BATCH_SIZE]),
-            proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
-            generator=generator,
+        folder = node_state_dir(context, data_dir)
+        policy, ledger = load_policy(folder), Ledger.in_dir(folder)
+        request = _local_dp_request(config)
+        epochs, batch_size = int(config[wire.EPOCHS]), int(config[wire.BATCH_SIZE])
+        event = (
+            local_event(len(data.train), epochs=epochs, batch_size=batch_size, noise_multiplier=request.noise_multiplier)
+            if request else None
         )
-    except (DataError, RuntimeError, ValueError) as exc:
-        return _refuse(msg, exc)
-    metrics = MetricRecord(
-        {
-            wire.NUM_EXAMPLES: len(data.train),
-            wire.TRAIN_LOSS: result.loss,
-            wire.TRAIN_SECONDS: result.seconds,
+        with ledger.locked():
+            entry = admit(policy, ledger, request, event, server_round=int(config[wire.SERVER_ROUND]),
+                          time=time.time())
+        global_state = {k: v.clone() for k, v in net.state_dict().items()}
+        common = dict(epochs=epochs, lr=float(config[wire.LR]), batch_size=batch_size)
+        if request:
+            result = train_local_dp(net, task, data.train, noise_multiplier=request.noise_multiplier,
+                                    max_grad_norm=request.max_grad_norm, **common)
+        else:
+            generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data_dir)
+            result = train_local(net, task, data.train, proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
+                                 generator=generator, **common)
+        values: dict[str, float] = {
+            wire.NUM_EXAMPLES: len(data.train), wire.TRAIN_LOSS: result.loss, wire.TRAIN_SECONDS: result.seconds,
         }
-    )
+        if wire.CLIENT_CLIP_NORM in config:
+            values[wire.UPDATE_NORM_BELOW_CLIP] = _clip_update(net, global_state, float(config[wire.CLIENT_CLIP_NORM]))
+        if entry is not None:
+            values[wire.EPSILON_RECORD] = float(entry["epsilon_after"])
+            values[wire.DELTA_RECORD] = float(entry["delta"])
+    except Refusal as refusal:
+        log.warning("node %s refused round %s: %s", msg.metadata.dst_node_id,
+                    msg.content[wire.CONFIG].get(wire.SERVER_ROUND), refusal.reason)
+        return Message(Error(code=refusal.code, reason=refusal.reason), reply_to=msg)
+    except LedgerError as exc:
+        log.error("node %s: %s", msg.metadata.dst_node_id, exc)
+        return Message(Error(code=wire.ERROR_LEDGER, reason="privacy ledger failed its checksum; node refuses to train"),
+                       reply_to=msg)
+    except (DataError, ConfigError, RuntimeError, ValueError) as exc:
+        return _refuse(msg, exc)
     info = ConfigRecord({wire.DATASET_FINGERPRINT: data.fingerprint})
-    content = RecordDict({wire.ARRAYS: ArrayRecord(net.state_dict()), wire.METRICS: metrics, wire.NODE_INFO: info})
+    content = RecordDict({wire.ARRAYS: ArrayRecord(net.state_dict()), wire.METRICS: MetricRecord(values),
+                          wire.NODE_INFO: info})
     return Message(content=content, reply_to=msg)
 
 

@@ -13,6 +13,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fl import wire
 from fl.config import Config
+from strategies.central_dp import CentralDP, CentralDpSettings
 
 
 def build_strategy(cfg: Config) -> Strategy:
@@ -27,6 +28,23 @@ def build_strategy(cfg: Config) -> Strategy:
         arrayrecord_key=wire.ARRAYS,
         configrecord_key=wire.CONFIG,
     )
+    inner = _aggregation(cfg, common)
+    if not cfg.central_dp.enabled:
+        return inner
+    return CentralDP(inner, central_dp_settings(cfg))
+
+
+def central_dp_settings(cfg: Config) -> CentralDpSettings:
+    """The client-level DP settings of ``cfg`` (its federation size is ``data.nodes``)."""
+    c = cfg.central_dp
+    return CentralDpSettings(
+        noise_multiplier=c.noise_multiplier, clipping_norm=c.clipping_norm, num_nodes=cfg.data.nodes,
+        clipping=c.clipping, clip_on=c.clip_on, sampling=c.sampling, sample_rate=c.sample_rate,
+        target_quantile=c.target_quantile, clip_lr=c.clip_lr, count_stddev=c.count_stddev,
+    )
+
+
+def _aggregation(cfg: Config, common: dict[str, Any]) -> Strategy:
     name = cfg.strategy.name
     if name == "fedavg":
         return FedAvg(**common)

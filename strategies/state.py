@@ -14,9 +14,20 @@ from flwr.serverapp.strategy import Strategy
 MOMENTS = ("m_t", "v_t")
 
 
+CLIP_NORM = "central_dp/clip_norm"
+
+
+def _inner(strategy: Strategy) -> Strategy:
+    return getattr(strategy, "inner", strategy)  # a CentralDP wrapper keeps the moments inside
+
+
 def export_state(strategy: Strategy) -> dict[str, np.ndarray]:
-    """``{"m_t/<array>": ..., "v_t/<array>": ...}`` for the moments the strategy holds."""
+    """``{"m_t/<array>": ..., "v_t/<array>": ...}`` for the moments the strategy holds, and
+    the adaptive clipping norm of a central-DP wrapper."""
     out: dict[str, np.ndarray] = {}
+    if hasattr(strategy, "clip_norm"):
+        out[CLIP_NORM] = np.array([strategy.clip_norm], dtype=np.float64)
+    strategy = _inner(strategy)
     for attr in MOMENTS:
         for key, value in (getattr(strategy, attr, None) or {}).items():
             out[f"{attr}/{key}"] = np.ascontiguousarray(value)
@@ -25,7 +36,14 @@ def export_state(strategy: Strategy) -> dict[str, np.ndarray]:
 
 def import_state(strategy: Strategy, arrays: dict[str, np.ndarray]) -> None:
     """Put exported moments back; refuses moments the strategy does not keep."""
+    if CLIP_NORM in arrays:
+        if not hasattr(strategy, "clip_norm"):
+            raise ValueError(f"state holds a clipping norm but {type(strategy).__name__} has no central DP")
+        strategy.clip_norm = float(arrays[CLIP_NORM][0])
+    strategy = _inner(strategy)
     for name, value in arrays.items():
+        if name == CLIP_NORM:
+            continue
         attr, _, key = name.partition("/")
         if attr not in MOMENTS or not hasattr(strategy, attr):
             raise ValueError(f"state array {name!r} does not belong to {type(strategy).__name__}")

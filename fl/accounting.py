@@ -1,0 +1,125 @@
+"""Privacy accounting for both guarantees: (epsilon, delta) from a history of mechanisms.
+
+A history is a tuple of :class:`GaussianEvent`: ``steps`` applications of a Gaussian
+mechanism with ``noise_multiplier`` on a Poisson sample taken with probability
+``sample_rate`` (1.0: everyone). Client-level DP records one event per round
+(nodes sampled, clipped update plus, with adaptive clipping, the noisy clipped-count folded
+in); record-level DP on a node records one event per local training (records sampled,
+DP-SGD steps). Epsilon is always computed from the whole history, never summed.
+
+Accountants: ``rdp`` (Renyi DP of the sampled Gaussian, Mironov et al. 2019, with the
+conversion of Balle et al. 2020; Opacus's analysis), ``prv`` (privacy random variables,
+Gopi et al. 2021; Opacus) and ``pld`` (privacy loss distributions; Google's dp-accounting).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+ACCOUNTANTS = ("rdp", "prv", "pld")
+RDP_ORDERS: tuple[float, ...] = tuple(
+    [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [80, 128, 256, 512, 1024]
+)
+
+
+@dataclass(frozen=True)
+class GaussianEvent:
+    """``steps`` Poisson-sampled Gaussian mechanisms (sensitivity-normalised noise multiplier)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
+        if not (0 < self.sample_rate <= 1):
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> GaussianEvent:
+        return cls(float(raw["noise_multiplier"]), float(raw["sample_rate"]), int(raw["steps"]))
+
+
+def combined_noise_multiplier(update_multiplier: float, count_stddev: float) -> float:
+    """One Gaussian mechanism equivalent to releasing the clipped update (multiplier ``z``)
+    and the clipped-count (sensitivity 1, std ``s``) on the same sample: their RDP adds,
+    ``a/(2 z^2) + a/(2 s^2) = a/(2 z_eff^2)`` (Andrew et al. 2021, section 3)."""
+    return (update_multiplier**-2 + count_stddev**-2) ** -0.5
+
+
+def _rdp_epsilon(events: Sequence[GaussianEvent], delta: float) -> float:
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    total = sum(
+        compute_rdp(q=e.sample_rate, noise_multiplier=e.noise_multiplier, steps=e.steps, orders=list(RDP_ORDERS))
+        for e in events
+    )
+    epsilon, _ = get_privacy_spent(orders=list(RDP_ORDERS), rdp=total, delta=delta)
+    return float(epsilon)
+
+
+def _prv_epsilon(events: Sequence[GaussianEvent], delta: float) -> float:
+    from opacus.accountants import PRVAccountant
+
+    accountant = PRVAccountant()
+    accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def _pld_epsilon(events: Sequence[GaussianEvent], delta: float) -> float:
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    accountant = pld_privacy_accountant.PLDAccountant()
+    for e in events:
+        accountant.compose(
+            dp_accounting.PoissonSampledDpEvent(e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier)),
+            e.steps,
+        )
+    return float(accountant.get_epsilon(delta))
+
+
+def epsilon(events: Iterable[GaussianEvent], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon of the whole history at ``delta``; 0 for an empty history."""
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+    history = [e for e in events if e.steps > 0]
+    if not history:
+        return 0.0
+    return {"rdp": _rdp_epsilon, "prv": _prv_epsilon, "pld": _pld_epsilon}[accountant](history, delta)
+
+
+def calibrate(
+    *, target_epsilon: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp",
+    prior: Sequence[GaussianEvent] = (), tolerance: float = 0.005,
+) -> float:
+    """The smallest noise multiplier (within ``tolerance`` relative) keeping epsilon <= target.
+
+    ``prior`` is history already spent; the result never overshoots the target.
+    """
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ValueError(f"target epsilon must be > 0, got {target_epsilon}")
+
+    def eps(sigma: float) -> float:
+        return epsilon([*prior, GaussianEvent(sigma, sample_rate, steps)], delta, accountant)
+
+    low, high = 0.05, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError(f"epsilon {target_epsilon} is out of reach (already spent or too many steps)")
+    while (high - low) / high > tolerance:
+        mid = (low + high) / 2
+        low, high = (mid, high) if eps(mid) > target_epsilon else (low, mid)
+    return high

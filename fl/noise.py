@@ -1,0 +1,62 @@
+"""Gaussian noise for differential privacy, from the operating system's CSPRNG by default.
+
+Noise that a seed or a leaked generator state reproduces can be subtracted again, which
+voids the guarantee. :class:`SecureGaussian` draws its uniforms from ``os.urandom`` and turns
+them into normals with the Box-Muller transform in float64; no global generator of torch or
+NumPy is ever touched. :class:`SeededGaussian` exists for tests that need reproducible noise
+and must be injected explicitly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+class NoiseSource(Protocol):
+    """Draws i.i.d. N(0, std^2) samples."""
+
+    def gaussian(self, shape: tuple[int, ...], std: float) -> torch.Tensor: ...
+
+    def uniform(self, n: int) -> np.ndarray: ...
+
+
+def _uniform_open(n: int, raw: bytes) -> np.ndarray:
+    """Map 64-bit words to uniforms in (0, 1] using their top 53 bits."""
+    words = np.frombuffer(raw, dtype=np.uint64, count=n)
+    return ((words >> np.uint64(11)).astype(np.float64) + 1.0) * (1.0 / 2**53)
+
+
+class SecureGaussian:
+    """Cryptographically secure Gaussian noise (``os.urandom`` + Box-Muller)."""
+
+    def uniform(self, n: int) -> np.ndarray:
+        return _uniform_open(n, os.urandom(8 * n))
+
+    def gaussian(self, shape: tuple[int, ...], std: float) -> torch.Tensor:
+        if not (math.isfinite(std) and std >= 0):
+            raise ValueError(f"noise std must be finite and >= 0, got {std}")
+        count = math.prod(shape)
+        pairs = (count + 1) // 2
+        u1, u2 = self.uniform(pairs), self.uniform(pairs)
+        radius = np.sqrt(-2.0 * np.log(u1))
+        angle = 2.0 * np.pi * u2
+        normals = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
+        return torch.from_numpy((normals * std).reshape(shape).astype(np.float32))
+
+
+class SeededGaussian:
+    """Reproducible noise for tests only: never the default anywhere."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+
+    def uniform(self, n: int) -> np.ndarray:
+        return 1.0 - self._rng.random(n)
+
+    def gaussian(self, shape: tuple[int, ...], std: float) -> torch.Tensor:
+        return torch.from_numpy((self._rng.standard_normal(shape) * std).astype(np.float32))

@@ -1,0 +1,138 @@
+"""The node operator's privacy policy, and the decision on each train request.
+
+The policy (``<node dir>/.oncofed/policy.toml``, written by ``fl node policy``) sets a total
+record-level budget (epsilon, delta), the accountant, and the weakest DP settings the node
+accepts. The server can ask; only the node decides: a request that breaks the policy or
+would spend past the budget is refused, and an accepted spend is written to the ledger
+*before* training starts, so a crash mid-training can never leave budget unrecorded.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fl import accounting
+from fl.accounting import GaussianEvent
+from fl.errors import ConfigError
+from nodes.ledger import Ledger
+
+STATE_DIR = ".oncofed"
+POLICY_FILE = "policy.toml"
+
+
+class Refusal(Exception):
+    """A train request this node will not run; the message is sent to the server."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A node's record-level privacy policy. ``epsilon = 0`` means no budget is set."""
+
+    epsilon: float = 0.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    min_noise_multiplier: float = 0.0
+    max_clip_norm: float = 0.0  # 0: no limit
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epsilon": math.isfinite(self.epsilon) and self.epsilon >= 0,
+            "delta": 0 < self.delta < 1,
+            "accountant": self.accountant in accounting.ACCOUNTANTS,
+            "min_noise_multiplier": math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier >= 0,
+            "max_clip_norm": math.isfinite(self.max_clip_norm) and self.max_clip_norm >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"policy {name}: invalid value {getattr(self, name)!r}")
+
+    @property
+    def requires_dp(self) -> bool:
+        """A node with a budget trains only under DP."""
+        return self.epsilon > 0
+
+
+def state_dir(data_dir: Path) -> Path:
+    return data_dir / STATE_DIR
+
+
+def load_policy(folder: Path) -> Policy:
+    path = folder / POLICY_FILE
+    if not path.exists():
+        return Policy()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable policy ({exc})") from None
+    unknown = set(raw) - set(Policy.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{path}: unknown policy key {sorted(unknown)[0]!r}")
+    try:
+        return Policy(**{k: type(getattr(Policy(), k))(v) for k, v in raw.items()})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def save_policy(folder: Path, policy: Policy) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / POLICY_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(tomli_w.dumps(asdict(policy)), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+@dataclass(frozen=True)
+class LocalDpRequest:
+    """The local DP settings a server asks for."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+
+
+def admit(
+    policy: Policy, ledger: Ledger, request: LocalDpRequest | None, event: GaussianEvent | None, **context: Any
+) -> dict[str, Any] | None:
+    """Check a train request against the policy and budget; record the spend if admitted.
+
+    Returns the ledger entry (None for a non-DP request the policy allows); raises
+    :class:`Refusal` otherwise. Call inside ``ledger.locked()``.
+    """
+    from fl import wire
+
+    if request is None or event is None:
+        if policy.requires_dp:
+            raise Refusal(wire.ERROR_POLICY, "policy: this node trains only with local DP (it has a privacy budget)")
+        return None
+    if request.noise_multiplier < policy.min_noise_multiplier:
+        raise Refusal(
+            wire.ERROR_POLICY,
+            f"policy: noise multiplier {request.noise_multiplier:g} is below this node's minimum "
+            f"{policy.min_noise_multiplier:g}",
+        )
+    if policy.max_clip_norm and request.max_grad_norm > policy.max_clip_norm:
+        raise Refusal(
+            wire.ERROR_POLICY,
+            f"policy: clipping norm {request.max_grad_norm:g} exceeds this node's maximum {policy.max_clip_norm:g}",
+        )
+    history = ledger.events()
+    spent = accounting.epsilon(history, policy.delta, policy.accountant)
+    after = accounting.epsilon([*history, event], policy.delta, policy.accountant)
+    if policy.epsilon and after > policy.epsilon:
+        raise Refusal(
+            wire.ERROR_BUDGET,
+            f"privacy budget: this round would bring epsilon to {after:.3f}, over the budget "
+            f"{policy.epsilon:g} (spent {spent:.3f}, delta {policy.delta:g})",
+        )
+    return ledger.append(event, epsilon_after=after, delta=policy.delta, accountant=policy.accountant, **context)

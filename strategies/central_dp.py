@@ -1,0 +1,188 @@
+"""Client-level (central) DP around any Flower strategy: DP-FedAvg with fixed or adaptive clipping.
+
+Per round (McMahan et al. 2018, "Learning differentially private recurrent language models"):
+
+1. sample nodes: all of them (``q = 1``) or each independently with probability ``q``
+   (Poisson), using the secure noise source's uniforms;
+2. each update ``delta_i = w_i - w`` is clipped to L2 norm ``C``, by the server or by the
+   node itself (then the server only checks ``||delta_i|| <= C`` and drops any that isn't);
+3. ``w' = w + (sum_i clip(delta_i) + N(0, (z C)^2 I)) / m`` with the *fixed* denominator
+   ``m = q N`` (expected participants), so one node changes the sum by at most ``C``
+   whatever the number of replies, and updates weigh equally (example counts would
+   otherwise scale a node's influence past ``C``);
+4. the noisy model is handed to the wrapped strategy as the round's aggregate, so FedAvg
+   keeps it and FedAdam takes its server step from it (post-processing);
+5. adaptive clipping (Andrew et al. 2021): the count of unclipped updates is released with
+   noise ``N(0, s^2)`` and ``C <- C exp(-eta (count/m - gamma))``; the accountant sees one
+   Gaussian of multiplier ``(z^-2 + s^-2)^-1/2`` per round, see
+   :func:`fl.accounting.combined_noise_multiplier`.
+
+Unlike Flower's DP wrappers, noise comes from an injected CSPRNG-backed source, never from
+NumPy's global generator, and the accountant event describes exactly this sampling.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from fl import wire
+from fl.accounting import GaussianEvent, combined_noise_multiplier
+from fl.noise import NoiseSource, SecureGaussian
+
+FIXED, ADAPTIVE = "fixed", "adaptive"
+SERVER, CLIENT = "server", "client"
+ALL, POISSON = "all", "poisson"
+
+
+@dataclass(frozen=True)
+class CentralDpSettings:
+    """Client-level DP settings, validated on construction."""
+
+    noise_multiplier: float
+    clipping_norm: float
+    num_nodes: int
+    clipping: str = FIXED
+    clip_on: str = SERVER
+    sampling: str = ALL
+    sample_rate: float = 1.0
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_stddev: float = 0.0  # 0: expected participants / 20 (Andrew et al.)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
+        if not (math.isfinite(self.clipping_norm) and self.clipping_norm > 0):
+            raise ValueError(f"clipping_norm must be > 0, got {self.clipping_norm}")
+        if self.clipping not in (FIXED, ADAPTIVE) or self.clip_on not in (SERVER, CLIENT):
+            raise ValueError(f"clipping {self.clipping!r} / clip_on {self.clip_on!r} not supported")
+        if self.sampling not in (ALL, POISSON) or not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sampling {self.sampling!r} with rate {self.sample_rate} not supported")
+
+    @property
+    def q(self) -> float:
+        return self.sample_rate if self.sampling == POISSON else 1.0
+
+    @property
+    def expected_nodes(self) -> float:
+        return self.q * self.num_nodes
+
+    @property
+    def count_std(self) -> float:
+        return self.count_stddev or self.expected_nodes / 20
+
+    def round_event(self) -> GaussianEvent:
+        """The mechanism one round applies, for the client-level accountant."""
+        z = self.noise_multiplier
+        if self.clipping == ADAPTIVE:
+            z = combined_noise_multiplier(z, self.count_std)
+        return GaussianEvent(z, self.q, 1)
+
+
+def clip(update: dict[str, np.ndarray], norm_bound: float) -> tuple[dict[str, np.ndarray], float]:
+    """Scale ``update`` (all arrays as one vector) to L2 norm at most ``norm_bound``."""
+    norm = math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.values()))
+    factor = min(1.0, norm_bound / norm) if norm > 0 else 1.0
+    return {k: v * factor for k, v in update.items()}, norm
+
+
+class CentralDP(Strategy):
+    """Wraps ``inner`` (FedAvg, FedProx, FedAdam, ...) with client-level DP."""
+
+    def __init__(self, inner: Strategy, settings: CentralDpSettings, noise: NoiseSource | None = None) -> None:
+        self.inner = inner
+        self.settings = settings
+        self.noise = noise or SecureGaussian()
+        self.clip_norm = settings.clipping_norm
+        self._current: dict[str, np.ndarray] = {}
+        self.excluded: dict[str, str] = {}
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    # ----- training -----------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._current = {k: a.numpy().astype(np.float64) for k, a in arrays.items()}
+        for key, value in self._current.items():
+            if not np.issubdtype(arrays[key].numpy().dtype, np.floating):
+                raise ValueError(f"central DP: array {key!r} is not floating point ({value.dtype})")
+        if self.settings.clip_on == CLIENT:
+            config[wire.CLIENT_CLIP_NORM] = self.clip_norm
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        if self.settings.sampling == POISSON:
+            keep = self.noise.uniform(len(messages)) < self.settings.sample_rate
+            messages = [m for m, k in zip(messages, keep) if k]
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        s, bound = self.settings, self.clip_norm
+        self.excluded = {}
+        total = {k: np.zeros_like(v) for k, v in self._current.items()}
+        used, below = [], 0.0
+        for reply in replies:
+            if reply.has_error():
+                continue
+            node = str(reply.metadata.src_node_id)
+            received = reply.content[wire.ARRAYS]
+            if set(received.keys()) != set(total):
+                self.excluded[node] = "update has different arrays than the global model"
+                continue
+            update = {k: received[k].numpy().astype(np.float64) - self._current[k] for k in total}
+            clipped, norm = clip(update, bound)
+            if not math.isfinite(norm):
+                self.excluded[node] = "update is not finite"
+                continue
+            if s.clip_on == CLIENT:
+                if norm > bound * (1 + 1e-4):
+                    self.excluded[node] = f"update norm {norm:.4g} exceeds the clipping norm {bound:.4g}"
+                    continue
+                below += float(reply.content[wire.METRICS].get(wire.UPDATE_NORM_BELOW_CLIP, 0.0))
+            else:
+                below += 1.0 if norm <= bound else 0.0
+            for k in total:
+                total[k] += clipped[k]
+            used.append(reply)
+        if not used:
+            return None, None
+        m = s.expected_nodes
+        std = s.noise_multiplier * bound
+        noisy = {
+            k: (self._current[k] + (v + self.noise.gaussian(v.shape, std).numpy().astype(np.float64)) / m)
+            for k, v in total.items()
+        }
+        if s.clipping == ADAPTIVE:
+            noisy_count = below + float(self.noise.gaussian((1,), s.count_std)[0])
+            self.clip_norm = bound * math.exp(-s.clip_lr * (noisy_count / m - s.target_quantile))
+        metrics = aggregate_metricrecords([r.content for r in used], wire.NUM_EXAMPLES)
+        dtypes = {k: used[0].content[wire.ARRAYS][k].numpy().dtype for k in noisy}
+        carrier = copy.copy(used[0])
+        carrier.content = RecordDict(
+            {
+                wire.ARRAYS: ArrayRecord({k: Array(np.asarray(v, dtype=dtypes[k])) for k, v in noisy.items()}),
+                wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 1}),
+            }
+        )
+        arrays, _ = self.inner.aggregate_train(server_round, [carrier])
+        return arrays, metrics
+
+    # ----- evaluation: unchanged -----------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
