@@ -59,4 +59,4 @@ class SeededGaussian:
         return 1.0 - self._rng.random(n)
 
     def gaussian(self, shape: tuple[int, ...], std: float) -> torch.Tensor:
-        return torch.from_numpy((self._rng.standard_normal(shape) * std).astype(np.float32))
+        return torch.from_numpy(np.asarray(self._rng.standard_normal(shape) * std, dtype=np.float32))
