@@ -1,9 +1,11 @@
 """Gaussian noise for differential privacy, from the operating system's CSPRNG by default.
 
 Noise that a seed or a leaked generator state reproduces can be subtracted again, which
-voids the guarantee. :class:`SecureGaussian` draws its uniforms from ``os.urandom`` and turns
-them into normals with the Box-Muller transform in float64; no global generator of torch or
-NumPy is ever touched. :class:`SeededGaussian` exists for tests that need reproducible noise
+voids the guarantee. :class:`SecureGaussian` draws its bits from a ChaCha20 keystream keyed
+with 256 bits from ``os.urandom`` (a CSPRNG construction, several times faster than reading
+``os.urandom`` for millions of samples), takes 53-bit uniforms from them and turns those into
+normals with the Box-Muller transform in float64; no global generator of torch or NumPy is
+ever touched. :class:`SeededGaussian` exists for tests that need reproducible noise
 and must be injected explicitly.
 """
 
@@ -32,21 +34,30 @@ def _uniform_open(n: int, raw: bytes) -> np.ndarray:
 
 
 class SecureGaussian:
-    """Cryptographically secure Gaussian noise (``os.urandom`` + Box-Muller)."""
+    """Cryptographically secure Gaussian noise (ChaCha20 keystream from OS entropy + Box-Muller)."""
+
+    def __init__(self) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+        cipher = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None)
+        self._stream = cipher.encryptor()
+
+    def _bytes(self, n: int) -> bytes:
+        return self._stream.update(bytes(n))
 
     def uniform(self, n: int) -> np.ndarray:
-        return _uniform_open(n, os.urandom(8 * n))
+        return _uniform_open(n, self._bytes(8 * n))
 
     def gaussian(self, shape: tuple[int, ...], std: float) -> torch.Tensor:
         if not (math.isfinite(std) and std >= 0):
             raise ValueError(f"noise std must be finite and >= 0, got {std}")
         count = math.prod(shape)
         pairs = (count + 1) // 2
-        u1, u2 = self.uniform(pairs), self.uniform(pairs)
-        radius = np.sqrt(-2.0 * np.log(u1))
-        angle = 2.0 * np.pi * u2
-        normals = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
-        return torch.from_numpy((normals * std).reshape(shape).astype(np.float32))
+        u = torch.from_numpy(self.uniform(2 * pairs))
+        radius = torch.sqrt(-2.0 * torch.log(u[:pairs]))
+        angle = (2.0 * math.pi) * u[pairs:]
+        normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
+        return (normals * std).reshape(shape).to(torch.float32)
 
 
 class SeededGaussian:

@@ -34,6 +34,9 @@ class Task:
     channels: tuple[int, ...]
     strides: tuple[int, ...]
     num_res_units: int
+    # Opacus per-sample gradient mode, the fastest correct one measured for this network on
+    # CPU (bench/dp_cost.py): hooks for the 2D UNet, functorch (vmap) for the 3D UNet
+    dp_functorch: bool = False
 
     network_target = "monai.networks.nets.UNet"
 
@@ -125,6 +128,7 @@ CATALOGUE: dict[str, Task] = {
             channels=(8, 16, 32, 64),
             strides=(2, 2, 2),
             num_res_units=1,
+            dp_functorch=True,
         ),
     )
 }

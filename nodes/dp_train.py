@@ -72,7 +72,7 @@ def train_local_dp(
     event = local_event(len(data), epochs=epochs, batch_size=batch_size, noise_multiplier=noise_multiplier)
     # per-sample gradients of per-sample losses ("sum"); the optimizer then divides the noisy
     # sum by the expected batch size ("mean"), as in Abadi et al.'s algorithm 1
-    model = GradSampleModule(net, loss_reduction="sum")
+    model = GradSampleModule(net, loss_reduction="sum", force_functorch=task.dp_functorch)
     optimizer = _NoiseInjectedDPOptimizer(
         torch.optim.Adam(model.parameters(), lr=lr),
         noise_multiplier=noise_multiplier,
