@@ -67,7 +67,7 @@ def main() -> None:
     if args.cell:
         print(json.dumps(_cell(args.cell[0], args.cell[1] == "dp", args.steps, args.threads)))
         return
-    print(f"| task | batch | non-private step (ms) | DP-SGD step (ms) | time ratio | peak RSS non-private / DP (MB) |")
+    print("| task | batch | non-private step (ms) | DP-SGD step (ms) | time ratio | peak RSS non-private / DP (MB) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for task in BATCH:
         cells = {}

@@ -17,11 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# A privacy framework does not phone home: set before Flower is imported.
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU nodes: keep Ray quiet
+import fl.engine_env  # noqa: F401,E402  (before Flower is imported)
 
 import tomli_w  # noqa: E402
 

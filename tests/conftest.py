@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import fl.engine_env  # noqa: F401,E402  (before Flower is imported)
 
 from fl.tasks import get_task  # noqa: E402
 from nodes.synth import synthesize  # noqa: E402
