@@ -202,14 +202,16 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         res = phase(server_round, TRAIN, messages)
         for node, why in res.failures.items():
             log.warning("round %d: node %s did not train (%s)", server_round, node, why)
-        new_arrays, train_agg = strategy.aggregate_train(server_round, res.ok)
-        if new_arrays is None:
-            detail = "; ".join(f"node {n}: {why}" for n, why in res.failures.items()) or "no node was sampled"
-            if res.failures and set(res.codes.values()) <= REFUSALS:
+        if not res.ok and res.failures:
+            detail = "; ".join(f"node {n}: {why}" for n, why in res.failures.items())
+            if len(res.codes) == len(res.failures) and set(res.codes.values()) <= REFUSALS:
                 stopped = f"stopped at round {server_round}: every node refused ({detail})"
                 log.warning("%s", stopped)
                 break
             raise FederationError(f"round {server_round}: no node returned an update ({detail})")
+        new_arrays, train_agg = strategy.aggregate_train(server_round, res.ok)
+        if new_arrays is None:
+            raise FederationError(f"round {server_round}: no node was sampled")
         arrays = new_arrays
         central.spend()
         ev, eval_failures = evaluate(server_round)

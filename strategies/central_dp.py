@@ -104,6 +104,7 @@ class CentralDP(Strategy):
         self.noise = noise or SecureGaussian()
         self.clip_norm = settings.clipping_norm
         self._current: dict[str, np.ndarray] = {}
+        self._carrier: Message | None = None  # hands the noisy model to the inner strategy
         self.excluded: dict[str, str] = {}
 
     def summary(self) -> None:
@@ -120,6 +121,7 @@ class CentralDP(Strategy):
         if self.settings.clip_on == CLIENT:
             config[wire.CLIENT_CLIP_NORM] = self.clip_norm
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._carrier = messages[0] if messages else None
         if self.settings.sampling == POISSON:
             keep = self.noise.uniform(len(messages)) < self.settings.sample_rate
             messages = [m for m, k in zip(messages, keep) if k]
@@ -155,8 +157,10 @@ class CentralDP(Strategy):
             for k in total:
                 total[k] += clipped[k]
             used.append(reply)
-        if not used:
+        if self._carrier is None:
             return None, None
+        # the noisy sum is released even when nobody was sampled or every update was dropped:
+        # the accountant's mechanism always outputs sum + noise
         m = s.expected_nodes
         std = s.noise_multiplier * bound
         noisy = {
@@ -166,9 +170,10 @@ class CentralDP(Strategy):
         if s.clipping == ADAPTIVE:
             noisy_count = below + float(self.noise.gaussian((1,), s.count_std)[0])
             self.clip_norm = bound * math.exp(-s.clip_lr * (noisy_count / m - s.target_quantile))
-        metrics = aggregate_metricrecords([r.content for r in used], wire.NUM_EXAMPLES)
-        dtypes = {k: used[0].content[wire.ARRAYS][k].numpy().dtype for k in noisy}
-        carrier = copy.copy(used[0])
+        metrics = aggregate_metricrecords([r.content for r in used], wire.NUM_EXAMPLES) if used else None
+        template = self._carrier.content[wire.ARRAYS]
+        dtypes = {k: template[k].numpy().dtype for k in noisy}
+        carrier = copy.copy(self._carrier)
         carrier.content = RecordDict(
             {
                 wire.ARRAYS: ArrayRecord({k: Array(np.asarray(v, dtype=dtypes[k])) for k, v in noisy.items()}),

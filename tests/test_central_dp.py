@@ -143,3 +143,12 @@ def test_fedadam_takes_its_server_step_from_the_noisy_average() -> None:
     assert inner.m_t and inner.v_t  # Adam's moments were updated from the DP aggregate
     assert not np.allclose(out["w"], 0.01)  # Adam's step, not the plain average
     assert np.all(out["w"] > 0)
+
+
+def test_an_empty_poisson_sample_still_releases_noise_as_accounted() -> None:
+    settings = CentralDpSettings(noise_multiplier=1.0, clipping_norm=1.0, num_nodes=10, sampling="poisson",
+                                 sample_rate=0.1)
+    dp = _wrapper(settings)
+    out = _round(dp, lambda msgs: [], nodes=10)  # nobody sampled or every reply lost
+    noise = np.concatenate([v.ravel() for v in out.values()])
+    assert noise.std() == pytest.approx(1.0 * 1.0 / 1.0, rel=0.05)  # sigma C / (q N), q N = 1
