@@ -27,7 +27,7 @@ from fl.tasks import TASK_NAMES
 
 Scalar = bool | int | float | str
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "median", "trimmedavg", "krum")
 
 
 def _key(default: Scalar, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
@@ -105,7 +105,9 @@ class TrainConfig:
 class StrategyConfig:
     """How the server samples nodes and aggregates their updates."""
 
-    name: str = _key("fedavg", "Aggregation: fedavg, fedprox or fedadam.", _one_of(*STRATEGIES))
+    name: str = _key(
+        "fedavg", "Aggregation: fedavg, fedprox, fedadam, or robust median, trimmedavg, krum.", _one_of(*STRATEGIES)
+    )
     fraction_train: float = _key(1.0, "Fraction of nodes sampled for training each round.", _fraction)
     fraction_evaluate: float = _key(
         1.0, "Fraction of nodes sampled for evaluation each round.", _fraction
@@ -118,6 +120,12 @@ class StrategyConfig:
     server_lr: float = _key(0.1, "FedAdam server learning rate (eta).", _positive)
     tau: float = _key(1e-3, "FedAdam adaptivity (tau).", _positive)
     timeout: float = _key(600.0, "Seconds to wait for the nodes' replies in one round.", _positive)
+    max_update_norm: float = _key(
+        0.0, "Exclude any update whose L2 norm exceeds this (all arrays as one vector); 0: no bound.",
+        _non_negative,
+    )
+    trim_beta: float = _key(0.2, "trimmedavg: fraction cut from each end, in [0, 0.5).", _non_negative)
+    krum_malicious: int = _key(0, "krum: number of malicious nodes to tolerate.", _non_negative)
     evaluate_initial: bool = _key(
         True, "Evaluate the initial model on the nodes before round 1 (round 0 in metrics.jsonl)."
     )
@@ -238,6 +246,8 @@ class Config:
                 "train.proximal_mu: strategy.name = 'fedprox' needs a proximal weight > 0 "
                 f"(got {self.train.proximal_mu})"
             )
+        if not self.strategy.trim_beta < 0.5:
+            raise ConfigError(f"strategy.trim_beta: must be < 0.5, got {self.strategy.trim_beta}")
         if self.strategy.min_nodes > self.data.nodes:
             raise ConfigError(
                 f"strategy.min_nodes: {self.strategy.min_nodes} is more than data.nodes = "

@@ -31,6 +31,7 @@ from fl.registry import Registry, Version
 from fl.run_folder import RunFolder
 from fl.tasks import get_task
 from strategies import build_strategy
+from strategies.validation import validate
 from strategies.factory import central_dp_settings
 
 log = logging.getLogger("flwr.oncofed.server")  # under Flower's logger: same handler, same levels
@@ -200,6 +201,9 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         t0 = time.perf_counter()
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_cfg)), grid)
         res = phase(server_round, TRAIN, messages)
+        res.ok, rejected = validate(res.ok, arrays, cfg.strategy.max_update_norm)
+        for node, why in rejected.items():
+            res.failures[node] = f"rejected, {why}"
         for node, why in res.failures.items():
             log.warning("round %d: node %s did not train (%s)", server_round, node, why)
         if not res.ok and res.failures:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from fl import wire
 from fl.config import Config
@@ -52,4 +52,10 @@ def _aggregation(cfg: Config, common: dict[str, Any]) -> Strategy:
         return FedProx(**common, proximal_mu=cfg.train.proximal_mu)
     if name == "fedadam":
         return FedAdam(**common, eta=cfg.strategy.server_lr, tau=cfg.strategy.tau)
+    if name == "median":
+        return FedMedian(**common)
+    if name == "trimmedavg":
+        return FedTrimmedAvg(**common, beta=cfg.strategy.trim_beta)
+    if name == "krum":
+        return Krum(**common, num_malicious_nodes=cfg.strategy.krum_malicious)
     raise AssertionError(f"strategy.name {name!r} passed config validation but has no builder")
