@@ -139,6 +139,11 @@ class SimulationConfig:
         1.0, "CPU cores Ray reserves for each virtual node; sets how many train at once.", _positive
     )
     threads_per_node: int = _key(1, "Torch threads inside each virtual node.", _positive)
+    adversaries: int = _key(
+        0, "Robustness experiments: virtual nodes 0..k-1 corrupt their updates (nodes/adversary.py).", _non_negative
+    )
+    attack: str = _key("scale", "What adversaries send: scale (x100 update), nan, or scale-then-nan.",
+                       _one_of("scale", "nan", "scale-then-nan"))
 
 
 @dataclass(frozen=True)
@@ -246,6 +251,8 @@ class Config:
                 "train.proximal_mu: strategy.name = 'fedprox' needs a proximal weight > 0 "
                 f"(got {self.train.proximal_mu})"
             )
+        if self.simulation.adversaries > self.data.nodes:
+            raise ConfigError(f"simulation.adversaries: {self.simulation.adversaries} is more than data.nodes")
         if not self.strategy.trim_beta < 0.5:
             raise ConfigError(f"strategy.trim_beta: must be < 0.5, got {self.strategy.trim_beta}")
         if self.strategy.min_nodes > self.data.nodes:

@@ -64,7 +64,10 @@ def simulate(cfg: Config, observer: Observer | None = None) -> None:
     from flwr.supercore.telemetry import EventType
 
     from fl.server_app import make_server_app
-    from nodes.client_app import app as client_app
+    if cfg.simulation.adversaries:
+        from nodes.adversary import app as client_app
+    else:
+        from nodes.client_app import app as client_app
 
     with tempfile.TemporaryDirectory(prefix="oncofed-app-") as tmp:
         server_context = Context(

@@ -1,0 +1,55 @@
+"""Hostile virtual nodes for robustness experiments in simulation (never used in deployment).
+
+`simulation.adversaries = k` makes virtual nodes 0..k-1 run this ClientApp: it trains
+honestly, then corrupts its reply as `simulation.attack` says: ``scale`` sends the update
+times 100, ``nan`` sends NaN weights, ``scale-then-nan`` does the first in round 1 and the
+second afterwards. Evaluation stays honest. Tests and benchmarks use it to show that
+validation and robust aggregation keep the global model sound.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from fl import wire
+from nodes import client_app as honest
+
+ATTACKS = ("scale", "nan", "scale-then-nan")
+SCALE = 100.0
+
+app = ClientApp()
+
+
+def _is_adversary(context: Context) -> bool:
+    partition = context.node_config.get(wire.NODE_PARTITION_ID)
+    return partition is not None and int(partition) < int(context.run_config.get("simulation.adversaries", 0))
+
+
+def corrupt(reply: Message, sent: ArrayRecord, attack: str, server_round: int) -> None:
+    """Replace the reply's weights in place according to ``attack`` (``sent``: the global weights)."""
+    trained = reply.content[wire.ARRAYS]
+    mode = attack if attack != "scale-then-nan" else ("scale" if server_round == 1 else "nan")
+    out = {}
+    for key in trained.keys():
+        local, global_ = trained[key].numpy(), sent[key].numpy()
+        bad = np.full_like(local, np.nan) if mode == "nan" else global_ + SCALE * (local - global_)
+        out[key] = Array(np.asarray(bad, dtype=local.dtype))
+    reply.content[wire.ARRAYS] = ArrayRecord(out)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train honestly, then corrupt the reply if this virtual node is an adversary."""
+    sent = ArrayRecord({k: Array(v.numpy().copy()) for k, v in msg.content[wire.ARRAYS].items()})
+    reply = honest.train(msg, context)
+    if _is_adversary(context) and not reply.has_error():
+        attack = str(context.run_config.get("simulation.attack", "scale"))
+        corrupt(reply, sent, attack, int(msg.content[wire.CONFIG][wire.SERVER_ROUND]))
+    return reply
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return honest.evaluate(msg, context)

@@ -1,0 +1,35 @@
+"""A hostile virtual node in a real simulation: the model stays finite and the node is named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fl.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_one_hostile_node_of_three_cannot_poison_a_median_federation(tmp_path: Path) -> None:
+    code = main([
+        "run", str(REPO / "configs" / "quickstart.toml"), "--out", str(tmp_path / "runs"),
+        "--set", f'data.root="{tmp_path / "data"}"', "--set", "data.nodes=3", "--set", "data.image_size=32",
+        "--set", "rounds=2", "--set", "train.epochs=3", "--set", f'registry.root="{tmp_path / "reg"}"',
+        "--set", "output.run_name=attacked", "--set", "strategy.name=median",
+        "--set", "simulation.adversaries=1", "--set", "simulation.attack=scale-then-nan",
+    ])
+    assert code == 0
+    run = tmp_path / "runs" / "attacked"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    round2 = lines[2]
+    assert len(round2["failures"]) == 1  # the NaN reply, excluded and named
+    (node, reason), = round2["failures"].items()
+    assert "NaN or infinite" in reason and node not in round2["train"]["nodes"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_metrics"]["dice"] > summary["initial_metrics"]["dice"] + 0.3
+    assert all(torch.isfinite(t).all() for t in load_file(run / "model.safetensors").values())
+    manifest = json.loads((tmp_path / "reg" / "quickstart" / "v2" / "manifest.json").read_text())
+    assert manifest["failures"] == round2["failures"]
