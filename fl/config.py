@@ -120,6 +120,9 @@ class StrategyConfig:
     server_lr: float = _key(0.1, "FedAdam server learning rate (eta).", _positive)
     tau: float = _key(1e-3, "FedAdam adaptivity (tau).", _positive)
     timeout: float = _key(600.0, "Seconds to wait for the nodes' replies in one round.", _positive)
+    min_replies: int = _key(
+        1, "A training round fails unless at least this many valid updates arrive (the others are named).", _positive
+    )
     max_update_norm: float = _key(
         0.0, "Exclude any update whose L2 norm exceeds this (all arrays as one vector); 0: no bound.",
         _non_negative,
@@ -142,8 +145,10 @@ class SimulationConfig:
     adversaries: int = _key(
         0, "Robustness experiments: virtual nodes 0..k-1 corrupt their updates (nodes/adversary.py).", _non_negative
     )
-    attack: str = _key("scale", "What adversaries send: scale (x100 update), nan, or scale-then-nan.",
-                       _one_of("scale", "nan", "scale-then-nan"))
+    attack: str = _key(
+        "scale", "What adversaries do: scale (x100 update), nan, scale-then-nan, or drop-round-1 (crash, then rejoin).",
+        _one_of("scale", "nan", "scale-then-nan", "drop-round-1"),
+    )
 
 
 @dataclass(frozen=True)
@@ -255,6 +260,10 @@ class Config:
             raise ConfigError(f"simulation.adversaries: {self.simulation.adversaries} is more than data.nodes")
         if not self.strategy.trim_beta < 0.5:
             raise ConfigError(f"strategy.trim_beta: must be < 0.5, got {self.strategy.trim_beta}")
+        if self.strategy.min_replies > self.data.nodes:
+            raise ConfigError(
+                f"strategy.min_replies: {self.strategy.min_replies} is more than data.nodes = {self.data.nodes}"
+            )
         if self.strategy.min_nodes > self.data.nodes:
             raise ConfigError(
                 f"strategy.min_nodes: {self.strategy.min_nodes} is more than data.nodes = "

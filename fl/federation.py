@@ -213,6 +213,12 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
                 log.warning("%s", stopped)
                 break
             raise FederationError(f"round {server_round}: no node returned an update ({detail})")
+        if res.failures and len(res.ok) < cfg.strategy.min_replies:
+            detail = "; ".join(f"node {n}: {why}" for n, why in res.failures.items())
+            raise FederationError(
+                f"round {server_round}: {len(res.ok)} valid update(s), fewer than strategy.min_replies = "
+                f"{cfg.strategy.min_replies} ({detail})"
+            )
         new_arrays, train_agg = strategy.aggregate_train(server_round, res.ok)
         if new_arrays is None:
             raise FederationError(f"round {server_round}: no node was sampled")

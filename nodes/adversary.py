@@ -3,7 +3,8 @@
 `simulation.adversaries = k` makes virtual nodes 0..k-1 run this ClientApp: it trains
 honestly, then corrupts its reply as `simulation.attack` says: ``scale`` sends the update
 times 100, ``nan`` sends NaN weights, ``scale-then-nan`` does the first in round 1 and the
-second afterwards. Evaluation stays honest. Tests and benchmarks use it to show that
+second afterwards; ``drop-round-1`` dies in round 1 (its ClientApp crashes, the server gets
+no update) and rejoins honestly from round 2. Evaluation stays honest. Tests and benchmarks use it to show that
 validation and robust aggregation keep the global model sound.
 """
 
@@ -16,7 +17,7 @@ from flwr.clientapp import ClientApp
 from fl import wire
 from nodes import client_app as honest
 
-ATTACKS = ("scale", "nan", "scale-then-nan")
+ATTACKS = ("scale", "nan", "scale-then-nan", "drop-round-1")
 SCALE = 100.0
 
 app = ClientApp()
@@ -42,11 +43,16 @@ def corrupt(reply: Message, sent: ArrayRecord, attack: str, server_round: int) -
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train honestly, then corrupt the reply if this virtual node is an adversary."""
+    attack = str(context.run_config.get("simulation.attack", "scale"))
+    server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
+    if _is_adversary(context) and attack == "drop-round-1":
+        if server_round == 1:
+            raise RuntimeError("simulated node failure in round 1")
+        return honest.train(msg, context)
     sent = ArrayRecord({k: Array(v.numpy().copy()) for k, v in msg.content[wire.ARRAYS].items()})
     reply = honest.train(msg, context)
     if _is_adversary(context) and not reply.has_error():
-        attack = str(context.run_config.get("simulation.attack", "scale"))
-        corrupt(reply, sent, attack, int(msg.content[wire.CONFIG][wire.SERVER_ROUND]))
+        corrupt(reply, sent, attack, server_round)
     return reply
 
 

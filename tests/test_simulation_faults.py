@@ -33,3 +33,29 @@ def test_one_hostile_node_of_three_cannot_poison_a_median_federation(tmp_path: P
     assert all(torch.isfinite(t).all() for t in load_file(run / "model.safetensors").values())
     manifest = json.loads((tmp_path / "reg" / "quickstart" / "v2" / "manifest.json").read_text())
     assert manifest["failures"] == round2["failures"]
+
+
+def _dropout_run(tmp_path: Path, name: str, *extra: str) -> int:
+    return main([
+        "run", str(REPO / "configs" / "quickstart.toml"), "--out", str(tmp_path / "runs"),
+        "--set", f'data.root="{tmp_path / "data"}"', "--set", "data.nodes=3", "--set", "data.image_size=32",
+        "--set", "rounds=2", "--set", f'registry.root="{tmp_path / "reg"}"', "--set", f"output.run_name={name}",
+        "--set", f"model_name={name}", "--set", "simulation.adversaries=1", "--set", "simulation.attack=drop-round-1",
+        *extra,
+    ])
+
+
+def test_a_node_that_dies_is_named_the_round_completes_and_it_rejoins(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    assert _dropout_run(tmp_path, "dropout", "--set", "strategy.min_replies=2") == 0
+    lines = [json.loads(x) for x in (tmp_path / "runs" / "dropout" / "metrics.jsonl").read_text().splitlines()]
+    (dead, reason), = lines[1]["failures"].items()
+    assert reason.startswith("train: error") and len(lines[1]["train"]["nodes"]) == 2
+    assert dead in lines[2]["train"]["nodes"] and lines[2]["failures"] == {}  # rejoined in round 2
+    manifest = json.loads((tmp_path / "reg" / "dropout" / "v1" / "manifest.json").read_text())
+    assert dead in manifest["failures"] and dead not in {n["node_id"] for n in manifest["nodes"]}
+
+    capsys.readouterr()
+    assert _dropout_run(tmp_path, "strict", "--set", "strategy.min_replies=3") == 2
+    err = capsys.readouterr().err
+    assert "round 1: 2 valid update(s), fewer than strategy.min_replies = 3" in err
+    assert not (tmp_path / "reg" / "strict").exists()
