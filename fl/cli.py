@@ -102,9 +102,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             "registry.root": str(Path(cfg.registry.root).resolve()),
         }
     )
-    if cfg.registry.resume:  # fail before any data or engine work
+    from fl.registry import Registry
+
+    Registry(cfg.registry.root).check_writable(cfg.model_name)  # fail before any data or engine work
+    if cfg.registry.resume:
         from fl.checkpoint import resume_point
-        from fl.registry import Registry
 
         resume_point(Registry(cfg.registry.root), cfg)
     console = Console()

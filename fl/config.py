@@ -146,8 +146,10 @@ class SimulationConfig:
         0, "Robustness experiments: virtual nodes 0..k-1 corrupt their updates (nodes/adversary.py).", _non_negative
     )
     attack: str = _key(
-        "scale", "What adversaries do: scale (x100 update), nan, scale-then-nan, or drop-round-1 (crash, then rejoin).",
-        _one_of("scale", "nan", "scale-then-nan", "drop-round-1"),
+        "scale",
+        "What adversaries do: scale (x100 update), nan, scale-then-nan, cycle (x1000, NaN, Inf, wrong shapes, "
+        "missing array, one per round), or drop-round-1 (crash, then rejoin).",
+        _one_of("scale", "nan", "scale-then-nan", "cycle", "drop-round-1"),
     )
 
 

@@ -178,12 +178,26 @@ class Registry:
                     raise RegistryError(f"{where}: {path.name} is missing")
                 if sha256_file(path) != m.get(field):
                     raise RegistryError(f"{where}: {path.name} does not match its recorded SHA-256")
-            if manifest_hash(m) != m.get("hash"):
+            try:
+                recomputed = manifest_hash(m)
+            except ValueError:  # NaN or infinity written into a manifest by hand
+                recomputed = None
+            if recomputed != m.get("hash"):
                 raise RegistryError(f"{where}: manifest fields were changed after commit (hash mismatch)")
             parent = version.hash
         return versions
 
     # ----- writing -----------------------------------------------------------------------
+    def check_writable(self, name: str) -> None:
+        """Fail early, before any training, if versions of ``name`` could not be committed."""
+        folder = self.root / check_name(name)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            raise RegistryError(f"registry.root: cannot write to {folder} ({exc.strerror})") from None
+
     @contextmanager
     def _locked(self, name: str) -> Iterator[Path]:
         folder = self.root / check_name(name)

@@ -3,7 +3,8 @@
 `simulation.adversaries = k` makes virtual nodes 0..k-1 run this ClientApp: it trains
 honestly, then corrupts its reply as `simulation.attack` says: ``scale`` sends the update
 times 100, ``nan`` sends NaN weights, ``scale-then-nan`` does the first in round 1 and the
-second afterwards; ``drop-round-1`` dies in round 1 (its ClientApp crashes, the server gets
+second afterwards; ``cycle`` sends, round after round, the update x1000, NaN, Inf, arrays
+of the wrong shape and a reply missing an array; ``drop-round-1`` dies in round 1 (its ClientApp crashes, the server gets
 no update) and rejoins honestly from round 2. Evaluation stays honest. Tests and benchmarks use it to show that
 validation and robust aggregation keep the global model sound.
 """
@@ -17,7 +18,8 @@ from flwr.clientapp import ClientApp
 from fl import wire
 from nodes import client_app as honest
 
-ATTACKS = ("scale", "nan", "scale-then-nan", "drop-round-1")
+ATTACKS = ("scale", "nan", "scale-then-nan", "drop-round-1", "cycle")
+CYCLE = ("scale1000", "nan", "inf", "shape", "missing")
 SCALE = 100.0
 
 app = ClientApp()
@@ -31,12 +33,23 @@ def _is_adversary(context: Context) -> bool:
 def corrupt(reply: Message, sent: ArrayRecord, attack: str, server_round: int) -> None:
     """Replace the reply's weights in place according to ``attack`` (``sent``: the global weights)."""
     trained = reply.content[wire.ARRAYS]
-    mode = attack if attack != "scale-then-nan" else ("scale" if server_round == 1 else "nan")
+    mode = attack
+    if attack == "scale-then-nan":
+        mode = "scale" if server_round == 1 else "nan"
+    elif attack == "cycle":
+        mode = CYCLE[(server_round - 1) % len(CYCLE)]
     out = {}
     for key in trained.keys():
         local, global_ = trained[key].numpy(), sent[key].numpy()
-        bad = np.full_like(local, np.nan) if mode == "nan" else global_ + SCALE * (local - global_)
+        if mode in ("nan", "inf"):
+            bad = np.full_like(local, np.nan if mode == "nan" else np.inf)
+        elif mode == "shape":
+            bad = np.zeros((*local.shape, 2), dtype=local.dtype)
+        else:
+            bad = global_ + (1000.0 if mode == "scale1000" else SCALE) * (local - global_)
         out[key] = Array(np.asarray(bad, dtype=local.dtype))
+    if mode == "missing":
+        out.pop(next(iter(out)))
     reply.content[wire.ARRAYS] = ArrayRecord(out)
 
 

@@ -53,3 +53,14 @@ def test_config_keys_prints_the_reference(capsys: pytest.CaptureFixture[str]) ->
     assert main(["config", "keys"]) == 0
     out = capsys.readouterr().out
     assert "`registry.root`" in out and "`train.lr`" in out and "`rounds`" in out
+
+
+def test_unwritable_registry_is_refused_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "registry-is-a-file"
+    blocker.write_text("not a folder")
+    code = main(["run", str(REPO / "configs" / "quickstart.toml"), "--out", str(tmp_path / "runs"),
+                 "--set", f'registry.root="{blocker}"', "--set", f'data.root="{tmp_path / "data"}"'])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"registry.root: cannot write to {blocker}/quickstart" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()

@@ -27,18 +27,19 @@ def _command(tmp: Path, name: str, rounds: int, *extra: str) -> list[str]:
             "--set", f"output.run_name={name}", *extra]
 
 
-def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_chain_and_epsilon(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kill_after", [1, 3])
+def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_chain_and_epsilon(tmp_path: Path, kill_after: int) -> None:
     registry = Registry(tmp_path / "reg")
     proc = subprocess.Popen(_command(tmp_path, "first", ROUNDS), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(registry.versions("dp-central")) < 2:
+    while time.monotonic() < deadline and len(registry.versions("dp-central")) < kill_after:
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the server and every engine process it started
     proc.wait()
     done = registry.verify("dp-central")
-    assert 2 <= len(done) < ROUNDS
+    assert kill_after <= len(done) < ROUNDS
 
     remaining = ROUNDS - done[-1].manifest["round"]
     resumed = subprocess.run(_command(tmp_path, "resumed", remaining, "--resume"), capture_output=True, text=True)

@@ -151,3 +151,35 @@ def test_bad_names_and_unwritable_roots_are_clear(tmp_path: Path) -> None:
     not_a_folder.write_text("x")
     with pytest.raises(RegistryError, match="registry.root: cannot write to .*file/m"):
         _commit(Registry(not_a_folder))
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                           max_leaves=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(field=st.sampled_from(["round", "metrics", "parent", "version", "name", "weights_sha256", "run_id", "new"]),
+       value=JSON_VALUES)
+def test_any_manifest_edit_fails_verify_naming_the_version_never_a_traceback(tmp_path_factory, field, value) -> None:  # noqa: ANN001
+    registry = _chain(tmp_path_factory.mktemp("h"), n=2)
+    path = registry.get("m:v2").path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if manifest.get(field, object()) == value:
+        return
+    manifest[field] = value
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(RegistryError, match=r"^m:v2: |manifest says"):
+        registry.verify("m")
+
+
+@settings(max_examples=30, deadline=None)
+@given(garbage=st.binary(max_size=64))
+def test_a_garbage_manifest_is_a_registry_error(tmp_path_factory, garbage: bytes) -> None:  # noqa: ANN001
+    registry = _chain(tmp_path_factory.mktemp("g"), n=1)
+    (registry.get("m:v1").path / "manifest.json").write_bytes(garbage)
+    with pytest.raises(RegistryError):
+        registry.verify("m")

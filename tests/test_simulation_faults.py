@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from fl.cli import main
+from fl.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,4 +59,25 @@ def test_a_node_that_dies_is_named_the_round_completes_and_it_rejoins(tmp_path: 
     assert _dropout_run(tmp_path, "strict", "--set", "strategy.min_replies=3") == 2
     err = capsys.readouterr().err
     assert "round 1: 2 valid update(s), fewer than strategy.min_replies = 3" in err
-    assert not (tmp_path / "reg" / "strict").exists()
+    assert Registry(tmp_path / "reg").versions("strict") == []  # nothing committed
+
+
+def test_every_kind_of_hostile_update_is_excluded_with_fedavg_and_a_norm_bound(tmp_path: Path) -> None:
+    code = main([
+        "run", str(REPO / "configs" / "quickstart.toml"), "--out", str(tmp_path / "runs"),
+        "--set", f'data.root="{tmp_path / "data"}"', "--set", "data.nodes=3", "--set", "data.image_size=32",
+        "--set", "rounds=5", "--set", f'registry.root="{tmp_path / "reg"}"', "--set", "output.run_name=cycle",
+        "--set", "simulation.adversaries=1", "--set", "simulation.attack=cycle", "--set", "strategy.max_update_norm=50",
+    ])
+    assert code == 0
+    lines = [json.loads(x) for x in (tmp_path / "runs" / "cycle" / "metrics.jsonl").read_text().splitlines()]
+    reasons = []
+    for line in lines[1:]:
+        (node, reason), = line["failures"].items()
+        reasons.append(reason)
+    assert "exceeds strategy.max_update_norm 50" in reasons[0]
+    assert "NaN or infinite" in reasons[1] and "NaN or infinite" in reasons[2]
+    assert "the model has float32" in reasons[3] and "missing" in reasons[4]
+    summary = json.loads((tmp_path / "runs" / "cycle" / "summary.json").read_text())
+    assert summary["final_metrics"]["dice"] > summary["initial_metrics"]["dice"] + 0.3
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "runs" / "cycle" / "model.safetensors").values())
