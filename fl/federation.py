@@ -232,12 +232,13 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         for node, why in failures.items():
             if not why.startswith("train: error"):
                 log.warning("round %d: node %s failed (%s)", server_round, node, why)
+        trained = res.per_node()
         record: dict[str, Any] = {
             "round": server_round,
-            "train": {"aggregate": dict(train_agg or {}), "nodes": res.per_node()},
+            "train": {"aggregate": dict(train_agg or {}), "nodes": trained},
             "evaluate": ev,
             "failures": failures,
-            "privacy": privacy_record(central, res.per_node()),
+            "privacy": privacy_record(central, trained),
         }
         t_commit = time.perf_counter()
         version = registry.commit(

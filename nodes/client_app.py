@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fl import wire
+from fl.clipping import clip
 from fl.errors import ConfigError, DataError
 from fl.tasks import Task, get_task
 from nodes.data import LocalData, load_local_data
@@ -92,10 +93,8 @@ def _local_dp_request(config: ConfigRecord) -> LocalDpRequest | None:
 def _clip_update(net: torch.nn.Module, global_state: dict[str, torch.Tensor], bound: float) -> float:
     """Clip this node's update to ``bound`` in place (client-side clipping); 1.0 if it was below."""
     state = net.state_dict()
-    deltas = {k: state[k] - global_state[k] for k in state}
-    norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in deltas.values())))
-    factor = min(1.0, bound / norm) if norm > 0 else 1.0
-    net.load_state_dict({k: global_state[k] + deltas[k] * factor for k in state})
+    clipped, norm = clip({k: (state[k].double() - global_state[k].double()).numpy() for k in state}, bound)
+    net.load_state_dict({k: global_state[k] + torch.from_numpy(clipped[k]).to(state[k].dtype) for k in state})
     return 1.0 if norm <= bound else 0.0
 
 

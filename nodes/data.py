@@ -151,7 +151,8 @@ def fingerprint(data_dir: Path, datalist: dict[str, list[dict[str, Path]]]) -> s
 
 def _signature(data_dir: Path, datalist: dict[str, list[dict[str, Path]]]) -> tuple[Any, ...]:
     files = [data_dir / DATASET_JSON] + [p for s in SPLITS for case in datalist[s] for p in case.values()]
-    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    stats = [(f, f.stat()) for f in files]
+    return tuple((str(f), st.st_size, st.st_mtime_ns) for f, st in stats)
 
 
 class _DataCache:

@@ -36,6 +36,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fl import wire
 from fl.accounting import GaussianEvent, combined_noise_multiplier
+from fl.clipping import clip
 from fl.noise import NoiseSource, SecureGaussian
 
 FIXED, ADAPTIVE = "fixed", "adaptive"
@@ -88,13 +89,6 @@ class CentralDpSettings:
         return GaussianEvent(z, self.q, 1)
 
 
-def clip(update: dict[str, np.ndarray], norm_bound: float) -> tuple[dict[str, np.ndarray], float]:
-    """Scale ``update`` (all arrays as one vector) to L2 norm at most ``norm_bound``."""
-    norm = math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.values()))
-    factor = min(1.0, norm_bound / norm) if norm > 0 else 1.0
-    return {k: v * factor for k, v in update.items()}, norm
-
-
 class CentralDP(Strategy):
     """Wraps ``inner`` (FedAvg, FedProx, FedAdam, ...) with client-level DP."""
 
@@ -114,10 +108,11 @@ class CentralDP(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._current = {k: a.numpy().astype(np.float64) for k, a in arrays.items()}
-        for key, value in self._current.items():
-            if not np.issubdtype(arrays[key].numpy().dtype, np.floating):
+        current = {k: a.numpy() for k, a in arrays.items()}
+        for key, value in current.items():
+            if not np.issubdtype(value.dtype, np.floating):
                 raise ValueError(f"central DP: array {key!r} is not floating point ({value.dtype})")
+        self._current = {k: v.astype(np.float64) for k, v in current.items()}
         if self.settings.clip_on == CLIENT:
             config[wire.CLIENT_CLIP_NORM] = self.clip_norm
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))

@@ -9,13 +9,13 @@ round's manifest; a broken or hostile node cannot poison the global model this w
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from fl import wire
+from fl.clipping import l2_norm
 
 
 def check_reply(reply: Message, global_arrays: ArrayRecord, max_update_norm: float = 0.0) -> str | None:
@@ -27,19 +27,19 @@ def check_reply(reply: Message, global_arrays: ArrayRecord, max_update_norm: flo
     missing, extra = set(expected.keys()) - set(arrays.keys()), set(arrays.keys()) - set(expected.keys())
     if missing or extra:
         return f"arrays differ from the global model (missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
-    squared = 0.0
+    update = {}
     for key in expected.keys():
         got, want = arrays[key].numpy(), expected[key].numpy()
         if got.shape != want.shape or got.dtype != want.dtype:
             return f"array {key!r} is {got.dtype}{list(got.shape)}, the model has {want.dtype}{list(want.shape)}"
         if not np.isfinite(got).all():
             return f"array {key!r} holds NaN or infinite values"
-        squared += float(np.sum(np.square(got.astype(np.float64) - want.astype(np.float64))))
+        update[key] = got.astype(np.float64) - want.astype(np.float64)
     count = content[wire.METRICS].get(wire.NUM_EXAMPLES)
     if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
         return f"example count {count!r} is not a positive integer"
-    norm = math.sqrt(squared)
-    if max_update_norm and norm > max_update_norm:
+    norm = l2_norm(update) if max_update_norm else 0.0
+    if norm > max_update_norm > 0:
         return f"update norm {norm:.4g} exceeds strategy.max_update_norm {max_update_norm:g}"
     return None
 

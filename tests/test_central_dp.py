@@ -16,7 +16,8 @@ from hypothesis.extra import numpy as hnp
 
 from fl import wire
 from fl.noise import SeededGaussian
-from strategies.central_dp import CentralDP, CentralDpSettings, clip
+from fl.clipping import clip
+from strategies.central_dp import CentralDP, CentralDpSettings
 
 SHAPES = {"w": (30, 40), "b": (40,), "s": ()}
 
