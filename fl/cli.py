@@ -51,10 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     keys = config.add_parser("keys", help="print every config key with its type, default and meaning")
     keys.set_defaults(func=cmd_config_keys)
 
-    from fl import cli_models, cli_privacy
+    from fl import cli_deploy, cli_models, cli_privacy
 
     cli_models.add_parsers(sub)
-    cli_privacy.add_parsers(sub)
+    node = cli_privacy.add_parsers(sub)
+    cli_deploy.add_parsers(sub, node)
     return parser
 
 

@@ -11,7 +11,8 @@ from fl import accounting
 from fl.errors import ConfigError
 
 
-def add_parsers(sub: Any) -> None:
+def add_parsers(sub: Any) -> Any:
+    """Add ``privacy`` and ``node``; returns ``node``'s subparsers for the deployment commands."""
     privacy = sub.add_parser("privacy", help="privacy accounting").add_subparsers(dest="privacy_command", required=True)
     for name, func in (("estimate", cmd_estimate), ("calibrate", cmd_calibrate)):
         parser = privacy.add_parser(name, help="epsilon for a setting" if name == "estimate"
@@ -40,6 +41,7 @@ def add_parsers(sub: Any) -> None:
     budget.add_argument("--data", required=True, help="the node's data folder")
     budget.add_argument("--json", action="store_true")
     budget.set_defaults(func=cmd_node_budget)
+    return node
 
 
 def _checked(args: argparse.Namespace) -> None:

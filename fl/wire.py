@@ -40,6 +40,7 @@ ERROR_TRAINING_FAILED = 4002
 ERROR_BUDGET = 4003  # the node's record-level budget would be exceeded
 ERROR_POLICY = 4004  # the request breaks the node's privacy policy
 ERROR_LEDGER = 4005  # the node's ledger failed its checksum: it refuses to train
+ERROR_APP_NOT_APPROVED = 4006  # the run's app (FAB) is not on the node operator's allowlist
 
 # local DP (record level) in a train instruction; absent: no local DP
 LOCAL_NOISE_MULTIPLIER = "local-dp-noise-multiplier"

@@ -1,0 +1,229 @@
+"""Deployment commands: ``fl certs``, ``fl server``, ``fl node check|start|approve``,
+``fl app hash`` and ``fl demo deploy``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from fl.errors import ConfigError, DataError
+
+
+def add_parsers(sub: Any, node: Any) -> None:
+    certs = sub.add_parser("certs", help="TLS certificates and node keys").add_subparsers(dest="certs_command",
+                                                                                           required=True)
+    create = certs.add_parser("create", help="a CA, the SuperLink's certificate and a key pair per node")
+    create.add_argument("--out", required=True, help="folder for the files (never overwritten)")
+    create.add_argument("--hosts", required=True, help="comma-separated names/addresses nodes dial, e.g. "
+                                                      "link.example.org,10.0.0.5")
+    create.add_argument("--nodes", default="", help="comma-separated node names, e.g. hospital-a,hospital-b")
+    create.add_argument("--days", type=int, default=365, help="validity of the certificates")
+    create.set_defaults(func=cmd_certs_create)
+
+    server = sub.add_parser("server", help="the coordinator's SuperLink").add_subparsers(dest="server_command",
+                                                                                          required=True)
+    start = server.add_parser("start", help="run the SuperLink (TLS, node authentication) in the foreground")
+    start.add_argument("--certs", required=True, help="folder from `fl certs create`")
+    start.add_argument("--state", required=True, help="coordinator's folder: SuperLink database, Flower CLI home")
+    start.add_argument("--host", default="127.0.0.1", help="address to bind; see SECURITY.md before 0.0.0.0")
+    start.add_argument("--port", type=int, default=9092)
+    start.add_argument("--address", help="address the coordinator's CLI dials (default HOST:PORT)")
+    start.set_defaults(func=cmd_server_start)
+    register = server.add_parser("register", help="register a node's public key (SuperNode authentication)")
+    register.add_argument("public_key", help="the node's .pub file")
+    register.add_argument("--name", required=True, help="the node's name, e.g. hospital-a")
+    register.add_argument("--state", required=True, help="the folder given to `fl server start`")
+    register.set_defaults(func=cmd_server_register)
+    submit = server.add_parser("submit", help="submit a federation run to the SuperLink and follow it")
+    submit.add_argument("config", help="TOML config, e.g. configs/quickstart.toml")
+    submit.add_argument("--state", required=True, help="the folder given to `fl server start`")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--app", default=".", help="the OncoFed app folder (its FAB is what nodes approve)")
+    submit.add_argument("--timeout", type=float, default=24 * 3600)
+    submit.set_defaults(func=cmd_server_submit)
+
+    check = node.add_parser("check", help="validate and summarise the local dataset (nothing is sent)")
+    check.add_argument("--data", required=True, help="the node's data folder (with dataset.json)")
+    check.add_argument("--task", help="seg2d, seg3d (default: from dataset.json's tensorImageSize)")
+    check.add_argument("--allow-identifiable-dicom", action="store_true",
+                       help="accept DICOM files that still carry identifying attributes")
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(func=cmd_node_check)
+    nstart = node.add_parser("start", help="start this hospital's SuperNode")
+    nstart.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator's SuperLink")
+    nstart.add_argument("--data", required=True, help="the node's data folder")
+    nstart.add_argument("--root-cert", help="the coordinator's ca.crt (TLS)")
+    nstart.add_argument("--auth-key", help="this node's private key from `fl certs create`")
+    nstart.add_argument("--budget", type=float, help="record-level epsilon budget (written into the node's policy)")
+    nstart.add_argument("--task", help="seg2d, seg3d (default: from dataset.json)")
+    nstart.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's runtime API")
+    nstart.add_argument("--allow-identifiable-dicom", action="store_true")
+    nstart.add_argument("--insecure", action="store_true", help="no TLS: local tests only")
+    nstart.set_defaults(func=cmd_node_start)
+    approve = node.add_parser("approve", help="approve an app version (FAB hash) to run on this node")
+    approve.add_argument("hash", help="SHA-256 from the coordinator's `fl app hash`, after reviewing that code")
+    approve.add_argument("--data", required=True, help="the node's data folder")
+    approve.add_argument("--note", default="", help="free text kept beside the hash")
+    approve.set_defaults(func=cmd_node_approve)
+
+    app = sub.add_parser("app", help="the Flower app bundle").add_subparsers(dest="app_command", required=True)
+    ahash = app.add_parser("hash", help="SHA-256 of the app bundle (FAB) nodes will receive for this folder")
+    ahash.add_argument("folder", nargs="?", default=".")
+    ahash.set_defaults(func=cmd_app_hash)
+
+    demo = sub.add_parser("demo", help="demonstrations").add_subparsers(dest="demo_command", required=True)
+    ddeploy = demo.add_parser("deploy", help="SuperLink + 3 SuperNodes on localhost with TLS and node "
+                                             "authentication, 2 DP rounds")
+    ddeploy.add_argument("--out", default="deploy-demo", help="folder for certificates, logs, ledgers, registry")
+    ddeploy.add_argument("--rounds", type=int, default=2)
+    ddeploy.add_argument("--budget", type=float, default=20.0, help="each node's record-level epsilon budget")
+    ddeploy.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ddeploy.set_defaults(func=cmd_demo_deploy)
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def cmd_certs_create(args: argparse.Namespace) -> int:
+    from fl.certs import create
+
+    files = create(Path(args.out), _names(args.hosts), _names(args.nodes), days=args.days)
+    for path in sorted(files.root.iterdir()):
+        if path.is_file():
+            print(path)
+    return 0
+
+
+def cmd_server_start(args: argparse.Namespace) -> int:
+    from fl import deploy
+    from fl.certs import CertFiles
+
+    state = Path(args.state).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    files = CertFiles(Path(args.certs).resolve())
+    argv = deploy.superlink_argv(files, state, args.host, args.port)
+    address = args.address or f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    deploy.write_connection(state / "flwr-home", address, files.ca_cert)
+    print(f"SuperLink on {args.host}:{args.port}; register nodes with "
+          f"`fl server register NODE.pub --name NAME --state {state}`", file=sys.stderr, flush=True)
+    os.chdir(state)
+    os.execve(argv[0], argv, deploy.flower_env(state / "flwr-home"))
+    return 1  # not reached
+
+
+def cmd_server_register(args: argparse.Namespace) -> int:
+    from fl import deploy
+
+    node_id = deploy.register_node(Path(args.state).resolve() / "flwr-home", Path(args.public_key), args.name)
+    print(f"registered {args.name} (node id {node_id})")
+    return 0
+
+
+def cmd_server_submit(args: argparse.Namespace) -> int:
+    from fl import deploy
+    from fl.config import load
+
+    cfg = load(args.config, args.overrides)
+    state = Path(args.state).resolve()
+    path = deploy.write_run_config(cfg.to_flat(), state / "last-run-config.toml")
+    deploy.submit(state / "flwr-home", Path(args.app).resolve(), path, sys.stdout, args.timeout)
+    run = deploy.last_run(state / "flwr-home")
+    print(f"run {run.get('run-id')}: {run.get('status')}")
+    return 0 if run.get("status") == "finished:completed" else 2
+
+
+def _task_for(data: Path, name: str | None) -> Any:
+    from fl.tasks import get_task
+
+    if name:
+        return get_task(name)
+    try:
+        size = json.loads((data / "dataset.json").read_text(encoding="utf-8")).get("tensorImageSize", "")
+    except (OSError, ValueError):
+        size = ""  # load_local_data names the problem
+    return get_task({"3D": "seg3d"}.get(str(size).upper(), "seg2d"))
+
+
+def cmd_node_check(args: argparse.Namespace) -> int:
+    from nodes.check import check_dataset
+
+    data = Path(args.data)
+    report = check_dataset(data, _task_for(data, args.task), allow_identifiable=args.allow_identifiable_dicom)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    print(f"{report.data_dir}: valid for task {report.task}; fingerprint {report.fingerprint[:16]}...")
+    for name, split in report.splits.items():
+        shapes = ", ".join(f"{'x'.join(map(str, k))} ({v})" for k, v in split.shapes.items())
+        spacing = ", ".join(f"{'x'.join(f'{s:g}' for s in k)} ({v})" for k, v in split.spacings.items()) or "-"
+        print(f"  {name}: {split.cases} cases; shapes {shapes}; spacing {spacing}; "
+              f"labels {sorted(split.label_values)}; foreground {split.foreground_fraction:.2%}")
+    if report.identifiable:
+        print(f"  warning: {len(report.identifiable)} DICOM file(s) carry identifying attributes (allowed by flag)")
+    print("nothing was sent")
+    return 0
+
+
+def cmd_node_start(args: argparse.Namespace) -> int:
+    from nodes.check import check_dataset
+    from nodes.policy import Policy, load_policy, save_policy, state_dir
+    from nodes.supernode import allowlist_path, load_allowlist, run_supernode, supernode_argv
+
+    data = Path(args.data).resolve()
+    if "'" in str(data):
+        raise ConfigError(f"--data: {data} contains a quote, which Flower's node config cannot carry")
+    check_dataset(data, _task_for(data, args.task), allow_identifiable=args.allow_identifiable_dicom)
+    state = state_dir(data)
+    if args.budget is not None:
+        if not args.budget > 0:
+            raise ConfigError(f"--budget: must be > 0, got {args.budget}")
+        policy = load_policy(state)
+        save_policy(state, Policy(**{**policy.__dict__, "epsilon": args.budget}))
+    if not load_allowlist(state):
+        raise ConfigError(f"{allowlist_path(state)}: no approved app; review the coordinator's app and run "
+                          f"`fl node approve HASH --data {args.data}` (the hash comes from `fl app hash`)")
+    for flag in ("root_cert", "auth_key"):
+        value = getattr(args, flag)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"--{flag.replace('_', '-')}: {value} not found")
+    argv = supernode_argv(superlink=args.superlink, data_dir=data, state=state,
+                          root_cert=Path(args.root_cert).resolve() if args.root_cert else None,
+                          auth_key=Path(args.auth_key).resolve() if args.auth_key else None,
+                          port=args.port, insecure=args.insecure)
+    return run_supernode(argv, state)
+
+
+def cmd_node_approve(args: argparse.Namespace) -> int:
+    from nodes.policy import state_dir
+    from nodes.supernode import approve
+
+    data = Path(args.data)
+    if not data.is_dir():
+        raise DataError(f"--data: {data} is not a folder")
+    print(approve(state_dir(data.resolve()), args.hash, args.note))
+    return 0
+
+
+def cmd_app_hash(args: argparse.Namespace) -> int:
+    from nodes.supernode import fab_hash_of
+
+    print(fab_hash_of(Path(args.folder).resolve()))
+    return 0
+
+
+def cmd_demo_deploy(args: argparse.Namespace) -> int:
+    from fl.demo import run_demo
+
+    summary = run_demo(Path(args.out), rounds=args.rounds, budget=args.budget, overrides=args.overrides,
+                       say=lambda text: print(text, flush=True))
+    rounds = ", ".join(f"{r}: {s:.1f} s" for r, s in summary["round_seconds"].items())
+    print(f"run {summary['run_id']} {summary['status']}; versions {', '.join(summary['versions'])}")
+    print(f"ledger entries per node: {summary['ledger_entries']}; final Dice {summary['final_dice']}")
+    print(f"round wall: {rounds}; everything {summary['wall_seconds']:.0f} s; all processes stopped")
+    print(f"certificates, logs, ledgers, registry: {Path(args.out).resolve()}")
+    return 0

@@ -1,0 +1,161 @@
+"""``fl node start``: a Flower SuperNode bound to one data folder, its policy, ledger and
+the operator's list of approved apps.
+
+The open-source SuperLink accepts runs from anyone who reaches its port, and every run ships
+its code (a FAB) to the nodes. A node therefore runs only app versions its operator approved:
+``approved-apps.txt`` in the node's state folder lists SHA-256 hashes of FABs (the
+coordinator publishes ``fl app hash``; the operator reviews that code and runs
+``fl node approve``). The check sits in the SuperNode itself, where the FAB arrives, before the
+FAB is stored and before any task is created, so an unapproved or tampered app never starts a
+ClientApp process and never touches the data: the node answers with error
+:data:`fl.wire.ERROR_APP_NOT_APPROVED` instead.
+
+Flower 1.41's SuperNode offers no hook for this, so :func:`install_app_guard` wraps its
+private ``_pull_and_store_message`` (the package pins ``flwr<1.42``; tests exercise the wrap
+against a live SuperLink).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fl import wire
+from fl.errors import ConfigError
+
+log = logging.getLogger("flwr.oncofed.node")
+
+ALLOWLIST_FILE = "approved-apps.txt"
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+class AppRefused(Exception):
+    """The FAB of a run is not one this node's operator approved."""
+
+
+def allowlist_path(state: Path) -> Path:
+    return state / ALLOWLIST_FILE
+
+
+def load_allowlist(state: Path) -> set[str]:
+    """Approved FAB hashes; a malformed line is an error naming the file and line."""
+    path = allowlist_path(state)
+    if not path.exists():
+        return set()
+    approved = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if not _HASH.match(entry):
+            raise ConfigError(f"{path}:{number}: {entry!r} is not a SHA-256 app hash (64 lowercase hex digits)")
+        approved.add(entry)
+    return approved
+
+
+def approve(state: Path, fab_hash: str, note: str = "") -> Path:
+    """Add ``fab_hash`` to the node's allowlist (idempotent)."""
+    fab_hash = fab_hash.strip().lower()
+    if not _HASH.match(fab_hash):
+        raise ConfigError(f"app hash: {fab_hash!r} is not a SHA-256 hash (64 hex digits; see `fl app hash`)")
+    path = allowlist_path(state)
+    if fab_hash in load_allowlist(state):
+        return path
+    state.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(f"{fab_hash}  # {note}\n" if note else f"{fab_hash}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path
+
+
+def fab_hash_of(app_dir: Path) -> str:
+    """SHA-256 of the FAB Flower builds from ``app_dir``: the hash a node sees for a run of it."""
+    from flwr.cli.build import build_fab_from_disk
+
+    try:
+        return hashlib.sha256(build_fab_from_disk(app_dir)).hexdigest()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{app_dir}: cannot build a Flower app bundle ({exc})") from None
+
+
+def check_fab(content: bytes, announced_hash: str, approved: set[str]) -> str:
+    """The FAB's hash if it matches what the SuperLink announced and is approved; else refuse."""
+    digest = hashlib.sha256(content).hexdigest()
+    if digest != announced_hash:
+        raise AppRefused(f"app content hashes to {digest[:12]}, not the announced {announced_hash[:12]}: tampered")
+    if digest not in approved:
+        raise AppRefused(f"app {digest} is not approved by this node's operator")
+    return digest
+
+
+def install_app_guard(approved: Callable[[], set[str]]) -> None:
+    """Make this process's SuperNode refuse runs whose FAB is not in ``approved()`` (read
+    afresh for every new run, so approving needs no restart)."""
+    import flwr.supernode.start_client_internal as sci
+    from flwr.app import Error, Message
+
+    original = sci._pull_and_store_message
+    if getattr(original, "__oncofed_guard__", False):
+        return
+
+    def guarded(**kwargs: Any) -> int | None:
+        seen: dict[str, Any] = {}
+        receive, get_fab = kwargs["receive"], kwargs["get_fab"]
+
+        def recording_receive() -> Any:
+            got = receive()
+            if got is not None:
+                seen["message"] = got[0]
+            return got
+
+        def checked_get_fab(fab_hash: str, run_id: int) -> Any:
+            fab = get_fab(fab_hash, run_id)
+            check_fab(fab.content, fab_hash, approved())
+            return fab
+
+        try:
+            return original(**{**kwargs, "receive": recording_receive, "get_fab": checked_get_fab})
+        except AppRefused as refusal:
+            message = seen["message"]
+            log.error("run %s refused: %s", message.metadata.run_id, refusal)
+            reply = Message(Error(code=wire.ERROR_APP_NOT_APPROVED, reason=f"node refused the app: {refusal}"),
+                            reply_to=message)
+            sci._insert_message(reply, kwargs["state"], kwargs["object_store"])
+            return int(message.metadata.run_id)
+
+    guarded.__oncofed_guard__ = True  # type: ignore[attr-defined]
+    sci._pull_and_store_message = guarded
+
+
+def supernode_argv(*, superlink: str, data_dir: Path, state: Path, root_cert: Path | None,
+                   auth_key: Path | None, port: int, insecure: bool = False) -> list[str]:
+    """``flower-supernode`` arguments for this node."""
+    argv = ["flower-supernode", "--superlink", superlink, "--port", str(port),
+            "--node-config", f"{wire.NODE_DATA_DIR}='{data_dir}' {wire.NODE_STATE_DIR}='{state}'"]
+    if insecure:
+        argv.append("--insecure")
+    else:
+        if root_cert is None:
+            raise ConfigError("--root-cert: required for TLS (the coordinator's ca.crt); "
+                              "--insecure only for a local test")
+        argv += ["--root-certificates", str(root_cert)]
+    if auth_key is not None:
+        argv += ["--auth-supernode-private-key", str(auth_key)]
+    return argv
+
+
+def run_supernode(argv: list[str], state: Path) -> int:
+    """Run Flower's SuperNode in this process with the app guard installed."""
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    install_app_guard(lambda: load_allowlist(state))
+    sys.argv = argv
+    flower_supernode()
+    return 0
