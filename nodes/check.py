@@ -21,7 +21,7 @@ import numpy as np
 
 from fl.errors import DataError
 from fl.tasks import IMAGE_KEY, LABEL_KEY, Task
-from nodes.data import SPLITS, load_local_data, read_datalist
+from nodes.data import SPLITS, image_loader, load_local_data, read_datalist
 
 # Attributes of PS3.15 Table E.1-1 that identify a patient, a person or an institution, with
 # the profile's action: X remove, Z blank or dummy, D dummy. Under "Patient Identity Removed =
@@ -119,9 +119,7 @@ def scan_dicom(data_dir: Path) -> dict[Path, list[str]]:
 
 
 def _summarise(cases: list[dict[str, Path]]) -> SplitSummary:
-    from monai.transforms import LoadImage
-
-    reader = LoadImage(image_only=True)
+    reader = image_loader()
     summary = SplitSummary(cases=len(cases))
     foreground, voxels = 0, 0
     for case in cases:

@@ -10,6 +10,7 @@ dataset is read again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -86,11 +87,30 @@ def _entry(manifest_path: Path, split: str, index: int, entry: Any) -> dict[str,
     return paths
 
 
-def _load_array(path: Path) -> np.ndarray:
+@functools.lru_cache(maxsize=1)
+def image_loader() -> Any:
+    """One MONAI ``LoadImage`` per process. Building one instantiates every reader MONAI knows;
+    with pydicom installed and no GPU codec its DICOM reader warns each time, so the loader is
+    built once, with that notice (a GPU decoder we don't use) kept out of the node's log."""
+    import logging
+    import warnings
+
     from monai.transforms import LoadImage
 
+    codec_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = codec_log.level
+    codec_log.setLevel(logging.ERROR)
     try:
-        array = LoadImage(image_only=True)(str(path))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            return LoadImage(image_only=True)
+    finally:
+        codec_log.setLevel(level)
+
+
+def _load_array(path: Path) -> np.ndarray:
+    try:
+        array = image_loader()(str(path))
     except Exception as exc:  # MONAI wraps every reader failure; name the file instead
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: unreadable image ({reason[:200]})") from None

@@ -1,0 +1,257 @@
+"""Deployment: certificates, the node's app allowlist, ``fl node check`` and a real localhost
+deployment (SuperLink + SuperNodes with TLS and node authentication), started and stopped by
+the tests themselves."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from fl import deploy
+from fl.certs import create, node_key_pair
+from fl.cli import main
+from fl.demo import APP_DIR, node_names, prepare, run_config, start_node, wait_online
+from fl.errors import ConfigError, DataError, FederationError
+from fl.registry import Registry
+from fl.tasks import get_task
+from nodes.check import check_dataset, identifying_attributes
+from nodes.ledger import Ledger
+from nodes.policy import state_dir
+from nodes.supernode import AppRefused, approve, check_fab, fab_hash_of, load_allowlist
+from nodes.synth import node_dir, synthesize
+
+
+# ----- certificates --------------------------------------------------------------------------
+def test_certs_chain_names_and_key_files(tmp_path: Path) -> None:
+    files = create(tmp_path / "c", ["localhost", "127.0.0.1"], ["hospital-a", "hospital-b"])
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert server.not_valid_after_utc > datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=300)
+    for name in ("hospital-a", "hospital-b"):
+        private = load_ssh_private_key(files.node_key(name).read_bytes(), password=None)
+        public = load_ssh_public_key(files.node_pub(name).read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey)
+        assert private.public_key().public_numbers() == public.public_numbers()
+        assert files.node_key(name).stat().st_mode & 0o777 == 0o600
+    assert files.ca_key.stat().st_mode & 0o777 == 0o600
+
+
+def test_certs_never_overwrite_and_reject_bad_input(tmp_path: Path) -> None:
+    create(tmp_path, ["localhost"], ["n1"])
+    before = (tmp_path / "ca.crt").read_bytes()
+    with pytest.raises(ConfigError, match="already exists"):
+        create(tmp_path, ["localhost"], ["n1"])
+    assert (tmp_path / "ca.crt").read_bytes() == before
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        create(tmp_path / "x", ["localhost:9092"], [])
+    with pytest.raises(ConfigError, match="not a valid node name"):
+        create(tmp_path / "y", ["localhost"], ["../evil"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# ----- the node's app allowlist --------------------------------------------------------------
+def test_app_guard_accepts_only_approved_untampered_bundles(tmp_path: Path) -> None:
+    import hashlib
+
+    content = b"a FAB"
+    digest = hashlib.sha256(content).hexdigest()
+    assert check_fab(content, digest, {digest}) == digest
+    with pytest.raises(AppRefused, match="not approved"):
+        check_fab(content, digest, set())
+    with pytest.raises(AppRefused, match="tampered"):
+        check_fab(content + b"!", digest, {digest})  # the SuperLink announced one app, sent another
+
+
+def test_allowlist_file(tmp_path: Path) -> None:
+    good = "a" * 64
+    approve(tmp_path, good.upper(), "reviewed 2026-11")
+    approve(tmp_path, good)  # idempotent
+    assert load_allowlist(tmp_path) == {good}
+    assert (tmp_path / "approved-apps.txt").read_text().count(good) == 1
+    with pytest.raises(ConfigError, match="not a SHA-256"):
+        approve(tmp_path, "abc")
+    (tmp_path / "approved-apps.txt").write_text(f"{good}\nnot-a-hash\n")
+    with pytest.raises(ConfigError, match=r"approved-apps.txt:2: 'not-a-hash'"):
+        load_allowlist(tmp_path)
+
+
+def test_app_hash_changes_with_the_code_only(tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns(".venv", ".git", "data", "runs", "registry",
+                                                                 "bench-results", "*.egg-info", "__pycache__"))
+    first = fab_hash_of(app)
+    assert first == fab_hash_of(app)  # reproducible: nodes can recompute it
+    (app / "README.md").write_text("edited docs\n")
+    assert fab_hash_of(app) == first  # docs are not in the bundle
+    with (app / "nodes" / "client_app.py").open("a") as fh:
+        fh.write("\n# one more line\n")
+    assert fab_hash_of(app) != first
+
+
+# ----- fl node check ---------------------------------------------------------------------------
+def _dicom(path: Path, **attrs: str) -> None:
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality, ds.Rows, ds.Columns = "CT", 4, 4
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = np.zeros((4, 4), np.uint16).tobytes()
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_dicom_basic_profile(tmp_path: Path) -> None:
+    _dicom(tmp_path / "a.dcm", PatientName="Doe^Jane", PatientID="12345", InstitutionName="General")
+    assert identifying_attributes(tmp_path / "a.dcm") == ["PatientName", "PatientID", "InstitutionName"]
+    # de-identified: dummy name and id are what the profile asks for; a kept institution is not
+    _dicom(tmp_path / "b.dcm", PatientName="ANON", PatientID="0001", PatientIdentityRemoved="YES",
+           InstitutionName="General")
+    assert identifying_attributes(tmp_path / "b.dcm") == ["InstitutionName"]
+    _dicom(tmp_path / "c.dcm", PatientName="", PatientIdentityRemoved="YES")
+    assert identifying_attributes(tmp_path / "c.dcm") == []
+
+
+def test_node_check_summarises_and_refuses_identifiable_dicom(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                              ) -> None:
+    root = tmp_path / "data"
+    synthesize(root, nodes=1, task=get_task("seg2d"))
+    site = node_dir(root, 0)
+    assert main(["node", "check", "--data", str(site), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    manifest = json.loads((site / "dataset.json").read_text())
+    assert report["splits"]["training"]["cases"] == len(manifest["training"])
+    assert report["splits"]["validation"]["cases"] == len(manifest["validation"])
+    assert report["splits"]["training"]["label_values"] == [0, 1]
+    assert list(report["splits"]["training"]["spacings"]) == ["[1.0, 1.0]"]
+    assert 0 < report["splits"]["training"]["foreground_fraction"] < 0.5
+
+    (site / "extra").mkdir()
+    _dicom(site / "extra" / "scan.dcm", PatientName="Doe^Jane")
+    assert main(["node", "check", "--data", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert "scan.dcm: PatientName" in err and "PS3.15" in err
+    assert main(["node", "check", "--data", str(site), "--allow-identifiable-dicom"]) == 0
+    assert "identifying attributes" in capsys.readouterr().out
+
+    (site / "labelsTr" / "case_000.nii.gz").write_bytes(b"broken")
+    with pytest.raises(DataError, match="case_000.nii.gz: unreadable image"):
+        check_dataset(site, get_task("seg2d"), allow_identifiable=True)
+
+
+# ----- a real deployment -----------------------------------------------------------------------
+def _flower_processes(marker: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def test_demo_deploy_runs_two_dp_rounds_and_stops_everything(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "fl.cli", "demo", "deploy", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished:completed"
+    assert summary["versions"] == ["deploy-demo:v1", "deploy-demo:v2"]
+    assert summary["ledger_entries"] == {name: 2 for name in node_names(3)}  # each node spent twice
+    versions = Registry(out / "registry").verify("deploy-demo")
+    manifest = versions[-1].manifest
+    assert manifest["round"] == 2 and versions[-1].manifest["parent"] == versions[0].hash
+    record = manifest["privacy"]["record_level"]
+    assert len(record) == 3
+    for i in range(3):  # what the server recorded is what each node's own ledger says
+        entries = Ledger.in_dir(state_dir(node_dir(out / "data", i))).entries()
+        assert any(abs(e["epsilon"] - entries[-1]["epsilon_after"]) < 1e-9 for e in record.values())
+    assert summary["final_dice"] > 0.3  # two DP rounds from 0.1
+    for name in ("superlink.log", "hospital-0.log", "run.log"):
+        assert (out / "logs" / name).stat().st_size > 0
+    assert not _flower_processes(str(out)), "the demo left processes running"
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """SuperLink + 2 authenticated SuperNodes on localhost; stopped after the module."""
+    out = tmp_path_factory.mktemp("deployment")
+    files, fab = prepare(out, 2, 20.0)
+    home = out / "coordinator" / "flwr-home"
+    port = deploy.free_port()
+    deploy.write_connection(home, f"127.0.0.1:{port}", files.ca_cert)
+    procs = deploy.Processes()
+    try:
+        link = procs.start("superlink", deploy.superlink_argv(files, out / "coordinator", "127.0.0.1", port),
+                           env=deploy.flower_env(home), cwd=out / "coordinator", log=out / "logs" / "superlink.log")
+        deploy.wait_for_port("127.0.0.1", port, 60, link)
+        for i, name in enumerate(node_names(2)):
+            deploy.register_node(home, files.node_pub(name), name)
+            start_node(procs, out, name, node_dir(out / "data", i), port, key=files.node_key(name), budget=20.0)
+        wait_online(home, 2, 180, procs)
+        yield {"out": out, "home": home, "port": port, "procs": procs}
+    finally:
+        procs.stop_all()
+    assert not _flower_processes(str(out))
+
+
+def test_unregistered_node_is_refused(deployment: dict) -> None:  # type: ignore[type-arg]
+    out, home = deployment["out"], deployment["home"]
+    private, _ = node_key_pair()
+    key = out / "intruder.key"
+    key.write_bytes(private)
+    key.chmod(0o600)
+    synthesize(out / "intruder-data", nodes=1, task=get_task("seg2d"))
+    approve(state_dir(node_dir(out / "intruder-data", 0)), "0" * 64)
+    procs = deploy.Processes()
+    try:
+        start_node(procs, out, "intruder", node_dir(out / "intruder-data", 0), deployment["port"], key=key, budget=None)
+        log, proc = out / "logs" / "intruder.log", procs.procs[0][1]
+        proc.wait(timeout=120)  # the SuperLink refuses to activate it; it gives up
+        text = log.read_text()
+        assert proc.returncode != 0 and "Failed to activate SuperNode" in text, text[-2000:]
+        assert "SuperNode ID" not in text
+        assert deploy.online_nodes(home) == 2
+    finally:
+        procs.stop_all()
+
+
+def test_unapproved_app_is_refused_before_touching_data(deployment: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    out, home = deployment["out"], deployment["home"]
+    ledgers_before = [len(Ledger.in_dir(state_dir(node_dir(out / "data", i))).entries()) for i in range(2)]
+    app = tmp_path / "app"
+    shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns(".venv", ".git", "data", "runs", "registry",
+                                                                 "bench-results", "*.egg-info", "__pycache__"))
+    with (app / "nodes" / "client_app.py").open("a") as fh:
+        fh.write("\n# a change the hospitals did not review\n")
+    flat = run_config(out, 1, 2, ["model_name='tampered'"])
+    path = deploy.write_run_config(flat, tmp_path / "rc.toml")
+    with (tmp_path / "run.log").open("w") as log, contextlib.suppress(FederationError):
+        deploy.submit(home, app, path, log, timeout=300)
+    run = deploy.last_run(home)
+    assert run["fab-hash"] == fab_hash_of(app) and run["status"] != "finished:completed"
+    for i, name in enumerate(node_names(2)):
+        text = (out / "logs" / f"{name}.log").read_text()
+        assert f"app {run['fab-hash']} is not approved" in text
+        assert len(Ledger.in_dir(state_dir(node_dir(out / "data", i))).entries()) == ledgers_before[i]
+    assert Registry(out / "registry").versions("tampered") == []
+    assert "not approved" in (tmp_path / "run.log").read_text()
