@@ -99,7 +99,8 @@ def manifest_fields(
                 "local": {"noise_multiplier": cfg.local_dp.noise_multiplier,
                           "max_grad_norm": cfg.local_dp.max_grad_norm} if cfg.local_dp.enabled else None,
             },
-            "secure_aggregation": False,
+            "secure_aggregation": {k: v for k, v in cfg.to_flat().items() if k.startswith("secagg.")}
+            if cfg.secagg.enabled else None,
             "nodes": [
                 {
                     "node_id": node,

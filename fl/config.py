@@ -186,6 +186,19 @@ class CentralDpConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation (Flower's SecAgg+): the server sees only the sum of the updates."""
+
+    enabled: bool = _key(False, "Aggregate the nodes' (clipped) updates with SecAgg+; equal weights.")
+    shares: float = _key(1.0, "Fraction of the sampled nodes each node shares its mask keys with.", _fraction)
+    threshold: float = _key(0.7, "Fraction of a node's shares needed to rebuild its keys after a dropout.",
+                            _fraction)
+    clipping_range: float = _key(
+        0.0, "Each update coordinate is clipped to +-this before quantisation; 0: central_dp.clipping_norm "
+        "(no loss under DP), or 8.", _non_negative)
+
+
+@dataclass(frozen=True)
 class LocalDpConfig:
     """Record-level DP on each node (DP-SGD with Opacus); each node enforces its own budget."""
 
@@ -240,6 +253,7 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     central_dp: CentralDpConfig = field(default_factory=CentralDpConfig)
     local_dp: LocalDpConfig = field(default_factory=LocalDpConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     node_policy: NodePolicyConfig = field(default_factory=NodePolicyConfig)
 
     def __post_init__(self) -> None:
@@ -271,6 +285,29 @@ class Config:
                 f"strategy.min_nodes: {self.strategy.min_nodes} is more than data.nodes = "
                 f"{self.data.nodes}"
             )
+        if self.secagg.enabled:
+            self._check_secagg()
+
+    def _check_secagg(self) -> None:
+        """Refuse what SecAgg+ cannot honour: anything that needs one node's update."""
+        why = None
+        if self.strategy.name in ("median", "trimmedavg", "krum"):
+            why = f"strategy.name: {self.strategy.name} needs every update; SecAgg+ reveals only their sum"
+        elif self.strategy.max_update_norm > 0:
+            why = "strategy.max_update_norm: the server cannot check one update's norm under SecAgg+"
+        elif self.central_dp.enabled and self.central_dp.clip_on != "client":
+            why = "central_dp.clip_on: the server cannot clip updates it never sees; set it to 'client' with SecAgg+"
+        elif self.central_dp.enabled and self.central_dp.clipping == "adaptive":
+            why = "central_dp.clipping: adaptive clipping needs each node's unclipped bit; use 'fixed' with SecAgg+"
+        elif self.data.nodes < 3 or self.min_nodes < 3:
+            why = "data.nodes: SecAgg+ among 2 nodes shows each node the other's update; use 3 or more"
+        elif self.central_dp.enabled and 0 < self.secagg.clipping_range < self.central_dp.clipping_norm:
+            why = (f"secagg.clipping_range: {self.secagg.clipping_range} is below central_dp.clipping_norm = "
+                   f"{self.central_dp.clipping_norm}; clipped coordinates would change the update")
+        elif self.simulation.adversaries > 0:
+            why = "simulation.adversaries: hostile virtual nodes are not modelled under SecAgg+"
+        if why:
+            raise ConfigError(why)
 
     @property
     def min_nodes(self) -> int:

@@ -81,9 +81,17 @@ class PhaseResult:
     ok: list[Message] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
     codes: dict[str, int] = field(default_factory=dict)
+    secure: dict[str, dict[str, Any]] = field(default_factory=dict)  # SecAgg+ round: scalars by node
+
+    @property
+    def replied(self) -> int:
+        return len(self.ok) + len(self.secure)
 
     def per_node(self) -> dict[str, dict[str, float]]:
-        return {str(m.metadata.src_node_id): dict(m.content[wire.METRICS]) for m in self.ok}
+        out = {str(m.metadata.src_node_id): dict(m.content[wire.METRICS]) for m in self.ok}
+        for node, scalars in self.secure.items():
+            out[node] = {k: float(v) for k, v in scalars.items() if isinstance(v, (int, float))}
+        return out
 
     def fingerprints(self) -> dict[str, str]:
         """Each replying node's dataset fingerprint (a hash; nothing else about its data)."""
@@ -91,7 +99,47 @@ class PhaseResult:
         for m in self.ok:
             if wire.NODE_INFO in m.content.config_records:
                 out[str(m.metadata.src_node_id)] = str(m.content[wire.NODE_INFO].get(wire.DATASET_FINGERPRINT, ""))
+        for node, scalars in self.secure.items():
+            if wire.DATASET_FINGERPRINT in scalars:
+                out[node] = str(scalars[wire.DATASET_FINGERPRINT])
         return out
+
+
+def secure_train(grid: Grid, strategy: Any, server_round: int, arrays: ArrayRecord, train_cfg: dict[str, Any],
+                 cfg: Config) -> tuple[PhaseResult, ArrayRecord | None, dict[str, float] | None]:
+    """One training round under SecAgg+: only the sum of the updates reaches this process.
+
+    Under central DP the sum gets the round's noise (:meth:`CentralDP.release`); without it the
+    mean update is applied through the strategy (FedAdam then steps from it)."""
+    from strategies.central_dp import CentralDP
+    from strategies.secagg import secure_round
+
+    c = cfg.secagg
+    clipping_range = c.clipping_range or (cfg.central_dp.clipping_norm if cfg.central_dp.enabled else 8.0)
+    result = secure_round(grid, strategy, server_round, arrays, ConfigRecord(dict(train_cfg)), shares=c.shares,
+                          threshold=c.threshold, clipping_range=clipping_range, timeout=cfg.strategy.timeout)
+    res = PhaseResult(failures=dict(result.failures))
+    res.secure = {str(n): m for n, m in zip(result.node_ids, result.metrics, strict=True)}
+    losses = [m[wire.TRAIN_LOSS] for m in result.metrics if wire.TRAIN_LOSS in m]
+    train_agg = {wire.TRAIN_LOSS: sum(losses) / len(losses)} if losses else None
+    if isinstance(strategy, CentralDP):
+        total = result.update_sum if result.update_sum is not None else strategy.zero_sum()
+        return res, strategy.release(server_round, total, below=0.0), train_agg
+    if result.update_sum is None:
+        return res, None, train_agg
+    mean = {k: v / result.contributors for k, v in result.update_sum.items()}
+    return res, apply_update(strategy, server_round, arrays, mean), train_agg
+
+
+def apply_update(strategy: Any, server_round: int, arrays: ArrayRecord, update: dict[str, Any]) -> ArrayRecord:
+    """Hand ``arrays + update`` to ``strategy`` as the round's only reply; its aggregate."""
+    from flwr.app import Array, MetricRecord, RecordDict
+
+    moved = {k: Array((a.numpy().astype("float64") + update[k]).astype(a.numpy().dtype)) for k, a in arrays.items()}
+    reply = Message(RecordDict({wire.ARRAYS: ArrayRecord(moved), wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 1})}),
+                    dst_node_id=0, message_type="train")
+    new_arrays, _ = strategy.aggregate_train(server_round, [reply])
+    return new_arrays
 
 
 def exchange(
@@ -199,27 +247,32 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
             log.warning("%s", stopped)
             break
         t0 = time.perf_counter()
-        messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_cfg)), grid)
-        res = phase(server_round, TRAIN, messages)
-        res.ok, rejected = validate(res.ok, arrays, cfg.strategy.max_update_norm)
-        for node, why in rejected.items():
-            res.failures[node] = f"rejected, {why}"
+        if cfg.secagg.enabled:
+            observer.on_phase(server_round, TRAIN, 0, 0)
+            res, new_arrays, train_agg = secure_train(grid, strategy, server_round, arrays, train_cfg, cfg)
+        else:
+            messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_cfg)), grid)
+            res = phase(server_round, TRAIN, messages)
+            res.ok, rejected = validate(res.ok, arrays, cfg.strategy.max_update_norm)
+            for node, why in rejected.items():
+                res.failures[node] = f"rejected, {why}"
         for node, why in res.failures.items():
             log.warning("round %d: node %s did not train (%s)", server_round, node, why)
-        if not res.ok and res.failures:
+        if not res.replied and res.failures:
             detail = "; ".join(f"node {n}: {why}" for n, why in res.failures.items())
             if len(res.codes) == len(res.failures) and set(res.codes.values()) <= REFUSALS:
                 stopped = f"stopped at round {server_round}: every node refused ({detail})"
                 log.warning("%s", stopped)
                 break
             raise FederationError(f"round {server_round}: no node returned an update ({detail})")
-        if res.failures and len(res.ok) < cfg.strategy.min_replies:
+        if res.failures and res.replied < cfg.strategy.min_replies:
             detail = "; ".join(f"node {n}: {why}" for n, why in res.failures.items())
             raise FederationError(
                 f"round {server_round}: {len(res.ok)} valid update(s), fewer than strategy.min_replies = "
                 f"{cfg.strategy.min_replies} ({detail})"
             )
-        new_arrays, train_agg = strategy.aggregate_train(server_round, res.ok)
+        if not cfg.secagg.enabled:
+            new_arrays, train_agg = strategy.aggregate_train(server_round, res.ok)
         if new_arrays is None:
             raise FederationError(f"round {server_round}: no node was sampled")
         arrays = new_arrays

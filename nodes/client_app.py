@@ -10,13 +10,17 @@ node's own log.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from fl import wire
@@ -29,6 +33,7 @@ from nodes.ledger import Ledger, LedgerError
 from nodes.policy import LocalDpRequest, Refusal, admit, load_policy, state_dir
 from nodes.synth import node_dir
 from nodes.train import evaluate_local, train_local
+from strategies.secagg import ARRAY_KEYS, is_secagg_message, legacy_instruction, legacy_reply
 
 log = logging.getLogger("flwr.oncofed.node")  # lands in the SuperNode's own log
 
@@ -45,16 +50,32 @@ def resolve_data_dir(context: Context) -> Path:
     raise DataError(f"node config has no '{wire.NODE_DATA_DIR}': start the node with --node-config \"data-dir='/path'\"")
 
 
-def _prepare(msg: Message, context: Context) -> tuple[Task, torch.nn.Module, LocalData, Path]:
+def _prepare(content: RecordDict, context: Context) -> tuple[Task, torch.nn.Module, LocalData, Path]:
     if wire.NODE_PARTITION_ID in context.node_config:  # a virtual node shares the machine
         torch.set_num_threads(int(context.run_config.get("simulation.threads_per_node", 1)))
-    config = msg.content[wire.CONFIG]
+    config = content[wire.CONFIG]
     task = get_task(str(config[wire.TASK]))
     data_dir = resolve_data_dir(context)
     data = load_local_data(data_dir, task)
     net = task.build_network()
-    net.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
+    net.load_state_dict(content[wire.ARRAYS].to_torch_state_dict())
     return task, net, data, data_dir
+
+
+def _secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
+    """Route SecAgg+ stages through Flower's ``secaggplus_mod`` (it masks the update this
+    node's ``train`` returns); every other instruction goes straight to ``train``."""
+    if not is_secagg_message(msg.content):
+        return call_next(msg, context)
+    logging.getLogger("flwr").setLevel(logging.INFO)  # the mod logs every stage at DEBUG
+
+    def train_or_raise(inner: Message, ctx: Context) -> Message:
+        reply = call_next(inner, ctx)
+        if reply.has_error():  # the mod cannot mask an error: fail the stage with its reason
+            raise RuntimeError(f"error {reply.error.code}: {reply.error.reason}")
+        return reply
+
+    return secaggplus_mod(msg, context, train_or_raise)
 
 
 def _local_generator(seed: int, server_round: int, data_dir: Path) -> torch.Generator:
@@ -98,12 +119,18 @@ def _clip_update(net: torch.nn.Module, global_state: dict[str, torch.Tensor], bo
     return 1.0 if norm <= bound else 0.0
 
 
-@app.train()
+@app.train(mods=[_secagg_when_asked])
 def train(msg: Message, context: Context) -> Message:
-    """Check the request against this node's policy and budget, train, reply weights and metrics."""
+    """Check the request against this node's policy and budget, train, reply weights and metrics
+    (under SecAgg+: the update alone, for ``secaggplus_mod`` to mask)."""
+    content, secure = msg.content, legacy_instruction(msg.content)
+    if secure is not None:
+        weights, secure_config = secure
+        content = RecordDict({wire.ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()}),
+                              wire.CONFIG: secure_config})
     try:
-        task, net, data, data_dir = _prepare(msg, context)
-        config = msg.content[wire.CONFIG]
+        task, net, data, data_dir = _prepare(content, context)
+        config = content[wire.CONFIG]
         folder = node_state_dir(context, data_dir)
         policy, ledger = load_policy(folder), Ledger.in_dir(folder)
         request = _local_dp_request(config)
@@ -142,6 +169,12 @@ def train(msg: Message, context: Context) -> Message:
                        reply_to=msg)
     except (DataError, ConfigError, RuntimeError, ValueError) as exc:
         return _refuse(msg, exc)
+    if secure is not None:
+        keys = json.loads(str(config[ARRAY_KEYS]))
+        state = net.state_dict()
+        update = {k: (state[k].double() - global_state[k].double()).numpy() for k in keys}
+        return Message(legacy_reply(update, keys, {**values, wire.DATASET_FINGERPRINT: data.fingerprint}),
+                       reply_to=msg)
     info = ConfigRecord({wire.DATASET_FINGERPRINT: data.fingerprint})
     content = RecordDict({wire.ARRAYS: ArrayRecord(net.state_dict()), wire.METRICS: MetricRecord(values),
                           wire.NODE_INFO: info})
@@ -152,7 +185,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global weights on the node's held-out cases."""
     try:
-        task, net, data, _ = _prepare(msg, context)
+        task, net, data, _ = _prepare(msg.content, context)
         result = evaluate_local(net, task, data.val, batch_size=int(msg.content[wire.CONFIG][wire.BATCH_SIZE]))
     except (DataError, RuntimeError, ValueError) as exc:
         return _refuse(msg, exc)

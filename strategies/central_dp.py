@@ -152,10 +152,18 @@ class CentralDP(Strategy):
             for k in total:
                 total[k] += clipped[k]
             used.append(reply)
+        metrics = aggregate_metricrecords([r.content for r in used], wire.NUM_EXAMPLES) if used else None
+        return self.release(server_round, total, below), metrics
+
+    def release(self, server_round: int, total: dict[str, np.ndarray], below: float) -> ArrayRecord | None:
+        """Release ``w + (sum of clipped updates + N(0, (zC)^2 I)) / m`` as the round's model and
+        update the clipping norm; ``total`` may come from the replies or from SecAgg+.
+
+        The noisy sum is released even when nobody was sampled or every update was dropped:
+        the accountant's mechanism always outputs sum + noise."""
+        s, bound = self.settings, self.clip_norm
         if self._carrier is None:
-            return None, None
-        # the noisy sum is released even when nobody was sampled or every update was dropped:
-        # the accountant's mechanism always outputs sum + noise
+            return None
         m = s.expected_nodes
         std = s.noise_multiplier * bound
         noisy = {
@@ -165,7 +173,6 @@ class CentralDP(Strategy):
         if s.clipping == ADAPTIVE:
             noisy_count = below + float(self.noise.gaussian((1,), s.count_std)[0])
             self.clip_norm = bound * math.exp(-s.clip_lr * (noisy_count / m - s.target_quantile))
-        metrics = aggregate_metricrecords([r.content for r in used], wire.NUM_EXAMPLES) if used else None
         template = self._carrier.content[wire.ARRAYS]
         dtypes = {k: template[k].numpy().dtype for k in noisy}
         carrier = copy.copy(self._carrier)
@@ -176,7 +183,11 @@ class CentralDP(Strategy):
             }
         )
         arrays, _ = self.inner.aggregate_train(server_round, [carrier])
-        return arrays, metrics
+        return arrays
+
+    def zero_sum(self) -> dict[str, np.ndarray]:
+        """An all-zero update sum shaped like the current model (a round with no contribution)."""
+        return {k: np.zeros_like(v) for k, v in self._current.items()}
 
     # ----- evaluation: unchanged -----------------------------------------------------------
     def configure_evaluate(

@@ -1,0 +1,162 @@
+"""One training round under Flower's SecAgg+ (``secagg.enabled``): the server learns only the
+sum of the nodes' updates, never one of them.
+
+Flower 1.41 runs SecAgg+ only through its legacy workflow (``SecAggPlusWorkflow`` on the
+server, ``secaggplus_mod`` on the node), so this module drives that workflow for a single
+round from OncoFed's own loop:
+
+- the round's strategy still samples the nodes and writes their instructions
+  (``configure_train``: central DP's sampling and client-side clipping norm included);
+- each sampled node trains, clips its update itself when central DP asks, and hands its
+  update (``w_i - w``, not the model) with weight 1 to ``secaggplus_mod``, which quantises,
+  masks and sends it;
+- the workflow unmasks the sum; :func:`secure_round` returns the summed update, and the
+  caller adds central DP noise to that sum or applies the mean update.
+
+Equal weights: SecAgg+ quantises ``weight * update``, and example-count weights would both
+cost precision and, under DP, let one node's influence pass the clipping norm.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common import (
+    Code,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import ClientManager, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fl import wire
+
+# key in the instruction's config: the names of the arrays, in the order they travel
+ARRAY_KEYS = "secagg-array-keys"
+
+
+@dataclass
+class SecureRoundResult:
+    """What one SecAgg+ round reveals: the sum of the updates and who contributed."""
+
+    update_sum: dict[str, np.ndarray] | None
+    contributors: int
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # per-node scalars (loss, epsilon)
+    node_ids: list[int] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+class _OneRound(LegacyStrategy):  # type: ignore[misc]
+    """Hands the SecAgg+ workflow the instructions OncoFed's strategy wrote and keeps the
+    unmasked aggregate it gives back."""
+
+    def __init__(self, instructions: dict[int, FitIns], grid: Grid) -> None:
+        self.instructions = instructions
+        self.grid = grid
+        self.aggregate: list[np.ndarray] | None = None
+        self.results: list[tuple[ClientProxy, FitRes]] = []
+        self.failures: list[Any] = []
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        run_id = self.grid.run.run_id
+        return [(GridClientProxy(node, self.grid, run_id), ins) for node, ins in self.instructions.items()]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self.results, self.failures = results, failures
+        if results:  # every FitRes carries the same unmasked aggregate
+            self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
+        return (results[0][1].parameters if results else None), {}
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list[Any]) -> tuple[float | None, dict[str, Scalar]]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        return None
+
+
+def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                 *, shares: float, threshold: float, clipping_range: float, timeout: float) -> SecureRoundResult:
+    """Sample and instruct through ``strategy``, then train and sum the updates with SecAgg+."""
+    messages = list(strategy.configure_train(server_round, arrays, config, grid))
+    keys = list(arrays.keys())
+    if len(messages) < 2:  # SecAgg+ needs two or more; the caller still releases its noise
+        return SecureRoundResult(None, 0)
+    instructions = {}
+    for message in messages:
+        node_config = dict(message.content[wire.CONFIG])
+        node_config[ARRAY_KEYS] = json.dumps(keys)
+        global_arrays = message.content[wire.ARRAYS]
+        instructions[message.metadata.dst_node_id] = FitIns(
+            ndarrays_to_parameters([global_arrays[k].numpy() for k in keys]), node_config)
+    shim = _OneRound(instructions, grid)
+    context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                                    run_config={}),
+                            config=ServerConfig(num_rounds=1), strategy=shim, client_manager=SimpleClientManager())
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
+    context.state.array_records[MAIN_PARAMS_RECORD] = arrays
+    workflow = SecAggPlusWorkflow(num_shares=shares if shares < 1 else len(messages),
+                                  reconstruction_threshold=threshold, max_weight=1.0,
+                                  clipping_range=clipping_range, timeout=timeout)
+    workflow(grid, context)
+    failures = {f"#{i}": str(f) for i, f in enumerate(shim.failures)}
+    if shim.aggregate is None:
+        return SecureRoundResult(None, 0, failures=failures or {"secagg": "secure aggregation halted"})
+    n = len(shim.results)
+    update_sum = {k: np.asarray(a, dtype=np.float64) * n for k, a in zip(keys, shim.aggregate, strict=True)}
+    metrics = [dict(res.metrics) for _, res in shim.results]
+    nodes = [proxy.node_id for proxy, _ in shim.results]
+    return SecureRoundResult(update_sum, n, metrics, nodes, failures)
+
+
+# ----- the node's side ---------------------------------------------------------------------------
+def is_secagg_message(content: RecordDict) -> bool:
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    return RECORD_KEY_CONFIGS in content.config_records
+
+
+def legacy_instruction(content: RecordDict) -> tuple[dict[str, np.ndarray], ConfigRecord] | None:
+    """The global weights (by name) and config of a SecAgg+ training instruction, or None."""
+    if "fitins.parameters" not in content.array_records:
+        return None
+    config = content.config_records["fitins.config"]
+    keys = json.loads(str(config[ARRAY_KEYS]))
+    ndarrays = parameters_to_ndarrays(Parameters(
+        tensors=[a.data for a in content.array_records["fitins.parameters"].values()], tensor_type="numpy.ndarray"))
+    return dict(zip(keys, ndarrays, strict=True)), config
+
+
+def legacy_reply(update: dict[str, np.ndarray], keys: list[str], metrics: dict[str, float]) -> RecordDict:
+    """A FitRes for ``secaggplus_mod``: the update (weight 1) and the node's scalar metrics."""
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([update[k] for k in keys]), 1, dict(metrics))
+    return fitres_to_recorddict(fitres, keep_input=False)

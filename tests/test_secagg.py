@@ -1,0 +1,88 @@
+"""SecAgg+ (``secagg.enabled``): the combinations it cannot honour are refused, and the model it
+produces is the one plain equal-weight FedAvg produces, to within quantisation error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fl import config
+from fl.cli import main
+from fl.errors import ConfigError
+from fl.federation import initial_arrays
+from fl.tasks import get_task
+from nodes.synth import node_dir, synthesize
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"strategy.name": "median"}, "median needs every update"),
+    ({"strategy.max_update_norm": 5.0}, "cannot check one update's norm"),
+    ({"central_dp.enabled": True}, "central_dp.clip_on: the server cannot clip"),
+    ({"central_dp.enabled": True, "central_dp.clip_on": "client", "central_dp.clipping": "adaptive"},
+     "adaptive clipping needs each node's unclipped bit"),
+    ({"data.nodes": 2}, "SecAgg\\+ among 2 nodes"),
+    ({"central_dp.enabled": True, "central_dp.clip_on": "client", "secagg.clipping_range": 0.5},
+     "below central_dp.clipping_norm"),
+])
+def test_refuses_what_it_cannot_honour(overrides: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ConfigError, match=message):
+        config.from_flat({"secagg.enabled": True, **overrides})
+    config.from_flat({"secagg.enabled": False, **overrides} if "central_dp.clipping" not in overrides
+                     else {**overrides})
+
+
+def _equal_sized(root: Path, nodes: int, cases: int) -> None:
+    """Give every node the same number of training cases, so FedAvg's weights are equal."""
+    for i in range(nodes):
+        path = node_dir(root, i) / "dataset.json"
+        manifest = json.loads(path.read_text())
+        manifest["training"] = manifest["training"][:cases]
+        manifest["numTraining"] = cases
+        path.write_text(json.dumps(manifest))
+
+
+def _run(tmp: Path, name: str, *extra: str) -> dict[str, torch.Tensor]:
+    assert main([
+        "run", str(REPO / "configs" / "quickstart.toml"), "--out", str(tmp / "runs"),
+        "--set", f'data.root="{tmp / "data"}"', "--set", "data.nodes=3", "--set", "data.image_size=32",
+        "--set", "rounds=1", "--set", "train.epochs=1", "--set", "strategy.evaluate_initial=false",
+        "--set", f'registry.root="{tmp / "registry"}"', "--set", f"model_name={name}",
+        "--set", f"output.run_name={name}", *extra,
+    ]) == 0
+    return load_file(tmp / "runs" / name / "model.safetensors")
+
+
+def test_secure_sum_equals_plain_fedavg(tmp_path: Path) -> None:
+    synthesize(tmp_path / "data", nodes=3, task=get_task("seg2d"), image_size=32)
+    _equal_sized(tmp_path / "data", 3, 12)
+    plain = _run(tmp_path, "plain")
+    secure = _run(tmp_path, "secure", "--set", "secagg.enabled=true")
+    initial = initial_arrays(config.from_flat({"data.image_size": 32})).to_torch_state_dict()
+    moved = max(float((plain[k] - v).abs().max()) for k, v in initial.items())
+    assert moved > 1e-3  # the round did change the model
+    worst = max(float((plain[k] - secure[k]).abs().max()) for k in plain)
+    assert worst < 1e-4, worst  # quantisation step 16 / 2**22 = 3.8e-6 per node
+
+    line = json.loads((tmp_path / "runs" / "secure" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert len(line["train"]["nodes"]) == 3 and line["failures"] == {}
+    manifest = json.loads((tmp_path / "registry" / "secure" / "v1" / "manifest.json").read_text())
+    assert [bool(n["dataset_fingerprint"]) for n in manifest["nodes"]] == [True] * 3  # provenance per node
+    assert manifest["secure_aggregation"]["secagg.enabled"] is True
+
+
+def test_secure_aggregation_with_central_dp(tmp_path: Path) -> None:
+    synthesize(tmp_path / "data", nodes=3, task=get_task("seg2d"), image_size=32)
+    _run(tmp_path, "dp", "--set", "secagg.enabled=true", "--set", "central_dp.enabled=true",
+         "--set", "central_dp.clip_on='client'", "--set", "central_dp.noise_multiplier=1.0")
+    line = json.loads((tmp_path / "runs" / "dp" / "metrics.jsonl").read_text().splitlines()[-1])
+    from fl.accounting import GaussianEvent, epsilon
+
+    expected = epsilon([GaussianEvent(1.0, 1.0, 1)], 1e-5, "rdp")
+    assert abs(line["privacy"]["client_level"]["epsilon"] - expected) < 1e-9
+    assert all(n["update-norm-below-clip"] in (0.0, 1.0) for n in line["train"]["nodes"].values())
