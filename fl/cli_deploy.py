@@ -33,6 +33,13 @@ def add_parsers(sub: Any, node: Any) -> None:
     start.add_argument("--port", type=int, default=9092)
     start.add_argument("--address", help="address the coordinator's CLI dials (default HOST:PORT)")
     start.set_defaults(func=cmd_server_start)
+    gateway = server.add_parser("gateway", help="publish only the Fleet API (nodes) of a SuperLink bound to "
+                                                "127.0.0.1; see SECURITY.md")
+    gateway.add_argument("--certs", required=True, help="folder from `fl certs create`")
+    gateway.add_argument("--upstream", default="127.0.0.1:9092", help="the SuperLink's HOST:PORT")
+    gateway.add_argument("--host", default="0.0.0.0", help="address the hospitals dial")
+    gateway.add_argument("--port", type=int, default=9093)
+    gateway.set_defaults(func=cmd_server_gateway)
     register = server.add_parser("register", help="register a node's public key (SuperNode authentication)")
     register.add_argument("public_key", help="the node's .pub file")
     register.add_argument("--name", required=True, help="the node's name, e.g. hospital-a")
@@ -114,6 +121,20 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     os.chdir(state)
     os.execve(argv[0], argv, deploy.flower_env(state / "flwr-home"))
     return 1  # not reached
+
+
+def cmd_server_gateway(args: argparse.Namespace) -> int:
+    from fl.certs import CertFiles
+    from fl.gateway import serve
+
+    files = CertFiles(Path(args.certs).resolve())
+    for path in (files.ca_cert, files.server_cert, files.server_key):
+        if not path.is_file():
+            raise ConfigError(f"{path}: missing; create the certificates with `fl certs create`")
+    print(f"Fleet API gateway on {args.host}:{args.port} -> SuperLink {args.upstream}", file=sys.stderr, flush=True)
+    serve(upstream=args.upstream, ca_cert=files.ca_cert, cert=files.server_cert, key=files.server_key,
+          host=args.host, port=args.port)
+    return 0
 
 
 def cmd_server_register(args: argparse.Namespace) -> int:

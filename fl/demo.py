@@ -55,6 +55,17 @@ def start_node(procs: deploy.Processes, out: Path, name: str, data: Path, link_p
     return procs.start(name, argv, env=deploy.flower_env(home / "flwr-home"), cwd=home, log=out / "logs" / f"{name}.log")
 
 
+def start_gateway(procs: deploy.Processes, out: Path, link_port: int) -> int:
+    """``fl server gateway`` in front of the SuperLink; the port the nodes dial."""
+    port = deploy.free_port()
+    argv = [sys.executable, "-m", "fl.cli", "server", "gateway", "--certs", str(out / "certs"),
+            "--upstream", f"127.0.0.1:{link_port}", "--host", "127.0.0.1", "--port", str(port)]
+    proc = procs.start("gateway", argv, env=deploy.flower_env(out / "coordinator" / "flwr-home"),
+                       cwd=out / "coordinator", log=out / "logs" / "gateway.log")
+    deploy.wait_for_port("127.0.0.1", port, 60, proc)
+    return port
+
+
 def wait_online(home: Path, count: int, timeout: float, procs: deploy.Processes) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -106,11 +117,13 @@ def run_demo(out: Path, *, rounds: int = 2, nodes: int = 3, budget: float = 20.0
         link = procs.start("superlink", deploy.superlink_argv(files, out / "coordinator", "127.0.0.1", link_port),
                            env=deploy.flower_env(home), cwd=out / "coordinator", log=out / "logs" / "superlink.log")
         deploy.wait_for_port("127.0.0.1", link_port, 60, link)
-        say(f"SuperLink on 127.0.0.1:{link_port} (TLS, node authentication)")
+        fleet_port = start_gateway(procs, out, link_port)
+        say(f"SuperLink on 127.0.0.1:{link_port} (TLS, node authentication); nodes dial the Fleet-only "
+            f"gateway on 127.0.0.1:{fleet_port}")
         for name in node_names(nodes):
             deploy.register_node(home, files.node_pub(name), name)
         for i, name in enumerate(node_names(nodes)):
-            start_node(procs, out, name, node_dir(out / "data", i), link_port, key=files.node_key(name), budget=budget)
+            start_node(procs, out, name, node_dir(out / "data", i), fleet_port, key=files.node_key(name), budget=budget)
         wait_online(home, nodes, 180, procs)
         say(f"{nodes} SuperNodes online; submitting {rounds} rounds (local DP, budget {budget:g} per node)")
         with (out / "logs" / "run.log").open("w", encoding="utf-8") as log:

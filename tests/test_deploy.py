@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from fl import deploy
 from fl.certs import create, node_key_pair
 from fl.cli import main
-from fl.demo import APP_DIR, node_names, prepare, run_config, start_node, wait_online
+from fl.demo import APP_DIR, node_names, prepare, run_config, start_gateway, start_node, wait_online
 from fl.errors import ConfigError, DataError, FederationError
 from fl.registry import Registry
 from fl.tasks import get_task
@@ -204,11 +204,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
         link = procs.start("superlink", deploy.superlink_argv(files, out / "coordinator", "127.0.0.1", port),
                            env=deploy.flower_env(home), cwd=out / "coordinator", log=out / "logs" / "superlink.log")
         deploy.wait_for_port("127.0.0.1", port, 60, link)
+        fleet = start_gateway(procs, out, port)
         for i, name in enumerate(node_names(2)):
             deploy.register_node(home, files.node_pub(name), name)
-            start_node(procs, out, name, node_dir(out / "data", i), port, key=files.node_key(name), budget=20.0)
+            start_node(procs, out, name, node_dir(out / "data", i), fleet, key=files.node_key(name), budget=20.0)
         wait_online(home, 2, 180, procs)
-        yield {"out": out, "home": home, "port": port, "procs": procs}
+        yield {"out": out, "home": home, "port": port, "fleet": fleet, "procs": procs}
     finally:
         procs.stop_all()
     assert not _flower_processes(str(out))
@@ -224,7 +225,7 @@ def test_unregistered_node_is_refused(deployment: dict) -> None:  # type: ignore
     approve(state_dir(node_dir(out / "intruder-data", 0)), "0" * 64)
     procs = deploy.Processes()
     try:
-        start_node(procs, out, "intruder", node_dir(out / "intruder-data", 0), deployment["port"], key=key, budget=None)
+        start_node(procs, out, "intruder", node_dir(out / "intruder-data", 0), deployment["fleet"], key=key, budget=None)
         log, proc = out / "logs" / "intruder.log", procs.procs[0][1]
         proc.wait(timeout=120)  # the SuperLink refuses to activate it; it gives up
         text = log.read_text()
@@ -255,3 +256,22 @@ def test_unapproved_app_is_refused_before_touching_data(deployment: dict, tmp_pa
         assert len(Ledger.in_dir(state_dir(node_dir(out / "data", i))).entries()) == ledgers_before[i]
     assert Registry(out / "registry").versions("tampered") == []
     assert "not approved" in (tmp_path / "run.log").read_text()
+
+
+def test_gateway_serves_nodes_but_not_the_control_api(deployment: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    """Whoever reaches the published port cannot submit or list runs; the coordinator can."""
+    import httpx
+
+    out = deployment["out"]
+    ca = out / "certs" / "ca.crt"
+    with httpx.Client(verify=str(ca)) as client:
+        for path in ("/v1/control/start-run", "/v1/control/list-runs", "/v1/runtime/pull-messages"):
+            response = client.post(f"https://127.0.0.1:{deployment['fleet']}{path}", content=b"")
+            assert response.status_code == 403, (path, response.status_code)
+        direct = client.post(f"https://127.0.0.1:{deployment['port']}/v1/control/list-runs", content=b"")
+        assert direct.status_code != 403  # the SuperLink itself (coordinator only) does answer
+    outsider = tmp_path / "flwr-home"
+    deploy.write_connection(outsider, f"127.0.0.1:{deployment['fleet']}", ca)
+    with pytest.raises(FederationError):
+        deploy.last_run(outsider)  # `flwr ls` through the gateway is refused
+    assert deploy.online_nodes(deployment["home"]) == 2  # the nodes behind the gateway are online
