@@ -116,6 +116,9 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     argv = deploy.superlink_argv(files, state, args.host, args.port)
     address = args.address or f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     deploy.write_connection(state / "flwr-home", address, files.ca_cert)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: the SuperLink's Control API (submit runs, unauthenticated) is reachable on {args.host}; "
+              "bind 127.0.0.1 and publish `fl server gateway` instead (SECURITY.md)", file=sys.stderr, flush=True)
     print(f"SuperLink on {args.host}:{args.port}; register nodes with "
           f"`fl server register NODE.pub --name NAME --state {state}`", file=sys.stderr, flush=True)
     os.chdir(state)

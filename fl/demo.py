@@ -125,7 +125,10 @@ def run_demo(out: Path, *, rounds: int = 2, nodes: int = 3, budget: float = 20.0
         for i, name in enumerate(node_names(nodes)):
             start_node(procs, out, name, node_dir(out / "data", i), fleet_port, key=files.node_key(name), budget=budget)
         wait_online(home, nodes, 180, procs)
-        say(f"{nodes} SuperNodes online; submitting {rounds} rounds (local DP, budget {budget:g} per node)")
+        modes = [name for name, key in (("local DP", "local_dp.enabled"), ("central DP", "central_dp.enabled"),
+                                         ("SecAgg+", "secagg.enabled")) if flat[key]]
+        say(f"{nodes} SuperNodes online; submitting {rounds} rounds ({', '.join(modes) or 'no DP'}; "
+            f"node budget {budget:g})")
         with (out / "logs" / "run.log").open("w", encoding="utf-8") as log:
             deploy.submit(home, app_dir(), config_path, log, timeout)
         run = deploy.last_run(home)
