@@ -10,6 +10,7 @@ DP -> a summary. Certificates, logs, ledgers, the registry and the run folder st
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -52,7 +53,10 @@ def start_node(procs: deploy.Processes, out: Path, name: str, data: Path, link_p
         argv += ["--budget", str(budget)]
     home = out / "nodes" / name
     home.mkdir(parents=True, exist_ok=True)
-    return procs.start(name, argv, env=deploy.flower_env(home / "flwr-home"), cwd=home, log=out / "logs" / f"{name}.log")
+    env = deploy.flower_env(home / "flwr-home")
+    # every "hospital" shares this machine: one share of the cores each, as in simulation
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // 3))
+    return procs.start(name, argv, env=env, cwd=home, log=out / "logs" / f"{name}.log")
 
 
 def start_gateway(procs: deploy.Processes, out: Path, link_port: int) -> int:

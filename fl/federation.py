@@ -318,6 +318,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
                    privacy=history[-1].get("privacy"))
     folder.save_weights(arrays.to_torch_state_dict(), {"task": cfg.task, "version": versions[-1]})
     folder.write_summary(summary)
+    folder.close()
     return summary
 
 

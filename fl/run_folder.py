@@ -23,6 +23,28 @@ CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 WEIGHTS_FILE = "model.safetensors"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """One round's numbers as TensorBoard tags: aggregates, per node, epsilon, seconds."""
+    out: dict[str, float] = {}
+    for phase in ("train", "evaluate"):
+        block = record.get(phase) or {}
+        for key, value in (block.get("aggregate") or {}).items():
+            out[f"{phase}/{key}"] = float(value)
+        for node, metrics in (block.get("nodes") or {}).items():
+            for key, value in metrics.items():
+                if key in ("dice", "auc", "val-loss", "train-loss"):
+                    out[f"nodes/{key}/{node}"] = float(value)
+    privacy = record.get("privacy") or {}
+    if privacy.get("client_level"):
+        out["privacy/client_level_epsilon"] = float(privacy["client_level"]["epsilon"])
+    for node, spent in (privacy.get("record_level") or {}).items():
+        out[f"privacy/record_level_epsilon/{node}"] = float(spent["epsilon"])
+    if "seconds" in record:
+        out["time/round_seconds"] = float(record["seconds"])
+    return out
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -56,6 +78,7 @@ class RunFolder:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._writer: Any = None
 
     @classmethod
     def create(cls, path: Path, cfg: Config) -> RunFolder:
@@ -71,11 +94,28 @@ class RunFolder:
         return folder
 
     def append_round(self, record: Mapping[str, Any]) -> None:
-        """Append one round's metrics as a JSON line, flushed to disk."""
+        """Append one round's metrics as a JSON line, flushed to disk, and to the TensorBoard
+        event file in ``tensorboard/`` (watch a long run live: ``tensorboard --logdir RUN_DIR``)."""
         with open(self.path / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        self._log_scalars(record)
+
+    def _log_scalars(self, record: Mapping[str, Any]) -> None:
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(logdir=str(self.path / TENSORBOARD_DIR), flush_secs=5)
+        step = int(record["round"])
+        for name, value in scalars(record).items():
+            self._writer.add_scalar(name, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def save_weights(self, state: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
         """Save the final global weights as safetensors."""
