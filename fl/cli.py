@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=0, help="edge length; 0 takes the task's default")
     synth.set_defaults(func=cmd_data_synth)
+    tab = data.add_parser("tabular", help="split a tabular dataset (real Breast Cancer Wisconsin, or synthetic) "
+                                          "across nodes with label skew")
+    tab.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
+    tab.add_argument("--nodes", type=int, required=True)
+    tab.add_argument("--source", default="breast-cancer", choices=["breast-cancer", "synthetic"])
+    tab.add_argument("--alpha", type=float, default=1.0, help="Dirichlet label skew (smaller: more skewed)")
+    tab.add_argument("--records-per-node", type=int, default=60, help="synthetic source only")
+    tab.add_argument("--seed", type=int, default=0)
+    tab.set_defaults(func=cmd_data_tabular)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
     keys = config.add_parser("keys", help="print every config key with its type, default and meaning")
@@ -138,6 +147,17 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     folders = synthesize(args.out, nodes=args.nodes, task=get_task(args.task), seed=args.seed, image_size=args.image_size)
     for folder in folders:
+        print(folder)
+    return 0
+
+
+def cmd_data_tabular(args: argparse.Namespace) -> int:
+    from nodes.tabular import write_federation
+
+    if not args.alpha > 0:
+        raise DataError(f"--alpha: must be > 0, got {args.alpha}")
+    for folder in write_federation(args.out, nodes=args.nodes, source=args.source, seed=args.seed, alpha=args.alpha,
+                                   records_per_node=args.records_per_node):
         print(folder)
     return 0
 

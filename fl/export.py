@@ -32,6 +32,8 @@ def load_network(version: Version) -> tuple[Task, torch.nn.Module]:
 
 
 def _example(task: Task) -> torch.Tensor:
+    if getattr(task, "kind", "segmentation") == "tabular":
+        return torch.zeros(1, task.features)  # type: ignore[attr-defined]
     return torch.zeros(1, 1, *([task.image_size] * task.spatial_dims))
 
 
@@ -40,6 +42,9 @@ def _bundle(version: Version, out: Path) -> None:
     import numpy as np
 
     task, net = load_network(version)
+    if getattr(task, "kind", "segmentation") != "segmentation":
+        raise ConfigError(f"{version.ref()}: a MONAI bundle describes an image model; export task "
+                          f"{task.name} as safetensors or torchscript")
     (out / "configs").mkdir()
     (out / "models").mkdir()
     torch.save(net.state_dict(), out / "models" / "model.pt")

@@ -61,10 +61,10 @@ class LogObserver:
     def on_round(self, record: dict[str, Any]) -> None:
         agg = record.get("evaluate", {}).get("aggregate", {})
         log.info(
-            "round %d: train loss %s, val dice %s, %d node(s) failed, %.1f s",
+            "round %d: train loss %s, val score %s, %d node(s) failed, %.1f s",
             record["round"],
             _fmt(record.get("train", {}).get("aggregate", {}).get(wire.TRAIN_LOSS)),
-            _fmt(agg.get(wire.DICE)),
+            _fmt(wire.score(agg)),
             len(record.get("failures", {})),
             record["seconds"],
         )
@@ -389,9 +389,10 @@ def _summary(cfg: Config, history: list[dict[str, Any]], wall: float) -> dict[st
         "model_name": cfg.model_name,
         "rounds": cfg.rounds,
         "nodes": cfg.data.nodes,
-        "initial_metrics": {"dice": initial.get(wire.DICE), "val_loss": initial.get(wire.VAL_LOSS)},
+        "metric": get_task(cfg.task).metric,
+        "initial_metrics": {get_task(cfg.task).metric: wire.score(initial), "val_loss": initial.get(wire.VAL_LOSS)},
         "final_metrics": {
-            "dice": final.get(wire.DICE),
+            get_task(cfg.task).metric: wire.score(final),
             "val_loss": final.get(wire.VAL_LOSS),
             "train_loss": last.get("train", {}).get("aggregate", {}).get(wire.TRAIN_LOSS),
         },

@@ -20,7 +20,7 @@ class LiveProgress:
             MofNCompleteColumn(),
             BarColumn(),
             TextColumn("{task.fields[phase]}"),
-            TextColumn("dice {task.fields[dice]}"),
+            TextColumn("score {task.fields[dice]}"),
             TimeElapsedColumn(),
             console=console,
             transient=False,
@@ -42,7 +42,7 @@ class LiveProgress:
         self.progress.update(self.task, phase=f"{label}: {done}/{total} nodes")
 
     def on_round(self, record: dict[str, Any]) -> None:
-        dice = record.get("evaluate", {}).get("aggregate", {}).get(wire.DICE)
+        dice = wire.score(record.get("evaluate", {}).get("aggregate", {}))
         fields: dict[str, Any] = {"dice": "-" if dice is None else f"{dice:.3f}"}
         if not record.get("initial"):
             self.progress.advance(self.task)
@@ -80,7 +80,9 @@ def summary_table(summary: dict[str, Any], run_dir: str) -> Table:
     rows = [
         ("task / strategy", f"{summary['task']} / {summary['strategy']}"),
         ("rounds x nodes", f"{summary['rounds']} x {summary['nodes']}"),
-        ("validation Dice", f"{_num(initial.get('dice'), '.4f')} -> {_num(final.get('dice'), '.4f')}"),
+        (f"validation {summary.get('metric', 'dice')}",
+         f"{_num(initial.get(summary.get('metric', 'dice')), '.4f')} -> "
+         f"{_num(final.get(summary.get('metric', 'dice')), '.4f')}"),
         ("validation loss", f"{_num(initial.get('val_loss'), '.4f')} -> {_num(final.get('val_loss'), '.4f')}"),
         ("rounds wall (s)", _num(summary["wall_seconds"], ".1f")),
         ("node training (s, summed)", _num(summary["train_seconds"], ".1f")),

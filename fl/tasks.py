@@ -39,6 +39,8 @@ class Task:
     dp_functorch: bool = False
 
     network_target = "monai.networks.nets.UNet"
+    kind = "segmentation"
+    metric = "dice"  # the validation score nodes report
 
     def network_kwargs(self) -> dict[str, Any]:
         """Arguments of the MONAI network (also written into exported MONAI bundles)."""
@@ -76,6 +78,10 @@ class Task:
         truth = one_hot(labels.long(), self.num_classes)
         per_class = compute_dice(pred, truth, include_background=False, ignore_empty=False)
         return per_class.mean(dim=1)
+
+    def score(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        """Mean per-case foreground Dice of a node's validation cases."""
+        return float(self.dice(logits, labels).mean())
 
     def preprocess(self) -> Compose:
         """Deterministic preprocessing of a loaded case (arrays from MONAI's ``LoadImage``).
@@ -132,6 +138,59 @@ CATALOGUE: dict[str, Task] = {
         ),
     )
 }
+
+
+@dataclass(frozen=True)
+class TabularTask:
+    """Binary classification of tabular records (a node's ``train.csv`` / ``val.csv``): a small
+    MLP, cross-entropy, ROC AUC. Features are standardised with the node's own training
+    statistics, so no statistic leaves the node."""
+
+    name: str
+    description: str
+    features: int
+    hidden: int = 32
+    num_classes: int = 2
+    dp_functorch: bool = False
+    kind = "tabular"
+    metric = "auc"
+    network_target = "torch.nn.Sequential"
+
+    def network_kwargs(self) -> dict[str, Any]:
+        return {"features": self.features, "hidden": self.hidden, "num_classes": self.num_classes}
+
+    def build_network(self) -> torch.nn.Module:
+        """Linear - LeakyReLU - Linear - LeakyReLU - Linear (no normalisation: DP-SGD ready)."""
+        from torch import nn
+
+        return nn.Sequential(nn.Linear(self.features, self.hidden), nn.LeakyReLU(),
+                             nn.Linear(self.hidden, self.hidden), nn.LeakyReLU(),
+                             nn.Linear(self.hidden, self.num_classes))
+
+    def build_loss(self) -> torch.nn.Module:
+        from torch import nn
+
+        class _CrossEntropy(nn.Module):
+            def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+                return nn.functional.cross_entropy(logits, labels.long())
+
+        return _CrossEntropy()
+
+    def score(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        """ROC AUC of the positive class (0.5 when the node's validation set has one class)."""
+        from monai.metrics import compute_roc_auc
+
+        if labels.min() == labels.max():
+            return 0.5
+        return float(compute_roc_auc(logits.softmax(dim=1)[:, 1], labels.long()))
+
+
+CATALOGUE["tabular"] = TabularTask(
+    name="tabular",
+    description="binary classification of tabular records (MLP, cross-entropy, ROC AUC); "
+                "e.g. Breast Cancer Wisconsin Diagnostic, 30 features",
+    features=30,
+)
 TASK_NAMES: tuple[str, ...] = tuple(CATALOGUE)
 
 
@@ -142,7 +201,7 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str) -> Any:
     """Look a task up by name; an unknown name gets a did-you-mean."""
     try:
         return CATALOGUE[name]

@@ -25,6 +25,13 @@ TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 VAL_LOSS = "val-loss"
 DICE = "dice"
+AUC = "auc"  # the tabular task's score
+SCORES = (DICE, AUC)
+
+
+def score(metrics: dict) -> float | None:  # type: ignore[type-arg]
+    """The task's validation score in an aggregate (Dice for segmentation, AUC for tabular)."""
+    return next((metrics[k] for k in SCORES if k in metrics), None)
 
 # node-info in a train reply
 DATASET_FINGERPRINT = "dataset-fingerprint"  # SHA-256 over dataset.json and its files

@@ -190,6 +190,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     except (DataError, RuntimeError, ValueError) as exc:
         return _refuse(msg, exc)
     metrics = MetricRecord(
-        {wire.NUM_EXAMPLES: len(data.val), wire.VAL_LOSS: result.loss, wire.DICE: result.dice}
+        {wire.NUM_EXAMPLES: len(data.val), wire.VAL_LOSS: result.loss, task.metric: result.score}
     )
     return Message(content=RecordDict({wire.METRICS: metrics}), reply_to=msg)

@@ -206,6 +206,8 @@ _CACHE = _DataCache(max_entries=4)
 def load_local_data(data_dir: str | Path, task: Task, *, use_cache: bool = True) -> LocalData:
     """Validate and load a node's dataset; raises :class:`DataError` naming the bad file."""
     data_dir = Path(data_dir).resolve()
+    if getattr(task, "kind", "segmentation") == "tabular":
+        return _load_tabular(data_dir, task, use_cache)
     datalist = read_datalist(data_dir)
 
     def load() -> LocalData:
@@ -218,6 +220,25 @@ def load_local_data(data_dir: str | Path, task: Task, *, use_cache: bool = True)
     if not use_cache:
         return load()
     key = (task.name, _signature(data_dir, datalist))
+    return _CACHE.get_or_load(key, load)
+
+
+def _load_tabular(data_dir: Path, task: Any, use_cache: bool) -> LocalData:
+    from nodes import tabular
+
+    if not (data_dir / DATASET_JSON).is_file():
+        raise DataError(f"{data_dir / DATASET_JSON}: missing (a tabular node folder needs dataset.json)")
+    if not tabular.is_tabular(data_dir):
+        raise DataError(f"{data_dir / DATASET_JSON}: not a tabular dataset (\"format\": \"tabular\")")
+
+    def load() -> LocalData:
+        x_train, y_train, x_val, y_val, digest = tabular.load(data_dir, task.features)
+        return LocalData(Split(x_train, y_train), Split(x_val, y_val), digest)
+
+    if not use_cache:
+        return load()
+    files = sorted(p for p in data_dir.iterdir() if p.is_file())
+    key = (task.name, str(data_dir), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
     return _CACHE.get_or_load(key, load)
 
 

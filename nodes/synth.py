@@ -130,6 +130,10 @@ def synthesize(root: str | Path, *, nodes: int, task: Task, seed: int = 0, image
     refused rather than overwritten.
     """
     root = Path(root)
+    if getattr(task, "kind", "segmentation") == "tabular":
+        from nodes.tabular import write_federation
+
+        return write_federation(root, nodes=nodes, source="synthetic", seed=seed)
     size = image_size or task.image_size
     if nodes < 1:
         raise DataError(f"--nodes: need at least one node, got {nodes}")

@@ -22,10 +22,10 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Mean loss and mean foreground Dice over the node's held-out cases."""
+    """Mean loss and the task's score (mean foreground Dice, or ROC AUC) on held-out cases."""
 
     loss: float
-    dice: float
+    score: float
 
 
 def train_local(
@@ -70,15 +70,16 @@ def train_local(
 
 @torch.no_grad()
 def evaluate_local(net: torch.nn.Module, task: Task, data: Split, *, batch_size: int) -> EvalResult:
-    """Loss and Dice of ``net`` on ``data``, averaged over cases."""
+    """Loss (averaged over cases) and the task's score (Dice or AUC) of ``net`` on ``data``."""
     loss_fn = task.build_loss()
     net.eval()
-    loss_sum, dice_sum = 0.0, 0.0
+    loss_sum, all_logits = 0.0, []
     for start in range(0, len(data), batch_size):
         images = data.images[start : start + batch_size]
         labels = data.labels[start : start + batch_size]
         logits = net(images)
         loss_sum += float(loss_fn(logits, labels)) * len(images)
-        dice_sum += float(task.dice(logits, labels).sum())
+        all_logits.append(logits)
     n = max(len(data), 1)
-    return EvalResult(loss=loss_sum / n, dice=dice_sum / n)
+    score = task.score(torch.cat(all_logits), data.labels) if all_logits else 0.0
+    return EvalResult(loss=loss_sum / n, score=score)

@@ -61,10 +61,10 @@ def test_dp_sgd_still_learns_the_node_task(tiny_federation: Path) -> None:
     data = load_local_data(tiny_federation / "node-1", TASK)
     torch.manual_seed(0)
     net = TASK.build_network()
-    before = evaluate_local(net, TASK, data.val, batch_size=8).dice
+    before = evaluate_local(net, TASK, data.val, batch_size=8).score
     result = train_local_dp(net, TASK, data.train, epochs=6, lr=0.01, batch_size=8, noise_multiplier=0.7,
                             max_grad_norm=1.0, noise=SeededGaussian(0))
-    after = evaluate_local(net, TASK, data.val, batch_size=8).dice
+    after = evaluate_local(net, TASK, data.val, batch_size=8).score
     assert result.steps == local_event(len(data.train), epochs=6, batch_size=8, noise_multiplier=0.7).steps
     assert after > before + 0.2
     assert not isinstance(net, GradSampleModule) and all(not hasattr(p, "grad_sample") or p.grad_sample is None

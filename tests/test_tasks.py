@@ -8,7 +8,10 @@ from fl.errors import ConfigError
 from fl.tasks import CATALOGUE, get_task
 
 
-@pytest.mark.parametrize("name", list(CATALOGUE))
+SEGMENTATION = [name for name, task in CATALOGUE.items() if task.kind == "segmentation"]
+
+
+@pytest.mark.parametrize("name", SEGMENTATION)
 def test_network_maps_image_to_class_logits_of_same_size(name: str) -> None:
     task = get_task(name)
     size = task.image_size
@@ -47,3 +50,34 @@ def test_dice_counts_half_overlap() -> None:
 def test_unknown_task_suggests_the_close_one() -> None:
     with pytest.raises(ConfigError, match="did you mean 'seg2d'"):
         get_task("seg2")
+
+
+def test_tabular_auc_against_sklearn() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    task = get_task("tabular")
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (200,), generator=generator).to(torch.uint8)
+    logits = torch.randn(200, 2, generator=generator) + labels[:, None] * torch.tensor([0.0, 0.8])
+    expected = roc_auc_score(labels.numpy(), logits.softmax(dim=1)[:, 1].numpy())
+    assert task.score(logits, labels) == pytest.approx(expected, abs=1e-9)
+    assert 0.6 < expected < 0.9  # informative, not perfect: the comparison means something
+    assert task.build_network()(torch.randn(5, task.features)).shape == (5, 2)
+
+
+def test_breast_cancer_split_keeps_every_record_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sklearn.datasets import load_breast_cancer
+
+    from nodes.data import load_local_data
+    from nodes.tabular import write_federation
+
+    folders = write_federation(tmp_path / "bc", nodes=4, seed=1, alpha=0.5)
+    data = [load_local_data(f, get_task("tabular"), use_cache=False) for f in folders]
+    total = sum(len(d.train) + len(d.val) for d in data)
+    assert total == len(load_breast_cancer().target) == 569
+    positives = sum(int(d.train.labels.sum() + d.val.labels.sum()) for d in data)
+    assert positives == 212  # malignant cases
+    shares = [float(d.train.labels.float().mean()) for d in data]
+    assert max(shares) - min(shares) > 0.2  # label skew: sites differ in their malignant share
+    for d in data:  # standardised with the node's own training statistics
+        assert torch.allclose(d.train.images.mean(dim=0), torch.zeros(30), atol=1e-4)

@@ -22,7 +22,7 @@ def test_local_training_improves_dice_on_the_node(tiny_federation: Path) -> None
     assert result.steps == 6 * -(-len(data.train) // 8)
     assert result.seconds > 0
     assert after.loss < before.loss
-    assert after.dice > before.dice + 0.3
+    assert after.score > before.score + 0.3
 
 
 def _drift(mu: float, data) -> float:  # noqa: ANN001
