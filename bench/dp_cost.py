@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-BATCH = {"seg2d": 16, "seg3d": 4}
+BATCH = {"seg2d": 16, "seg3d": 4, "tabular": 64}
 
 
 def _cell(task_name: str, dp: bool, steps: int, threads: int) -> dict[str, float]:
@@ -33,9 +33,12 @@ def _cell(task_name: str, dp: bool, steps: int, threads: int) -> dict[str, float
     torch.manual_seed(0)
     task = get_task(task_name)
     batch = BATCH[task_name]
-    shape = (batch, 1, *([task.image_size] * task.spatial_dims))
-    images = torch.rand(shape)
-    labels = (images > 0.7).to(torch.uint8)
+    if task.kind == "tabular":
+        images = torch.randn(batch, task.features)
+        labels = (images[:, 0] > 0).to(torch.uint8)
+    else:
+        images = torch.rand(batch, 1, *([task.image_size] * task.spatial_dims))
+        labels = (images > 0.7).to(torch.uint8)
     net = task.build_network()
     loss_fn = task.build_loss()
     if dp:
@@ -55,7 +58,7 @@ def _cell(task_name: str, dp: bool, steps: int, threads: int) -> dict[str, float
         if i >= 3:  # warm-up excluded
             times.append(time.perf_counter() - start)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"step_ms": statistics.median(times) * 1000, "peak_mb": peak_mb}
+    return {"step_ms": statistics.median(times) * 1000, "peak_mb": peak_mb, "batch": batch}
 
 
 def main() -> None:

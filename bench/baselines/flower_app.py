@@ -1,0 +1,157 @@
+"""The quickstart federation as a plain Flower app, written the way Flower's PyTorch quickstart
+is: a ClientApp with ``@app.train`` / ``@app.evaluate`` over a DataLoader, a ServerApp that
+calls ``FedAvg.start``, run with Flower's Simulation Engine. No OncoFed round loop, validation,
+registry, progress or privacy: the yardstick for OncoFed's own overhead (``fl bench overhead``).
+
+Only the data reading is shared with OncoFed (``nodes.data.load_local_data``: the same MONAI
+reader and preprocessing), so both train on identical tensors.
+
+    python bench/baselines/flower_app.py --data DIR --nodes 3 --rounds 5 --epochs 2 --lr 0.01 \
+        --batch-size 8 --result result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+SETTINGS = "ONCOFED_BASELINE"  # the virtual nodes (Ray workers) inherit the environment
+
+import torch  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+
+def settings() -> dict:  # type: ignore[type-arg]
+    return json.loads(os.environ[SETTINGS])
+
+
+def Net() -> torch.nn.Module:  # noqa: N802 (the quickstart's name)
+    from fl.tasks import get_task
+
+    return get_task("seg2d").build_network()
+
+
+def load_data(partition_id: int) -> tuple[DataLoader, DataLoader]:
+    from fl.tasks import get_task
+    from nodes.data import load_local_data
+    from nodes.synth import node_dir
+
+    data = load_local_data(node_dir(settings()["data"], partition_id), get_task("seg2d"))
+    batch = settings()["batch_size"]
+    return (DataLoader(TensorDataset(data.train.images, data.train.labels), batch_size=batch, shuffle=True),
+            DataLoader(TensorDataset(data.val.images, data.val.labels), batch_size=batch))
+
+
+def train_fn(net: torch.nn.Module, loader: DataLoader, epochs: int, lr: float) -> float:
+    from fl.tasks import get_task
+
+    loss_fn = get_task("seg2d").build_loss()
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    net.train()
+    running = 0.0
+    for _ in range(epochs):
+        for images, labels in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(net(images), labels)
+            loss.backward()
+            optimizer.step()
+            running += loss.item()
+    return running / max(len(loader) * epochs, 1)
+
+
+@torch.no_grad()
+def test_fn(net: torch.nn.Module, loader: DataLoader) -> tuple[float, float]:
+    from fl.tasks import get_task
+
+    task = get_task("seg2d")
+    loss_fn = task.build_loss()
+    net.eval()
+    loss, dice, n = 0.0, 0.0, 0
+    for images, labels in loader:
+        logits = net(images)
+        loss += loss_fn(logits, labels).item() * len(images)
+        dice += float(task.dice(logits, labels).sum())
+        n += len(images)
+    return loss / n, dice / n
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    torch.set_num_threads(1)
+    model = Net()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    trainloader, _ = load_data(int(context.node_config["partition-id"]))
+    started = time.perf_counter()
+    train_loss = train_fn(model, trainloader, settings()["epochs"], float(msg.content["config"]["lr"]))
+    seconds = time.perf_counter() - started
+    with open(settings()["train_log"], "a", encoding="utf-8") as fh:  # for the benchmark only
+        fh.write(f"{seconds}\n")
+    metrics = {"train_loss": train_loss, "num-examples": len(trainloader.dataset)}
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    torch.set_num_threads(1)
+    model = Net()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    _, valloader = load_data(int(context.node_config["partition-id"]))
+    loss, dice = test_fn(model, valloader)
+    metrics = {"eval_loss": loss, "dice": dice, "num-examples": len(valloader.dataset)}
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+server = ServerApp()
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    s = settings()
+    torch.manual_seed(s["seed"])
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=s["nodes"])
+    started = time.perf_counter()
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()),
+                            train_config=ConfigRecord({"lr": s["lr"]}), num_rounds=s["rounds"])
+    wall = time.perf_counter() - started
+    final = result.evaluate_metrics_clientapp[s["rounds"]]
+    trained = sum(float(line) for line in Path(s["train_log"]).read_text().split())
+    Path(s["result"]).write_text(json.dumps({"wall_per_round_s": wall / s["rounds"],
+                                             "train_per_round_s": trained / s["rounds"], "dice": final["dice"]}))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    for flag, kind in (("--data", str), ("--nodes", int), ("--rounds", int), ("--epochs", int), ("--lr", float),
+                       ("--batch-size", int), ("--seed", int), ("--result", str)):
+        parser.add_argument(flag, type=kind, required=flag != "--seed", default=0)
+    args = parser.parse_args()
+    result = Path(args.result).resolve()
+    train_log = result.with_suffix(".train-seconds")
+    train_log.unlink(missing_ok=True)
+    os.environ[SETTINGS] = json.dumps({
+        "data": str(Path(args.data).resolve()), "nodes": args.nodes, "rounds": args.rounds, "epochs": args.epochs,
+        "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, "result": str(result),
+        "train_log": str(train_log),
+    })
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from flwr.simulation import run_simulation
+
+    # the same engine settings as `fl run`: one CPU per virtual node
+    run_simulation(server_app=server, client_app=app, num_supernodes=args.nodes,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})

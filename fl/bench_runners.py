@@ -1,0 +1,234 @@
+"""How ``fl bench`` measures one cell of a suite (see :mod:`fl.bench`).
+
+- ``federation``: ``fl run`` of the suite's base config with the cell's ``--set`` values, DP
+  calibrated to the cell's target ``epsilon`` (``dp = central | local | both``), on a fresh copy
+  of the suite's data (synthetic images, real Breast Cancer Wisconsin, or synthetic tabular);
+  final score, epsilon spent, wall per round, training per round, peak memory of the process tree.
+- ``dp-cost``: DP-SGD step time and peak memory against non-private, per task.
+- ``overhead``: the same federation as OncoFed, as a hand-written Flower app
+  (``bench/baselines/flower_app.py``) and as a centralised loop over the pooled data.
+- ``privacy-audit``: canaries in one node's training set; a loss-threshold membership attack
+  turned into an empirical lower bound on epsilon (:mod:`fl.audit`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fl import accounting
+from fl.errors import FederationError
+
+if TYPE_CHECKING:
+    from fl.bench import Cell, Row, Suite
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ----- helpers -------------------------------------------------------------------------------------
+def run_measured(command: list[str], *, cwd: Path, log: Path, timeout: float = 3600) -> tuple[float, float]:
+    """Run ``command``; (wall seconds, peak RSS of its whole process tree in MB, sampled every 0.2 s)."""
+    import psutil
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    peak = 0.0
+    started = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            root = psutil.Process(proc.pid)
+            while not done.is_set():
+                try:
+                    tree = [root, *root.children(recursive=True)]
+                    total = 0
+                    for p in tree:
+                        try:
+                            total += p.memory_info().rss
+                        except psutil.Error:
+                            pass
+                    peak = max(peak, total / 2**20)
+                except psutil.Error:
+                    pass
+                done.wait(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            code = proc.wait(timeout=timeout)
+        finally:
+            done.set()
+            sampler.join()
+            if proc.poll() is None:
+                proc.kill()
+    if code != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
+        raise FederationError(f"{' '.join(command[:4])} ... exited {code}: {' | '.join(tail)} (log: {log})")
+    return time.perf_counter() - started, peak
+
+
+def prepare_data(suite: Suite, nodes: int, task: str, seed: int, out: Path) -> Path:
+    """The suite's pristine federation for ``seed`` (made once, copied per cell)."""
+    from fl.tasks import get_task
+    from nodes.synth import synthesize
+    from nodes.tabular import write_federation
+
+    source = suite.settings.get("data", "synthetic")
+    pristine = out / "data" / f"{task}-{source}-{nodes}-seed{seed}"
+    if pristine.exists():
+        return pristine
+    if source == "breast-cancer":
+        write_federation(pristine, nodes=nodes, source="breast-cancer", seed=seed,
+                         alpha=float(suite.settings.get("alpha", 1.0)))
+    elif task == "tabular":
+        write_federation(pristine, nodes=nodes, source="synthetic", seed=seed,
+                         records_per_node=int(suite.settings.get("records_per_node", 60)))
+    else:
+        synthesize(pristine, nodes=nodes, task=get_task(task), seed=seed,
+                   image_size=int(suite.settings.get("image_size", 0)))
+    return pristine
+
+
+def dp_overrides(cfg: Any, root: Path, dp: str | None, epsilon: float | None, delta: float) -> list[str]:
+    """``--set`` values that calibrate the noise to ``epsilon`` over the whole run."""
+    if not dp:
+        return []
+    if epsilon is None:
+        raise FederationError(f"dp = {dp!r} needs a target 'epsilon'")
+    sets = []
+    if dp in ("central", "both"):
+        q = cfg.central_dp.sample_rate if cfg.central_dp.sampling == "poisson" else 1.0
+        sigma = accounting.calibrate(target_epsilon=epsilon, sample_rate=q, steps=cfg.rounds, delta=delta)
+        sets += ["central_dp.enabled=true", f"central_dp.noise_multiplier={sigma}", f"central_dp.delta={delta}"]
+    if dp in ("local", "both"):
+        sigma = local_sigma(cfg, root, epsilon, delta)
+        sets += ["local_dp.enabled=true", f"local_dp.noise_multiplier={sigma}", f"node_policy.epsilon={epsilon}",
+                 f"node_policy.delta={delta}"]
+    return sets
+
+
+def local_sigma(cfg: Any, root: Path, target: float, delta: float) -> float:
+    """The DP-SGD noise multiplier keeping every node within ``target`` after all rounds."""
+    from fl.tasks import get_task
+    from nodes.data import load_local_data
+    from nodes.dp_train import local_event
+    from nodes.synth import node_dir
+
+    sigmas = []
+    for i in range(cfg.data.nodes):
+        n = len(load_local_data(node_dir(root, i), get_task(cfg.task), use_cache=False).train)
+        per_round = local_event(n, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, noise_multiplier=1.0)
+        sigmas.append(accounting.calibrate(target_epsilon=target, sample_rate=per_round.sample_rate,
+                                           steps=per_round.steps * cfg.rounds, delta=delta))
+    return max(sigmas)
+
+
+def _fl_run(base: Path, sets: list[str], work: Path, data: Path) -> list[str]:
+    command = [sys.executable, "-m", "fl.cli", "run", str(base), "--out", str(work / "runs"),
+               "--set", "output.run_name=run", "--set", f'data.root="{data}"', "--set", "data.synthesize=false",
+               "--set", f'registry.root="{work / "registry"}"', "--set", "model_name=bench"]
+    for item in sets:
+        command += ["--set", item]
+    return command
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+# ----- runners --------------------------------------------------------------------------------------
+def federation(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
+    from fl import config
+
+    base = REPO / suite.settings.get("base", "configs/quickstart.toml")
+    sets = list(suite.settings["set"]) + list(cell.get("set", [])) + [f"seed={seed}"]
+    cfg = config.load(base, sets)
+    pristine = prepare_data(suite, cfg.data.nodes, cfg.task, seed, out)
+    work = _fresh(out / "work" / f"{cell.name}--seed{seed}")
+    shutil.copytree(pristine, work / "data")
+    delta = float(suite.settings.get("delta", 1e-5))
+    sets += dp_overrides(cfg, work / "data", cell.get("dp"), cell.get("epsilon"), delta)
+    wall, peak = run_measured(_fl_run(base, sets, work, work / "data"), cwd=REPO, log=work / "fl-run.log")
+    summary = json.loads((work / "runs" / "run" / "summary.json").read_text())
+    shutil.rmtree(work / "data", ignore_errors=True)  # the run folder stays, for `fl report`
+    metric = summary.get("metric", "dice")
+    privacy = summary.get("privacy") or {}
+    record = (privacy.get("record_level") or {})
+    rounds_run = len(summary.get("versions", []))
+    return {
+        "nodes": cfg.data.nodes, "rounds": rounds_run, "metric": metric,
+        metric: summary["final_metrics"].get(metric),
+        f"initial_{metric}": summary.get("initial_metrics", {}).get(metric),
+        "client_epsilon": (privacy.get("client_level") or {}).get("epsilon"),
+        "record_epsilon": max((v["epsilon"] for v in record.values()), default=None),
+        "wall_per_round_s": summary["wall_seconds"] / max(rounds_run, 1),
+        "train_per_round_s": summary["train_seconds"] / max(rounds_run, 1),
+        "overhead": summary.get("overhead"), "command_s": wall, "peak_rss_mb": peak,
+        "run_dir": str(work / "runs" / "run"),
+    }
+
+
+def dp_cost(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
+    task = str(cell.get("task"))
+    steps, threads = int(suite.settings.get("steps", 20)), int(suite.settings.get("threads", 2))
+    measured = {}
+    for mode in ("plain", "dp"):
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / "dp_cost.py"), "--steps", str(steps), "--threads",
+                               str(threads), "--cell", task, mode], cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise FederationError(f"dp_cost {task} {mode}: {proc.stderr.strip().splitlines()[-1:]}")
+        measured[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    plain, dp = measured["plain"], measured["dp"]
+    return {"plain_step_ms": plain["step_ms"], "dp_step_ms": dp["step_ms"], "time_ratio": dp["step_ms"] / plain["step_ms"],
+            "plain_peak_mb": plain["peak_mb"], "dp_peak_mb": dp["peak_mb"], "batch": plain.get("batch")}
+
+
+def overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
+    from fl import config
+
+    engine = str(cell.get("engine"))
+    base = REPO / suite.settings.get("base", "configs/quickstart.toml")
+    sets = list(suite.settings["set"]) + list(cell.get("set", [])) + [f"seed={seed}"]
+    cfg = config.load(base, sets)
+    pristine = prepare_data(suite, cfg.data.nodes, cfg.task, seed, out)
+    work = _fresh(out / "work" / f"{cell.name}--seed{seed}")
+    if engine == "oncofed":
+        row = federation(suite, cell, seed, out)
+        return {k: row[k] for k in ("wall_per_round_s", "train_per_round_s", "overhead", "dice", "peak_rss_mb")}
+    if engine == "flower":
+        result = work / "result.json"
+        command = [sys.executable, str(REPO / "bench" / "baselines" / "flower_app.py"), "--data", str(pristine),
+                   "--nodes", str(cfg.data.nodes), "--rounds", str(cfg.rounds), "--epochs", str(cfg.train.epochs),
+                   "--lr", str(cfg.train.lr), "--batch-size", str(cfg.train.batch_size), "--seed", str(seed),
+                   "--result", str(result)]
+    elif engine == "centralised":
+        result = work / "result.json"
+        command = [sys.executable, "-m", "fl.centralised", "--data", str(pristine), "--nodes", str(cfg.data.nodes),
+                   "--rounds", str(cfg.rounds), "--epochs", str(cfg.train.epochs), "--lr", str(cfg.train.lr),
+                   "--batch-size", str(cfg.train.batch_size), "--seed", str(seed), "--result", str(result)]
+    else:
+        raise FederationError(f"overhead: unknown engine {engine!r} (oncofed, flower, centralised)")
+    _, peak = run_measured(command, cwd=REPO, log=work / "run.log")
+    measured = json.loads(result.read_text())
+    wall, train = measured["wall_per_round_s"], measured["train_per_round_s"]
+    return {"wall_per_round_s": wall, "train_per_round_s": train, "overhead": wall / train if train else None,
+            "dice": measured.get("dice"), "peak_rss_mb": peak}
+
+
+def privacy_audit(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
+    from fl.audit import audit_cell
+
+    return audit_cell(suite, cell, seed, out)
+
+
+RUNNERS = {"federation": federation, "dp-cost": dp_cost, "overhead": overhead, "privacy-audit": privacy_audit}
