@@ -236,10 +236,18 @@ def plot(suite: Suite, summary: list[Row], spec: dict[str, Any], out: Path) -> P
 
     x, y, series = spec.get("x"), spec["y"], spec.get("series")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    if x is None:
+    if x is None:  # bars per cell; several y keys side by side
         names = [r["cell"] for r in summary]
-        ax.bar(names, [r.get(y) or 0.0 for r in summary], yerr=[r.get(f"{y}_std", 0.0) for r in summary], capsize=3)
-        ax.tick_params(axis="x", rotation=30)
+        keys = y if isinstance(y, list) else [y]
+        width = 0.8 / len(keys)
+        for i, key in enumerate(keys):
+            values = [r.get(key) if r.get(key) is not None else float("nan") for r in summary]
+            ax.bar([j + (i - (len(keys) - 1) / 2) * width for j in range(len(names))], values, width,
+                   yerr=[r.get(f"{key}_std", 0.0) for r in summary], capsize=3, label=key if len(keys) > 1 else None)
+        ax.set_xticks(range(len(names)), names, rotation=30)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+        y = ", ".join(keys)
     else:
         groups: dict[str, list[Row]] = {}
         for row in summary:
@@ -251,20 +259,22 @@ def plot(suite: Suite, summary: list[Row], spec: dict[str, Any], out: Path) -> P
                         yerr=[r.get(f"{y}_std", 0.0) for r in members], marker="o", capsize=3, label=label or None)
         for row in summary:  # cells without an x value (e.g. no DP) as a reference line
             if row.get(x) is None and row.get(y) is not None and spec.get("reference", True):
-                ax.axhline(row[y], ls="--", color="grey", lw=1)
-                ax.annotate(row["cell"], (ax.get_xlim()[0], row[y]), fontsize=8, color="grey", va="bottom")
+                ax.axhline(row[y], ls="--", color="grey", lw=1, label=f"{row['cell']} (reference)")
         if spec.get("logx"):
             ax.set_xscale("log")
+            ticks = sorted({float(r[x]) for rows in groups.values() for r in rows})
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
         if spec.get("logy"):
             ax.set_yscale("log")
-        if any(groups):
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         ax.set_xlabel(spec.get("xlabel", x))
     ax.set_ylabel(spec.get("ylabel", y))
     ax.set_title(spec.get("title", f"{y} ({suite.name})"))
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out / spec.get("file", f"{y}.png")
+    path = out / spec.get("file", f"{y.replace(', ', '_')}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

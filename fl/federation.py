@@ -131,6 +131,17 @@ def secure_train(grid: Grid, strategy: Any, server_round: int, arrays: ArrayReco
     return res, apply_update(strategy, server_round, arrays, mean), train_agg
 
 
+def same_dtypes(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
+    """``new`` in ``old``'s dtypes: some aggregators (FedAdam) compute in float64, but the global
+    model keeps the task network's dtypes, which every node's reply is validated against."""
+    from flwr.app import Array
+
+    if all(new[k].dtype == old[k].dtype for k in old.keys() if k in new):
+        return new
+    return ArrayRecord({k: Array(a.numpy().astype(old[k].numpy().dtype, copy=False)) if k in old else a
+                        for k, a in new.items()})
+
+
 def apply_update(strategy: Any, server_round: int, arrays: ArrayRecord, update: dict[str, Any]) -> ArrayRecord:
     """Hand ``arrays + update`` to ``strategy`` as the round's only reply; its aggregate."""
     from flwr.app import Array, MetricRecord, RecordDict
@@ -275,7 +286,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
             new_arrays, train_agg = strategy.aggregate_train(server_round, res.ok)
         if new_arrays is None:
             raise FederationError(f"round {server_round}: no node was sampled")
-        arrays = new_arrays
+        arrays = same_dtypes(new_arrays, arrays)
         central.spend()
         ev, eval_failures = evaluate(server_round)
         excluded = getattr(strategy, "excluded", {})

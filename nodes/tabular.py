@@ -4,7 +4,8 @@
 :func:`write_federation` splits a real public cancer dataset that ships inside scikit-learn,
 the Breast Cancer Wisconsin Diagnostic set (569 records, 30 features, malignant = 1), or a
 synthetic one of any size, across nodes with label skew (Dirichlet), so sites differ in their
-share of malignant cases as hospitals do. Each node keeps a held-out fifth for validation.
+share of malignant cases as hospitals do; synthetic records are dealt out evenly,
+``records_per_node`` each (the scale benchmark). Each node keeps a held-out fifth for validation.
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def write_federation(root: str | Path, *, nodes: int, source: str = "breast-canc
         raise DataError(f"{root}: exists and is not empty")
     rng = np.random.default_rng(seed)
     x, y, names = _records(source, seed, nodes * records_per_node)
-    parts = _split(y, nodes, alpha, rng)
+    if source == "synthetic":  # a scale workload: every node holds records_per_node records
+        parts = np.array_split(rng.permutation(len(y)), nodes)
+    else:
+        parts = _split(y, nodes, alpha, rng)
     small = [i for i, p in enumerate(parts) if len(p) < 5]
     if small:
         raise DataError(f"{source}: node {small[0]} would hold fewer than 5 records; use fewer nodes or "

@@ -108,3 +108,14 @@ def test_resume_continues_the_chain_and_the_round_counter(federation: Path, caps
 def test_resume_without_a_version_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _run(tmp_path, "nothing", "--resume") == 2
     assert "registry.resume: no version of model 'quickstart'" in capsys.readouterr().err
+
+
+def test_fedadam_runs_several_rounds_and_keeps_the_model_dtypes(tmp_path: Path) -> None:
+    """FedAdam's server step computes in float64; the global model must stay in the network's
+    dtypes, or round 2's replies fail validation against it (found by `fl bench strategies`)."""
+    assert _run(tmp_path, "adam", "--set", "rounds=3", "--set", "strategy.name=fedadam",
+                "--set", "strategy.server_lr=0.01") == 0
+    lines = [json.loads(line) for line in (tmp_path / "runs" / "adam" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["failures"] for line in lines[1:]] == [{}, {}, {}]
+    weights = load_file(tmp_path / "runs" / "adam" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
