@@ -279,7 +279,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         if res.failures and res.replied < cfg.strategy.min_replies:
             detail = "; ".join(f"node {n}: {why}" for n, why in res.failures.items())
             raise FederationError(
-                f"round {server_round}: {len(res.ok)} valid update(s), fewer than strategy.min_replies = "
+                f"round {server_round}: {res.replied} valid update(s), fewer than strategy.min_replies = "
                 f"{cfg.strategy.min_replies} ({detail})"
             )
         if not cfg.secagg.enabled:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,21 @@ def scalars(record: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def _write_events(folder: Path, records: queue.Queue[Any]) -> None:
+    """Drain ``records`` ((round, scalars) pairs; None ends) into a TensorBoard event file."""
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(logdir=str(folder), flush_secs=5)
+    try:
+        while (item := records.get()) is not None:
+            step, values = item
+            for name, value in values.items():
+                writer.add_scalar(name, value, step)
+            writer.flush()
+    finally:
+        writer.close()
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary sibling, fsync and rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -78,7 +95,8 @@ class RunFolder:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._writer: Any = None
+        self._events: queue.Queue[Any] | None = None
+        self._events_thread: threading.Thread | None = None
 
     @classmethod
     def create(cls, path: Path, cfg: Config) -> RunFolder:
@@ -91,6 +109,7 @@ class RunFolder:
             raise ConfigError(f"output.dir: cannot create run folder {path} ({exc.strerror})") from None
         folder = cls(path)
         atomic_write(path / CONFIG_FILE, tomli_w.dumps(nested(cfg)).encode())
+        folder._start_events()
         return folder
 
     def append_round(self, record: Mapping[str, Any]) -> None:
@@ -103,19 +122,24 @@ class RunFolder:
         self._log_scalars(record)
 
     def _log_scalars(self, record: Mapping[str, Any]) -> None:
-        if self._writer is None:
-            from tensorboardX import SummaryWriter
+        if self._events is None:
+            self._start_events()
+        self._events.put((int(record["round"]), scalars(record)))  # type: ignore[union-attr]
 
-            self._writer = SummaryWriter(logdir=str(self.path / TENSORBOARD_DIR), flush_secs=5)
-        step = int(record["round"])
-        for name, value in scalars(record).items():
-            self._writer.add_scalar(name, value, step)
-        self._writer.flush()
+    def _start_events(self) -> None:
+        """A writer thread for the TensorBoard event file: importing tensorboardX takes about
+        a second here, which this keeps off the round loop (it overlaps the nodes' start-up)."""
+        self._events = queue.Queue()
+        self._events_thread = threading.Thread(target=_write_events, args=(self.path / TENSORBOARD_DIR, self._events),
+                                               name="oncofed-tensorboard", daemon=True)
+        self._events_thread.start()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        """Flush and close the event file (waits for the writer thread)."""
+        if self._events is not None:
+            self._events.put(None)
+            self._events_thread.join(timeout=60)  # type: ignore[union-attr]
+            self._events = None
 
     def save_weights(self, state: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
         """Save the final global weights as safetensors."""
