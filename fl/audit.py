@@ -124,13 +124,11 @@ def canary_losses(run_dir: Path, task_name: str, images: np.ndarray, labels: np.
 
 def audit_cell(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
     """One audit: plant, train (a ``federation`` cell), attack."""
-    from fl import bench_runners, config
+    from fl import bench_runners
 
     k = int(suite.settings.get("canaries", 100))
     size = int(suite.settings.get("image_size", 32))
-    base = bench_runners.REPO / suite.settings.get("base", "configs/quickstart.toml")
-    sets = list(suite.settings["set"]) + list(cell.get("set", [])) + [f"seed={seed}"]
-    cfg = config.load(base, sets)
+    _, _, cfg = bench_runners.cell_config(suite, cell, seed)
     pristine = bench_runners.prepare_data(suite, cfg.data.nodes, cfg.task, seed, out)
     planted = out / "data" / f"planted-{k}-seed{seed}"
     images, labels = make_canaries(2 * k, size, seed)
@@ -140,15 +138,8 @@ def audit_cell(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
         shutil.copytree(pristine, staging)
         plant(staging / "node-0", images[:k], labels[:k])
         staging.rename(planted)
-    work = bench_runners._fresh(out / "work" / f"{cell.name}--seed{seed}")
-    shutil.copytree(planted, work / "data")
     delta = float(suite.settings.get("delta", 1e-5))
-    sets += bench_runners.dp_overrides(cfg, work / "data", cell.get("dp"), cell.get("epsilon"), delta)
-    bench_runners.run_measured(bench_runners._fl_run(base, sets, work, work / "data"), cwd=bench_runners.REPO,
-                               log=work / "fl-run.log")
-    run_dir = work / "runs" / "run"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    shutil.rmtree(work / "data", ignore_errors=True)
+    run_dir, summary, _, _ = bench_runners.run_cell(suite, cell, seed, out, planted)
     losses = canary_losses(run_dir, cfg.task, images, labels)
     result = attack(losses[:k], losses[k:], delta, seed)
     privacy = summary.get("privacy") or {}

@@ -147,20 +147,35 @@ def _fresh(path: Path) -> Path:
 
 
 # ----- runners --------------------------------------------------------------------------------------
-def federation(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
+def cell_config(suite: Suite, cell: Cell, seed: int) -> tuple[Path, list[str], Any]:
+    """The suite's base config file, the cell's ``--set`` values and the resulting Config."""
     from fl import config
 
     base = REPO / suite.settings.get("base", "configs/quickstart.toml")
     sets = list(suite.settings["set"]) + list(cell.get("set", [])) + [f"seed={seed}"]
-    cfg = config.load(base, sets)
-    pristine = prepare_data(suite, cfg.data.nodes, cfg.task, seed, out)
+    return base, sets, config.load(base, sets)
+
+
+def run_cell(suite: Suite, cell: Cell, seed: int, out: Path, data: Path) -> tuple[Path, dict[str, Any], float, float]:
+    """``fl run`` of the cell on a fresh copy of ``data``, DP calibrated to its target epsilon:
+    (run folder, its summary, command seconds, peak RSS MB). The copy is removed afterwards;
+    the run folder stays, for ``fl report``."""
+    base, sets, cfg = cell_config(suite, cell, seed)
     work = _fresh(out / "work" / f"{cell.name}--seed{seed}")
-    shutil.copytree(pristine, work / "data")
+    shutil.copytree(data, work / "data")
     delta = float(suite.settings.get("delta", 1e-5))
     sets += dp_overrides(cfg, work / "data", cell.get("dp"), cell.get("epsilon"), delta)
     wall, peak = run_measured(_fl_run(base, sets, work, work / "data"), cwd=REPO, log=work / "fl-run.log")
-    summary = json.loads((work / "runs" / "run" / "summary.json").read_text())
-    shutil.rmtree(work / "data", ignore_errors=True)  # the run folder stays, for `fl report`
+    run_dir = work / "runs" / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    shutil.rmtree(work / "data", ignore_errors=True)
+    return run_dir, summary, wall, peak
+
+
+def federation(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
+    _, _, cfg = cell_config(suite, cell, seed)
+    pristine = prepare_data(suite, cfg.data.nodes, cfg.task, seed, out)
+    run_dir, summary, wall, peak = run_cell(suite, cell, seed, out, pristine)
     metric = summary.get("metric", "dice")
     privacy = summary.get("privacy") or {}
     record = (privacy.get("record_level") or {})
@@ -174,7 +189,7 @@ def federation(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
         "wall_per_round_s": summary["wall_seconds"] / max(rounds_run, 1),
         "train_per_round_s": summary["train_seconds"] / max(rounds_run, 1),
         "overhead": summary.get("overhead"), "command_s": wall, "peak_rss_mb": peak,
-        "run_dir": str(work / "runs" / "run"),
+        "run_dir": str(run_dir),
     }
 
 
@@ -194,17 +209,13 @@ def dp_cost(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
 
 
 def overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
-    from fl import config
-
     engine = str(cell.get("engine"))
-    base = REPO / suite.settings.get("base", "configs/quickstart.toml")
-    sets = list(suite.settings["set"]) + list(cell.get("set", [])) + [f"seed={seed}"]
-    cfg = config.load(base, sets)
-    pristine = prepare_data(suite, cfg.data.nodes, cfg.task, seed, out)
-    work = _fresh(out / "work" / f"{cell.name}--seed{seed}")
     if engine == "oncofed":
         row = federation(suite, cell, seed, out)
         return {k: row[k] for k in ("wall_per_round_s", "train_per_round_s", "overhead", "dice", "peak_rss_mb")}
+    _, _, cfg = cell_config(suite, cell, seed)
+    pristine = prepare_data(suite, cfg.data.nodes, cfg.task, seed, out)
+    work = _fresh(out / "work" / f"{cell.name}--seed{seed}")
     if engine == "flower":
         result = work / "result.json"
         command = [sys.executable, str(REPO / "bench" / "baselines" / "flower_app.py"), "--data", str(pristine),

@@ -57,6 +57,12 @@ class CertFiles:
     def server_key(self) -> Path:
         return self.root / "superlink.key"
 
+    def require_server(self) -> None:
+        """The CA and the SuperLink's certificate and key must exist (what TLS needs)."""
+        for path in (self.ca_cert, self.server_cert, self.server_key):
+            if not path.is_file():
+                raise ConfigError(f"{path}: missing; create the certificates with `fl certs create`")
+
     def node_key(self, name: str) -> Path:
         return self.root / f"{name}.key"
 

@@ -131,9 +131,7 @@ def cmd_server_gateway(args: argparse.Namespace) -> int:
     from fl.gateway import serve
 
     files = CertFiles(Path(args.certs).resolve())
-    for path in (files.ca_cert, files.server_cert, files.server_key):
-        if not path.is_file():
-            raise ConfigError(f"{path}: missing; create the certificates with `fl certs create`")
+    files.require_server()
     print(f"Fleet API gateway on {args.host}:{args.port} -> SuperLink {args.upstream}", file=sys.stderr, flush=True)
     serve(upstream=args.upstream, ca_cert=files.ca_cert, cert=files.server_cert, key=files.server_key,
           host=args.host, port=args.port)

@@ -92,7 +92,7 @@ def run_config(out: Path, rounds: int, nodes: int, overrides: list[str]) -> dict
     return cfg.to_flat()
 
 
-def prepare(out: Path, nodes: int, budget: float) -> tuple[certs_mod.CertFiles, str]:
+def prepare(out: Path, nodes: int) -> tuple[certs_mod.CertFiles, str]:
     """Certificates, data, and each node's approval of this checkout's app (its FAB hash)."""
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: exists and is not empty; the demo writes a fresh folder")
@@ -109,7 +109,7 @@ def run_demo(out: Path, *, rounds: int = 2, nodes: int = 3, budget: float = 20.0
              overrides: list[str] | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the localhost deployment; a summary of what it produced."""
     out = out.resolve()
-    files, fab = prepare(out, nodes, budget)
+    files, fab = prepare(out, nodes)
     say(f"certificates in {files.root}; app hash {fab[:16]}... approved by {nodes} nodes")
     home = out / "coordinator" / "flwr-home"
     link_port = deploy.free_port()

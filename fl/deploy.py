@@ -50,9 +50,7 @@ def _tool(name: str) -> str:
 
 def superlink_argv(certs: CertFiles, state: Path, host: str, port: int) -> list[str]:
     """``flower-superlink`` with TLS, node authentication, a persistent database, no installs."""
-    for path in (certs.ca_cert, certs.server_cert, certs.server_key):
-        if not path.is_file():
-            raise ConfigError(f"{path}: missing; create the certificates with `fl certs create`")
+    certs.require_server()
     return [
         _tool("flower-superlink"),
         "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),

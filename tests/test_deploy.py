@@ -195,7 +195,7 @@ def test_demo_deploy_runs_two_dp_rounds_and_stops_everything(tmp_path: Path) -> 
 def deployment(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """SuperLink + 2 authenticated SuperNodes on localhost; stopped after the module."""
     out = tmp_path_factory.mktemp("deployment")
-    files, fab = prepare(out, 2, 20.0)
+    files, fab = prepare(out, 2)
     home = out / "coordinator" / "flwr-home"
     port = deploy.free_port()
     deploy.write_connection(home, f"127.0.0.1:{port}", files.ca_cert)
