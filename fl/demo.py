@@ -66,7 +66,7 @@ def start_gateway(procs: deploy.Processes, out: Path, link_port: int) -> int:
             "--upstream", f"127.0.0.1:{link_port}", "--host", "127.0.0.1", "--port", str(port)]
     proc = procs.start("gateway", argv, env=deploy.flower_env(out / "coordinator" / "flwr-home"),
                        cwd=out / "coordinator", log=out / "logs" / "gateway.log")
-    deploy.wait_for_port("127.0.0.1", port, 60, proc)
+    deploy.wait_for_port("127.0.0.1", port, 60, proc, out / "logs" / "gateway.log")
     return port
 
 
@@ -120,7 +120,7 @@ def run_demo(out: Path, *, rounds: int = 2, nodes: int = 3, budget: float = 20.0
     with deploy.stopped_on_exit(deploy.Processes()) as procs:
         link = procs.start("superlink", deploy.superlink_argv(files, out / "coordinator", "127.0.0.1", link_port),
                            env=deploy.flower_env(home), cwd=out / "coordinator", log=out / "logs" / "superlink.log")
-        deploy.wait_for_port("127.0.0.1", link_port, 60, link)
+        deploy.wait_for_port("127.0.0.1", link_port, 60, link, out / "logs" / "superlink.log")
         fleet_port = start_gateway(procs, out, link_port)
         say(f"SuperLink on 127.0.0.1:{link_port} (TLS, node authentication); nodes dial the Fleet-only "
             f"gateway on 127.0.0.1:{fleet_port}")

@@ -17,10 +17,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import tomli_w
 
@@ -28,17 +28,28 @@ from fl.certs import CertFiles
 from fl.errors import ConfigError, FederationError
 
 CONNECTION = "oncofed"
+M = TypeVar("M", bound=MutableMapping[str, str])
 
 
 def flower_env(home: Path) -> dict[str, str]:
     """Environment for a Flower process: its own FLWR_HOME, no phoning home, no installs."""
-    env = dict(os.environ)
+    env = with_own_scripts(dict(os.environ))
     env.update({
         "FLWR_HOME": str(home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     })
+    return env
+
+
+def with_own_scripts(env: M) -> M:
+    """``env`` with this environment's console scripts first on PATH: Flower's SuperLink and
+    SuperNode start ``flower-superexec`` by name, which a venv used without activation lacks."""
+    scripts = str(Path(sys.executable).parent)
+    path = env.get("PATH", "")
+    if path.split(os.pathsep)[0] != scripts:
+        env["PATH"] = scripts + (os.pathsep + path if path else "")
     return env
 
 
@@ -134,11 +145,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[Any] | None = None) -> None:
+def log_tail(path: Path, lines: int = 12) -> str:
+    """The last lines of a process log, for an error message."""
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"({path}: {exc.strerror})"
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[Any] | None = None,
+                  log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise FederationError(f"process {proc.args[0]} exited with status {proc.returncode} before listening")
+            raise FederationError(f"process {proc.args[0]} exited with status {proc.returncode} before listening"
+                                  + (f"; its log ends:\n{log_tail(log)}" if log is not None else ""))
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
             return
         time.sleep(0.2)

@@ -104,6 +104,17 @@ def test_app_hash_changes_with_the_code_only(tmp_path: Path) -> None:
     assert fab_hash_of(app) != first
 
 
+def test_flower_processes_find_superexec_without_an_activated_venv(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # The SuperLink and SuperNode start `flower-superexec` by name; CI runs `.venv/bin/python`
+    # with the venv's scripts off PATH, where the SuperLink died with status 3 before listening.
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    env = deploy.flower_env(tmp_path)
+    found = shutil.which("flower-superexec", path=env["PATH"])
+    assert found is not None and Path(found).parent == Path(sys.executable).parent
+    assert env["PATH"].endswith("/usr/bin:/bin")  # the rest of PATH is kept
+    assert deploy.flower_env(tmp_path)["PATH"] == deploy.with_own_scripts(dict(env))["PATH"]  # added once
+
+
 # ----- fl node check ---------------------------------------------------------------------------
 def _dicom(path: Path, **attrs: str) -> None:
     import numpy as np
@@ -203,7 +214,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
     try:
         link = procs.start("superlink", deploy.superlink_argv(files, out / "coordinator", "127.0.0.1", port),
                            env=deploy.flower_env(home), cwd=out / "coordinator", log=out / "logs" / "superlink.log")
-        deploy.wait_for_port("127.0.0.1", port, 60, link)
+        deploy.wait_for_port("127.0.0.1", port, 60, link, out / "logs" / "superlink.log")
         fleet = start_gateway(procs, out, port)
         for i, name in enumerate(node_names(2)):
             deploy.register_node(home, files.node_pub(name), name)
