@@ -119,7 +119,7 @@ def local_sigma(cfg: Any, root: Path, target: float, delta: float) -> float:
     """The DP-SGD noise multiplier keeping every node within ``target`` after all rounds."""
     from fl.tasks import get_task
     from nodes.data import load_local_data
-    from nodes.dp_train import local_event
+    from nodes.policy import local_event
     from nodes.synth import node_dir
 
     sigmas = []
@@ -212,7 +212,12 @@ def overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
     engine = str(cell.get("engine"))
     if engine == "oncofed":
         row = federation(suite, cell, seed, out)
-        return {k: row[k] for k in ("wall_per_round_s", "train_per_round_s", "overhead", "dice", "peak_rss_mb")}
+        with (Path(row["run_dir"]) / "metrics.jsonl").open(encoding="utf-8") as fh:
+            rounds = [json.loads(line) for line in fh if line.strip()]
+        seconds = [r["seconds"] for r in rounds if not r.get("initial")]
+        keep = ("wall_per_round_s", "train_per_round_s", "overhead", "dice", "peak_rss_mb", "command_s")
+        return {**{k: row[k] for k in keep},
+                **_first_and_steady(seconds)}
     _, _, cfg = cell_config(suite, cell, seed)
     pristine = prepare_data(suite, cfg.data.nodes, cfg.task, seed, out)
     work = _fresh(out / "work" / f"{cell.name}--seed{seed}")
@@ -229,11 +234,19 @@ def overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
                    "--batch-size", str(cfg.train.batch_size), "--seed", str(seed), "--result", str(result)]
     else:
         raise FederationError(f"overhead: unknown engine {engine!r} (oncofed, flower, centralised)")
-    _, peak = run_measured(command, cwd=REPO, log=work / "run.log")
+    command_s, peak = run_measured(command, cwd=REPO, log=work / "run.log")
     measured = json.loads(result.read_text())
     wall, train = measured["wall_per_round_s"], measured["train_per_round_s"]
     return {"wall_per_round_s": wall, "train_per_round_s": train, "overhead": wall / train if train else None,
-            "dice": measured.get("dice"), "peak_rss_mb": peak}
+            "dice": measured.get("dice"), "peak_rss_mb": peak, "command_s": command_s,
+            **_first_and_steady(measured["round_seconds"])}
+
+
+def _first_and_steady(round_seconds: list[float]) -> dict[str, float | None]:
+    """The first round (it pays for starting the virtual nodes) apart from the others."""
+    steady = round_seconds[1:]
+    return {"first_round_s": round_seconds[0] if round_seconds else None,
+            "steady_round_s": sum(steady) / len(steady) if steady else None}
 
 
 def privacy_audit(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:

@@ -45,7 +45,8 @@ def main() -> None:
         trains.append(result.seconds)
     score = evaluate_local(net, task, val, batch_size=args.batch_size).score
     Path(args.result).write_text(json.dumps({
-        "wall_per_round_s": sum(walls) / len(walls), "train_per_round_s": sum(trains) / len(trains), "dice": score,
+        "wall_per_round_s": sum(walls) / len(walls), "round_seconds": walls,
+        "train_per_round_s": sum(trains) / len(trains), "dice": score,
     }))
 
 

@@ -17,8 +17,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import torch
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -28,9 +28,8 @@ from fl.clipping import clip
 from fl.errors import ConfigError, DataError
 from fl.tasks import Task, get_task
 from nodes.data import LocalData, load_local_data
-from nodes.dp_train import local_event, train_local_dp
 from nodes.ledger import Ledger, LedgerError
-from nodes.policy import LocalDpRequest, Refusal, admit, load_policy, state_dir
+from nodes.policy import LocalDpRequest, Refusal, admit, load_policy, local_event, state_dir
 from nodes.synth import node_dir
 from nodes.train import evaluate_local, train_local
 from strategies.secagg import ARRAY_KEYS, is_secagg_message, legacy_instruction, legacy_reply
@@ -145,6 +144,10 @@ def train(msg: Message, context: Context) -> Message:
         global_state = {k: v.clone() for k, v in net.state_dict().items()}
         common = dict(epochs=epochs, lr=float(config[wire.LR]), batch_size=batch_size)
         if request:
+            # imported here: Opacus takes 1.4 s to import (python -X importtime), which every
+            # virtual node and every deployed ClientApp process paid, DP or not
+            from nodes.dp_train import train_local_dp
+
             result = train_local_dp(net, task, data.train, noise_multiplier=request.noise_multiplier,
                                     max_grad_norm=request.max_grad_norm, **common)
         else:

@@ -17,10 +17,10 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fl.accounting import GaussianEvent
 from fl.noise import NoiseSource, SecureGaussian
 from fl.tasks import Task
 from nodes.data import Split
+from nodes.policy import local_event
 from nodes.train import TrainResult
 
 
@@ -38,16 +38,6 @@ class _NoiseInjectedDPOptimizer(DPOptimizer):
             noise = self.noise_source.gaussian(tuple(summed.shape), std).to(summed.device, summed.dtype)
             p.grad = (summed + noise).view_as(p)
             summed._processed = True  # Opacus's marker: this step's noise is in
-
-
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    return max(1, math.ceil(num_examples / batch_size))
-
-
-def local_event(num_examples: int, *, epochs: int, batch_size: int, noise_multiplier: float) -> GaussianEvent:
-    """The mechanism one call of :func:`train_local_dp` applies to the node's records."""
-    q = min(1.0, batch_size / num_examples)
-    return GaussianEvent(noise_multiplier, q, epochs * steps_per_epoch(num_examples, batch_size))
 
 
 def train_local_dp(

@@ -63,6 +63,16 @@ class Policy:
         return self.epsilon > 0
 
 
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return max(1, math.ceil(num_examples / batch_size))
+
+
+def local_event(num_examples: int, *, epochs: int, batch_size: int, noise_multiplier: float) -> GaussianEvent:
+    """The mechanism one call of :func:`nodes.dp_train.train_local_dp` applies to the node's records."""
+    q = min(1.0, batch_size / num_examples)
+    return GaussianEvent(noise_multiplier, q, epochs * steps_per_epoch(num_examples, batch_size))
+
+
 def state_dir(data_dir: Path) -> Path:
     return data_dir / STATE_DIR
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +21,9 @@ from fl.noise import SeededGaussian
 from fl.tasks import get_task
 from nodes.client_app import app
 from nodes.data import load_local_data
-from nodes.dp_train import _NoiseInjectedDPOptimizer, local_event, train_local_dp
+from nodes.dp_train import _NoiseInjectedDPOptimizer, train_local_dp
 from nodes.ledger import Ledger, LedgerError
-from nodes.policy import LocalDpRequest, Policy, Refusal, admit, save_policy, state_dir
+from nodes.policy import LocalDpRequest, Policy, Refusal, admit, local_event, save_policy, state_dir
 from nodes.train import evaluate_local
 
 TASK = get_task("seg2d")
@@ -167,3 +169,12 @@ def test_client_app_refuses_past_budget_and_says_why(tiny_federation: Path, tmp_
     assert second.has_error() and second.error.code == wire.ERROR_BUDGET
     assert "privacy budget" in second.error.reason and str(node) not in second.error.reason
     assert len(Ledger.in_dir(state_dir(node)).entries()) == 1
+
+
+def test_node_processes_without_local_dp_do_not_load_opacus() -> None:
+    # every virtual node and every deployed ClientApp process imports the node app; Opacus
+    # (1.4 s to import here) is loaded only when a train request asks for DP-SGD
+    probe = "import sys, nodes.client_app; print('opacus' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout.strip() == "False"

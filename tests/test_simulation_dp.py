@@ -14,9 +14,8 @@ from fl.federation import CentralAccount
 from fl.registry import Registry
 from fl.tasks import get_task
 from nodes.data import load_local_data
-from nodes.dp_train import local_event
 from nodes.ledger import Ledger
-from nodes.policy import Policy, save_policy, state_dir
+from nodes.policy import Policy, local_event, save_policy, state_dir
 from nodes.synth import synthesize
 from strategies.factory import central_dp_settings
 

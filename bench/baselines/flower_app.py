@@ -3,8 +3,9 @@ is: a ClientApp with ``@app.train`` / ``@app.evaluate`` over a DataLoader, a Ser
 calls ``FedAvg.start``, run with Flower's Simulation Engine. No OncoFed round loop, validation,
 registry, progress or privacy: the yardstick for OncoFed's own overhead (``fl bench overhead``).
 
-Only the data reading is shared with OncoFed (``nodes.data.load_local_data``: the same MONAI
-reader and preprocessing), so both train on identical tensors.
+Only the task is shared with OncoFed: the network and loss (``fl.tasks``) and the data reading
+(``nodes.data.load_local_data``: the same MONAI reader and preprocessing), so both train the
+same model on identical tensors.
 
     python bench/baselines/flower_app.py --data DIR --nodes 3 --rounds 5 --epochs 2 --lr 0.01 \
         --batch-size 8 --result result.json
@@ -30,22 +31,21 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+# the quickstart imports its task module (model, data, train/test) at the top, as OncoFed does
+from fl.tasks import get_task  # noqa: E402
+from nodes.data import load_local_data  # noqa: E402
+from nodes.synth import node_dir  # noqa: E402
+
 
 def settings() -> dict:  # type: ignore[type-arg]
     return json.loads(os.environ[SETTINGS])
 
 
 def Net() -> torch.nn.Module:  # noqa: N802 (the quickstart's name)
-    from fl.tasks import get_task
-
     return get_task("seg2d").build_network()
 
 
 def load_data(partition_id: int) -> tuple[DataLoader, DataLoader]:
-    from fl.tasks import get_task
-    from nodes.data import load_local_data
-    from nodes.synth import node_dir
-
     data = load_local_data(node_dir(settings()["data"], partition_id), get_task("seg2d"))
     batch = settings()["batch_size"]
     return (DataLoader(TensorDataset(data.train.images, data.train.labels), batch_size=batch, shuffle=True),
@@ -53,8 +53,6 @@ def load_data(partition_id: int) -> tuple[DataLoader, DataLoader]:
 
 
 def train_fn(net: torch.nn.Module, loader: DataLoader, epochs: int, lr: float) -> float:
-    from fl.tasks import get_task
-
     loss_fn = get_task("seg2d").build_loss()
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
@@ -71,8 +69,6 @@ def train_fn(net: torch.nn.Module, loader: DataLoader, epochs: int, lr: float) -
 
 @torch.no_grad()
 def test_fn(net: torch.nn.Module, loader: DataLoader) -> tuple[float, float]:
-    from fl.tasks import get_task
-
     task = get_task("seg2d")
     loss_fn = task.build_loss()
     net.eval()
@@ -122,14 +118,20 @@ server = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     s = settings()
     torch.manual_seed(s["seed"])
+    started = time.perf_counter()  # as OncoFed's clock: from the ServerApp's main, modules imported
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=s["nodes"])
-    started = time.perf_counter()
+    ends: list[float] = []  # FedAvg.start calls evaluate_fn before round 1 and after each round
+
+    def clock(server_round: int, arrays: ArrayRecord) -> None:  # for the benchmark only
+        ends.append(time.perf_counter())
+
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()),
-                            train_config=ConfigRecord({"lr": s["lr"]}), num_rounds=s["rounds"])
+                            train_config=ConfigRecord({"lr": s["lr"]}), num_rounds=s["rounds"], evaluate_fn=clock)
     wall = time.perf_counter() - started
     final = result.evaluate_metrics_clientapp[s["rounds"]]
     trained = sum(float(line) for line in Path(s["train_log"]).read_text().split())
     Path(s["result"]).write_text(json.dumps({"wall_per_round_s": wall / s["rounds"],
+                                             "round_seconds": [b - a for a, b in zip([started, *ends[1:]], ends[1:])],
                                              "train_per_round_s": trained / s["rounds"], "dice": final["dice"]}))
 
 
