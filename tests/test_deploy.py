@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -175,8 +176,14 @@ def test_node_check_summarises_and_refuses_identifiable_dicom(tmp_path: Path, ca
 
 # ----- a real deployment -----------------------------------------------------------------------
 def _flower_processes(marker: str) -> list[str]:
-    out = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "pgrep" not in line]
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if marker in line and proc.pid != os.getpid():
+            found.append(line)
+    return found
 
 
 def test_demo_deploy_runs_two_dp_rounds_and_stops_everything(tmp_path: Path) -> None:
