@@ -94,12 +94,12 @@ def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
         synthesize(root, nodes=cfg.data.nodes, task=task, seed=cfg.seed, image_size=cfg.data.image_size)
     for index in range(cfg.data.nodes):
         load_local_data(node_dir(root, index), task, use_cache=False)
-    if cfg.node_policy.epsilon > 0:  # in simulation the launcher acts as every node's operator
+    if cfg.node_policy.epsilon > 0 or cfg.node_policy.require_secagg:  # the launcher acts as every node's operator
         from nodes.policy import Policy, save_policy, state_dir
 
         p = cfg.node_policy
         policy = Policy(epsilon=p.epsilon, delta=p.delta, min_noise_multiplier=p.min_noise_multiplier,
-                        max_clip_norm=p.max_clip_norm)
+                        max_clip_norm=p.max_clip_norm, require_secagg=p.require_secagg)
         for index in range(cfg.data.nodes):
             save_policy(state_dir(node_dir(root, index)), policy)
 

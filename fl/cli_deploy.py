@@ -66,6 +66,8 @@ def add_parsers(sub: Any, node: Any) -> None:
     nstart.add_argument("--root-cert", help="the coordinator's ca.crt (TLS)")
     nstart.add_argument("--auth-key", help="this node's private key from `fl certs create`")
     nstart.add_argument("--budget", type=float, help="record-level epsilon budget (written into the node's policy)")
+    nstart.add_argument("--require-secagg", action="store_true",
+                        help="send updates only masked by SecAgg+ (written into the node's policy)")
     nstart.add_argument("--task", help="seg2d, seg3d (default: from dataset.json)")
     nstart.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's runtime API")
     nstart.add_argument("--allow-identifiable-dicom", action="store_true")
@@ -201,11 +203,12 @@ def cmd_node_start(args: argparse.Namespace) -> int:
         raise ConfigError(f"--data: {data} contains a quote, which Flower's node config cannot carry")
     check_dataset(data, _task_for(data, args.task), allow_identifiable=args.allow_identifiable_dicom)
     state = state_dir(data)
-    if args.budget is not None:
-        if not args.budget > 0:
-            raise ConfigError(f"--budget: must be > 0, got {args.budget}")
-        policy = load_policy(state)
-        save_policy(state, Policy(**{**policy.__dict__, "epsilon": args.budget}))
+    if args.budget is not None and not args.budget > 0:
+        raise ConfigError(f"--budget: must be > 0, got {args.budget}")
+    changes = {**({"epsilon": args.budget} if args.budget is not None else {}),
+               **({"require_secagg": True} if args.require_secagg else {})}
+    if changes:
+        save_policy(state, Policy(**{**load_policy(state).__dict__, **changes}))
     if not load_allowlist(state):
         raise ConfigError(f"{allowlist_path(state)}: no approved app; review the coordinator's app and run "
                           f"`fl node approve HASH --data {args.data}` (the hash comes from `fl app hash`)")

@@ -36,6 +36,8 @@ def add_parsers(sub: Any) -> Any:
     policy.add_argument("--accountant", default="rdp", choices=accounting.ACCOUNTANTS)
     policy.add_argument("--min-noise", type=float, default=0.0, help="weakest DP-SGD noise multiplier accepted")
     policy.add_argument("--max-clip", type=float, default=0.0, help="largest clipping norm accepted (0: any)")
+    policy.add_argument("--require-secagg", action="store_true",
+                        help="send updates only masked by SecAgg+, refuse to send them in the clear")
     policy.set_defaults(func=cmd_node_policy)
     budget = node.add_parser("budget", help="record-level budget: spent and remaining")
     budget.add_argument("--data", required=True, help="the node's data folder")
@@ -81,7 +83,8 @@ def cmd_node_policy(args: argparse.Namespace) -> int:
     from nodes.policy import Policy, save_policy, state_dir
 
     policy = Policy(epsilon=args.epsilon, delta=args.delta, accountant=args.accountant,
-                    min_noise_multiplier=args.min_noise, max_clip_norm=args.max_clip)
+                    min_noise_multiplier=args.min_noise, max_clip_norm=args.max_clip,
+                    require_secagg=args.require_secagg)
     print(save_policy(state_dir(Path(args.data)), policy))
     return 0
 
@@ -96,6 +99,7 @@ def budget_report(data_dir: Path) -> dict[str, Any]:
     spent = accounting.epsilon(events, policy.delta, policy.accountant)
     return {
         "budget_epsilon": policy.epsilon or None, "delta": policy.delta, "accountant": policy.accountant,
+        "require_secagg": policy.require_secagg,
         "spent_epsilon": spent, "remaining_epsilon": max(policy.epsilon - spent, 0.0) if policy.epsilon else None,
         "trainings": len(entries),
         "ledger": [{"seq": e["seq"], "round": e.get("server_round"), "epsilon_after": e.get("epsilon_after"),
@@ -112,6 +116,8 @@ def cmd_node_budget(args: argparse.Namespace) -> int:
     remaining = "-" if report["remaining_epsilon"] is None else f"{report['remaining_epsilon']:.3f}"
     print(f"record-level budget: {budget} at delta {report['delta']:g} ({report['accountant']})")
     print(f"spent: {report['spent_epsilon']:.3f} over {report['trainings']} training(s); remaining: {remaining}")
+    if report["require_secagg"]:
+        print("updates leave this node only masked by SecAgg+ (policy require_secagg)")
     for row in report["ledger"]:
         print(f"  #{row['seq']}: round {row['round']}, noise {row['noise_multiplier']:g}, "
               f"q {row['sample_rate']:.4f}, {row['steps']} steps -> epsilon {row['epsilon_after']:.3f}")

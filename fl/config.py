@@ -211,11 +211,14 @@ class LocalDpConfig:
 class NodePolicyConfig:
     """A privacy policy `fl run` writes into every simulated node (deployed nodes set their own)."""
 
-    epsilon: float = _key(0.0, "Record-level budget of each simulated node; 0 leaves the nodes' policies as they are.",
+    epsilon: float = _key(0.0, "Record-level budget of each simulated node; 0 (and require_secagg false) leaves the "
+                               "nodes' policies as they are.",
                           _non_negative)
     delta: float = _key(1e-5, "Record-level delta of that budget.", _fraction)
     min_noise_multiplier: float = _key(0.0, "Weakest DP-SGD noise a node accepts.", _non_negative)
     max_clip_norm: float = _key(0.0, "Largest DP-SGD clipping norm a node accepts; 0: any.", _non_negative)
+    require_secagg: bool = _key(False, "Each simulated node sends its update only masked by SecAgg+ "
+                                       "(refuses plain train requests).")
 
 
 @dataclass(frozen=True)

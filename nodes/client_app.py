@@ -10,6 +10,7 @@ node's own log.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import time
@@ -29,7 +30,7 @@ from fl.errors import ConfigError, DataError
 from fl.tasks import Task, get_task
 from nodes.data import LocalData, load_local_data
 from nodes.ledger import Ledger, LedgerError
-from nodes.policy import LocalDpRequest, Refusal, admit, load_policy, local_event, state_dir
+from nodes.policy import LocalDpRequest, Refusal, admit, check_channel, load_policy, local_event, state_dir
 from nodes.synth import node_dir
 from nodes.train import evaluate_local, train_local
 from strategies.secagg import ARRAY_KEYS, is_secagg_message, legacy_instruction, legacy_reply
@@ -37,6 +38,9 @@ from strategies.secagg import ARRAY_KEYS, is_secagg_message, legacy_instruction,
 log = logging.getLogger("flwr.oncofed.node")  # lands in the SuperNode's own log
 
 app = ClientApp()
+# True only while Flower's secaggplus_mod runs this node's training (its masking stage): the
+# one path where the update leaves masked, whatever the server's message looks like
+_UNDER_SECAGG: contextvars.ContextVar[bool] = contextvars.ContextVar("oncofed_under_secagg", default=False)
 
 
 def resolve_data_dir(context: Context) -> Path:
@@ -69,7 +73,11 @@ def _secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Messag
     logging.getLogger("flwr").setLevel(logging.INFO)  # the mod logs every stage at DEBUG
 
     def train_or_raise(inner: Message, ctx: Context) -> Message:
-        reply = call_next(inner, ctx)
+        token = _UNDER_SECAGG.set(True)
+        try:
+            reply = call_next(inner, ctx)
+        finally:
+            _UNDER_SECAGG.reset(token)
         if reply.has_error():  # the mod cannot mask an error: fail the stage with its reason
             raise RuntimeError(f"error {reply.error.code}: {reply.error.reason}")
         return reply
@@ -132,6 +140,7 @@ def train(msg: Message, context: Context) -> Message:
         config = content[wire.CONFIG]
         folder = node_state_dir(context, data_dir)
         policy, ledger = load_policy(folder), Ledger.in_dir(folder)
+        check_channel(policy, secure=secure is not None and _UNDER_SECAGG.get())
         request = _local_dp_request(config)
         epochs, batch_size = int(config[wire.EPOCHS]), int(config[wire.BATCH_SIZE])
         event = (
@@ -164,7 +173,7 @@ def train(msg: Message, context: Context) -> Message:
             values[wire.DELTA_RECORD] = float(entry["delta"])
     except Refusal as refusal:
         log.warning("node %s refused round %s: %s", msg.metadata.dst_node_id,
-                    msg.content[wire.CONFIG].get(wire.SERVER_ROUND), refusal.reason)
+                    content[wire.CONFIG].get(wire.SERVER_ROUND), refusal.reason)
         return Message(Error(code=refusal.code, reason=refusal.reason), reply_to=msg)
     except LedgerError as exc:
         log.error("node %s: %s", msg.metadata.dst_node_id, exc)

@@ -44,6 +44,7 @@ class Policy:
     accountant: str = "rdp"
     min_noise_multiplier: float = 0.0
     max_clip_norm: float = 0.0  # 0: no limit
+    require_secagg: bool = False  # send updates only masked by SecAgg+, never in the clear
 
     def __post_init__(self) -> None:
         checks = {
@@ -52,6 +53,7 @@ class Policy:
             "accountant": self.accountant in accounting.ACCOUNTANTS,
             "min_noise_multiplier": math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier >= 0,
             "max_clip_norm": math.isfinite(self.max_clip_norm) and self.max_clip_norm >= 0,
+            "require_secagg": isinstance(self.require_secagg, bool),
         }
         for name, ok in checks.items():
             if not ok:
@@ -88,6 +90,9 @@ def load_policy(folder: Path) -> Policy:
     unknown = set(raw) - set(Policy.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"{path}: unknown policy key {sorted(unknown)[0]!r}")
+    for key, value in raw.items():
+        if isinstance(getattr(Policy(), key), bool) != isinstance(value, bool):
+            raise ConfigError(f"{path}: policy {key}: invalid value {value!r}")
     try:
         return Policy(**{k: type(getattr(Policy(), k))(v) for k, v in raw.items()})
     except (TypeError, ValueError) as exc:
@@ -101,6 +106,15 @@ def save_policy(folder: Path, policy: Policy) -> Path:
     tmp.write_text(tomli_w.dumps(asdict(policy)), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def check_channel(policy: Policy, *, secure: bool) -> None:
+    """Refuse to train when the policy wants SecAgg+ and the request did not come through it."""
+    from fl import wire
+
+    if policy.require_secagg and not secure:
+        raise Refusal(wire.ERROR_POLICY, "policy: this node sends its update only under secure aggregation "
+                                         "(SecAgg+); the server asked for it in the clear")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from opacus import GradSampleModule
 
 from fl import accounting, wire
 from fl.config import Config
+from fl.errors import ConfigError
 from fl.federation import initial_arrays
 from fl.noise import SeededGaussian
 from fl.tasks import get_task
@@ -23,7 +24,16 @@ from nodes.client_app import app
 from nodes.data import load_local_data
 from nodes.dp_train import _NoiseInjectedDPOptimizer, train_local_dp
 from nodes.ledger import Ledger, LedgerError
-from nodes.policy import LocalDpRequest, Policy, Refusal, admit, local_event, save_policy, state_dir
+from nodes.policy import (
+    LocalDpRequest,
+    Policy,
+    Refusal,
+    admit,
+    load_policy,
+    local_event,
+    save_policy,
+    state_dir,
+)
 from nodes.train import evaluate_local
 
 TASK = get_task("seg2d")
@@ -178,3 +188,25 @@ def test_node_processes_without_local_dp_do_not_load_opacus() -> None:
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.stdout.strip() == "False"
+
+
+def test_policy_file_with_a_wrong_type_is_named(tmp_path: Path) -> None:
+    folder = state_dir(tmp_path)
+    save_policy(folder, Policy(require_secagg=True))
+    assert load_policy(folder).require_secagg is True
+    (folder / "policy.toml").write_text('require_secagg = "yes"\n')
+    with pytest.raises(ConfigError, match="policy.toml: policy require_secagg: invalid value 'yes'"):
+        load_policy(folder)
+    (folder / "policy.toml").write_text("epsilon = true\n")
+    with pytest.raises(ConfigError, match="policy epsilon"):
+        load_policy(folder)
+
+
+def test_node_policy_command_sets_the_secagg_requirement(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fl.cli import main
+
+    assert main(["node", "policy", "--data", str(tmp_path), "--epsilon", "4", "--require-secagg"]) == 0
+    assert load_policy(state_dir(tmp_path)) == Policy(epsilon=4.0, require_secagg=True)
+    capsys.readouterr()
+    assert main(["node", "budget", "--data", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["require_secagg"] is True

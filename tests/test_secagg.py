@@ -4,6 +4,7 @@ produces is the one plain equal-weight FedAvg produces, to within quantisation e
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -47,15 +48,15 @@ def _equal_sized(root: Path, nodes: int, cases: int) -> None:
         path.write_text(json.dumps(manifest))
 
 
-def _run(tmp: Path, name: str, *extra: str) -> dict[str, torch.Tensor]:
+def _run(tmp: Path, name: str, *extra: str, code: int = 0) -> dict[str, torch.Tensor]:
     assert main([
         "run", str(REPO / "configs" / "quickstart.toml"), "--out", str(tmp / "runs"),
         "--set", f'data.root="{tmp / "data"}"', "--set", "data.nodes=3", "--set", "data.image_size=32",
         "--set", "rounds=1", "--set", "train.epochs=1", "--set", "strategy.evaluate_initial=false",
         "--set", f'registry.root="{tmp / "registry"}"', "--set", f"model_name={name}",
         "--set", f"output.run_name={name}", *extra,
-    ]) == 0
-    return load_file(tmp / "runs" / name / "model.safetensors")
+    ]) == code
+    return load_file(tmp / "runs" / name / "model.safetensors") if code == 0 else {}
 
 
 def test_secure_sum_equals_plain_fedavg(tmp_path: Path) -> None:
@@ -86,3 +87,57 @@ def test_secure_aggregation_with_central_dp(tmp_path: Path) -> None:
     expected = epsilon([GaussianEvent(1.0, 1.0, 1)], 1e-5, "rdp")
     assert abs(line["privacy"]["client_level"]["epsilon"] - expected) < 1e-9
     assert all(n["update-norm-below-clip"] in (0.0, 1.0) for n in line["train"]["nodes"].values())
+
+
+def test_node_requiring_secagg_refuses_plain_requests_and_trains_under_secagg(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    synthesize(tmp_path / "data", nodes=3, task=get_task("seg2d"), image_size=32)
+    common = ["--set", "node_policy.require_secagg=true"]
+    _run(tmp_path, "plain", *common, code=2)  # every node refuses to send its weights in the clear
+    err = capsys.readouterr().err
+    assert "every node refused" in err and "only under secure aggregation" in err
+    assert not (tmp_path / "registry" / "plain" / "v1").exists()
+    policy = tomllib.loads((node_dir(tmp_path / "data", 0) / ".oncofed" / "policy.toml").read_text())
+    assert policy["require_secagg"] is True
+    _run(tmp_path, "secure", *common, "--set", "secagg.enabled=true")
+    line = json.loads((tmp_path / "runs" / "secure" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert len(line["train"]["nodes"]) == 3 and line["failures"] == {}
+
+
+def test_instruction_shaped_like_secagg_outside_the_protocol_is_refused(tmp_path: Path) -> None:
+    # a server could send SecAgg+'s training instruction without the SecAgg+ stages, to get an
+    # unmasked update from a node that insists on SecAgg+: the node tells the paths apart
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fl import wire
+    from nodes.client_app import app
+    from nodes.policy import Policy, save_policy, state_dir
+    from strategies.secagg import ARRAY_KEYS
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    synthesize(tmp_path / "data", nodes=1, task=get_task("seg2d"), image_size=32)
+    node = node_dir(tmp_path / "data", 0)
+    arrays = initial_arrays(config.from_flat({"data.image_size": 32}))
+    keys = list(arrays.keys())
+    settings = {wire.TASK: "seg2d", wire.EPOCHS: 1, wire.LR: 0.01, wire.BATCH_SIZE: 8, wire.SEED: 0,
+                wire.SERVER_ROUND: 1, ARRAY_KEYS: json.dumps(keys)}
+    fitins = FitIns(ndarrays_to_parameters([arrays[k].numpy() for k in keys]), settings)
+    context = Context(run_id=1, node_id=7, node_config={wire.NODE_DATA_DIR: str(node)}, state=RecordDict(),
+                      run_config={})
+
+    def ask() -> Message:
+        msg = Message(content=fitins_to_recorddict(fitins, keep_input=True), dst_node_id=7,
+                      message_type=MessageType.TRAIN)
+        return app(msg, context)
+
+    assert not ask().has_error()  # the default policy: a plain update, as without SecAgg+
+    save_policy(state_dir(node), Policy(require_secagg=True))
+    reply = ask()
+    assert reply.has_error() and reply.error.code == wire.ERROR_POLICY
+    assert "secure aggregation" in reply.error.reason
+    plain = Message(content=RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(dict(settings))}),
+                    dst_node_id=7, message_type=MessageType.TRAIN)
+    assert app(plain, context).error.code == wire.ERROR_POLICY
