@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -195,7 +196,7 @@ def cmd_node_check(args: argparse.Namespace) -> int:
 
 def cmd_node_start(args: argparse.Namespace) -> int:
     from nodes.check import check_dataset
-    from nodes.policy import Policy, load_policy, save_policy, state_dir
+    from nodes.policy import load_policy, save_policy, state_dir
     from nodes.supernode import allowlist_path, load_allowlist, run_supernode, supernode_argv
 
     data = Path(args.data).resolve()
@@ -208,7 +209,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     changes = {**({"epsilon": args.budget} if args.budget is not None else {}),
                **({"require_secagg": True} if args.require_secagg else {})}
     if changes:
-        save_policy(state, Policy(**{**load_policy(state).__dict__, **changes}))
+        save_policy(state, dataclasses.replace(load_policy(state), **changes))
     if not load_allowlist(state):
         raise ConfigError(f"{allowlist_path(state)}: no approved app; review the coordinator's app and run "
                           f"`fl node approve HASH --data {args.data}` (the hash comes from `fl app hash`)")

@@ -30,7 +30,7 @@ from fl.errors import ConfigError, DataError
 from fl.tasks import Task, get_task
 from nodes.data import LocalData, load_local_data
 from nodes.ledger import Ledger, LedgerError
-from nodes.policy import LocalDpRequest, Refusal, admit, check_channel, load_policy, local_event, state_dir
+from nodes.policy import LocalDpRequest, Refusal, admit, load_policy, local_event, state_dir
 from nodes.synth import node_dir
 from nodes.train import evaluate_local, train_local
 from strategies.secagg import ARRAY_KEYS, is_secagg_message, legacy_instruction, legacy_reply
@@ -140,7 +140,6 @@ def train(msg: Message, context: Context) -> Message:
         config = content[wire.CONFIG]
         folder = node_state_dir(context, data_dir)
         policy, ledger = load_policy(folder), Ledger.in_dir(folder)
-        check_channel(policy, secure=secure is not None and _UNDER_SECAGG.get())
         request = _local_dp_request(config)
         epochs, batch_size = int(config[wire.EPOCHS]), int(config[wire.BATCH_SIZE])
         event = (
@@ -148,8 +147,8 @@ def train(msg: Message, context: Context) -> Message:
             if request else None
         )
         with ledger.locked():
-            entry = admit(policy, ledger, request, event, server_round=int(config[wire.SERVER_ROUND]),
-                          time=time.time())
+            entry = admit(policy, ledger, request, event, secure=secure is not None and _UNDER_SECAGG.get(),
+                          server_round=int(config[wire.SERVER_ROUND]), time=time.time())
         global_state = {k: v.clone() for k, v in net.state_dict().items()}
         common = dict(epochs=epochs, lr=float(config[wire.LR]), batch_size=batch_size)
         if request:

@@ -90,11 +90,12 @@ def load_policy(folder: Path) -> Policy:
     unknown = set(raw) - set(Policy.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"{path}: unknown policy key {sorted(unknown)[0]!r}")
+    defaults = Policy()
     for key, value in raw.items():
-        if isinstance(getattr(Policy(), key), bool) != isinstance(value, bool):
+        if isinstance(getattr(defaults, key), bool) != isinstance(value, bool):
             raise ConfigError(f"{path}: policy {key}: invalid value {value!r}")
     try:
-        return Policy(**{k: type(getattr(Policy(), k))(v) for k, v in raw.items()})
+        return Policy(**{k: type(getattr(defaults, k))(v) for k, v in raw.items()})
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -108,15 +109,6 @@ def save_policy(folder: Path, policy: Policy) -> Path:
     return path
 
 
-def check_channel(policy: Policy, *, secure: bool) -> None:
-    """Refuse to train when the policy wants SecAgg+ and the request did not come through it."""
-    from fl import wire
-
-    if policy.require_secagg and not secure:
-        raise Refusal(wire.ERROR_POLICY, "policy: this node sends its update only under secure aggregation "
-                                         "(SecAgg+); the server asked for it in the clear")
-
-
 @dataclass(frozen=True)
 class LocalDpRequest:
     """The local DP settings a server asks for."""
@@ -126,15 +118,20 @@ class LocalDpRequest:
 
 
 def admit(
-    policy: Policy, ledger: Ledger, request: LocalDpRequest | None, event: GaussianEvent | None, **context: Any
+    policy: Policy, ledger: Ledger, request: LocalDpRequest | None, event: GaussianEvent | None, *,
+    secure: bool = False, **context: Any
 ) -> dict[str, Any] | None:
     """Check a train request against the policy and budget; record the spend if admitted.
 
-    Returns the ledger entry (None for a non-DP request the policy allows); raises
-    :class:`Refusal` otherwise. Call inside ``ledger.locked()``.
+    ``secure``: the request runs through SecAgg+ (the node's update leaves masked). Returns the
+    ledger entry (None for a non-DP request the policy allows); raises :class:`Refusal`
+    otherwise. Call inside ``ledger.locked()``.
     """
     from fl import wire
 
+    if policy.require_secagg and not secure:
+        raise Refusal(wire.ERROR_POLICY, "policy: this node sends its update only under secure aggregation "
+                                         "(SecAgg+); the server asked for it in the clear")
     if request is None or event is None:
         if policy.requires_dp:
             raise Refusal(wire.ERROR_POLICY, "policy: this node trains only with local DP (it has a privacy budget)")

@@ -147,6 +147,7 @@ def test_node_refuses_once_its_budget_is_spent(tmp_path: Path) -> None:
         (Policy(epsilon=10, min_noise_multiplier=1.5), REQUEST, "noise multiplier 1 is below this node's minimum 1.5"),
         (Policy(epsilon=10, max_clip_norm=0.5), REQUEST, "clipping norm 1 exceeds this node's maximum 0.5"),
         (Policy(epsilon=10), None, "this node trains only with local DP"),
+        (Policy(epsilon=10, require_secagg=True), REQUEST, "only under secure aggregation"),  # not `secure`
     ],
 )
 def test_policy_violations_are_refused(tmp_path: Path, policy: Policy, request_, fragment: str) -> None:  # noqa: ANN001
