@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from fl.registry import Registry, Version
+from fl.registry import Registry, RegistryError, Version
 
 
 def add_parsers(sub: Any) -> None:
@@ -73,6 +73,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     registry = Registry(args.registry)
+    if not registry.root.is_dir():
+        raise RegistryError(f"{registry.root}: no registry folder here (check --registry or registry.root)")
     names = [args.name] if args.name else registry.models()
     if not names:
         print(f"registry {registry.root}: no models")

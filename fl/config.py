@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fl import wire
 from fl.errors import ConfigError
 from fl.tasks import TASK_NAMES
 
@@ -44,6 +45,10 @@ def _non_negative(value: float) -> str | None:
 
 def _fraction(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
+def _delta(value: float) -> str | None:
+    return None if 0 < value < 1 else "must be in (0, 1): delta is a probability of failure, and 1 promises nothing"
 
 
 def _one_of(*choices: str) -> Callable[[str], str | None]:
@@ -178,7 +183,7 @@ class CentralDpConfig:
     count_stddev: float = _key(
         0.0, "Adaptive clipping: noise std of the unclipped count; 0 takes expected nodes / 20.", _non_negative
     )
-    delta: float = _key(1e-5, "Client-level delta.", _fraction)
+    delta: float = _key(1e-5, "Client-level delta.", _delta)
     target_epsilon: float = _key(
         0.0, "Stop before a round that would take client-level epsilon past this; 0: no limit.", _non_negative
     )
@@ -214,7 +219,7 @@ class NodePolicyConfig:
     epsilon: float = _key(0.0, "Record-level budget of each simulated node; 0 (and require_secagg false) leaves the "
                                "nodes' policies as they are.",
                           _non_negative)
-    delta: float = _key(1e-5, "Record-level delta of that budget.", _fraction)
+    delta: float = _key(1e-5, "Record-level delta of that budget.", _delta)
     min_noise_multiplier: float = _key(0.0, "Weakest DP-SGD noise a node accepts.", _non_negative)
     max_clip_norm: float = _key(0.0, "Largest DP-SGD clipping norm a node accepts; 0: any.", _non_negative)
     require_secagg: bool = _key(False, "Each simulated node sends its update only masked by SecAgg+ "
@@ -302,8 +307,9 @@ class Config:
             why = "central_dp.clip_on: the server cannot clip updates it never sees; set it to 'client' with SecAgg+"
         elif self.central_dp.enabled and self.central_dp.clipping == "adaptive":
             why = "central_dp.clipping: adaptive clipping needs each node's unclipped bit; use 'fixed' with SecAgg+"
-        elif self.data.nodes < 3 or self.min_nodes < 3:
-            why = "data.nodes: SecAgg+ among 2 nodes shows each node the other's update; use 3 or more"
+        elif self.data.nodes < wire.SECAGG_MIN_NODES or self.min_nodes < wire.SECAGG_MIN_NODES:
+            why = (f"data.nodes: SecAgg+ among 2 nodes shows each node the other's update; use "
+                   f"{wire.SECAGG_MIN_NODES} or more")
         elif self.central_dp.enabled and 0 < self.secagg.clipping_range < self.central_dp.clipping_norm:
             why = (f"secagg.clipping_range: {self.secagg.clipping_range} is below central_dp.clipping_norm = "
                    f"{self.central_dp.clipping_norm}; clipped coordinates would change the update")

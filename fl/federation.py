@@ -122,9 +122,13 @@ def secure_train(grid: Grid, strategy: Any, server_round: int, arrays: ArrayReco
     res.secure = {str(n): m for n, m in zip(result.node_ids, result.metrics, strict=True)}
     losses = [m[wire.TRAIN_LOSS] for m in result.metrics if wire.TRAIN_LOSS in m]
     train_agg = {wire.TRAIN_LOSS: sum(losses) / len(losses)} if losses else None
-    if isinstance(strategy, CentralDP):
+    if result.skipped:
+        log.warning("round %d: %s", server_round, result.skipped)
+    if isinstance(strategy, CentralDP):  # below the minimum: the noise alone, accounted as any round
         total = result.update_sum if result.update_sum is not None else strategy.zero_sum()
         return res, strategy.release(server_round, total, below=0.0), train_agg
+    if result.skipped:
+        return res, arrays, train_agg
     if result.update_sum is None:
         return res, None, train_agg
     mean = {k: v / result.contributors for k, v in result.update_sum.items()}
@@ -339,6 +343,8 @@ class CentralAccount:
     def __init__(self, cfg: Config, events: list[GaussianEvent]) -> None:
         self.cfg, self.events = cfg, events
         self.event = central_dp_settings(cfg).round_event() if cfg.central_dp.enabled else None
+        if self.event is not None:  # an accountant that cannot answer fails here, before any release
+            self.epsilon([*events, self.event])
 
     @classmethod
     def resume(cls, cfg: Config, manifest: dict[str, Any]) -> CentralAccount:

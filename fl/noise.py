@@ -7,6 +7,14 @@ with 256 bits from ``os.urandom`` (a CSPRNG construction, several times faster t
 normals with the Box-Muller transform in float64; no global generator of torch or NumPy is
 ever touched. :class:`SeededGaussian` exists for tests that need reproducible noise
 and must be injected explicitly.
+
+Noise is float64, and callers add it to a float64 value and round once, at release, to the
+model's dtype. Noise drawn on a coarser grid than the value it is added to keeps that grid
+in the sum: whoever knows the other contributions can test, coordinate by coordinate, whether
+``released - known`` lies on the noise's grid, and so tell whether a record or node took part
+(Mironov, "On significance of the least significant bits for differential privacy", CCS 2012).
+Rounding the float64 result to float32 at release is itself a snapping step: the float32 grid
+is 2^29 times coarser than the float64 one the noise lives on.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ import torch
 class NoiseSource(Protocol):
     """Draws i.i.d. N(0, std^2) samples."""
 
-    def gaussian(self, shape: tuple[int, ...], std: float) -> torch.Tensor: ...
+    def gaussian(self, shape: tuple[int, ...], std: float) -> torch.Tensor:
+        """float64 samples: add them in float64 and round once, at release."""
+        ...
 
     def uniform(self, n: int) -> np.ndarray: ...
 
@@ -57,7 +67,7 @@ class SecureGaussian:
         radius = torch.sqrt(-2.0 * torch.log(u[:pairs]))
         angle = (2.0 * math.pi) * u[pairs:]
         normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
-        return (normals * std).reshape(shape).to(torch.float32)
+        return (normals * std).reshape(shape)
 
 
 class SeededGaussian:
@@ -70,4 +80,4 @@ class SeededGaussian:
         return 1.0 - self._rng.random(n)
 
     def gaussian(self, shape: tuple[int, ...], std: float) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self._rng.standard_normal(shape) * std, dtype=np.float32))
+        return torch.from_numpy(np.asarray(self._rng.standard_normal(shape) * std, dtype=np.float64))

@@ -41,6 +41,10 @@ NODE_DATA_DIR = "data-dir"
 NODE_PARTITION_ID = "partition-id"
 NODE_STATE_DIR = "state-dir"  # optional: where the node keeps its privacy policy and ledger
 
+# SecAgg+ among fewer nodes lets a participant read another's update from the result (with two,
+# each subtracts its own); a round with fewer sampled or surviving contributors aggregates nothing
+SECAGG_MIN_NODES = 3
+
 # error reply codes a node may send instead of a result
 ERROR_DATASET_INVALID = 4001
 ERROR_TRAINING_FAILED = 4002

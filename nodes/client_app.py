@@ -148,7 +148,7 @@ def train(msg: Message, context: Context) -> Message:
         )
         with ledger.locked():
             entry = admit(policy, ledger, request, event, secure=secure is not None and _UNDER_SECAGG.get(),
-                          server_round=int(config[wire.SERVER_ROUND]), time=time.time())
+                          num_records=len(data.train), server_round=int(config[wire.SERVER_ROUND]), time=time.time())
         global_state = {k: v.clone() for k, v in net.state_dict().items()}
         common = dict(epochs=epochs, lr=float(config[wire.LR]), batch_size=batch_size)
         if request:

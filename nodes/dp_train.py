@@ -35,8 +35,9 @@ class _NoiseInjectedDPOptimizer(DPOptimizer):
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             summed = p.summed_grad
-            noise = self.noise_source.gaussian(tuple(summed.shape), std).to(summed.device, summed.dtype)
-            p.grad = (summed + noise).view_as(p)
+            # added in float64, rounded once to the parameter's dtype (see fl.noise)
+            noise = self.noise_source.gaussian(tuple(summed.shape), std).to(summed.device)
+            p.grad = (summed.double() + noise).to(summed.dtype).view_as(p)
             summed._processed = True  # Opacus's marker: this step's noise is in
 
 

@@ -119,11 +119,13 @@ class LocalDpRequest:
 
 def admit(
     policy: Policy, ledger: Ledger, request: LocalDpRequest | None, event: GaussianEvent | None, *,
-    secure: bool = False, **context: Any
+    secure: bool = False, num_records: int = 0, **context: Any
 ) -> dict[str, Any] | None:
     """Check a train request against the policy and budget; record the spend if admitted.
 
-    ``secure``: the request runs through SecAgg+ (the node's update leaves masked). Returns the
+    ``secure``: the request runs through SecAgg+ (the node's update leaves masked).
+    ``num_records``: the node's record count; a delta of 1/n or more is refused, since a mechanism
+    that publishes one record outright is (0, 1/n)-DP. Returns the
     ledger entry (None for a non-DP request the policy allows); raises :class:`Refusal`
     otherwise. Call inside ``ledger.locked()``.
     """
@@ -147,9 +149,18 @@ def admit(
             wire.ERROR_POLICY,
             f"policy: clipping norm {request.max_grad_norm:g} exceeds this node's maximum {policy.max_clip_norm:g}",
         )
+    if num_records and policy.delta >= 1 / num_records:
+        raise Refusal(
+            wire.ERROR_POLICY,
+            f"policy: delta {policy.delta:g} is not below 1/{num_records} (this node's record count); "
+            "with it, releasing one record outright would meet the guarantee. Lower the node's delta",
+        )
     history = ledger.events()
-    spent = accounting.epsilon(history, policy.delta, policy.accountant)
-    after = accounting.epsilon([*history, event], policy.delta, policy.accountant)
+    try:
+        spent = accounting.epsilon(history, policy.delta, policy.accountant)
+        after = accounting.epsilon([*history, event], policy.delta, policy.accountant)
+    except accounting.AccountingError as exc:
+        raise Refusal(wire.ERROR_POLICY, f"privacy accounting: {exc}") from None
     if policy.epsilon and after > policy.epsilon:
         raise Refusal(
             wire.ERROR_BUDGET,

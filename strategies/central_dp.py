@@ -146,7 +146,11 @@ class CentralDP(Strategy):
                 if norm > bound * (1 + 1e-4):
                     self.excluded[node] = f"update norm {norm:.4g} exceeds the clipping norm {bound:.4g}"
                     continue
-                below += float(reply.content[wire.METRICS].get(wire.UPDATE_NORM_BELOW_CLIP, 0.0))
+                bit = reply.content[wire.METRICS].get(wire.UPDATE_NORM_BELOW_CLIP)
+                if bit not in (0.0, 1.0):  # NaN, inf, 1e6 would steer the clipping norm
+                    self.excluded[node] = f"invalid '{wire.UPDATE_NORM_BELOW_CLIP}' value (must be 0 or 1)"
+                    continue
+                below += float(bit)
             else:
                 below += 1.0 if norm <= bound else 0.0
             for k in total:
@@ -166,10 +170,8 @@ class CentralDP(Strategy):
             return None
         m = s.expected_nodes
         std = s.noise_multiplier * bound
-        noisy = {
-            k: (self._current[k] + (v + self.noise.gaussian(v.shape, std).numpy().astype(np.float64)) / m)
-            for k, v in total.items()
-        }
+        # float64 throughout; rounded once below, to the model's dtypes (see fl.noise)
+        noisy = {k: self._current[k] + (v + self.noise.gaussian(v.shape, std).numpy()) / m for k, v in total.items()}
         if s.clipping == ADAPTIVE:
             noisy_count = below + float(self.noise.gaussian((1,), s.count_std)[0])
             self.clip_norm = bound * math.exp(-s.clip_lr * (noisy_count / m - s.target_quantile))

@@ -62,6 +62,7 @@ class SecureRoundResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)  # per-node scalars (loss, epsilon)
     node_ids: list[int] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
+    skipped: str | None = None  # why this round aggregated nothing (too few contributors)
 
 
 class _OneRound(LegacyStrategy):  # type: ignore[misc]
@@ -107,8 +108,9 @@ def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
     """Sample and instruct through ``strategy``, then train and sum the updates with SecAgg+."""
     messages = list(strategy.configure_train(server_round, arrays, config, grid))
     keys = list(arrays.keys())
-    if len(messages) < 2:  # SecAgg+ needs two or more; the caller still releases its noise
-        return SecureRoundResult(None, 0)
+    if len(messages) < wire.SECAGG_MIN_NODES:  # checked every round: sampling can pick fewer
+        return SecureRoundResult(None, 0, skipped=f"{len(messages)} node(s) sampled, fewer than the "
+                                                  f"{wire.SECAGG_MIN_NODES} SecAgg+ needs; nothing aggregated")
     instructions = {}
     for message in messages:
         node_config = dict(message.content[wire.CONFIG])
@@ -130,6 +132,10 @@ def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
     if shim.aggregate is None:
         return SecureRoundResult(None, 0, failures=failures or {"secagg": "secure aggregation halted"})
     n = len(shim.results)
+    if n < wire.SECAGG_MIN_NODES:  # dropouts left too few: their sum would expose each of them
+        return SecureRoundResult(None, 0, failures=failures,
+                                 skipped=f"{n} contributor(s) survived, fewer than the {wire.SECAGG_MIN_NODES} "
+                                         "SecAgg+ needs; their sum is discarded")
     update_sum = {k: np.asarray(a, dtype=np.float64) * n for k, a in zip(keys, shim.aggregate, strict=True)}
     metrics = [dict(res.metrics) for _, res in shim.results]
     nodes = [proxy.node_id for proxy, _ in shim.results]

@@ -75,3 +75,25 @@ def test_cli_estimate_and_calibrate(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["privacy", "estimate", "--noise-multiplier", "1", "--sample-rate", "2", "--steps", "1",
                  "--delta", "1e-5"]) == 2
     assert "--sample-rate: must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("accountant", ["pld", "prv"])
+@pytest.mark.parametrize("z", [0.01, 0.05, 0.1])
+def test_extreme_noise_fails_closed_instead_of_hanging(accountant: str, z: float) -> None:
+    """PLD did not finish and PRV asked for 26 GB (or returned inf) at these multipliers."""
+    from fl.accounting import AccountingError
+
+    with pytest.raises(AccountingError, match=f"accountant {accountant}: .* past the 100"):
+        epsilon([GaussianEvent(z, 0.1, 100)], 1e-5, accountant)
+
+
+def test_cli_refuses_extreme_noise_and_a_delta_of_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["privacy", "estimate", "--noise-multiplier", "0.01", "--sample-rate", "0.1", "--steps", "100",
+                 "--delta", "1e-5", "--accountant", "pld"]) == 2
+    assert "raise the noise multiplier" in capsys.readouterr().err
+    from fl import config
+    from fl.errors import ConfigError
+
+    for key in ("central_dp.delta", "node_policy.delta"):
+        with pytest.raises(ConfigError, match=f"{key}: must be in \\(0, 1\\)"):
+            config.from_flat({key: 1.0})

@@ -153,3 +153,19 @@ def test_an_empty_poisson_sample_still_releases_noise_as_accounted() -> None:
     out = _round(dp, lambda msgs: [], nodes=10)  # nobody sampled or every reply lost
     noise = np.concatenate([v.ravel() for v in out.values()])
     assert noise.std() == pytest.approx(1.0 * 1.0 / 1.0, rel=0.05)  # sigma C / (q N), q N = 1
+
+
+@pytest.mark.parametrize("bit", [1e6, -1e6, float("nan"), float("inf"), 0.5, None])
+def test_adaptive_clipping_excludes_a_bit_that_is_not_0_or_1(bit: float | None) -> None:
+    settings = CentralDpSettings(noise_multiplier=1.0, clipping_norm=1.0, num_nodes=3, clip_on="client",
+                                 clipping="adaptive")
+    dp = _wrapper(settings)
+    small = {k: np.full(s, 1e-3, dtype=np.float32) for k, s in SHAPES.items()}
+    bad = {} if bit is None else {wire.UPDATE_NORM_BELOW_CLIP: bit}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("flwr.serverapp.strategy.fedavg.sample_nodes", lambda g, a, size: ([1, 2, 3], [1, 2, 3]))
+        list(dp.configure_train(1, _arrays(_zeros()), ConfigRecord(), _grid(3)))
+    dp.aggregate_train(1, [_reply(1, small, **bad), _reply(2, small, **{wire.UPDATE_NORM_BELOW_CLIP: 1.0}),
+                           _reply(3, small, **{wire.UPDATE_NORM_BELOW_CLIP: 0.0})])
+    assert list(dp.excluded) == ["1"] and "must be 0 or 1" in dp.excluded["1"]
+    assert math.isfinite(dp.clip_norm) and 0.1 < dp.clip_norm < 10  # one honest 1 and one 0 moved it little

@@ -211,3 +211,20 @@ def test_node_policy_command_sets_the_secagg_requirement(tmp_path: Path, capsys:
     capsys.readouterr()
     assert main(["node", "budget", "--data", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["require_secagg"] is True
+
+
+def test_a_delta_not_below_one_over_the_record_count_is_refused(tmp_path: Path) -> None:
+    ledger = Ledger.in_dir(tmp_path)
+    with ledger.locked(), pytest.raises(Refusal, match=r"delta 0.05 is not below 1/40") as refusal:
+        admit(Policy(epsilon=10, delta=0.05), ledger, REQUEST, EVENT, num_records=40)
+    assert refusal.value.code == wire.ERROR_POLICY and ledger.entries() == []
+    with ledger.locked():
+        assert admit(Policy(epsilon=10, delta=1e-3), ledger, REQUEST, EVENT, num_records=40) is not None
+
+
+def test_an_accounting_failure_is_a_refusal_not_a_spend(tmp_path: Path) -> None:
+    ledger = Ledger.in_dir(tmp_path)
+    tiny = accounting.GaussianEvent(0.01, 0.1, 100)  # PLD would not finish; PRV would ask for 26 GB
+    with ledger.locked(), pytest.raises(Refusal, match="privacy accounting: accountant pld"):
+        admit(Policy(epsilon=1e9, accountant="pld"), ledger, LocalDpRequest(0.01, 1.0), tiny)
+    assert ledger.entries() == []

@@ -183,3 +183,11 @@ def test_a_garbage_manifest_is_a_registry_error(tmp_path_factory, garbage: bytes
     (registry.get("m:v1").path / "manifest.json").write_bytes(garbage)
     with pytest.raises(RegistryError):
         registry.verify("m")
+
+
+def test_verify_on_a_mistyped_registry_path_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fl.cli import main
+
+    assert main(["models", "verify", "--registry", str(tmp_path / "no-such-registry")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-registry" in err and "no registry folder" in err

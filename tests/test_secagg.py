@@ -141,3 +141,23 @@ def test_instruction_shaped_like_secagg_outside_the_protocol_is_refused(tmp_path
     plain = Message(content=RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(dict(settings))}),
                     dst_node_id=7, message_type=MessageType.TRAIN)
     assert app(plain, context).error.code == wire.ERROR_POLICY
+
+
+def test_a_round_with_two_sampled_nodes_aggregates_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 3-node minimum holds per round, not only in the config: Poisson sampling that picks 2
+    nodes must not run SecAgg+ between them (each could read the other's update)."""
+    from unittest.mock import MagicMock
+
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from strategies import secagg
+
+    workflow = MagicMock()
+    monkeypatch.setattr(secagg, "SecAggPlusWorkflow", workflow)
+    strategy = MagicMock()
+    strategy.configure_train.return_value = [MagicMock(), MagicMock()]
+    result = secagg.secure_round(MagicMock(), strategy, 1, ArrayRecord(), ConfigRecord(), shares=1.0,
+                                 threshold=0.7, clipping_range=1.0, timeout=10)
+    assert result.update_sum is None and result.contributors == 0
+    assert "fewer than the 3" in (result.skipped or "")
+    workflow.assert_not_called()
