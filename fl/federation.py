@@ -10,7 +10,10 @@ and ``aggregate_evaluate`` of the configured strategy.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ from fl import accounting
 from fl.accounting import GaussianEvent
 from fl.checkpoint import decode_weights, encode_state, encode_weights, manifest_fields, resume_point, restore_state
 from fl.errors import FederationError
+from fl.journal import ReleaseJournal
 from fl.mlflow_mirror import MlflowMirror
 from fl.registry import Registry, Version
 from fl.run_folder import RunFolder
@@ -39,6 +43,8 @@ log = logging.getLogger("flwr.oncofed.server")  # under Flower's logger: same ha
 TRAIN, EVALUATE = "train", "evaluate"
 REFUSALS = {wire.ERROR_BUDGET, wire.ERROR_POLICY}  # a node's own decision, not a fault
 PULL_INTERVAL_S = 0.05
+# tests only: kill this process group right after round N's model left the server, before its commit
+CRASH_AFTER_RELEASE = "ONCOFED_CRASH_AFTER_RELEASE"
 
 
 class Observer(Protocol):
@@ -223,7 +229,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
     else:
         newest = registry.latest(cfg.model_name)
         arrays, first_round, parent, resumed_from = initial_arrays(cfg), 1, newest.hash if newest else None, None
-        central = CentralAccount(cfg, [])
+        central = CentralAccount.start(cfg)
     mirror = MlflowMirror(cfg.registry.mlflow_uri) if cfg.registry.mlflow_uri else None
     folder = RunFolder.create(run_dir, cfg)
     train_cfg, eval_cfg = _instructions(cfg)
@@ -291,8 +297,10 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         if new_arrays is None:
             raise FederationError(f"round {server_round}: no node was sampled")
         arrays = same_dtypes(new_arrays, arrays)
-        central.spend()
+        central.spend(server_round, run_dir.name)  # journaled before the model leaves for evaluation
         ev, eval_failures = evaluate(server_round)
+        if os.environ.get(CRASH_AFTER_RELEASE) == str(server_round):  # fault injection for the resume tests
+            os.killpg(os.getpgid(0), signal.SIGKILL)
         excluded = getattr(strategy, "excluded", {})
         failures = {**{n: f"train: {w}" for n, w in res.failures.items()},
                     **{n: f"train: update excluded, {w}" for n, w in excluded.items()},
@@ -338,19 +346,36 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
 
 
 class CentralAccount:
-    """The server's client-level accountant: one event per round that ran, from round 1 on."""
+    """The server's client-level accountant: one event per round released, from round 1 on.
 
-    def __init__(self, cfg: Config, events: list[GaussianEvent]) -> None:
-        self.cfg, self.events = cfg, events
+    Every release is written to the :class:`~fl.journal.ReleaseJournal` before the model leaves
+    the server, so the history survives a crash between release and commit."""
+
+    def __init__(self, cfg: Config, journal: ReleaseJournal, lineage: str, events: list[GaussianEvent]) -> None:
+        self.cfg, self.journal, self.lineage, self.events = cfg, journal, lineage, events
         self.event = central_dp_settings(cfg).round_event() if cfg.central_dp.enabled else None
         if self.event is not None:  # an accountant that cannot answer fails here, before any release
             self.epsilon([*events, self.event])
 
     @classmethod
+    def start(cls, cfg: Config) -> CentralAccount:
+        return cls(cfg, ReleaseJournal.of(cfg.registry.root, cfg.model_name), uuid.uuid4().hex, [])
+
+    @classmethod
     def resume(cls, cfg: Config, manifest: dict[str, Any]) -> CentralAccount:
-        """Continue the history recorded in the version a run resumes from: never reset."""
+        """Continue the lineage of the version a run resumes from, with every release the
+        journal holds for it (committed or not): never reset."""
+        journal = ReleaseJournal.of(cfg.registry.root, cfg.model_name)
         spent = (manifest.get("privacy") or {}).get("client_level") or {}
-        return cls(cfg, [GaussianEvent.from_dict(e) for e in spent.get("events", [])])
+        lineage = spent.get("lineage")
+        if lineage:
+            return cls(cfg, journal, lineage, journal.events(lineage))
+        # a version from before the journal: carry its recorded history into a new lineage
+        account = cls(cfg, journal, uuid.uuid4().hex, [])
+        for event in (GaussianEvent.from_dict(e) for e in spent.get("events", [])):
+            account.journal.record(account.lineage, event, carried_from=manifest.get("hash"))
+            account.events.append(event)
+        return account
 
     def epsilon(self, events: list[GaussianEvent] | None = None) -> float:
         c = self.cfg.central_dp
@@ -363,8 +388,10 @@ class CentralAccount:
         after = self.epsilon([*self.events, self.event])
         return f"client-level epsilon would reach {after:.3f} > target {target:g}" if after > target else None
 
-    def spend(self) -> None:
+    def spend(self, server_round: int, run_id: str) -> None:
+        """Journal this round's release (durably) before the model leaves the server."""
         if self.event is not None:
+            self.journal.record(self.lineage, self.event, round=server_round, run_id=run_id)
             self.events.append(self.event)
 
     def report(self) -> dict[str, Any] | None:
@@ -372,7 +399,7 @@ class CentralAccount:
             return None
         c = self.cfg.central_dp
         return {"epsilon": self.epsilon(), "delta": c.delta, "accountant": c.accountant,
-                "rounds": len(self.events), "events": [e.to_dict() for e in self.events]}
+                "rounds": len(self.events), "events": [e.to_dict() for e in self.events], "lineage": self.lineage}
 
 
 def privacy_record(central: CentralAccount, nodes: dict[str, dict[str, float]]) -> dict[str, Any]:

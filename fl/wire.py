@@ -34,7 +34,7 @@ def score(metrics: dict) -> float | None:  # type: ignore[type-arg]
     return next((metrics[k] for k in SCORES if k in metrics), None)
 
 # node-info in a train reply
-DATASET_FINGERPRINT = "dataset-fingerprint"  # SHA-256 over dataset.json and its files
+DATASET_FINGERPRINT = "dataset-fingerprint"  # HMAC-SHA256, under the node's own key, of its data's digest
 
 # node config (deployment: `--node-config "data-dir='/data/site'"`; simulation: partition-id)
 NODE_DATA_DIR = "data-dir"

@@ -22,6 +22,7 @@ import numpy as np
 from fl.errors import DataError
 from fl.tasks import IMAGE_KEY, LABEL_KEY, Task
 from nodes.data import SPLITS, image_loader, load_local_data, read_datalist
+from nodes.policy import keyed_fingerprint, state_dir
 
 # Attributes of PS3.15 Table E.1-1 that identify a patient, a person or an institution, with
 # the profile's action: X remove, Z blank or dummy, D dummy. Under "Patient Identity Removed =
@@ -136,7 +137,8 @@ def _summarise(cases: list[dict[str, Path]]) -> SplitSummary:
     return summary
 
 
-def check_dataset(data_dir: Path, task: Task, *, allow_identifiable: bool = False) -> CheckReport:
+def check_dataset(data_dir: Path, task: Task, *, allow_identifiable: bool = False,
+                  state_folder: Path | None = None) -> CheckReport:
     """Validate ``data_dir`` for ``task`` and summarise it; raises :class:`DataError` naming the
     first problem, or listing the DICOM files that still identify a patient."""
     data_dir = data_dir.resolve()
@@ -151,5 +153,6 @@ def check_dataset(data_dir: Path, task: Task, *, allow_identifiable: bool = Fals
         )
     data = load_local_data(data_dir, task, use_cache=False)
     datalist = read_datalist(data_dir)
-    return CheckReport(data_dir=data_dir, task=task.name, fingerprint=data.fingerprint,
+    fingerprint = keyed_fingerprint(state_folder or state_dir(data_dir), data.digest)
+    return CheckReport(data_dir=data_dir, task=task.name, fingerprint=fingerprint,
                        splits={s: _summarise(datalist[s]) for s in SPLITS}, identifiable=identifiable)

@@ -30,7 +30,7 @@ from fl.errors import ConfigError, DataError
 from fl.tasks import Task, get_task
 from nodes.data import LocalData, load_local_data
 from nodes.ledger import Ledger, LedgerError
-from nodes.policy import LocalDpRequest, Refusal, admit, load_policy, local_event, state_dir
+from nodes.policy import LocalDpRequest, Refusal, admit, keyed_fingerprint, load_policy, local_event, state_dir
 from nodes.synth import node_dir
 from nodes.train import evaluate_local, train_local
 from strategies.secagg import ARRAY_KEYS, is_secagg_message, legacy_instruction, legacy_reply
@@ -170,6 +170,7 @@ def train(msg: Message, context: Context) -> Message:
         if entry is not None:
             values[wire.EPSILON_RECORD] = float(entry["epsilon_after"])
             values[wire.DELTA_RECORD] = float(entry["delta"])
+        fingerprint = keyed_fingerprint(folder, data.digest)
     except Refusal as refusal:
         log.warning("node %s refused round %s: %s", msg.metadata.dst_node_id,
                     content[wire.CONFIG].get(wire.SERVER_ROUND), refusal.reason)
@@ -184,9 +185,9 @@ def train(msg: Message, context: Context) -> Message:
         keys = json.loads(str(config[ARRAY_KEYS]))
         state = net.state_dict()
         update = {k: (state[k].double() - global_state[k].double()).numpy() for k in keys}
-        return Message(legacy_reply(update, keys, {**values, wire.DATASET_FINGERPRINT: data.fingerprint}),
+        return Message(legacy_reply(update, keys, {**values, wire.DATASET_FINGERPRINT: fingerprint}),
                        reply_to=msg)
-    info = ConfigRecord({wire.DATASET_FINGERPRINT: data.fingerprint})
+    info = ConfigRecord({wire.DATASET_FINGERPRINT: fingerprint})
     content = RecordDict({wire.ARRAYS: ArrayRecord(net.state_dict()), wire.METRICS: MetricRecord(values),
                           wire.NODE_INFO: info})
     return Message(content=content, reply_to=msg)

@@ -42,11 +42,12 @@ class Split:
 
 @dataclass(frozen=True)
 class LocalData:
-    """A node's training and held-out validation cases, and the dataset's fingerprint."""
+    """A node's training and held-out validation cases, and the dataset's SHA-256 digest (it never
+    leaves the node: what does is :func:`nodes.policy.keyed_fingerprint` of it)."""
 
     train: Split
     val: Split
-    fingerprint: str
+    digest: str
 
 
 def read_datalist(data_dir: Path) -> dict[str, list[dict[str, Path]]]:
@@ -155,11 +156,12 @@ def _load_split(cases: list[dict[str, Path]], task: Task) -> Split:
     return Split(torch.stack(images).contiguous(), torch.stack(labels).contiguous())
 
 
-def fingerprint(data_dir: Path, datalist: dict[str, list[dict[str, Path]]]) -> str:
+def digest(data_dir: Path, datalist: dict[str, list[dict[str, Path]]]) -> str:
     """SHA-256 over ``dataset.json`` and the bytes of every file it lists, in list order.
 
-    Only this hash leaves the node (into the registry's provenance): it proves which data
-    trained a model without revealing anything about it.
+    It stays on the node: anyone holding a candidate dataset could confirm it against this plain
+    hash. The keyed fingerprint made from it (:func:`nodes.policy.keyed_fingerprint`) is what
+    goes into the registry's provenance.
     """
     digest = hashlib.sha256((data_dir / DATASET_JSON).read_bytes())
     for split in SPLITS:
@@ -214,7 +216,7 @@ def load_local_data(data_dir: str | Path, task: Task, *, use_cache: bool = True)
         return LocalData(
             train=_load_split(datalist["training"], task),
             val=_load_split(datalist["validation"], task),
-            fingerprint=fingerprint(data_dir, datalist),
+            digest=digest(data_dir, datalist),
         )
 
     if not use_cache:

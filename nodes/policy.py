@@ -9,7 +9,11 @@ would spend past the budget is refused, and an accepted spend is written to the 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
+import os
+import tempfile
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +28,8 @@ from nodes.ledger import Ledger
 
 STATE_DIR = ".oncofed"
 POLICY_FILE = "policy.toml"
+SECRET_FILE = "fingerprint.key"  # 32 random bytes, only on the node, mode 0600
+SECRET_BYTES = 32
 
 
 class Refusal(Exception):
@@ -98,6 +104,40 @@ def load_policy(folder: Path) -> Policy:
         return Policy(**{k: type(getattr(defaults, k))(v) for k, v in raw.items()})
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def node_secret(folder: Path) -> bytes:
+    """This node's fingerprint key, created on first use (``fl node check``, ``fl node policy`` or
+    the first request) with the OS CSPRNG, mode 0600, and never overwritten."""
+    path = folder / SECRET_FILE
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".key-", dir=folder)  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(os.urandom(SECRET_BYTES))
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(tmp, path)  # atomic, and never replaces a key another process made first
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp)
+    try:
+        secret = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: unreadable fingerprint key ({exc})") from None
+    if len(secret) != SECRET_BYTES:
+        raise ConfigError(f"{path}: fingerprint key must be {SECRET_BYTES} bytes, found {len(secret)}")
+    return secret
+
+
+def keyed_fingerprint(folder: Path, digest: str) -> str:
+    """HMAC-SHA256 of the dataset's digest under this node's secret key: the same data gives the
+    same value on this node, so it shows the node that its data did not change, while nobody
+    without the key can confirm a candidate dataset or compare two datasets with it."""
+    return hmac.new(node_secret(folder), bytes.fromhex(digest), hashlib.sha256).hexdigest()
 
 
 def save_policy(folder: Path, policy: Policy) -> Path:

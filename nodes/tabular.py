@@ -6,6 +6,15 @@ the Breast Cancer Wisconsin Diagnostic set (569 records, 30 features, malignant 
 synthetic one of any size, across nodes with label skew (Dirichlet), so sites differ in their
 share of malignant cases as hospitals do; synthetic records are dealt out evenly,
 ``records_per_node`` each (the scale benchmark). Each node keeps a held-out fifth for validation.
+
+Features are scaled record by record, with ranges declared in ``dataset.json``
+(``feature_ranges``: name -> [low, high]) from public knowledge, never computed from the node's
+records: each value is clipped to its range and mapped to [-1, 1]. Standardising with the
+training set's own mean and standard deviation would make every record's features depend on
+every other record, so one record's influence would pass the per-sample clipping bound that
+record-level DP relies on. For Breast Cancer Wisconsin the ranges are the published summary
+statistics of the dataset's documentation; for synthetic records, a bound that follows from the
+generator's public parameters.
 """
 
 from __future__ import annotations
@@ -13,7 +22,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,21 +37,34 @@ from fl.errors import DataError
 DATASET_JSON = "dataset.json"
 LABEL = "label"
 SOURCES = ("breast-cancer", "synthetic")
+RANGES = "feature_ranges"
+SYNTHETIC_RANGE = (-8.0, 8.0)  # make_classification: unit-variance clusters at +-class_sep, combined
 
 
-def _records(source: str, seed: int, n: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _published_ranges(description: str, names: list[str]) -> dict[str, list[float]]:
+    """The Min/Max table of the dataset's documentation ("Summary Statistics"), feature by feature."""
+    rows = re.findall(r"^[a-z ()]+:\s+([0-9.]+)\s+([0-9.]+)\s*$", description, flags=re.MULTILINE)
+    if len(rows) != len(names):
+        raise DataError(f"breast-cancer: the dataset's documentation lists {len(rows)} feature ranges, "
+                        f"expected {len(names)}")
+    return {name: [float(lo), float(hi)] for name, (lo, hi) in zip(names, rows, strict=True)}
+
+
+def _records(source: str, seed: int, n: int) -> tuple[np.ndarray, np.ndarray, dict[str, list[float]]]:
+    """Records, labels, and each feature's public range (in column order)."""
     if source == "breast-cancer":
         from sklearn.datasets import load_breast_cancer
 
         data = load_breast_cancer()
+        names = [str(f) for f in data.feature_names]
         # scikit-learn codes benign as 1; a cancer task calls malignant the positive class
-        return data.data.astype(np.float64), (data.target == 0).astype(np.int64), [str(f) for f in data.feature_names]
+        return data.data.astype(np.float64), (data.target == 0).astype(np.int64), _published_ranges(data.DESCR, names)
     if source == "synthetic":
         from sklearn.datasets import make_classification
 
         x, y = make_classification(n_samples=n, n_features=30, n_informative=8, n_redundant=6, flip_y=0.02,
                                    class_sep=1.0, random_state=seed)
-        return x, y.astype(np.int64), [f"f{i}" for i in range(30)]
+        return x, y.astype(np.int64), {f"f{i}": list(SYNTHETIC_RANGE) for i in range(30)}
     raise DataError(f"tabular source {source!r}: one of {', '.join(SOURCES)}")
 
 
@@ -64,7 +88,8 @@ def write_federation(root: str | Path, *, nodes: int, source: str = "breast-canc
     if root.exists() and any(root.iterdir()):
         raise DataError(f"{root}: exists and is not empty")
     rng = np.random.default_rng(seed)
-    x, y, names = _records(source, seed, nodes * records_per_node)
+    x, y, ranges = _records(source, seed, nodes * records_per_node)
+    names = list(ranges)
     if source == "synthetic":  # a scale workload: every node holds records_per_node records
         parts = np.array_split(rng.permutation(len(y)), nodes)
     else:
@@ -87,7 +112,7 @@ def write_federation(root: str | Path, *, nodes: int, source: str = "breast-canc
                     writer.writerows([*map(repr, x[i].tolist()), int(y[i])] for i in rows)
             manifest = {"name": f"oncofed-{source}-node-{node}", "format": "tabular", "source": source,
                         "training": "./train.csv", "validation": "./val.csv", "label": LABEL,
-                        "numTraining": int(len(idx) - n_val), "positives": int(y[idx].sum())}
+                        "numTraining": int(len(idx) - n_val), "positives": int(y[idx].sum()), RANGES: ranges}
             (folder / DATASET_JSON).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if root.exists():
             root.rmdir()
@@ -104,7 +129,7 @@ def is_tabular(data_dir: Path) -> bool:
         return False
 
 
-def _read_csv(path: Path, features: int) -> tuple[np.ndarray, np.ndarray]:
+def _read_csv(path: Path, features: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if not path.is_file():
         raise DataError(f"{path}: listed in {DATASET_JSON} but not found")
     try:
@@ -129,11 +154,34 @@ def _read_csv(path: Path, features: int) -> tuple[np.ndarray, np.ndarray]:
     labels = table[:, label_col]
     if not np.isin(labels, (0, 1)).all():
         raise DataError(f"{path}: '{LABEL}' must be 0 or 1")
-    return np.delete(table, label_col, axis=1), labels.astype(np.uint8)
+    return np.delete(table, label_col, axis=1), labels.astype(np.uint8), [h for h in header if h != LABEL]
+
+
+def _declared_ranges(manifest_path: Path, manifest: dict, names: list[str]) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[type-arg]
+    """Each feature's declared [low, high], in column order; named when missing or malformed."""
+    declared = manifest.get(RANGES)
+    if not isinstance(declared, dict):
+        raise DataError(f"{manifest_path}: '{RANGES}' must map every feature to a public [low, high] range "
+                        "(statistics of the node's own records would void record-level DP)")
+    lows, highs = [], []
+    for name in names:
+        pair = declared.get(name)
+        ok = (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair)
+              and all(math.isfinite(v) for v in pair) and pair[0] < pair[1])
+        if not ok:
+            raise DataError(f"{manifest_path}: {RANGES}[{name!r}] must be [low, high] with low < high, got {pair!r}")
+        lows.append(float(pair[0]))
+        highs.append(float(pair[1]))
+    return np.array(lows), np.array(highs)
+
+
+def scale(x: np.ndarray, low: np.ndarray, high: np.ndarray) -> torch.Tensor:
+    """Per record: clip each feature to its public range and map it to [-1, 1]."""
+    return torch.from_numpy((2 * (np.clip(x, low, high) - low) / (high - low) - 1).astype(np.float32))
 
 
 def load(data_dir: Path, features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    """Standardised train/val features and labels, and the dataset's SHA-256 fingerprint."""
+    """Scaled train/val features and labels, and the dataset's SHA-256 digest (kept on the node)."""
     manifest_path = data_dir / DATASET_JSON
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     paths = {}
@@ -142,12 +190,13 @@ def load(data_dir: Path, features: int) -> tuple[torch.Tensor, torch.Tensor, tor
         if not isinstance(value, str):
             raise DataError(f"{manifest_path}: '{split}' must name a CSV file")
         paths[split] = (data_dir / value).resolve()
-    x_train, y_train = _read_csv(paths["training"], features)
-    x_val, y_val = _read_csv(paths["validation"], features)
-    mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-8
+    x_train, y_train, names = _read_csv(paths["training"], features)
+    x_val, y_val, val_names = _read_csv(paths["validation"], features)
+    if val_names != names:
+        raise DataError(f"{paths['validation']}: feature columns differ from {paths['training'].name}'s")
+    low, high = _declared_ranges(manifest_path, manifest, names)
     digest = hashlib.sha256(manifest_path.read_bytes())
     for path in paths.values():
         digest.update(path.read_bytes())
-    as_tensor = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32))  # noqa: E731
-    return (as_tensor(x_train), torch.from_numpy(y_train), as_tensor(x_val), torch.from_numpy(y_val),
+    return (scale(x_train, low, high), torch.from_numpy(y_train), scale(x_val, low, high), torch.from_numpy(y_val),
             digest.hexdigest())

@@ -13,6 +13,8 @@ import pytest
 
 from fl import accounting
 from fl.config import Config
+from fl.federation import CRASH_AFTER_RELEASE
+from fl.journal import ReleaseJournal
 from fl.registry import Registry
 from strategies.factory import central_dp_settings
 
@@ -48,7 +50,32 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_chain_and_epsilon(tm
     versions = registry.verify("dp-central")
     assert [v.manifest["round"] for v in versions] == list(range(1, ROUNDS + 1))
     assert [v.number for v in versions] == list(range(1, ROUNDS + 1))
+    # the kill may land after a round's model left the server but before its commit: that
+    # release is in the journal and counts; nothing else may be added or forgotten
+    journaled = ReleaseJournal.of(tmp_path / "reg", "dp-central").entries(
+        versions[-1].manifest["privacy"]["client_level"]["lineage"])
+    assert ROUNDS <= len(journaled) <= ROUNDS + 1
+    assert versions[-1].manifest["privacy"]["client_level"]["epsilon"] == pytest.approx(_epsilon(len(journaled)))
+    assert versions[-1].manifest["privacy"]["client_level"]["rounds"] == len(journaled)
+
+
+def _epsilon(releases: int) -> float:
     cfg = Config().replace(**{"central_dp.enabled": True, "central_dp.noise_multiplier": 0.3, "data.nodes": 2})
-    uninterrupted = accounting.epsilon([central_dp_settings(cfg).round_event()] * ROUNDS, 1e-5)
-    assert versions[-1].manifest["privacy"]["client_level"]["epsilon"] == pytest.approx(uninterrupted)
-    assert versions[-1].manifest["privacy"]["client_level"]["rounds"] == ROUNDS
+    return accounting.epsilon([central_dp_settings(cfg).round_event()] * releases, 1e-5)
+
+
+def test_a_release_between_evaluation_and_commit_is_counted_after_resume(tmp_path: Path) -> None:
+    """Round 2's model went out for evaluation, then the server died before committing it: the
+    resumed run's client-level history holds that release as well as the rounds it commits."""
+    crashed = subprocess.run(_command(tmp_path, "first", 3), env={**os.environ, CRASH_AFTER_RELEASE: "2"},
+                             start_new_session=True, capture_output=True, text=True)
+    assert crashed.returncode == -signal.SIGKILL
+    registry = Registry(tmp_path / "reg")
+    assert [v.manifest["round"] for v in registry.verify("dp-central")] == [1]
+
+    resumed = subprocess.run(_command(tmp_path, "resumed", 2, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    last = registry.verify("dp-central")[-1].manifest
+    assert last["round"] == 3
+    assert last["privacy"]["client_level"]["rounds"] == 4  # rounds 1, 2 (lost commit), 2 again, 3
+    assert last["privacy"]["client_level"]["epsilon"] == pytest.approx(_epsilon(4))

@@ -61,14 +61,19 @@ def test_dp_run_accounts_both_levels_and_stops_at_the_nodes_budget(tmp_path: Pat
     assert metrics[-1]["privacy"]["client_level"]["epsilon"] == pytest.approx(expected_central)
 
 
-def test_server_stops_before_the_round_that_would_pass_its_central_target() -> None:
-    cfg = Config().replace(**{"central_dp.enabled": True, "central_dp.noise_multiplier": 2.0})
+def test_server_stops_before_the_round_that_would_pass_its_central_target(tmp_path: Path) -> None:
+    cfg = Config().replace(**{"central_dp.enabled": True, "central_dp.noise_multiplier": 2.0,
+                              "registry.root": str(tmp_path / "reg")})
     per_round = central_dp_settings(cfg).round_event()
     target = accounting.epsilon([per_round] * 3, 1e-5) * 1.001
-    account = CentralAccount(cfg.replace(**{"central_dp.target_epsilon": target}), [])
-    for _ in range(3):
+    account = CentralAccount.start(cfg.replace(**{"central_dp.target_epsilon": target}))
+    for r in range(3):
         assert account.would_exceed() is None
-        account.spend()
+        account.spend(r + 1, "run")
     assert "would reach" in account.would_exceed()
     resumed = CentralAccount.resume(cfg, {"privacy": {"client_level": account.report()}})
     assert resumed.epsilon() == pytest.approx(account.epsilon())  # a restart forgets nothing
+    # a release journaled after the last commit's manifest was written still counts on resume
+    report = account.report()
+    account.spend(4, "run")
+    assert len(CentralAccount.resume(cfg, {"privacy": {"client_level": report}}).events) == 4

@@ -1,0 +1,54 @@
+"""The server's write-ahead journal of client-level DP releases.
+
+A release is journaled, fsynced, before the noisy model leaves the server (for evaluation or
+the next round's training), and the registry commit follows. A crash in between would
+otherwise lose that release from the accountant, and the resumed run would release again on
+the same data: the journal keeps it. Entries belong to a lineage (one run and every resume of
+it), recorded in each version's manifest; a resumed run continues its lineage's history from
+the journal, not from the manifest, so releases that never reached a commit still count.
+
+``<registry.root>/<model_name>/privacy-journal.jsonl``, hash-chained like a node's ledger.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fl import hashchain
+from fl.accounting import GaussianEvent
+from fl.registry import RegistryError, check_name
+
+JOURNAL_FILE = "privacy-journal.jsonl"
+
+
+@dataclass(frozen=True)
+class ReleaseJournal:
+    """The journal of one model name in one registry."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, registry_root: str | Path, model_name: str) -> ReleaseJournal:
+        return cls(Path(registry_root) / check_name(model_name) / JOURNAL_FILE)
+
+    def entries(self, lineage: str) -> list[dict[str, Any]]:
+        try:
+            return [e for e in hashchain.read_chain(self.path, "release journal") if e.get("lineage") == lineage]
+        except hashchain.ChainError as exc:
+            raise RegistryError(f"{exc}; the client-level privacy history cannot be trusted") from None
+
+    def events(self, lineage: str) -> list[GaussianEvent]:
+        return [GaussianEvent.from_dict(e["event"]) for e in self.entries(lineage)]
+
+    def record(self, lineage: str, event: GaussianEvent, **fields: Any) -> None:
+        """Append one release of ``lineage``; durable when this returns."""
+        with hashchain.locked(self.path):
+            try:
+                entries = hashchain.read_chain(self.path, "release journal")
+            except hashchain.ChainError as exc:
+                raise RegistryError(str(exc)) from None
+            hashchain.append_entry(self.path, entries, {**fields, "lineage": lineage, "event": event.to_dict(),
+                                                        "time": time.time()})
