@@ -94,12 +94,13 @@ def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
         synthesize(root, nodes=cfg.data.nodes, task=task, seed=cfg.seed, image_size=cfg.data.image_size)
     for index in range(cfg.data.nodes):
         load_local_data(node_dir(root, index), task, use_cache=False)
-    if cfg.node_policy.epsilon > 0 or cfg.node_policy.require_secagg:  # the launcher acts as every node's operator
+    p = cfg.node_policy
+    if p.epsilon > 0 or p.require_secagg or p.release_metrics != "auto":  # the launcher acts as every node's operator
         from nodes.policy import Policy, save_policy, state_dir
 
-        p = cfg.node_policy
         policy = Policy(epsilon=p.epsilon, delta=p.delta, min_noise_multiplier=p.min_noise_multiplier,
-                        max_clip_norm=p.max_clip_norm, require_secagg=p.require_secagg)
+                        max_clip_norm=p.max_clip_norm, require_secagg=p.require_secagg,
+                        release_metrics=p.release_metrics, metrics_noise_multiplier=p.metrics_noise_multiplier)
         for index in range(cfg.data.nodes):
             save_policy(state_dir(node_dir(root, index)), policy)
 

@@ -69,6 +69,8 @@ def add_parsers(sub: Any, node: Any) -> None:
     nstart.add_argument("--budget", type=float, help="record-level epsilon budget (written into the node's policy)")
     nstart.add_argument("--require-secagg", action="store_true",
                         help="send updates only masked by SecAgg+ (written into the node's policy)")
+    nstart.add_argument("--release-metrics", choices=("auto", "exact", "noisy", "none"),
+                        help="what the node releases besides its model (written into the node's policy)")
     nstart.add_argument("--task", help="seg2d, seg3d (default: from dataset.json)")
     nstart.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's runtime API")
     nstart.add_argument("--allow-identifiable-dicom", action="store_true")
@@ -207,7 +209,8 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     if args.budget is not None and not args.budget > 0:
         raise ConfigError(f"--budget: must be > 0, got {args.budget}")
     changes = {**({"epsilon": args.budget} if args.budget is not None else {}),
-               **({"require_secagg": True} if args.require_secagg else {})}
+               **({"require_secagg": True} if args.require_secagg else {}),
+               **({"release_metrics": args.release_metrics} if args.release_metrics else {})}
     if changes:
         save_policy(state, dataclasses.replace(load_policy(state), **changes))
     if not load_allowlist(state):

@@ -38,6 +38,10 @@ def add_parsers(sub: Any) -> Any:
     policy.add_argument("--max-clip", type=float, default=0.0, help="largest clipping norm accepted (0: any)")
     policy.add_argument("--require-secagg", action="store_true",
                         help="send updates only masked by SecAgg+, refuse to send them in the clear")
+    policy.add_argument("--release-metrics", default="auto", choices=("auto", "exact", "noisy", "none"),
+                        help="besides the model: exact metrics, noisy (DP, charged), none; auto: none under a budget")
+    policy.add_argument("--metrics-noise", type=float, default=5.0,
+                        help="noise std on a noisy metric's sum (its sensitivity is 1)")
     policy.set_defaults(func=cmd_node_policy)
     budget = node.add_parser("budget", help="record-level budget: spent and remaining")
     budget.add_argument("--data", required=True, help="the node's data folder")
@@ -84,7 +88,8 @@ def cmd_node_policy(args: argparse.Namespace) -> int:
 
     policy = Policy(epsilon=args.epsilon, delta=args.delta, accountant=args.accountant,
                     min_noise_multiplier=args.min_noise, max_clip_norm=args.max_clip,
-                    require_secagg=args.require_secagg)
+                    require_secagg=args.require_secagg, release_metrics=args.release_metrics,
+                    metrics_noise_multiplier=args.metrics_noise)
     print(save_policy(state_dir(Path(args.data)), policy))
     return 0
 

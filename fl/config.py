@@ -224,6 +224,11 @@ class NodePolicyConfig:
     max_clip_norm: float = _key(0.0, "Largest DP-SGD clipping norm a node accepts; 0: any.", _non_negative)
     require_secagg: bool = _key(False, "Each simulated node sends its update only masked by SecAgg+ "
                                        "(refuses plain train requests).")
+    release_metrics: str = _key(
+        "auto", "What each simulated node releases besides its model: exact metrics, noisy (DP, charged to its "
+        "ledger), none; auto: none under a budget or local DP, exact otherwise.",
+        _one_of("auto", "exact", "noisy", "none"))
+    metrics_noise_multiplier: float = _key(5.0, "Noise std on a noisy metric's sum (sensitivity 1).", _positive)
 
 
 @dataclass(frozen=True)

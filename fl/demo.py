@@ -50,7 +50,9 @@ def start_node(procs: deploy.Processes, out: Path, name: str, data: Path, link_p
     if key is not None:
         argv += ["--auth-key", str(key)]
     if budget is not None:
-        argv += ["--budget", str(budget)]
+        # synthetic sites: they release exact metrics so the demo can show the Dice; a hospital
+        # with a budget releases none unless its operator says otherwise
+        argv += ["--budget", str(budget), "--release-metrics", "exact"]
     home = out / "nodes" / name
     home.mkdir(parents=True, exist_ok=True)
     env = deploy.flower_env(home / "flwr-home")

@@ -206,6 +206,8 @@ def _instructions(cfg: Config) -> tuple[ConfigRecord, ConfigRecord]:
         train[wire.LOCAL_NOISE_MULTIPLIER] = cfg.local_dp.noise_multiplier
         train[wire.LOCAL_MAX_GRAD_NORM] = cfg.local_dp.max_grad_norm
     evaluate = ConfigRecord({wire.TASK: cfg.task, wire.BATCH_SIZE: cfg.train.batch_size})
+    if cfg.local_dp.enabled:  # tells nodes the run is under DP: their metrics default to none
+        evaluate[wire.LOCAL_NOISE_MULTIPLIER] = cfg.local_dp.noise_multiplier
     return train, evaluate
 
 
@@ -245,7 +247,10 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
     def evaluate(server_round: int) -> tuple[dict[str, Any], dict[str, str]]:
         messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(eval_cfg)), grid)
         res = phase(server_round, EVALUATE, messages)
-        agg = strategy.aggregate_evaluate(server_round, res.ok)
+        # nodes whose policy releases no metrics reply with their count only; a weighted mean
+        # over every reply would pull the score towards 0
+        scored = [m for m in res.ok if wire.score(dict(m.content[wire.METRICS])) is not None]
+        agg = strategy.aggregate_evaluate(server_round, scored) if scored else None
         return {"aggregate": dict(agg or {}), "nodes": res.per_node()}, res.failures
 
     def finish_round(record: dict[str, Any]) -> None:

@@ -81,3 +81,14 @@ class SeededGaussian:
 
     def gaussian(self, shape: tuple[int, ...], std: float) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self._rng.standard_normal(shape) * std, dtype=np.float64))
+
+
+def noisy_mean(values: torch.Tensor, noise_multiplier: float, source: NoiseSource) -> float:
+    """The mean of per-record values in [0, 1], released with Gaussian noise: ``(sum + N(0, z^2)) / n``,
+    clipped to [0, 1]. The record count ``n`` is public (as in DP-SGD's sampling rate); replacing
+    one record moves the sum by at most 1, so this is the Gaussian mechanism with multiplier ``z``."""
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ValueError(f"noise multiplier must be > 0, got {noise_multiplier}")
+    clipped = values.double().clamp(0.0, 1.0)
+    noisy = float(clipped.sum()) + float(source.gaussian((1,), noise_multiplier)[0])
+    return min(1.0, max(0.0, noisy / max(len(values), 1)))

@@ -26,7 +26,8 @@ TRAIN_SECONDS = "train-seconds"
 VAL_LOSS = "val-loss"
 DICE = "dice"
 AUC = "auc"  # the tabular task's score
-SCORES = (DICE, AUC)
+ACCURACY = "accuracy"  # the tabular task's score when a node releases noisy metrics
+SCORES = (DICE, AUC, ACCURACY)
 
 
 def score(metrics: dict) -> float | None:  # type: ignore[type-arg]

@@ -30,7 +30,20 @@ from fl.errors import ConfigError, DataError
 from fl.tasks import Task, get_task
 from nodes.data import LocalData, load_local_data
 from nodes.ledger import Ledger, LedgerError
-from nodes.policy import LocalDpRequest, Refusal, admit, keyed_fingerprint, load_policy, local_event, state_dir
+from fl.accounting import GaussianEvent
+from fl.noise import SecureGaussian, noisy_mean
+from nodes.policy import (
+    EXACT,
+    NONE,
+    LocalDpRequest,
+    Refusal,
+    admit,
+    charge,
+    keyed_fingerprint,
+    load_policy,
+    local_event,
+    state_dir,
+)
 from nodes.synth import node_dir
 from nodes.train import evaluate_local, train_local
 from strategies.secagg import ARRAY_KEYS, is_secagg_message, legacy_instruction, legacy_reply
@@ -126,6 +139,23 @@ def _clip_update(net: torch.nn.Module, global_state: dict[str, torch.Tensor], bo
     return 1.0 if norm <= bound else 0.0
 
 
+def _guarded(msg: Message, work: Any) -> Message:
+    """Run ``work()``; a refusal, a broken ledger or bad data becomes a named error reply."""
+    try:
+        return work()
+    except Refusal as refusal:
+        log.warning("node %s refused round %s: %s", msg.metadata.dst_node_id,
+                    msg.content[wire.CONFIG].get(wire.SERVER_ROUND) if wire.CONFIG in msg.content.config_records
+                    else "?", refusal.reason)
+        return Message(Error(code=refusal.code, reason=refusal.reason), reply_to=msg)
+    except LedgerError as exc:
+        log.error("node %s: %s", msg.metadata.dst_node_id, exc)
+        return Message(Error(code=wire.ERROR_LEDGER, reason="privacy ledger failed its checksum; node refuses to train"),
+                       reply_to=msg)
+    except (DataError, ConfigError, RuntimeError, ValueError) as exc:
+        return _refuse(msg, exc)
+
+
 @app.train(mods=[_secagg_when_asked])
 def train(msg: Message, context: Context) -> Message:
     """Check the request against this node's policy and budget, train, reply weights and metrics
@@ -135,58 +165,50 @@ def train(msg: Message, context: Context) -> Message:
         weights, secure_config = secure
         content = RecordDict({wire.ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()}),
                               wire.CONFIG: secure_config})
-    try:
-        task, net, data, data_dir = _prepare(content, context)
-        config = content[wire.CONFIG]
-        folder = node_state_dir(context, data_dir)
-        policy, ledger = load_policy(folder), Ledger.in_dir(folder)
-        request = _local_dp_request(config)
-        epochs, batch_size = int(config[wire.EPOCHS]), int(config[wire.BATCH_SIZE])
-        event = (
-            local_event(len(data.train), epochs=epochs, batch_size=batch_size, noise_multiplier=request.noise_multiplier)
-            if request else None
-        )
-        with ledger.locked():
-            entry = admit(policy, ledger, request, event, secure=secure is not None and _UNDER_SECAGG.get(),
-                          num_records=len(data.train), server_round=int(config[wire.SERVER_ROUND]), time=time.time())
-        global_state = {k: v.clone() for k, v in net.state_dict().items()}
-        common = dict(epochs=epochs, lr=float(config[wire.LR]), batch_size=batch_size)
-        if request:
-            # imported here: Opacus takes 1.4 s to import (python -X importtime), which every
-            # virtual node and every deployed ClientApp process paid, DP or not
-            from nodes.dp_train import train_local_dp
+    return _guarded(msg, lambda: _train(msg, content, context, secure is not None and _UNDER_SECAGG.get()))
 
-            result = train_local_dp(net, task, data.train, noise_multiplier=request.noise_multiplier,
-                                    max_grad_norm=request.max_grad_norm, **common)
-        else:
-            generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data_dir)
-            result = train_local(net, task, data.train, proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
-                                 generator=generator, **common)
-        values: dict[str, float] = {
-            wire.NUM_EXAMPLES: len(data.train), wire.TRAIN_LOSS: result.loss, wire.TRAIN_SECONDS: result.seconds,
-        }
-        if wire.CLIENT_CLIP_NORM in config:
-            values[wire.UPDATE_NORM_BELOW_CLIP] = _clip_update(net, global_state, float(config[wire.CLIENT_CLIP_NORM]))
-        if entry is not None:
-            values[wire.EPSILON_RECORD] = float(entry["epsilon_after"])
-            values[wire.DELTA_RECORD] = float(entry["delta"])
-        fingerprint = keyed_fingerprint(folder, data.digest)
-    except Refusal as refusal:
-        log.warning("node %s refused round %s: %s", msg.metadata.dst_node_id,
-                    content[wire.CONFIG].get(wire.SERVER_ROUND), refusal.reason)
-        return Message(Error(code=refusal.code, reason=refusal.reason), reply_to=msg)
-    except LedgerError as exc:
-        log.error("node %s: %s", msg.metadata.dst_node_id, exc)
-        return Message(Error(code=wire.ERROR_LEDGER, reason="privacy ledger failed its checksum; node refuses to train"),
-                       reply_to=msg)
-    except (DataError, ConfigError, RuntimeError, ValueError) as exc:
-        return _refuse(msg, exc)
-    if secure is not None:
+
+def _train(msg: Message, content: RecordDict, context: Context, secure: bool) -> Message:
+    task, net, data, data_dir = _prepare(content, context)
+    config = content[wire.CONFIG]
+    folder = node_state_dir(context, data_dir)
+    policy, ledger = load_policy(folder), Ledger.in_dir(folder)
+    request = _local_dp_request(config)
+    epochs, batch_size = int(config[wire.EPOCHS]), int(config[wire.BATCH_SIZE])
+    event = (
+        local_event(len(data.train), epochs=epochs, batch_size=batch_size, noise_multiplier=request.noise_multiplier)
+        if request else None
+    )
+    with ledger.locked():
+        entry = admit(policy, ledger, request, event, secure=secure, num_records=len(data.train),
+                      server_round=int(config[wire.SERVER_ROUND]), time=time.time())
+    global_state = {k: v.clone() for k, v in net.state_dict().items()}
+    common = dict(epochs=epochs, lr=float(config[wire.LR]), batch_size=batch_size)
+    if request:
+        # imported here: Opacus takes 1.4 s to import (python -X importtime), which every
+        # virtual node and every deployed ClientApp process paid, DP or not
+        from nodes.dp_train import train_local_dp
+
+        result = train_local_dp(net, task, data.train, noise_multiplier=request.noise_multiplier,
+                                max_grad_norm=request.max_grad_norm, **common)
+    else:
+        generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data_dir)
+        result = train_local(net, task, data.train, proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
+                             generator=generator, **common)
+    values: dict[str, float] = {wire.NUM_EXAMPLES: len(data.train)}
+    if policy.metrics_mode(request is not None) == EXACT:  # otherwise the loss and timing stay here
+        values.update({wire.TRAIN_LOSS: result.loss, wire.TRAIN_SECONDS: result.seconds})
+    if wire.CLIENT_CLIP_NORM in config:
+        values[wire.UPDATE_NORM_BELOW_CLIP] = _clip_update(net, global_state, float(config[wire.CLIENT_CLIP_NORM]))
+    if entry is not None:
+        values[wire.EPSILON_RECORD] = float(entry["epsilon_after"])
+        values[wire.DELTA_RECORD] = float(entry["delta"])
+    fingerprint = keyed_fingerprint(folder, data.digest)
+    if secure:
         keys = json.loads(str(config[ARRAY_KEYS]))
         state = net.state_dict()
         update = {k: (state[k].double() - global_state[k].double()).numpy() for k in keys}
-        return Message(legacy_reply(update, keys, {**values, wire.DATASET_FINGERPRINT: fingerprint}),
-                       reply_to=msg)
+        return Message(legacy_reply(update, keys, {**values, wire.DATASET_FINGERPRINT: fingerprint}), reply_to=msg)
     info = ConfigRecord({wire.DATASET_FINGERPRINT: fingerprint})
     content = RecordDict({wire.ARRAYS: ArrayRecord(net.state_dict()), wire.METRICS: MetricRecord(values),
                           wire.NODE_INFO: info})
@@ -195,13 +217,29 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global weights on the node's held-out cases."""
-    try:
-        task, net, data, _ = _prepare(msg.content, context)
-        result = evaluate_local(net, task, data.val, batch_size=int(msg.content[wire.CONFIG][wire.BATCH_SIZE]))
-    except (DataError, RuntimeError, ValueError) as exc:
-        return _refuse(msg, exc)
-    metrics = MetricRecord(
-        {wire.NUM_EXAMPLES: len(data.val), wire.VAL_LOSS: result.loss, task.metric: result.score}
-    )
-    return Message(content=RecordDict({wire.METRICS: metrics}), reply_to=msg)
+    """Evaluate the global weights on the node's held-out cases and release what the node's policy
+    allows: exact metrics, metrics with DP noise (charged to the ledger first), or none."""
+    return _guarded(msg, lambda: _evaluate(msg, context))
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
+    task, net, data, data_dir = _prepare(msg.content, context)
+    config = msg.content[wire.CONFIG]
+    folder = node_state_dir(context, data_dir)
+    policy, ledger = load_policy(folder), Ledger.in_dir(folder)
+    mode = policy.metrics_mode(wire.LOCAL_NOISE_MULTIPLIER in config)
+    values: dict[str, float] = {wire.NUM_EXAMPLES: len(data.val)}
+    if mode == NONE:
+        ledger.entries()  # a tampered ledger stops the node here too
+        return Message(content=RecordDict({wire.METRICS: MetricRecord(values)}), reply_to=msg)
+    result = evaluate_local(net, task, data.val, batch_size=int(config[wire.BATCH_SIZE]))
+    if mode == EXACT:
+        values.update({wire.VAL_LOSS: result.loss, task.metric: result.score})
+    else:  # noisy: charged before anything is computed from the records' scores
+        event = GaussianEvent(policy.metrics_noise_multiplier, 1.0, 1)
+        with ledger.locked():
+            entry = charge(policy, ledger, event, num_records=len(data.train) + len(data.val), release="metrics",
+                           server_round=int(config.get(wire.SERVER_ROUND, 0)), time=time.time())
+        values[task.record_metric] = noisy_mean(result.record_scores, policy.metrics_noise_multiplier, SecureGaussian())
+        values[wire.EPSILON_RECORD] = float(entry["epsilon_after"])
+    return Message(content=RecordDict({wire.METRICS: MetricRecord(values)}), reply_to=msg)

@@ -30,6 +30,8 @@ STATE_DIR = ".oncofed"
 POLICY_FILE = "policy.toml"
 SECRET_FILE = "fingerprint.key"  # 32 random bytes, only on the node, mode 0600
 SECRET_BYTES = 32
+AUTO, EXACT, NOISY, NONE = "auto", "exact", "noisy", "none"
+METRICS_MODES = (AUTO, EXACT, NOISY, NONE)
 
 
 class Refusal(Exception):
@@ -51,6 +53,10 @@ class Policy:
     min_noise_multiplier: float = 0.0
     max_clip_norm: float = 0.0  # 0: no limit
     require_secagg: bool = False  # send updates only masked by SecAgg+, never in the clear
+    # what leaves besides the DP model: exact metrics, metrics released with noise and charged,
+    # or none; auto: none when the node has a budget or the server asks for DP, exact otherwise
+    release_metrics: str = "auto"
+    metrics_noise_multiplier: float = 5.0  # std of the noise on a released metric sum (sensitivity 1)
 
     def __post_init__(self) -> None:
         checks = {
@@ -60,6 +66,9 @@ class Policy:
             "min_noise_multiplier": math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier >= 0,
             "max_clip_norm": math.isfinite(self.max_clip_norm) and self.max_clip_norm >= 0,
             "require_secagg": isinstance(self.require_secagg, bool),
+            "release_metrics": self.release_metrics in METRICS_MODES,
+            "metrics_noise_multiplier": math.isfinite(self.metrics_noise_multiplier)
+            and self.metrics_noise_multiplier > 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -69,6 +78,12 @@ class Policy:
     def requires_dp(self) -> bool:
         """A node with a budget trains only under DP."""
         return self.epsilon > 0
+
+    def metrics_mode(self, dp_requested: bool) -> str:
+        """``exact``, ``noisy`` or ``none``: what this node releases besides its model."""
+        if self.release_metrics != AUTO:
+            return self.release_metrics
+        return NONE if self.requires_dp or dp_requested else EXACT
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -189,6 +204,15 @@ def admit(
             wire.ERROR_POLICY,
             f"policy: clipping norm {request.max_grad_norm:g} exceeds this node's maximum {policy.max_clip_norm:g}",
         )
+    return charge(policy, ledger, event, num_records=num_records, **context)
+
+
+def charge(policy: Policy, ledger: Ledger, event: GaussianEvent, *, num_records: int = 0,
+           **context: Any) -> dict[str, Any]:
+    """Record ``event`` in the ledger if the budget allows it, else raise :class:`Refusal`.
+    Every release a node makes (training, metrics) passes here. Call inside ``ledger.locked()``."""
+    from fl import wire
+
     if num_records and policy.delta >= 1 / num_records:
         raise Refusal(
             wire.ERROR_POLICY,

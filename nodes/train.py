@@ -22,10 +22,12 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Mean loss and the task's score (mean foreground Dice, or ROC AUC) on held-out cases."""
+    """Mean loss and the task's score (mean foreground Dice, or ROC AUC) on held-out cases, and
+    each case's own score in [0, 1] (for a release with DP noise; never sent as such)."""
 
     loss: float
     score: float
+    record_scores: torch.Tensor
 
 
 def train_local(
@@ -81,5 +83,8 @@ def evaluate_local(net: torch.nn.Module, task: Task, data: Split, *, batch_size:
         loss_sum += float(loss_fn(logits, labels)) * len(images)
         all_logits.append(logits)
     n = max(len(data), 1)
-    score = task.score(torch.cat(all_logits), data.labels) if all_logits else 0.0
-    return EvalResult(loss=loss_sum / n, score=score)
+    if not all_logits:
+        return EvalResult(loss=0.0, score=0.0, record_scores=torch.zeros(0, dtype=torch.float64))
+    logits = torch.cat(all_logits)
+    return EvalResult(loss=loss_sum / n, score=task.score(logits, data.labels),
+                      record_scores=task.record_scores(logits, data.labels).double())

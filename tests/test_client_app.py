@@ -68,3 +68,76 @@ def test_virtual_node_reads_its_partition_folder(tiny_federation: Path) -> None:
     assert resolve_data_dir(context) == tiny_federation / "node-1"
     deployed = _context({wire.NODE_DATA_DIR: "/srv/site", wire.NODE_PARTITION_ID: 1})
     assert resolve_data_dir(deployed) == Path("/srv/site")
+
+
+def _site_with_policy(tiny_federation: Path, tmp_path: Path, **policy: object) -> Path:
+    from nodes.policy import Policy, save_policy, state_dir
+
+    site = tmp_path / "site"
+    shutil.copytree(tiny_federation / "node-0", site, ignore=shutil.ignore_patterns(".oncofed"))
+    save_policy(state_dir(site), Policy(**policy))  # type: ignore[arg-type]
+    return site
+
+
+def _dp_message(kind: str) -> Message:
+    msg = _message(kind)
+    msg.content[wire.CONFIG][wire.LOCAL_NOISE_MULTIPLIER] = 1.0
+    msg.content[wire.CONFIG][wire.LOCAL_MAX_GRAD_NORM] = 1.0
+    return msg
+
+
+def test_a_node_with_a_budget_releases_no_metrics_by_default(tiny_federation: Path, tmp_path: Path) -> None:
+    """Under DP the exact loss, timing and validation score would be exact queries over the
+    records: a node with a budget sends none of them, and its evaluation spends nothing."""
+    from nodes.ledger import Ledger
+    from nodes.policy import state_dir
+
+    site = _site_with_policy(tiny_federation, tmp_path, epsilon=50.0)
+    context = _context({wire.NODE_DATA_DIR: str(site)})
+    train = app(_dp_message(MessageType.TRAIN), context)
+    assert not train.has_error(), train.error
+    assert set(dict(train.content[wire.METRICS])) == {wire.NUM_EXAMPLES, wire.EPSILON_RECORD, wire.DELTA_RECORD}
+    spent = len(Ledger.in_dir(state_dir(site)).entries())
+    evaluation = app(_dp_message(MessageType.EVALUATE), context)
+    assert set(dict(evaluation.content[wire.METRICS])) == {wire.NUM_EXAMPLES}
+    assert len(Ledger.in_dir(state_dir(site)).entries()) == spent
+
+
+def test_noisy_metrics_are_charged_before_they_leave(tiny_federation: Path, tmp_path: Path) -> None:
+    from fl import accounting
+    from nodes.ledger import Ledger
+    from nodes.policy import state_dir
+
+    site = _site_with_policy(tiny_federation, tmp_path, epsilon=50.0, release_metrics="noisy",
+                             metrics_noise_multiplier=4.0)
+    context = _context({wire.NODE_DATA_DIR: str(site)})
+    reply = app(_dp_message(MessageType.EVALUATE), context)
+    metrics = dict(reply.content[wire.METRICS])
+    assert set(metrics) == {wire.NUM_EXAMPLES, wire.DICE, wire.EPSILON_RECORD}  # no exact loss
+    assert 0.0 <= metrics[wire.DICE] <= 1.0
+    entries = Ledger.in_dir(state_dir(site)).entries()
+    assert len(entries) == 1 and entries[0]["release"] == "metrics"
+    assert entries[0]["event"] == {"noise_multiplier": 4.0, "sample_rate": 1.0, "steps": 1}
+    expected = accounting.epsilon([accounting.GaussianEvent(4.0, 1.0, 1)], 1e-5)
+    assert metrics[wire.EPSILON_RECORD] == pytest.approx(expected)
+
+    # once the budget cannot pay for another release, evaluation is refused like training
+    from nodes.policy import Policy, save_policy
+
+    save_policy(state_dir(site), Policy(epsilon=expected * 1.01, release_metrics="noisy", metrics_noise_multiplier=4.0))
+    refused = app(_dp_message(MessageType.EVALUATE), context)
+    assert refused.has_error() and refused.error.code == wire.ERROR_BUDGET
+    assert len(Ledger.in_dir(state_dir(site)).entries()) == 1
+
+
+def test_a_tampered_ledger_stops_evaluation_too(tiny_federation: Path, tmp_path: Path) -> None:
+    from nodes.ledger import Ledger
+    from nodes.policy import state_dir
+
+    site = _site_with_policy(tiny_federation, tmp_path, epsilon=50.0)
+    context = _context({wire.NODE_DATA_DIR: str(site)})
+    assert not app(_dp_message(MessageType.TRAIN), context).has_error()
+    path = Ledger.in_dir(state_dir(site)).path
+    path.write_text(path.read_text().replace('"epsilon_after": ', '"epsilon_after": 0.0001 + '))
+    reply = app(_dp_message(MessageType.EVALUATE), context)
+    assert reply.has_error() and reply.error.code == wire.ERROR_LEDGER
