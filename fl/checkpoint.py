@@ -74,51 +74,90 @@ def _finite(value: Any) -> Any:
 def manifest_fields(
     cfg: Config, *, run_id: str, record: dict[str, Any], fingerprints: dict[str, str], resumed_from: str | None
 ) -> dict[str, Any]:
-    """Provenance of one round's global model (the registry adds version, parent and hashes)."""
+    """Provenance of one round's global model (the registry adds version, parent and hashes).
+
+    A manifest is read by whoever consumes the model. Under DP it holds only public configuration
+    and DP releases (:func:`_dp_view`); the coordinator's own details (per-node metrics, counts,
+    failures with their reasons) stay in its run folder (``metrics.jsonl``)."""
+    common = {
+        "run_id": run_id,
+        "round": record["round"],
+        "task": cfg.task,
+        "strategy": {
+            "name": cfg.strategy.name,
+            "fraction_train": cfg.strategy.fraction_train,
+            "fraction_evaluate": cfg.strategy.fraction_evaluate,
+            "min_nodes": cfg.min_nodes,
+            "server_lr": cfg.strategy.server_lr if cfg.strategy.name == "fedadam" else None,
+            "tau": cfg.strategy.tau if cfg.strategy.name == "fedadam" else None,
+            "proximal_mu": cfg.train.proximal_mu,
+            "local_epochs": cfg.train.epochs,
+            "local_lr": cfg.train.lr,
+            "batch_size": cfg.train.batch_size,
+        },
+        "dp": {
+            "central": {k: v for k, v in cfg.to_flat().items() if k.startswith("central_dp.")}
+            if cfg.central_dp.enabled else None,
+            "local": {"noise_multiplier": cfg.local_dp.noise_multiplier,
+                      "max_grad_norm": cfg.local_dp.max_grad_norm} if cfg.local_dp.enabled else None,
+        },
+        "secure_aggregation": {k: v for k, v in cfg.to_flat().items() if k.startswith("secagg.")}
+        if cfg.secagg.enabled else None,
+        "config_hash": cfg.settings_hash(),
+        "config": cfg.to_flat(),
+        "software": software_versions(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+        "resumed_from": resumed_from,
+    }
+    privacy = record.get("privacy") or {"client_level": None, "record_level": {}}
+    if cfg.central_dp.enabled or cfg.local_dp.enabled:
+        return _finite({**common, **_dp_view(cfg, record, fingerprints, privacy)})
     train_nodes = record.get("train", {}).get("nodes", {})
-    return _finite(
-        {
-            "run_id": run_id,
-            "round": record["round"],
-            "task": cfg.task,
-            "strategy": {
-                "name": cfg.strategy.name,
-                "fraction_train": cfg.strategy.fraction_train,
-                "fraction_evaluate": cfg.strategy.fraction_evaluate,
-                "min_nodes": cfg.min_nodes,
-                "server_lr": cfg.strategy.server_lr if cfg.strategy.name == "fedadam" else None,
-                "tau": cfg.strategy.tau if cfg.strategy.name == "fedadam" else None,
-                "proximal_mu": cfg.train.proximal_mu,
-                "local_epochs": cfg.train.epochs,
-                "local_lr": cfg.train.lr,
-                "batch_size": cfg.train.batch_size,
-            },
-            "dp": {
-                "central": {k: v for k, v in cfg.to_flat().items() if k.startswith("central_dp.")}
-                if cfg.central_dp.enabled else None,
-                "local": {"noise_multiplier": cfg.local_dp.noise_multiplier,
-                          "max_grad_norm": cfg.local_dp.max_grad_norm} if cfg.local_dp.enabled else None,
-            },
-            "secure_aggregation": {k: v for k, v in cfg.to_flat().items() if k.startswith("secagg.")}
-            if cfg.secagg.enabled else None,
-            "nodes": [
-                {
-                    "node_id": node,
-                    "num_examples": int(metrics.get("num-examples", 0)),
-                    "dataset_fingerprint": fingerprints.get(node),
-                }
-                for node, metrics in sorted(train_nodes.items())
-            ],
-            "failures": record.get("failures", {}),
-            "metrics": {"train": record.get("train", {}), "evaluate": record.get("evaluate", {})},
-            "privacy": record.get("privacy") or {"client_level": None, "record_level": {}},
-            "config_hash": cfg.settings_hash(),
-            "config": cfg.to_flat(),
-            "software": software_versions(),
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
-            "resumed_from": resumed_from,
-        }
-    )
+    return _finite({
+        **common,
+        "nodes": [
+            {
+                "node_id": node,
+                "num_examples": int(metrics.get("num-examples", 0)),
+                "dataset_fingerprint": fingerprints.get(node),
+            }
+            for node, metrics in sorted(train_nodes.items())
+        ],
+        "failures": record.get("failures", {}),
+        "metrics": {"train": record.get("train", {}), "evaluate": record.get("evaluate", {})},
+        "privacy": privacy,
+    })
+
+
+def _dp_view(cfg: Config, record: dict[str, Any], fingerprints: dict[str, str],
+             privacy: dict[str, Any]) -> dict[str, Any]:
+    """What a DP run's manifest may say about a round, and nothing more.
+
+    - the nodes that trained, with their keyed fingerprints, but no example counts; under
+      Poisson sampling of nodes not even who took part (that would void the amplification
+      the client-level accountant counts on);
+    - no per-node metrics, no adaptive-clipping bits, no failures (their reasons carry exact
+      update norms): the coordinator's run folder keeps them;
+    - the evaluation aggregate only when every node that reported a score released it with
+      DP noise;
+    - the privacy accounting: client-level history and each node's record-level epsilon (the
+      largest one only, under Poisson sampling).
+    """
+    poisson = cfg.central_dp.enabled and cfg.central_dp.sampling == "poisson" and cfg.central_dp.sample_rate < 1
+    evaluate = record.get("evaluate", {})
+    record_level = privacy.get("record_level") or {}
+    if poisson and record_level:
+        worst = max(record_level.values(), key=lambda r: r.get("epsilon") or 0.0)
+        record_level = {"max_over_nodes": worst}
+    trained = sorted(record.get("train", {}).get("nodes", {}))
+    return {
+        "release": "dp: public configuration and DP releases only; details in the coordinator's run folder",
+        "nodes": None if poisson else [{"node_id": n, "dataset_fingerprint": fingerprints.get(n)} for n in trained],
+        "failures": None,
+        "metrics": {"evaluate": {"aggregate": evaluate.get("aggregate", {})} if evaluate.get("dp_released")
+                    else None},
+        "privacy": {**privacy, "record_level": record_level},
+    }
 
 
 def resume_point(registry: Registry, cfg: Config) -> Version:

@@ -37,8 +37,8 @@ def _row(v: Version) -> dict[str, Any]:
     return {
         "name": v.name, "version": v.number, "round": m.get("round"), "hash": v.hash,
         "parent": m.get("parent"), "run_id": m.get("run_id"), "created_at": m.get("created_at"),
-        "metrics": m.get("metrics", {}).get("evaluate", {}).get("aggregate", {}),
-        "nodes": len(m.get("nodes", [])),
+        "metrics": ((m.get("metrics") or {}).get("evaluate") or {}).get("aggregate", {}),
+        "nodes": len(m.get("nodes") or []),
     }
 
 
@@ -93,9 +93,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _flat_metrics(v: Version) -> dict[str, float]:
-    agg = v.manifest.get("metrics", {})
-    out = {f"evaluate.{k}": val for k, val in agg.get("evaluate", {}).get("aggregate", {}).items()}
-    out.update({f"train.{k}": val for k, val in agg.get("train", {}).get("aggregate", {}).items()})
+    agg = v.manifest.get("metrics") or {}
+    out = {f"evaluate.{k}": val for k, val in (agg.get("evaluate") or {}).get("aggregate", {}).items()}
+    out.update({f"train.{k}": val for k, val in (agg.get("train") or {}).get("aggregate", {}).items()})
     return out
 
 

@@ -216,8 +216,8 @@ class LocalDpConfig:
 class NodePolicyConfig:
     """A privacy policy `fl run` writes into every simulated node (deployed nodes set their own)."""
 
-    epsilon: float = _key(0.0, "Record-level budget of each simulated node; 0 (and require_secagg false) leaves the "
-                               "nodes' policies as they are.",
+    epsilon: float = _key(0.0, "Record-level budget of each simulated node; 0 (with require_secagg false and "
+                               "release_metrics auto) leaves the nodes' policies as they are.",
                           _non_negative)
     delta: float = _key(1e-5, "Record-level delta of that budget.", _delta)
     min_noise_multiplier: float = _key(0.0, "Weakest DP-SGD noise a node accepts.", _non_negative)

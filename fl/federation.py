@@ -251,7 +251,8 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         # over every reply would pull the score towards 0
         scored = [m for m in res.ok if wire.score(dict(m.content[wire.METRICS])) is not None]
         agg = strategy.aggregate_evaluate(server_round, scored) if scored else None
-        return {"aggregate": dict(agg or {}), "nodes": res.per_node()}, res.failures
+        dp_released = bool(scored) and all(m.content[wire.METRICS].get(wire.METRICS_DP) == 1.0 for m in scored)
+        return {"aggregate": dict(agg or {}), "nodes": res.per_node(), "dp_released": dp_released}, res.failures
 
     def finish_round(record: dict[str, Any]) -> None:
         folder.append_round(record)
@@ -426,7 +427,7 @@ def _publish(mirror: MlflowMirror, version: Version) -> None:
 
 def _summary(cfg: Config, history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     train_seconds = sum(
-        node[wire.TRAIN_SECONDS] for rec in history for node in rec.get("train", {}).get("nodes", {}).values()
+        node.get(wire.TRAIN_SECONDS, 0.0) for rec in history for node in rec.get("train", {}).get("nodes", {}).values()
     )
     last = history[-1]
     final = last.get("evaluate", {}).get("aggregate", {})

@@ -24,7 +24,7 @@ def tags_for(version: Version) -> dict[str, str]:
         "version": m.get("version"), "hash": m.get("hash"), "parent": m.get("parent"), "round": m.get("round"),
         "run_id": m.get("run_id"), "task": m.get("task"), "strategy": m.get("strategy"), "dp": m.get("dp"),
         "privacy": m.get("privacy"), "secure_aggregation": m.get("secure_aggregation"),
-        "nodes": m.get("nodes"), "metrics": m.get("metrics", {}).get("evaluate", {}).get("aggregate"),
+        "nodes": m.get("nodes"), "metrics": ((m.get("metrics") or {}).get("evaluate") or {}).get("aggregate"),
         "config_hash": m.get("config_hash"), "software": m.get("software"), "created_at": m.get("created_at"),
         "weights_sha256": m.get("weights_sha256"),
     }

@@ -64,3 +64,4 @@ CLIENT_CLIP_NORM = "central-dp-clip-norm"
 EPSILON_RECORD = "epsilon-record"  # this node's cumulative record-level epsilon after the round
 DELTA_RECORD = "delta-record"
 UPDATE_NORM_BELOW_CLIP = "update-norm-below-clip"  # 1.0/0.0, for adaptive client-side clipping
+METRICS_DP = "metrics-dp"  # 1.0 in an evaluate reply whose score was released with DP noise

@@ -242,4 +242,5 @@ def _evaluate(msg: Message, context: Context) -> Message:
                            server_round=int(config.get(wire.SERVER_ROUND, 0)), time=time.time())
         values[task.record_metric] = noisy_mean(result.record_scores, policy.metrics_noise_multiplier, SecureGaussian())
         values[wire.EPSILON_RECORD] = float(entry["epsilon_after"])
+        values[wire.METRICS_DP] = 1.0
     return Message(content=RecordDict({wire.METRICS: MetricRecord(values)}), reply_to=msg)

@@ -113,7 +113,7 @@ def test_noisy_metrics_are_charged_before_they_leave(tiny_federation: Path, tmp_
     context = _context({wire.NODE_DATA_DIR: str(site)})
     reply = app(_dp_message(MessageType.EVALUATE), context)
     metrics = dict(reply.content[wire.METRICS])
-    assert set(metrics) == {wire.NUM_EXAMPLES, wire.DICE, wire.EPSILON_RECORD}  # no exact loss
+    assert set(metrics) == {wire.NUM_EXAMPLES, wire.DICE, wire.EPSILON_RECORD, wire.METRICS_DP}  # no exact loss
     assert 0.0 <= metrics[wire.DICE] <= 1.0
     entries = Ledger.in_dir(state_dir(site)).entries()
     assert len(entries) == 1 and entries[0]["release"] == "metrics"

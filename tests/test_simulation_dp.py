@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fl import accounting
+from fl import accounting, wire
 from fl.cli import main
 from fl.config import Config
 from fl.federation import CentralAccount
@@ -36,7 +36,7 @@ def test_dp_run_accounts_both_levels_and_stops_at_the_nodes_budget(tmp_path: Pat
         "run", str(REPO / "configs" / "dp-both.toml"), "--out", str(tmp_path / "runs"),
         "--set", f'data.root="{root}"', "--set", "data.nodes=2", "--set", "rounds=3",
         "--set", "train.epochs=1", "--set", f'registry.root="{tmp_path / "reg"}"', "--set", "output.run_name=dp",
-        "--set", "node_policy.epsilon=0",  # keep the operators' own policies
+        "--set", "node_policy.epsilon=0", "--set", "node_policy.release_metrics='auto'",  # keep the operators' own policies
     ])
     assert code == 0
     summary = json.loads((tmp_path / "runs" / "dp" / "summary.json").read_text())
@@ -51,6 +51,16 @@ def test_dp_run_accounts_both_levels_and_stops_at_the_nodes_budget(tmp_path: Pat
     assert privacy["client_level"]["epsilon"] == pytest.approx(expected_central)
     assert privacy["client_level"]["rounds"] == 2
     assert versions[-1].manifest["dp"]["local"] == {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
+    # a DP manifest holds public configuration and DP releases only: no adaptive-clipping bits,
+    # example counts, exact metrics or failure reasons (the coordinator's run folder keeps those)
+    for version in versions:
+        text = json.dumps({k: v for k, v in version.manifest.items() if k != "config"})
+        for leak in ("update-norm-below-clip", "num_examples", "num-examples", "train-loss", "val-loss", "dice"):
+            assert leak not in text, leak
+        assert version.manifest["failures"] is None and version.manifest["metrics"] == {"evaluate": None}
+        assert [set(n) for n in version.manifest["nodes"]] == [{"node_id", "dataset_fingerprint"}] * 2
+    line = json.loads((tmp_path / "runs" / "dp" / "metrics.jsonl").read_text().splitlines()[1])
+    assert all(wire.NUM_EXAMPLES in m for m in line["train"]["nodes"].values())  # the coordinator's own log
     reported = sorted(v["epsilon"] for v in privacy["record_level"].values())
     ledgers = sorted(Ledger.in_dir(state_dir(root / f"node-{i}")).entries()[-1]["epsilon_after"] for i in range(2))
     assert reported == pytest.approx(ledgers)
