@@ -95,11 +95,13 @@ def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
     for index in range(cfg.data.nodes):
         load_local_data(node_dir(root, index), task, use_cache=False)
     p = cfg.node_policy
-    if p.epsilon > 0 or p.require_secagg or p.release_metrics != "auto":  # the launcher acts as every node's operator
+    if p.epsilon > 0 or p.require_secagg or p.require_distributed_noise or p.release_metrics != "auto":
+        # the launcher acts as every node's operator
         from nodes.policy import Policy, save_policy, state_dir
 
         policy = Policy(epsilon=p.epsilon, delta=p.delta, min_noise_multiplier=p.min_noise_multiplier,
                         max_clip_norm=p.max_clip_norm, require_secagg=p.require_secagg,
+                        require_distributed_noise=p.require_distributed_noise,
                         release_metrics=p.release_metrics, metrics_noise_multiplier=p.metrics_noise_multiplier)
         for index in range(cfg.data.nodes):
             save_policy(state_dir(node_dir(root, index)), policy)

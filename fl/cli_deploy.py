@@ -69,6 +69,8 @@ def add_parsers(sub: Any, node: Any) -> None:
     nstart.add_argument("--budget", type=float, help="record-level epsilon budget (written into the node's policy)")
     nstart.add_argument("--require-secagg", action="store_true",
                         help="send updates only masked by SecAgg+ (written into the node's policy)")
+    nstart.add_argument("--require-distributed-noise", action="store_true",
+                        help="send updates only with this node's own share of the noise (written into the policy)")
     nstart.add_argument("--release-metrics", choices=("auto", "exact", "noisy", "none"),
                         help="what the node releases besides its model (written into the node's policy)")
     nstart.add_argument("--task", help="seg2d, seg3d (default: from dataset.json)")
@@ -210,6 +212,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
         raise ConfigError(f"--budget: must be > 0, got {args.budget}")
     changes = {**({"epsilon": args.budget} if args.budget is not None else {}),
                **({"require_secagg": True} if args.require_secagg else {}),
+               **({"require_distributed_noise": True} if args.require_distributed_noise else {}),
                **({"release_metrics": args.release_metrics} if args.release_metrics else {})}
     if changes:
         save_policy(state, dataclasses.replace(load_policy(state), **changes))

@@ -38,6 +38,8 @@ def add_parsers(sub: Any) -> Any:
     policy.add_argument("--max-clip", type=float, default=0.0, help="largest clipping norm accepted (0: any)")
     policy.add_argument("--require-secagg", action="store_true",
                         help="send updates only masked by SecAgg+, refuse to send them in the clear")
+    policy.add_argument("--require-distributed-noise", action="store_true",
+                        help="send updates only under SecAgg+ with this node's own share of the noise in them")
     policy.add_argument("--release-metrics", default="auto", choices=("auto", "exact", "noisy", "none"),
                         help="besides the model: exact metrics, noisy (DP, charged), none; auto: none under a budget")
     policy.add_argument("--metrics-noise", type=float, default=5.0,
@@ -88,7 +90,8 @@ def cmd_node_policy(args: argparse.Namespace) -> int:
 
     policy = Policy(epsilon=args.epsilon, delta=args.delta, accountant=args.accountant,
                     min_noise_multiplier=args.min_noise, max_clip_norm=args.max_clip,
-                    require_secagg=args.require_secagg, release_metrics=args.release_metrics,
+                    require_secagg=args.require_secagg, require_distributed_noise=args.require_distributed_noise,
+                    release_metrics=args.release_metrics,
                     metrics_noise_multiplier=args.metrics_noise)
     print(save_policy(state_dir(Path(args.data)), policy))
     return 0

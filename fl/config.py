@@ -200,7 +200,11 @@ class SecAggConfig:
                             _fraction)
     clipping_range: float = _key(
         0.0, "Each update coordinate is clipped to +-this before quantisation; 0: central_dp.clipping_norm "
-        "(no loss under DP), or 8.", _non_negative)
+        "(no loss under DP), or 8; chosen by OncoFed under distributed noise.", _non_negative)
+    noise: str = _key(
+        "server", "Under central DP, who adds the noise: server (to the unmasked sum, which the coordinator "
+        "sees without noise), or distributed (each node adds a discrete Gaussian share before masking).",
+        _one_of("server", "distributed"))
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,7 @@ class LocalDpConfig:
 class NodePolicyConfig:
     """A privacy policy `fl run` writes into every simulated node (deployed nodes set their own)."""
 
-    epsilon: float = _key(0.0, "Record-level budget of each simulated node; 0 (with require_secagg false and "
+    epsilon: float = _key(0.0, "Record-level budget of each simulated node; 0 (with the requirements false and "
                                "release_metrics auto) leaves the nodes' policies as they are.",
                           _non_negative)
     delta: float = _key(1e-5, "Record-level delta of that budget.", _delta)
@@ -224,6 +228,8 @@ class NodePolicyConfig:
     max_clip_norm: float = _key(0.0, "Largest DP-SGD clipping norm a node accepts; 0: any.", _non_negative)
     require_secagg: bool = _key(False, "Each simulated node sends its update only masked by SecAgg+ "
                                        "(refuses plain train requests).")
+    require_distributed_noise: bool = _key(False, "Each simulated node sends its update only under SecAgg+ with "
+                                                  "its own share of the central noise (secagg.noise = distributed).")
     release_metrics: str = _key(
         "auto", "What each simulated node releases besides its model: exact metrics, noisy (DP, charged to its "
         "ledger), none; auto: none under a budget or local DP, exact otherwise.",
@@ -320,8 +326,21 @@ class Config:
                    f"{self.central_dp.clipping_norm}; clipped coordinates would change the update")
         elif self.simulation.adversaries > 0:
             why = "simulation.adversaries: hostile virtual nodes are not modelled under SecAgg+"
+        elif self.secagg.noise == "distributed":
+            why = self._distributed_noise_problem()
         if why:
             raise ConfigError(why)
+
+    def _distributed_noise_problem(self) -> str | None:
+        if not self.central_dp.enabled:
+            return "secagg.noise: distributed noise is central DP's noise, added by the nodes; set central_dp.enabled"
+        if self.secagg.shares < 1:
+            return ("secagg.shares: distributed noise is sized for SecAgg+'s reconstruction threshold over the whole "
+                    "cohort; use 1.0")
+        if self.secagg.clipping_range > 0:
+            return ("secagg.clipping_range: under distributed noise OncoFed chooses it (a power of two that holds "
+                    "the noise); leave it 0")
+        return None
 
     @property
     def min_nodes(self) -> int:

@@ -121,16 +121,23 @@ def secure_train(grid: Grid, strategy: Any, server_round: int, arrays: ArrayReco
     from strategies.secagg import secure_round
 
     c = cfg.secagg
+    distributed = c.noise == "distributed"
     clipping_range = c.clipping_range or (cfg.central_dp.clipping_norm if cfg.central_dp.enabled else 8.0)
     result = secure_round(grid, strategy, server_round, arrays, ConfigRecord(dict(train_cfg)), shares=c.shares,
-                          threshold=c.threshold, clipping_range=clipping_range, timeout=cfg.strategy.timeout)
+                          threshold=c.threshold, clipping_range=clipping_range, timeout=cfg.strategy.timeout,
+                          distributed_noise=cfg.central_dp.noise_multiplier if distributed else None)
     res = PhaseResult(failures=dict(result.failures))
     res.secure = {str(n): m for n, m in zip(result.node_ids, result.metrics, strict=True)}
     losses = [m[wire.TRAIN_LOSS] for m in result.metrics if wire.TRAIN_LOSS in m]
     train_agg = {wire.TRAIN_LOSS: sum(losses) / len(losses)} if losses else None
     if result.skipped:
         log.warning("round %d: %s", server_round, result.skipped)
-    if isinstance(strategy, CentralDP):  # below the minimum: the noise alone, accounted as any round
+    if isinstance(strategy, CentralDP):
+        if distributed:  # the nodes' noise is in the sum; a discarded sum releases nothing new
+            if result.update_sum is None:
+                return res, arrays, train_agg
+            return res, strategy.release(server_round, result.update_sum, below=0.0, add_noise=False), train_agg
+        # below the minimum: the server's noise alone, accounted as any round
         total = result.update_sum if result.update_sum is not None else strategy.zero_sum()
         return res, strategy.release(server_round, total, below=0.0), train_agg
     if result.skipped:

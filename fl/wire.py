@@ -59,6 +59,9 @@ LOCAL_NOISE_MULTIPLIER = "local-dp-noise-multiplier"
 LOCAL_MAX_GRAD_NORM = "local-dp-max-grad-norm"
 # central DP with client-side clipping: the node clips its update to this norm
 CLIENT_CLIP_NORM = "central-dp-clip-norm"
+# distributed noise under SecAgg+: the node adds its share of z C noise for this many contributors
+DDP_NOISE_MULTIPLIER = "ddp-noise-multiplier"
+DDP_MIN_CONTRIBUTORS = "ddp-min-contributors"
 
 # privacy figures in a train reply
 EPSILON_RECORD = "epsilon-record"  # this node's cumulative record-level epsilon after the round

@@ -181,6 +181,7 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
     )
     with ledger.locked():
         entry = admit(policy, ledger, request, event, secure=secure, num_records=len(data.train),
+                      distributed_noise=secure and wire.DDP_NOISE_MULTIPLIER in config,
                       server_round=int(config[wire.SERVER_ROUND]), time=time.time())
     global_state = {k: v.clone() for k, v in net.state_dict().items()}
     common = dict(epochs=epochs, lr=float(config[wire.LR]), batch_size=batch_size)
@@ -208,11 +209,43 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
         keys = json.loads(str(config[ARRAY_KEYS]))
         state = net.state_dict()
         update = {k: (state[k].double() - global_state[k].double()).numpy() for k in keys}
+        if wire.DDP_NOISE_MULTIPLIER in config:
+            update = _with_noise_share(update, config, context)
+        values.pop(wire.UPDATE_NORM_BELOW_CLIP, None)  # scalars travel unmasked: this bit would describe the update
         return Message(legacy_reply(update, keys, {**values, wire.DATASET_FINGERPRINT: fingerprint}), reply_to=msg)
     info = ConfigRecord({wire.DATASET_FINGERPRINT: fingerprint})
     content = RecordDict({wire.ARRAYS: ArrayRecord(net.state_dict()), wire.METRICS: MetricRecord(values),
                           wire.NODE_INFO: info})
     return Message(content=content, reply_to=msg)
+
+
+def _with_noise_share(update: dict[str, np.ndarray], config: ConfigRecord, context: Context) -> dict[str, np.ndarray]:
+    """This node's update clipped, on SecAgg+'s integer grid, plus its discrete Gaussian share
+    (:mod:`fl.distributed_dp`). The grid and the reconstruction threshold come from this node's own
+    SecAgg+ state, not from the server's word."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    from fl import distributed_dp
+
+    if wire.CLIENT_CLIP_NORM not in config:
+        raise Refusal(wire.ERROR_POLICY, "distributed noise needs the clipping norm; the request has none")
+    secagg = context.state.config_records[RECORD_KEY_STATE]
+    contributors = int(config[wire.DDP_MIN_CONTRIBUTORS])
+    expected = max(wire.SECAGG_MIN_NODES, int(secagg["threshold"]))
+    if contributors != expected:
+        raise Refusal(wire.ERROR_POLICY, f"distributed noise: the request sizes the noise for {contributors} "
+                                         f"contributors, this SecAgg+ round guarantees {expected}")
+    flat = np.concatenate([v.ravel() for v in update.values()])
+    plan = distributed_dp.plan(clip=float(config[wire.CLIENT_CLIP_NORM]),
+                               noise_multiplier=float(config[wire.DDP_NOISE_MULTIPLIER]),
+                               min_contributors=contributors, dim=flat.size,
+                               range_=float(secagg["clipping_range"]), target_range=int(secagg["target_range"]))
+    encoded = distributed_dp.encode(flat, plan, SecureGaussian())
+    out, start = {}, 0
+    for key, value in update.items():
+        out[key] = encoded[start:start + value.size].reshape(value.shape)
+        start += value.size
+    return out
 
 
 @app.evaluate()

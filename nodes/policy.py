@@ -53,6 +53,8 @@ class Policy:
     min_noise_multiplier: float = 0.0
     max_clip_norm: float = 0.0  # 0: no limit
     require_secagg: bool = False  # send updates only masked by SecAgg+, never in the clear
+    # send updates only under SecAgg+ with this node's own share of the central noise in them
+    require_distributed_noise: bool = False
     # what leaves besides the DP model: exact metrics, metrics released with noise and charged,
     # or none; auto: none when the node has a budget or the server asks for DP, exact otherwise
     release_metrics: str = "auto"
@@ -66,6 +68,7 @@ class Policy:
             "min_noise_multiplier": math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier >= 0,
             "max_clip_norm": math.isfinite(self.max_clip_norm) and self.max_clip_norm >= 0,
             "require_secagg": isinstance(self.require_secagg, bool),
+            "require_distributed_noise": isinstance(self.require_distributed_noise, bool),
             "release_metrics": self.release_metrics in METRICS_MODES,
             "metrics_noise_multiplier": math.isfinite(self.metrics_noise_multiplier)
             and self.metrics_noise_multiplier > 0,
@@ -174,11 +177,12 @@ class LocalDpRequest:
 
 def admit(
     policy: Policy, ledger: Ledger, request: LocalDpRequest | None, event: GaussianEvent | None, *,
-    secure: bool = False, num_records: int = 0, **context: Any
+    secure: bool = False, distributed_noise: bool = False, num_records: int = 0, **context: Any
 ) -> dict[str, Any] | None:
     """Check a train request against the policy and budget; record the spend if admitted.
 
-    ``secure``: the request runs through SecAgg+ (the node's update leaves masked).
+    ``secure``: the request runs through SecAgg+ (the node's update leaves masked);
+    ``distributed_noise``: and the node adds its share of the central noise before masking.
     ``num_records``: the node's record count; a delta of 1/n or more is refused, since a mechanism
     that publishes one record outright is (0, 1/n)-DP. Returns the
     ledger entry (None for a non-DP request the policy allows); raises :class:`Refusal`
@@ -189,6 +193,9 @@ def admit(
     if policy.require_secagg and not secure:
         raise Refusal(wire.ERROR_POLICY, "policy: this node sends its update only under secure aggregation "
                                          "(SecAgg+); the server asked for it in the clear")
+    if policy.require_distributed_noise and not distributed_noise:
+        raise Refusal(wire.ERROR_POLICY, "policy: this node sends its update only under SecAgg+ with its own "
+                                         "share of the noise (secagg.noise = 'distributed')")
     if request is None or event is None:
         if policy.requires_dp:
             raise Refusal(wire.ERROR_POLICY, "policy: this node trains only with local DP (it has a privacy budget)")

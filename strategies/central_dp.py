@@ -159,9 +159,11 @@ class CentralDP(Strategy):
         metrics = aggregate_metricrecords([r.content for r in used], wire.NUM_EXAMPLES) if used else None
         return self.release(server_round, total, below), metrics
 
-    def release(self, server_round: int, total: dict[str, np.ndarray], below: float) -> ArrayRecord | None:
+    def release(self, server_round: int, total: dict[str, np.ndarray], below: float, *,
+                add_noise: bool = True) -> ArrayRecord | None:
         """Release ``w + (sum of clipped updates + N(0, (zC)^2 I)) / m`` as the round's model and
         update the clipping norm; ``total`` may come from the replies or from SecAgg+.
+        ``add_noise=False``: the nodes already put the noise into ``total`` (distributed noise).
 
         The noisy sum is released even when nobody was sampled or every update was dropped:
         the accountant's mechanism always outputs sum + noise."""
@@ -169,7 +171,7 @@ class CentralDP(Strategy):
         if self._carrier is None:
             return None
         m = s.expected_nodes
-        std = s.noise_multiplier * bound
+        std = s.noise_multiplier * bound if add_noise else 0.0
         # float64 throughout; rounded once below, to the model's dtypes (see fl.noise)
         noisy = {k: self._current[k] + (v + self.noise.gaussian(v.shape, std).numpy()) / m for k, v in total.items()}
         if s.clipping == ADAPTIVE:

@@ -48,6 +48,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl import wire
+from fl.distributed_dp import clipping_range as clipping_range_for
 
 # key in the instruction's config: the names of the arrays, in the order they travel
 ARRAY_KEYS = "secagg-array-keys"
@@ -103,18 +104,38 @@ class _OneRound(LegacyStrategy):  # type: ignore[misc]
         return None
 
 
+def min_contributors(sampled: int, threshold: float) -> int:
+    """The fewest contributors an unmasked sum of this round can have: SecAgg+'s reconstruction
+    threshold over ``sampled`` nodes (Flower's rule: ``max(round(threshold * n), 2)``), and never
+    fewer than OncoFed's floor of 3, which the coordinator enforces after unmasking."""
+    return max(wire.SECAGG_MIN_NODES, max(round(threshold * sampled), 2))
+
+
 def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                 *, shares: float, threshold: float, clipping_range: float, timeout: float) -> SecureRoundResult:
-    """Sample and instruct through ``strategy``, then train and sum the updates with SecAgg+."""
+                 *, shares: float, threshold: float, clipping_range: float, timeout: float,
+                 distributed_noise: float | None = None) -> SecureRoundResult:
+    """Sample and instruct through ``strategy``, then train and sum the updates with SecAgg+.
+
+    ``distributed_noise``: the central noise multiplier z; each node adds its share for
+    :func:`min_contributors` contributors (:mod:`fl.distributed_dp`), and a sum with fewer is
+    discarded. ``clipping_range`` is then ignored: the range must hold the noise."""
     messages = list(strategy.configure_train(server_round, arrays, config, grid))
     keys = list(arrays.keys())
     if len(messages) < wire.SECAGG_MIN_NODES:  # checked every round: sampling can pick fewer
         return SecureRoundResult(None, 0, skipped=f"{len(messages)} node(s) sampled, fewer than the "
                                                   f"{wire.SECAGG_MIN_NODES} SecAgg+ needs; nothing aggregated")
+    floor = wire.SECAGG_MIN_NODES
+    if distributed_noise is not None:
+        floor = min_contributors(len(messages), threshold)
+        clip = float(messages[0].content[wire.CONFIG][wire.CLIENT_CLIP_NORM])
+        clipping_range = clipping_range_for(clip, distributed_noise, floor)
     instructions = {}
     for message in messages:
         node_config = dict(message.content[wire.CONFIG])
         node_config[ARRAY_KEYS] = json.dumps(keys)
+        if distributed_noise is not None:
+            node_config[wire.DDP_NOISE_MULTIPLIER] = distributed_noise
+            node_config[wire.DDP_MIN_CONTRIBUTORS] = floor
         global_arrays = message.content[wire.ARRAYS]
         instructions[message.metadata.dst_node_id] = FitIns(
             ndarrays_to_parameters([global_arrays[k].numpy() for k in keys]), node_config)
@@ -132,10 +153,10 @@ def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
     if shim.aggregate is None:
         return SecureRoundResult(None, 0, failures=failures or {"secagg": "secure aggregation halted"})
     n = len(shim.results)
-    if n < wire.SECAGG_MIN_NODES:  # dropouts left too few: their sum would expose each of them
+    if n < floor:  # dropouts left too few: their sum would expose them, or carry too little noise
         return SecureRoundResult(None, 0, failures=failures,
-                                 skipped=f"{n} contributor(s) survived, fewer than the {wire.SECAGG_MIN_NODES} "
-                                         "SecAgg+ needs; their sum is discarded")
+                                 skipped=f"{n} contributor(s) survived, fewer than the {floor} this round "
+                                         "needs; their sum is discarded")
     update_sum = {k: np.asarray(a, dtype=np.float64) * n for k, a in zip(keys, shim.aggregate, strict=True)}
     metrics = [dict(res.metrics) for _, res in shim.results]
     nodes = [proxy.node_id for proxy, _ in shim.results]
