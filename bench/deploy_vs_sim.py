@@ -50,8 +50,8 @@ def main() -> None:
         raise SystemExit(f"{out}: exists; choose another --out")
     sys.path.insert(0, str(REPO))
     from fl.config import from_flat
-    from fl.demo import run_config, run_demo
-    from fl.simulation import simulate
+    from fl.deploy.demo import run_config, run_demo
+    from fl.server.simulation import simulate
 
     run_demo(out / "deploy", rounds=args.rounds)
     flat = run_config(out / "deploy", args.rounds, 3, [])  # the config the deployment ran

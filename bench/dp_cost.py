@@ -25,7 +25,7 @@ def _cell(task_name: str, dp: bool, steps: int, threads: int) -> dict[str, float
     import torch
     from opacus import GradSampleModule
 
-    from fl.noise import SecureGaussian
+    from fl.privacy.noise import SecureGaussian
     from fl.tasks import get_task
     from nodes.dp_train import _NoiseInjectedDPOptimizer
 

@@ -19,14 +19,15 @@ import numpy as np
 import torch
 from flwr.serverapp.strategy import FedAdam
 
-from fl.checkpoint import encode_state, encode_weights, manifest_fields
 from fl.config import Config
-from fl.federation import initial_arrays
 from fl.registry import Registry
+from fl.registry.checkpoint import encode_weights, manifest_fields
+from fl.server.rounds import initial_arrays
 from fl.tasks import TASK_NAMES, get_task
 from nodes.data import load_local_data
 from nodes.synth import synthesize
 from nodes.train import train_local
+from strategies.state import encode_state
 
 
 def commit_seconds(task: str, commits: int, root: Path) -> tuple[float, int]:

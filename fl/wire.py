@@ -1,9 +1,19 @@
-"""Names on the wire between the ServerApp and the nodes' ClientApps.
+"""Names on the wire between the ServerApp and the nodes' ClientApps, and the shapes of the
+SecAgg+ messages both sides exchange.
 
-Both sides import these constants; a message carries only weights (``arrays``), counts and
-metrics (``metrics``) and instructions (``config``): never images, labels, paths or
-per-sample outputs.
+Both sides import these; a message carries only weights (``arrays``), counts and metrics
+(``metrics``) and instructions (``config``): never images, labels, paths or per-sample outputs.
+Flower is imported inside the functions, so the constants stay cheap to import.
 """
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    from flwr.app import ConfigRecord, RecordDict
 
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -30,7 +40,7 @@ ACCURACY = "accuracy"  # the tabular task's score when a node releases noisy met
 SCORES = (DICE, AUC, ACCURACY)
 
 
-def score(metrics: dict) -> float | None:  # type: ignore[type-arg]
+def score(metrics: dict[str, Any]) -> float | None:
     """The task's validation score in an aggregate (Dice for segmentation, AUC for tabular)."""
     return next((metrics[k] for k in SCORES if k in metrics), None)
 
@@ -68,3 +78,36 @@ EPSILON_RECORD = "epsilon-record"  # this node's cumulative record-level epsilon
 DELTA_RECORD = "delta-record"
 UPDATE_NORM_BELOW_CLIP = "update-norm-below-clip"  # 1.0/0.0, for adaptive client-side clipping
 METRICS_DP = "metrics-dp"  # 1.0 in an evaluate reply whose score was released with DP noise
+
+
+# ----- SecAgg+ (Flower's legacy FitIns / FitRes shapes, as secaggplus_mod expects them) -----------
+SECAGG_ARRAY_KEYS = "secagg-array-keys"  # in the instruction's config: array names, in travel order
+
+
+def is_secagg_message(content: RecordDict) -> bool:
+    """A SecAgg+ stage message (setup, share keys, collect masked vectors, unmask)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    return RECORD_KEY_CONFIGS in content.config_records
+
+
+def legacy_instruction(content: RecordDict) -> tuple[dict[str, np.ndarray], ConfigRecord] | None:
+    """The global weights (by name) and config of a SecAgg+ training instruction, or None."""
+    from flwr.common import Parameters, parameters_to_ndarrays
+
+    if "fitins.parameters" not in content.array_records:
+        return None
+    config = content.config_records["fitins.config"]
+    keys = json.loads(str(config[SECAGG_ARRAY_KEYS]))
+    ndarrays = parameters_to_ndarrays(Parameters(
+        tensors=[a.data for a in content.array_records["fitins.parameters"].values()], tensor_type="numpy.ndarray"))
+    return dict(zip(keys, ndarrays, strict=True)), config
+
+
+def legacy_reply(update: dict[str, np.ndarray], keys: list[str], metrics: dict[str, Any]) -> RecordDict:
+    """A FitRes for ``secaggplus_mod``: the update (weight 1) and the node's scalar metrics."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([update[k] for k in keys]), 1, dict(metrics))
+    return fitres_to_recorddict(fitres, keep_input=False)

@@ -25,13 +25,13 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from fl import wire
-from fl.clipping import clip
 from fl.errors import ConfigError, DataError
+from fl.privacy.accounting import GaussianEvent
+from fl.privacy.clipping import clip
+from fl.privacy.noise import SecureGaussian, noisy_mean
 from fl.tasks import Task, get_task
 from nodes.data import LocalData, load_local_data
 from nodes.ledger import Ledger, LedgerError
-from fl.accounting import GaussianEvent
-from fl.noise import SecureGaussian, noisy_mean
 from nodes.policy import (
     EXACT,
     NONE,
@@ -46,7 +46,6 @@ from nodes.policy import (
 )
 from nodes.synth import node_dir
 from nodes.train import evaluate_local, train_local
-from strategies.secagg import ARRAY_KEYS, is_secagg_message, legacy_instruction, legacy_reply
 
 log = logging.getLogger("flwr.oncofed.node")  # lands in the SuperNode's own log
 
@@ -81,7 +80,7 @@ def _prepare(content: RecordDict, context: Context) -> tuple[Task, torch.nn.Modu
 def _secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
     """Route SecAgg+ stages through Flower's ``secaggplus_mod`` (it masks the update this
     node's ``train`` returns); every other instruction goes straight to ``train``."""
-    if not is_secagg_message(msg.content):
+    if not wire.is_secagg_message(msg.content):
         return call_next(msg, context)
     logging.getLogger("flwr").setLevel(logging.INFO)  # the mod logs every stage at DEBUG
 
@@ -160,7 +159,7 @@ def _guarded(msg: Message, work: Any) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Check the request against this node's policy and budget, train, reply weights and metrics
     (under SecAgg+: the update alone, for ``secaggplus_mod`` to mask)."""
-    content, secure = msg.content, legacy_instruction(msg.content)
+    content, secure = msg.content, wire.legacy_instruction(msg.content)
     if secure is not None:
         weights, secure_config = secure
         content = RecordDict({wire.ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()}),
@@ -206,13 +205,13 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
         values[wire.DELTA_RECORD] = float(entry["delta"])
     fingerprint = keyed_fingerprint(folder, data.digest)
     if secure:
-        keys = json.loads(str(config[ARRAY_KEYS]))
+        keys = json.loads(str(config[wire.SECAGG_ARRAY_KEYS]))
         state = net.state_dict()
         update = {k: (state[k].double() - global_state[k].double()).numpy() for k in keys}
         if wire.DDP_NOISE_MULTIPLIER in config:
             update = _with_noise_share(update, config, context)
         values.pop(wire.UPDATE_NORM_BELOW_CLIP, None)  # scalars travel unmasked: this bit would describe the update
-        return Message(legacy_reply(update, keys, {**values, wire.DATASET_FINGERPRINT: fingerprint}), reply_to=msg)
+        return Message(wire.legacy_reply(update, keys, {**values, wire.DATASET_FINGERPRINT: fingerprint}), reply_to=msg)
     info = ConfigRecord({wire.DATASET_FINGERPRINT: fingerprint})
     content = RecordDict({wire.ARRAYS: ArrayRecord(net.state_dict()), wire.METRICS: MetricRecord(values),
                           wire.NODE_INFO: info})
@@ -221,11 +220,11 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
 
 def _with_noise_share(update: dict[str, np.ndarray], config: ConfigRecord, context: Context) -> dict[str, np.ndarray]:
     """This node's update clipped, on SecAgg+'s integer grid, plus its discrete Gaussian share
-    (:mod:`fl.distributed_dp`). The grid and the reconstruction threshold come from this node's own
+    (:mod:`fl.privacy.distributed`). The grid and the reconstruction threshold come from this node's own
     SecAgg+ state, not from the server's word."""
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 
-    from fl import distributed_dp
+    from fl.privacy import distributed as distributed_dp
 
     if wire.CLIENT_CLIP_NORM not in config:
         raise Refusal(wire.ERROR_POLICY, "distributed noise needs the clipping norm; the request has none")

@@ -4,7 +4,7 @@ Each step samples every training case independently with probability ``q = batch
 (Poisson sampling, which the accountant assumes), computes per-sample gradients with
 Opacus's ``GradSampleModule``, clips each to ``max_grad_norm`` and adds Gaussian noise of
 std ``noise_multiplier * max_grad_norm`` to their sum (Opacus's ``DPOptimizer``). Both the
-sampling and the noise come from an injected :class:`~fl.noise.NoiseSource`, the OS CSPRNG
+sampling and the noise come from an injected :class:`~fl.privacy.noise.NoiseSource`, the OS CSPRNG
 by default: Opacus's own noise would come from torch's generator.
 """
 
@@ -17,7 +17,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fl.noise import NoiseSource, SecureGaussian
+from fl.privacy.noise import NoiseSource, SecureGaussian
 from fl.tasks import Task
 from nodes.data import Split
 from nodes.policy import local_event
@@ -35,7 +35,7 @@ class _NoiseInjectedDPOptimizer(DPOptimizer):
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             summed = p.summed_grad
-            # added in float64, rounded once to the parameter's dtype (see fl.noise)
+            # added in float64, rounded once to the parameter's dtype (see fl.privacy.noise)
             noise = self.noise_source.gaussian(tuple(summed.shape), std).to(summed.device)
             p.grad = (summed.double() + noise).to(summed.dtype).view_as(p)
             summed._processed = True  # Opacus's marker: this step's noise is in

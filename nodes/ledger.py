@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fl import hashchain
-from fl.accounting import GaussianEvent
 from fl.errors import OncoFedError
+from fl.privacy import hashchain
+from fl.privacy.accounting import GaussianEvent
 
 LEDGER_FILE = "privacy-ledger.jsonl"
 

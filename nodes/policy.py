@@ -21,9 +21,9 @@ from typing import Any
 
 import tomli_w
 
-from fl import accounting
-from fl.accounting import GaussianEvent
 from fl.errors import ConfigError
+from fl.privacy import accounting
+from fl.privacy.accounting import GaussianEvent
 from nodes.ledger import Ledger
 
 STATE_DIR = ".oncofed"

@@ -155,7 +155,7 @@ def run_supernode(argv: list[str], state: Path) -> int:
     """Run Flower's SuperNode in this process with the app guard installed."""
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    from fl.deploy import with_own_scripts
+    from fl.engine_env import with_own_scripts
 
     install_app_guard(lambda: load_allowlist(state))
     with_own_scripts(os.environ)

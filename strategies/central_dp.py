@@ -15,7 +15,7 @@ Per round (McMahan et al. 2018, "Learning differentially private recurrent langu
 5. adaptive clipping (Andrew et al. 2021): the count of unclipped updates is released with
    noise ``N(0, s^2)`` and ``C <- C exp(-eta (count/m - gamma))``; the accountant sees one
    Gaussian of multiplier ``(z^-2 + s^-2)^-1/2`` per round, see
-   :func:`fl.accounting.combined_noise_multiplier`.
+   :func:`fl.privacy.accounting.combined_noise_multiplier`.
 
 Unlike Flower's DP wrappers, noise comes from an injected CSPRNG-backed source, never from
 NumPy's global generator, and the accountant event describes exactly this sampling.
@@ -35,9 +35,9 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fl import wire
-from fl.accounting import GaussianEvent, combined_noise_multiplier
-from fl.clipping import clip
-from fl.noise import NoiseSource, SecureGaussian
+from fl.privacy.accounting import GaussianEvent, combined_noise_multiplier
+from fl.privacy.clipping import clip
+from fl.privacy.noise import NoiseSource, SecureGaussian
 
 FIXED, ADAPTIVE = "fixed", "adaptive"
 SERVER, CLIENT = "server", "client"
@@ -172,7 +172,7 @@ class CentralDP(Strategy):
             return None
         m = s.expected_nodes
         std = s.noise_multiplier * bound if add_noise else 0.0
-        # float64 throughout; rounded once below, to the model's dtypes (see fl.noise)
+        # float64 throughout; rounded once below, to the model's dtypes (see fl.privacy.noise)
         noisy = {k: self._current[k] + (v + self.noise.gaussian(v.shape, std).numpy()) / m for k, v in total.items()}
         if s.clipping == ADAPTIVE:
             noisy_count = below + float(self.noise.gaussian((1,), s.count_std)[0])

@@ -26,14 +26,12 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.common import (
-    Code,
     EvaluateIns,
     EvaluateRes,
     FitIns,
     FitRes,
     Parameters,
     Scalar,
-    Status,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
@@ -48,10 +46,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl import wire
-from fl.distributed_dp import clipping_range as clipping_range_for
-
-# key in the instruction's config: the names of the arrays, in the order they travel
-ARRAY_KEYS = "secagg-array-keys"
+from fl.config import Config
+from fl.privacy.distributed import clipping_range as clipping_range_for
+from strategies.central_dp import CentralDP
+from strategies.updates import apply_update
 
 
 @dataclass
@@ -117,7 +115,7 @@ def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
     """Sample and instruct through ``strategy``, then train and sum the updates with SecAgg+.
 
     ``distributed_noise``: the central noise multiplier z; each node adds its share for
-    :func:`min_contributors` contributors (:mod:`fl.distributed_dp`), and a sum with fewer is
+    :func:`min_contributors` contributors (:mod:`fl.privacy.distributed`), and a sum with fewer is
     discarded. ``clipping_range`` is then ignored: the range must hold the noise."""
     messages = list(strategy.configure_train(server_round, arrays, config, grid))
     keys = list(arrays.keys())
@@ -132,7 +130,7 @@ def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
     instructions = {}
     for message in messages:
         node_config = dict(message.content[wire.CONFIG])
-        node_config[ARRAY_KEYS] = json.dumps(keys)
+        node_config[wire.SECAGG_ARRAY_KEYS] = json.dumps(keys)
         if distributed_noise is not None:
             node_config[wire.DDP_NOISE_MULTIPLIER] = distributed_noise
             node_config[wire.DDP_MIN_CONTRIBUTORS] = floor
@@ -163,27 +161,48 @@ def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
     return SecureRoundResult(update_sum, n, metrics, nodes, failures)
 
 
-# ----- the node's side ---------------------------------------------------------------------------
-def is_secagg_message(content: RecordDict) -> bool:
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+@dataclass
+class SecureTrainResult:
+    """A SecAgg+ training round as the round loop sees it."""
 
-    return RECORD_KEY_CONFIGS in content.config_records
-
-
-def legacy_instruction(content: RecordDict) -> tuple[dict[str, np.ndarray], ConfigRecord] | None:
-    """The global weights (by name) and config of a SecAgg+ training instruction, or None."""
-    if "fitins.parameters" not in content.array_records:
-        return None
-    config = content.config_records["fitins.config"]
-    keys = json.loads(str(config[ARRAY_KEYS]))
-    ndarrays = parameters_to_ndarrays(Parameters(
-        tensors=[a.data for a in content.array_records["fitins.parameters"].values()], tensor_type="numpy.ndarray"))
-    return dict(zip(keys, ndarrays, strict=True)), config
+    arrays: ArrayRecord | None  # the round's new global model (None: nothing to aggregate)
+    train_aggregate: dict[str, float] | None
+    scalars: dict[str, dict[str, Any]]  # by node: the scalars it sent beside its masked update
+    failures: dict[str, str]
+    skipped: str | None
 
 
-def legacy_reply(update: dict[str, np.ndarray], keys: list[str], metrics: dict[str, float]) -> RecordDict:
-    """A FitRes for ``secaggplus_mod``: the update (weight 1) and the node's scalar metrics."""
-    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+def secure_train(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, train_cfg: ConfigRecord,
+                 cfg: Config) -> SecureTrainResult:
+    """One training round under SecAgg+: only the sum of the updates reaches this process.
 
-    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([update[k] for k in keys]), 1, dict(metrics))
-    return fitres_to_recorddict(fitres, keep_input=False)
+    Under central DP the sum gets the round's noise (:meth:`CentralDP.release`), unless the nodes
+    already put it in (distributed noise); without DP the mean update is applied through the
+    strategy (FedAdam then steps from it)."""
+    c = cfg.secagg
+    distributed = c.noise == "distributed"
+    clipping_range = c.clipping_range or (cfg.central_dp.clipping_norm if cfg.central_dp.enabled else 8.0)
+    result = secure_round(grid, strategy, server_round, arrays, ConfigRecord(dict(train_cfg)), shares=c.shares,
+                          threshold=c.threshold, clipping_range=clipping_range, timeout=cfg.strategy.timeout,
+                          distributed_noise=cfg.central_dp.noise_multiplier if distributed else None)
+    losses = [m[wire.TRAIN_LOSS] for m in result.metrics if wire.TRAIN_LOSS in m]
+    train_agg = {wire.TRAIN_LOSS: sum(losses) / len(losses)} if losses else None
+
+    def done(new: ArrayRecord | None) -> SecureTrainResult:
+        scalars = {str(n): m for n, m in zip(result.node_ids, result.metrics, strict=True)}
+        return SecureTrainResult(new, train_agg, scalars, dict(result.failures), result.skipped)
+
+    if isinstance(strategy, CentralDP):
+        if distributed:  # the nodes' noise is in the sum; a discarded sum releases nothing new
+            if result.update_sum is None:
+                return done(arrays)
+            return done(strategy.release(server_round, result.update_sum, below=0.0, add_noise=False))
+        # below the minimum: the server's noise alone, accounted as any round
+        total = result.update_sum if result.update_sum is not None else strategy.zero_sum()
+        return done(strategy.release(server_round, total, below=0.0))
+    if result.skipped:
+        return done(arrays)
+    if result.update_sum is None:
+        return done(None)
+    mean = {k: v / result.contributors for k, v in result.update_sum.items()}
+    return done(apply_update(strategy, server_round, arrays, mean))

@@ -8,13 +8,19 @@ exactly where the last round left off.
 
 from __future__ import annotations
 
+import json
+import random
+
 import numpy as np
 from flwr.serverapp.strategy import Strategy
+from safetensors.numpy import load as load_numpy
+from safetensors.numpy import save as save_numpy
 
 MOMENTS = ("m_t", "v_t")
 
 
 CLIP_NORM = "central_dp/clip_norm"
+RANDOM_STATE = "python_random"
 
 
 def _inner(strategy: Strategy) -> Strategy:
@@ -50,3 +56,18 @@ def import_state(strategy: Strategy, arrays: dict[str, np.ndarray]) -> None:
         moments = getattr(strategy, attr) or {}
         moments[key] = value
         setattr(strategy, attr, moments)
+
+
+def encode_state(strategy: Strategy) -> bytes:
+    """Strategy moments plus the server's Python RNG state (Flower samples nodes with it)."""
+    metadata = {RANDOM_STATE: json.dumps(random.getstate())}
+    return save_numpy(export_state(strategy), metadata=metadata)
+
+
+def restore_state(strategy: Strategy, data: bytes) -> None:
+    import_state(strategy, dict(load_numpy(data)))
+    header_len = int.from_bytes(data[:8], "little")  # safetensors: u64 length, then JSON header
+    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+    if RANDOM_STATE in metadata:
+        version, internal, gauss = json.loads(metadata[RANDOM_STATE])
+        random.setstate((version, tuple(internal), gauss))

@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from fl import wire
-from fl.clipping import l2_norm
+from fl.privacy.clipping import l2_norm
 
 
 def check_reply(reply: Message, global_arrays: ArrayRecord, max_update_norm: float = 0.0) -> str | None:

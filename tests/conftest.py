@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 import fl.engine_env  # noqa: F401,E402  (before Flower is imported)
-
 from fl.tasks import get_task  # noqa: E402
 from nodes.synth import synthesize  # noqa: E402
 

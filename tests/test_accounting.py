@@ -11,8 +11,8 @@ from dp_accounting.rdp import RdpAccountant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl.accounting import GaussianEvent, calibrate, combined_noise_multiplier, epsilon
 from fl.cli import main
+from fl.privacy.accounting import GaussianEvent, calibrate, combined_noise_multiplier, epsilon
 
 SETTINGS = [  # (noise multiplier, sample rate, steps, delta)
     (1.0, 0.01, 1000, 1e-5),
@@ -81,7 +81,7 @@ def test_cli_estimate_and_calibrate(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("z", [0.01, 0.05, 0.1])
 def test_extreme_noise_fails_closed_instead_of_hanging(accountant: str, z: float) -> None:
     """PLD did not finish and PRV asked for 26 GB (or returned inf) at these multipliers."""
-    from fl.accounting import AccountingError
+    from fl.privacy.accounting import AccountingError
 
     with pytest.raises(AccountingError, match=f"accountant {accountant}: .* past the 100"):
         epsilon([GaussianEvent(z, 0.1, 100)], 1e-5, accountant)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fl import bench, bench_runners
-from fl.audit import attack, clopper_pearson, epsilon_lower_bound
+from fl import bench
+from fl.bench.audit import attack, clopper_pearson, epsilon_lower_bound
 from fl.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("quick", [False, True])
 def test_every_suite_loads(name: str, quick: bool) -> None:
     suite = bench.load_suite(name, quick=quick)
-    assert suite.cells and suite.seeds >= 1 and suite.runner in bench_runners.RUNNERS
+    assert suite.cells and suite.seeds >= 1 and suite.runner in bench.RUNNERS
     if quick:
         assert suite.seeds == 1
 
@@ -47,7 +47,7 @@ def test_cells_resume_and_the_table_holds_mean_and_std(tmp_path: Path, monkeypat
         calls.append((cell.name, seed))
         return {"score": float(cell.get("epsilon", 10)) + seed, "label": "x"}
 
-    monkeypatch.setitem(bench_runners.RUNNERS, "fake", fake)
+    monkeypatch.setitem(bench.RUNNERS, "fake", fake)
     suites = tmp_path / "configs" / "bench"
     suites.mkdir(parents=True)
     (suites / "toy.toml").write_text("""

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fl import wire
-from fl.noise import SeededGaussian
-from fl.clipping import clip
+from fl.privacy.clipping import clip
+from fl.privacy.noise import SeededGaussian
 from strategies.central_dp import CentralDP, CentralDpSettings
 
 SHAPES = {"w": (30, 40), "b": (40,), "s": ()}

@@ -11,7 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fl import wire
 from fl.config import Config
-from fl.federation import initial_arrays
+from fl.server.rounds import initial_arrays
 from nodes.client_app import app, resolve_data_dir
 
 
@@ -104,7 +104,7 @@ def test_a_node_with_a_budget_releases_no_metrics_by_default(tiny_federation: Pa
 
 
 def test_noisy_metrics_are_charged_before_they_leave(tiny_federation: Path, tmp_path: Path) -> None:
-    from fl import accounting
+    from fl.privacy import accounting
     from nodes.ledger import Ledger
     from nodes.policy import state_dir
 

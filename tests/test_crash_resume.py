@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from fl import accounting
 from fl.config import Config
-from fl.federation import CRASH_AFTER_RELEASE
-from fl.journal import ReleaseJournal
+from fl.privacy import accounting
+from fl.privacy.journal import ReleaseJournal
 from fl.registry import Registry
+from fl.server.rounds import CRASH_AFTER_RELEASE
 from strategies.factory import central_dp_settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from fl import deploy
-from fl.certs import create, node_key_pair
 from fl.cli import main
-from fl.demo import APP_DIR, node_names, prepare, run_config, start_gateway, start_node, wait_online
+from fl.deploy import processes as deploy
+from fl.deploy.certs import create, node_key_pair
+from fl.deploy.demo import APP_DIR, node_names, prepare, run_config, start_gateway, start_node, wait_online
 from fl.errors import ConfigError, DataError, FederationError
 from fl.registry import Registry
 from fl.tasks import get_task

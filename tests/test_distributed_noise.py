@@ -12,10 +12,12 @@ import pytest
 from flwr.common.secure_aggregation.quantization import quantize
 from safetensors.torch import load_file
 
-from fl import accounting, config, distributed_dp
+from fl import config
 from fl.errors import ConfigError
-from fl.federation import initial_arrays
-from fl.noise import SecureGaussian
+from fl.privacy import accounting
+from fl.privacy import distributed as distributed_dp
+from fl.privacy.noise import SecureGaussian
+from fl.server.rounds import initial_arrays
 from fl.tasks import get_task
 from nodes.synth import synthesize
 

@@ -11,13 +11,14 @@ import pytest
 import torch
 from flwr.serverapp.strategy import FedAdam
 
-from fl.checkpoint import encode_state, encode_weights, restore_state
-from fl.cli_models import diff
+from fl.cli.models import diff
 from fl.config import Config
 from fl.errors import ConfigError
-from fl.export import export, load_network
-from fl.federation import initial_arrays
 from fl.registry import Registry
+from fl.registry.checkpoint import encode_weights
+from fl.registry.export import export, load_network
+from fl.server.rounds import initial_arrays
+from strategies.state import encode_state, restore_state
 
 
 @pytest.fixture()
@@ -91,7 +92,7 @@ def test_fedadam_moments_and_sampling_rng_survive_a_round_trip() -> None:
 def test_versions_mirror_into_an_mlflow_registry_once(registry: Registry, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from fl.mlflow_mirror import MlflowMirror
+    from fl.registry.mlflow_mirror import MlflowMirror
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mirror = MlflowMirror(uri)

@@ -15,8 +15,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl import wire
-from fl.clipping import clip
-from fl.noise import SecureGaussian
+from fl.privacy.clipping import clip
+from fl.privacy.noise import SecureGaussian
 from strategies.central_dp import CentralDP, CentralDpSettings
 
 COORDS = 52_000  # the seg2d network's size

@@ -14,11 +14,12 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from opacus import GradSampleModule
 
-from fl import accounting, wire
+from fl import wire
 from fl.config import Config
 from fl.errors import ConfigError
-from fl.federation import initial_arrays
-from fl.noise import SeededGaussian
+from fl.privacy import accounting
+from fl.privacy.noise import SeededGaussian
+from fl.server.rounds import initial_arrays
 from fl.tasks import get_task
 from nodes.client_app import app
 from nodes.data import load_local_data

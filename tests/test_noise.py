@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fl.noise import SecureGaussian, SeededGaussian
+from fl.privacy.noise import SecureGaussian, SeededGaussian
 
 
 def test_seeding_torch_and_numpy_does_not_reproduce_the_default_noise() -> None:

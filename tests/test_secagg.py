@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from fl import config
 from fl.cli import main
 from fl.errors import ConfigError
-from fl.federation import initial_arrays
+from fl.server.rounds import initial_arrays
 from fl.tasks import get_task
 from nodes.synth import node_dir, synthesize
 
@@ -82,7 +82,7 @@ def test_secure_aggregation_with_central_dp(tmp_path: Path) -> None:
     _run(tmp_path, "dp", "--set", "secagg.enabled=true", "--set", "central_dp.enabled=true",
          "--set", "central_dp.clip_on='client'", "--set", "central_dp.noise_multiplier=1.0")
     line = json.loads((tmp_path / "runs" / "dp" / "metrics.jsonl").read_text().splitlines()[-1])
-    from fl.accounting import GaussianEvent, epsilon
+    from fl.privacy.accounting import GaussianEvent, epsilon
 
     expected = epsilon([GaussianEvent(1.0, 1.0, 1)], 1e-5, "rdp")
     assert abs(line["privacy"]["client_level"]["epsilon"] - expected) < 1e-9
@@ -116,7 +116,7 @@ def test_instruction_shaped_like_secagg_outside_the_protocol_is_refused(tmp_path
     from fl import wire
     from nodes.client_app import app
     from nodes.policy import Policy, save_policy, state_dir
-    from strategies.secagg import ARRAY_KEYS
+    ARRAY_KEYS = wire.SECAGG_ARRAY_KEYS
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     synthesize(tmp_path / "data", nodes=1, task=get_task("seg2d"), image_size=32)

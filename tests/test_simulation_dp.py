@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from fl import accounting, wire
+from fl import wire
 from fl.cli import main
 from fl.config import Config
-from fl.federation import CentralAccount
+from fl.privacy import accounting
 from fl.registry import Registry
 from fl.tasks import get_task
 from nodes.data import load_local_data
 from nodes.ledger import Ledger
 from nodes.policy import Policy, local_event, save_policy, state_dir
 from nodes.synth import synthesize
+from strategies.central_account import CentralAccount
 from strategies.factory import central_dp_settings
 
 REPO = Path(__file__).resolve().parents[1]

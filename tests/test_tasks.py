@@ -7,7 +7,6 @@ from opacus.validators import ModuleValidator
 from fl.errors import ConfigError
 from fl.tasks import CATALOGUE, get_task
 
-
 SEGMENTATION = [name for name, task in CATALOGUE.items() if task.kind == "segmentation"]
 
 

@@ -17,18 +17,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import tomli_w
 
-from fl.certs import CertFiles
+from fl.deploy.certs import CertFiles
+from fl.engine_env import with_own_scripts
 from fl.errors import ConfigError, FederationError
 
 CONNECTION = "oncofed"
-M = TypeVar("M", bound=MutableMapping[str, str])
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -40,16 +40,6 @@ def flower_env(home: Path) -> dict[str, str]:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     })
-    return env
-
-
-def with_own_scripts(env: M) -> M:
-    """``env`` with this environment's console scripts first on PATH: Flower's SuperLink and
-    SuperNode start ``flower-superexec`` by name, which a venv used without activation lacks."""
-    scripts = str(Path(sys.executable).parent)
-    path = env.get("PATH", "")
-    if path.split(os.pathsep)[0] != scripts:
-        env["PATH"] = scripts + (os.pathsep + path if path else "")
     return env
 
 

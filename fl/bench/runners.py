@@ -1,4 +1,4 @@
-"""How ``fl bench`` measures one cell of a suite (see :mod:`fl.bench`).
+"""How ``fl bench`` measures one cell of a suite (see :mod:`fl.bench.engine`).
 
 - ``federation``: ``fl run`` of the suite's base config with the cell's ``--set`` values, DP
   calibrated to the cell's target ``epsilon`` (``dp = central | local | both``), on a fresh copy
@@ -8,7 +8,7 @@
 - ``overhead``: the same federation as OncoFed, as a hand-written Flower app
   (``bench/baselines/flower_app.py``) and as a centralised loop over the pooled data.
 - ``privacy-audit``: canaries in one node's training set; a loss-threshold membership attack
-  turned into an empirical lower bound on epsilon (:mod:`fl.audit`).
+  turned into an empirical lower bound on epsilon (:mod:`fl.bench.audit`).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fl import accounting
 from fl.errors import FederationError
+from fl.privacy import accounting
 
 if TYPE_CHECKING:
-    from fl.bench import Cell, Row, Suite
+    from fl.bench.suite import Cell, Row, Suite
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----- helpers -------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
                    "--result", str(result)]
     elif engine == "centralised":
         result = work / "result.json"
-        command = [sys.executable, "-m", "fl.centralised", "--data", str(pristine), "--nodes", str(cfg.data.nodes),
+        command = [sys.executable, "-m", "fl.bench.centralised", "--data", str(pristine), "--nodes", str(cfg.data.nodes),
                    "--rounds", str(cfg.rounds), "--epochs", str(cfg.train.epochs), "--lr", str(cfg.train.lr),
                    "--batch-size", str(cfg.train.batch_size), "--seed", str(seed), "--result", str(result)]
     else:
@@ -249,12 +249,3 @@ def _first_and_steady(round_seconds: list[float]) -> dict[str, float | None]:
     steady = round_seconds[1:]
     return {"first_round_s": round_seconds[0] if round_seconds else None,
             "steady_round_s": sum(steady) / len(steady) if steady else None}
-
-
-def privacy_audit(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
-    from fl.audit import audit_cell
-
-    return audit_cell(suite, cell, seed, out)
-
-
-RUNNERS = {"federation": federation, "dp-cost": dp_cost, "overhead": overhead, "privacy-audit": privacy_audit}

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fl import accounting
 from fl.errors import ConfigError
+from fl.privacy import accounting
 
 
 def add_parsers(sub: Any) -> Any:

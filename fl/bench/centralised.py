@@ -2,7 +2,7 @@
 one process, trained with the same loop, epochs, batch size and learning rate as a federated
 round, ``rounds`` times; Dice on the pooled validation cases.
 
-    python -m fl.centralised --data DIR --nodes N --rounds R --epochs E --lr LR --batch-size B --result FILE
+    python -m fl.bench.centralised --data DIR --nodes N --rounds R --epochs E --lr LR --batch-size B --result FILE
 """
 
 from __future__ import annotations

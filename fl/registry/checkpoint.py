@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
-import random
 from importlib.metadata import version as dist_version
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
-from flwr.serverapp.strategy import Strategy
-from safetensors.numpy import load as load_numpy
-from safetensors.numpy import save as save_numpy
 from safetensors.torch import load as load_torch
 from safetensors.torch import save as save_torch
 
 from fl import __version__
 from fl.config import Config
 from fl.registry import Registry, RegistryError, Version
-from strategies.state import export_state, import_state
-
-RANDOM_STATE = "python_random"
 
 
 def encode_weights(arrays: ArrayRecord) -> bytes:
@@ -33,21 +25,6 @@ def encode_weights(arrays: ArrayRecord) -> bytes:
 
 def decode_weights(data: bytes) -> ArrayRecord:
     return ArrayRecord(load_torch(data))
-
-
-def encode_state(strategy: Strategy) -> bytes:
-    """Strategy moments plus the server's Python RNG state (Flower samples nodes with it)."""
-    metadata = {RANDOM_STATE: json.dumps(random.getstate())}
-    return save_numpy(export_state(strategy), metadata=metadata)
-
-
-def restore_state(strategy: Strategy, data: bytes) -> None:
-    import_state(strategy, dict(load_numpy(data)))
-    header_len = int.from_bytes(data[:8], "little")  # safetensors: u64 length, then JSON header
-    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
-    if RANDOM_STATE in metadata:
-        version, internal, gauss = json.loads(metadata[RANDOM_STATE])
-        random.setstate((version, tuple(internal), gauss))
 
 
 def software_versions() -> dict[str, str]:

@@ -22,7 +22,7 @@ import fl.engine_env  # noqa: F401,E402  (before Flower is imported)
 import tomli_w  # noqa: E402
 
 from fl.config import Config  # noqa: E402
-from fl.federation import Observer  # noqa: E402
+from fl.server.rounds import Observer  # noqa: E402
 
 
 def backend_config(cfg: Config) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def _app_dir(cfg: Config, where: Path) -> Path:
             "flwr": {
                 "app": {
                     "publisher": "oncofed",
-                    "components": {"serverapp": "fl.server_app:app", "clientapp": "nodes.client_app:app"},
+                    "components": {"serverapp": "fl.server.app:app", "clientapp": "nodes.client_app:app"},
                     "config": cfg.to_flat(),
                 }
             }
@@ -63,7 +63,7 @@ def simulate(cfg: Config, observer: Observer | None = None) -> None:
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
-    from fl.server_app import make_server_app
+    from fl.server.app import make_server_app
     if cfg.simulation.adversaries:
         from nodes.adversary import app as client_app
     else:

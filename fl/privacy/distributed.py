@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fl.noise import NoiseSource
+from fl.privacy.noise import NoiseSource
 
 BETA = math.exp(-0.5)  # conditional rounding: P(norm bound violated) per try (Kairouz et al.)
 TAU_LIMIT = 1e-10

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fl.errors import ConfigError
-from fl.run_folder import METRICS_FILE
+from fl.server.run_folder import METRICS_FILE
 
 
 def read_rounds(run_dir: Path) -> list[dict[str, Any]]:

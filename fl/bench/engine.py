@@ -1,14 +1,10 @@
-"""``fl bench NAME``: run a benchmark suite and write its table, plots and report.
+"""``fl bench NAME``: run a suite's cells (resumable), then write its table, plots and report.
 
-A suite is ``configs/bench/NAME.toml``: a runner, a grid of cells (each a set of parameters),
-a number of seeds, the table's columns and the plots. Every (cell, seed) result is stored as
-``cells/<cell>--seed<k>.json`` the moment it is measured, so an interrupted suite resumes where
-it stopped (a cell whose parameters changed is measured again). At the end the suite writes
-``results.json`` and ``results.csv`` (one row per cell and seed), the plots (PNG) and
-``report.md`` (mean and std over seeds, the plots, the command and the machine).
-
-``--quick`` applies the suite's ``[quick]`` table (fewer seeds, rounds or cells) so that every
-suite finishes in minutes on a laptop.
+Every (cell, seed) result is stored as ``cells/<cell>--seed<k>.json`` the moment it is
+measured, so an interrupted suite resumes where it stopped (a cell whose parameters changed is
+measured again). At the end the suite writes ``results.json`` and ``results.csv`` (one row per
+cell and seed), the plots (PNG) and ``report.md`` (mean and std over seeds, the plots, the
+command and the machine).
 """
 
 from __future__ import annotations
@@ -20,89 +16,17 @@ import os
 import platform
 import statistics
 import time
-import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fl.errors import ConfigError
+from fl.bench.audit import privacy_audit
+from fl.bench.runners import dp_cost, federation, overhead
+from fl.bench.suite import RUNNER_NAMES, Cell, Row, Runner, Suite
 
-REPO = Path(__file__).resolve().parent.parent
-SUITES = REPO / "configs" / "bench"
-
-Row = dict[str, Any]
-Runner = Callable[["Suite", "Cell", int, Path], Row]
-
-
-@dataclass(frozen=True)
-class Cell:
-    name: str
-    params: dict[str, Any]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.params.get(key, default)
-
-
-@dataclass(frozen=True)
-class Suite:
-    name: str
-    title: str
-    runner: str
-    seeds: int
-    cells: list[Cell]
-    settings: dict[str, Any]  # runner settings (base config, --set list, rounds, ...), quick applied
-    columns: list[str]
-    plots: list[dict[str, Any]]
-    conclusion: str = ""
-    quick: bool = False
-    path: Path = field(default=Path())
-
-
-def suite_names() -> list[str]:
-    return sorted(p.stem for p in SUITES.glob("*.toml"))
-
-
-def load_suite(name: str, *, quick: bool = False, seeds: int | None = None) -> Suite:
-    """Read ``configs/bench/NAME.toml``; unknown names and malformed suites are ConfigErrors."""
-    path = SUITES / f"{name}.toml"
-    if not path.is_file():
-        raise ConfigError(f"bench suite {name!r}: no {path.relative_to(REPO)}; suites: {', '.join(suite_names())}")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
-    for key in ("title", "runner", "cells"):
-        if key not in raw:
-            raise ConfigError(f"{path}: missing '{key}'")
-    quick_table = raw.get("quick", {}) if quick else {}
-    settings = {k: v for k, v in raw.items()
-                if k not in ("title", "runner", "cells", "quick", "columns", "plots", "conclusion", "seeds")}
-    settings.update({k: v for k, v in quick_table.items() if k not in ("seeds", "cells")})
-    settings["set"] = list(raw.get("set", [])) + list(quick_table.get("set", []))
-    cells = []
-    for index, entry in enumerate(raw["cells"]):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise ConfigError(f"{path}: cells[{index}] needs a 'name'")
-        cells.append(Cell(entry["name"], {k: v for k, v in entry.items() if k != "name"}))
-    if "cells" in quick_table:
-        wanted = list(quick_table["cells"])
-        unknown = [w for w in wanted if w not in {c.name for c in cells}]
-        if unknown:
-            raise ConfigError(f"{path}: quick.cells names unknown cell {unknown[0]!r}")
-        cells = [c for c in cells if c.name in wanted]
-    if len({c.name for c in cells}) != len(cells):
-        raise ConfigError(f"{path}: cell names must be distinct")
-    n_seeds = seeds if seeds is not None else int(quick_table.get("seeds", raw.get("seeds", 1)))
-    if n_seeds < 1:
-        raise ConfigError(f"--seeds: must be at least 1, got {n_seeds}")
-    from fl import bench_runners
-
-    if raw["runner"] not in bench_runners.RUNNERS:
-        raise ConfigError(f"{path}: runner {raw['runner']!r} unknown; one of {', '.join(bench_runners.RUNNERS)}")
-    return Suite(name=name, title=raw["title"], runner=raw["runner"], seeds=n_seeds, cells=cells, settings=settings,
-                 columns=list(raw.get("columns", [])), plots=list(raw.get("plots", [])),
-                 conclusion=str(raw.get("conclusion", "")), quick=quick, path=path)
+RUNNERS: dict[str, Runner] = {"federation": federation, "dp-cost": dp_cost, "overhead": overhead,
+                              "privacy-audit": privacy_audit}
+assert tuple(RUNNERS) == RUNNER_NAMES, "fl.bench.suite.RUNNER_NAMES must name every runner"
 
 
 def _cell_file(out: Path, cell: Cell, seed: int) -> Path:
@@ -116,8 +40,6 @@ def _fingerprint(suite: Suite, cell: Cell) -> dict[str, Any]:
 def run_suite(suite: Suite, out: Path, say: Callable[[str], None] = print) -> list[Row]:
     """Measure every (cell, seed) not yet measured; then write results and the report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from fl.bench_runners import RUNNERS
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "cells").mkdir(exist_ok=True)

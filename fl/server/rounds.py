@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,18 +24,18 @@ from flwr.serverapp import Grid
 
 from fl import __version__, wire
 from fl.config import Config
-from fl import accounting
-from fl.accounting import GaussianEvent
-from fl.checkpoint import decode_weights, encode_state, encode_weights, manifest_fields, resume_point, restore_state
 from fl.errors import FederationError
-from fl.journal import ReleaseJournal
-from fl.mlflow_mirror import MlflowMirror
 from fl.registry import Registry, Version
-from fl.run_folder import RunFolder
+from fl.registry.checkpoint import decode_weights, encode_weights, manifest_fields, resume_point
+from fl.registry.mlflow_mirror import MlflowMirror
+from fl.server.run_folder import RunFolder
 from fl.tasks import get_task
 from strategies import build_strategy
+from strategies.central_account import CentralAccount, privacy_record
+from strategies.secagg import secure_train
+from strategies.state import encode_state, restore_state
+from strategies.updates import same_dtypes
 from strategies.validation import validate
-from strategies.factory import central_dp_settings
 
 log = logging.getLogger("flwr.oncofed.server")  # under Flower's logger: same handler, same levels
 
@@ -111,63 +110,15 @@ class PhaseResult:
         return out
 
 
-def secure_train(grid: Grid, strategy: Any, server_round: int, arrays: ArrayRecord, train_cfg: dict[str, Any],
+def secure_phase(grid: Grid, strategy: Any, server_round: int, arrays: ArrayRecord, train_cfg: ConfigRecord,
                  cfg: Config) -> tuple[PhaseResult, ArrayRecord | None, dict[str, float] | None]:
-    """One training round under SecAgg+: only the sum of the updates reaches this process.
-
-    Under central DP the sum gets the round's noise (:meth:`CentralDP.release`); without it the
-    mean update is applied through the strategy (FedAdam then steps from it)."""
-    from strategies.central_dp import CentralDP
-    from strategies.secagg import secure_round
-
-    c = cfg.secagg
-    distributed = c.noise == "distributed"
-    clipping_range = c.clipping_range or (cfg.central_dp.clipping_norm if cfg.central_dp.enabled else 8.0)
-    result = secure_round(grid, strategy, server_round, arrays, ConfigRecord(dict(train_cfg)), shares=c.shares,
-                          threshold=c.threshold, clipping_range=clipping_range, timeout=cfg.strategy.timeout,
-                          distributed_noise=cfg.central_dp.noise_multiplier if distributed else None)
-    res = PhaseResult(failures=dict(result.failures))
-    res.secure = {str(n): m for n, m in zip(result.node_ids, result.metrics, strict=True)}
-    losses = [m[wire.TRAIN_LOSS] for m in result.metrics if wire.TRAIN_LOSS in m]
-    train_agg = {wire.TRAIN_LOSS: sum(losses) / len(losses)} if losses else None
+    """One training round under SecAgg+ (:func:`strategies.secagg.secure_train`), as a phase."""
+    result = secure_train(grid, strategy, server_round, arrays, train_cfg, cfg)
     if result.skipped:
         log.warning("round %d: %s", server_round, result.skipped)
-    if isinstance(strategy, CentralDP):
-        if distributed:  # the nodes' noise is in the sum; a discarded sum releases nothing new
-            if result.update_sum is None:
-                return res, arrays, train_agg
-            return res, strategy.release(server_round, result.update_sum, below=0.0, add_noise=False), train_agg
-        # below the minimum: the server's noise alone, accounted as any round
-        total = result.update_sum if result.update_sum is not None else strategy.zero_sum()
-        return res, strategy.release(server_round, total, below=0.0), train_agg
-    if result.skipped:
-        return res, arrays, train_agg
-    if result.update_sum is None:
-        return res, None, train_agg
-    mean = {k: v / result.contributors for k, v in result.update_sum.items()}
-    return res, apply_update(strategy, server_round, arrays, mean), train_agg
-
-
-def same_dtypes(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
-    """``new`` in ``old``'s dtypes: some aggregators (FedAdam) compute in float64, but the global
-    model keeps the task network's dtypes, which every node's reply is validated against."""
-    from flwr.app import Array
-
-    if all(new[k].dtype == old[k].dtype for k in old.keys() if k in new):
-        return new
-    return ArrayRecord({k: Array(a.numpy().astype(old[k].numpy().dtype, copy=False)) if k in old else a
-                        for k, a in new.items()})
-
-
-def apply_update(strategy: Any, server_round: int, arrays: ArrayRecord, update: dict[str, Any]) -> ArrayRecord:
-    """Hand ``arrays + update`` to ``strategy`` as the round's only reply; its aggregate."""
-    from flwr.app import Array, MetricRecord, RecordDict
-
-    moved = {k: Array((a.numpy().astype("float64") + update[k]).astype(a.numpy().dtype)) for k, a in arrays.items()}
-    reply = Message(RecordDict({wire.ARRAYS: ArrayRecord(moved), wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 1})}),
-                    dst_node_id=0, message_type="train")
-    new_arrays, _ = strategy.aggregate_train(server_round, [reply])
-    return new_arrays
+    res = PhaseResult(failures=dict(result.failures))
+    res.secure = result.scalars
+    return res, result.arrays, result.train_aggregate
 
 
 def exchange(
@@ -283,7 +234,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         t0 = time.perf_counter()
         if cfg.secagg.enabled:
             observer.on_phase(server_round, TRAIN, 0, 0)
-            res, new_arrays, train_agg = secure_train(grid, strategy, server_round, arrays, train_cfg, cfg)
+            res, new_arrays, train_agg = secure_phase(grid, strategy, server_round, arrays, train_cfg, cfg)
         else:
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_cfg)), grid)
             res = phase(server_round, TRAIN, messages)
@@ -356,72 +307,6 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
     folder.write_summary(summary)
     folder.close()
     return summary
-
-
-class CentralAccount:
-    """The server's client-level accountant: one event per round released, from round 1 on.
-
-    Every release is written to the :class:`~fl.journal.ReleaseJournal` before the model leaves
-    the server, so the history survives a crash between release and commit."""
-
-    def __init__(self, cfg: Config, journal: ReleaseJournal, lineage: str, events: list[GaussianEvent]) -> None:
-        self.cfg, self.journal, self.lineage, self.events = cfg, journal, lineage, events
-        self.event = central_dp_settings(cfg).round_event() if cfg.central_dp.enabled else None
-        if self.event is not None:  # an accountant that cannot answer fails here, before any release
-            self.epsilon([*events, self.event])
-
-    @classmethod
-    def start(cls, cfg: Config) -> CentralAccount:
-        return cls(cfg, ReleaseJournal.of(cfg.registry.root, cfg.model_name), uuid.uuid4().hex, [])
-
-    @classmethod
-    def resume(cls, cfg: Config, manifest: dict[str, Any]) -> CentralAccount:
-        """Continue the lineage of the version a run resumes from, with every release the
-        journal holds for it (committed or not): never reset."""
-        journal = ReleaseJournal.of(cfg.registry.root, cfg.model_name)
-        spent = (manifest.get("privacy") or {}).get("client_level") or {}
-        lineage = spent.get("lineage")
-        if lineage:
-            return cls(cfg, journal, lineage, journal.events(lineage))
-        # a version from before the journal: carry its recorded history into a new lineage
-        account = cls(cfg, journal, uuid.uuid4().hex, [])
-        for event in (GaussianEvent.from_dict(e) for e in spent.get("events", [])):
-            account.journal.record(account.lineage, event, carried_from=manifest.get("hash"))
-            account.events.append(event)
-        return account
-
-    def epsilon(self, events: list[GaussianEvent] | None = None) -> float:
-        c = self.cfg.central_dp
-        return accounting.epsilon(self.events if events is None else events, c.delta, c.accountant)
-
-    def would_exceed(self) -> str | None:
-        target = self.cfg.central_dp.target_epsilon
-        if self.event is None or not target:
-            return None
-        after = self.epsilon([*self.events, self.event])
-        return f"client-level epsilon would reach {after:.3f} > target {target:g}" if after > target else None
-
-    def spend(self, server_round: int, run_id: str) -> None:
-        """Journal this round's release (durably) before the model leaves the server."""
-        if self.event is not None:
-            self.journal.record(self.lineage, self.event, round=server_round, run_id=run_id)
-            self.events.append(self.event)
-
-    def report(self) -> dict[str, Any] | None:
-        if not self.events:
-            return None
-        c = self.cfg.central_dp
-        return {"epsilon": self.epsilon(), "delta": c.delta, "accountant": c.accountant,
-                "rounds": len(self.events), "events": [e.to_dict() for e in self.events], "lineage": self.lineage}
-
-
-def privacy_record(central: CentralAccount, nodes: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Epsilon spent: client-level (this server's accountant) and each node's record-level (as reported)."""
-    record_level = {
-        node: {"epsilon": m[wire.EPSILON_RECORD], "delta": m.get(wire.DELTA_RECORD)}
-        for node, m in nodes.items() if wire.EPSILON_RECORD in m
-    }
-    return {"client_level": central.report(), "record_level": record_level}
 
 
 def _publish(mirror: MlflowMirror, version: Version) -> None:

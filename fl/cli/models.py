@@ -86,7 +86,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fl.export import export
+    from fl.registry.export import export
 
     print(export(Registry(args.registry).get(args.ref), args.format, args.out))
     return 0

@@ -1,33 +1,22 @@
-"""The ``fl`` command line.
-
-A user's mistake (bad config, bad data, a failed federation) prints one line starting with
-``error:`` and exits with status 2; only a bug shows a traceback.
-"""
+"""``fl run``, ``fl data`` and ``fl config``: a federation on the Simulation Engine, its data,
+its configuration."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import fl.engine_env  # noqa: F401,E402  (before Flower is imported)
-
-from fl.errors import DataError, OncoFedError  # noqa: E402
+from fl.errors import DataError
 
 if TYPE_CHECKING:
     from fl.config import Config
 
-EXIT_USER_ERROR = 2
 
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fl", description="OncoFed: federated learning for medical imaging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_parsers(sub: Any) -> None:
     run = sub.add_parser("run", help="run a federation on Flower's Simulation Engine")
     run.add_argument("config", help="TOML config, e.g. configs/quickstart.toml")
     run.add_argument("--out", help="parent folder of the run folder (sets output.dir)")
@@ -60,24 +49,6 @@ def _parser() -> argparse.ArgumentParser:
     keys = config.add_parser("keys", help="print every config key with its type, default and meaning")
     keys.set_defaults(func=cmd_config_keys)
 
-    bench = sub.add_parser("bench", help="run a benchmark suite (configs/bench/NAME.toml): table, plots, report")
-    bench.add_argument("name", help="suite name, e.g. privacy-utility, overhead, dp-cost, scale, strategies, "
-                                    "privacy-audit, real-tabular")
-    bench.add_argument("--quick", action="store_true", help="the suite's quick variant (minutes)")
-    bench.add_argument("--seeds", type=int, help="seeds per cell (default: the suite's)")
-    bench.add_argument("--out", help="results folder (default bench-results/NAME, or NAME-quick)")
-    bench.set_defaults(func=cmd_bench)
-    report = sub.add_parser("report", help="draw one run's curves: score and loss per round and node, epsilon")
-    report.add_argument("run_dir", help="a run folder written by `fl run`")
-    report.add_argument("--out", help="folder for the PNG (default RUN_DIR/report)")
-    report.set_defaults(func=cmd_report)
-
-    from fl import cli_deploy, cli_models, cli_privacy
-
-    cli_models.add_parsers(sub)
-    node = cli_privacy.add_parsers(sub)
-    cli_deploy.add_parsers(sub, node)
-    return parser
 
 
 def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
@@ -111,9 +82,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from fl import config as config_mod
-    from fl.progress import LiveProgress, summary_table
-    from fl.run_folder import RunFolder
-    from fl.server_app import run_dir_for
+    from fl.server.app import run_dir_for
+    from fl.server.progress import LiveProgress, summary_table
+    from fl.server.run_folder import RunFolder
 
     overrides = list(args.overrides) + ([f"output.dir={_toml_str(args.out)}"] if args.out else [])
     overrides += ["registry.resume=true"] if args.resume else []
@@ -131,7 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     Registry(cfg.registry.root).check_writable(cfg.model_name)  # fail before any data or engine work
     if cfg.registry.resume:
-        from fl.checkpoint import resume_point
+        from fl.registry.checkpoint import resume_point
 
         resume_point(Registry(cfg.registry.root), cfg)
     console = Console()
@@ -139,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     prepare_data(cfg, lambda text: console.print(f"[dim]{text}"))
 
-    from fl.simulation import simulate
+    from fl.server.simulation import simulate
 
     started = time.perf_counter()
     with LiveProgress(console) as progress:
@@ -177,44 +148,8 @@ def cmd_data_tabular(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from fl.bench import load_suite, run_suite
-
-    suite = load_suite(args.name, quick=args.quick, seeds=args.seeds)
-    out = Path(args.out or f"bench-results/{args.name}{'-quick' if args.quick else ''}").resolve()
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_suite(suite, out)
-    print((out / "report.md").read_text(encoding="utf-8"))
-    print(f"results: {out}/report.md, results.csv, results.json and the plots")
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from fl.report import draw
-
-    print(draw(Path(args.run_dir), Path(args.out) if args.out else None))
-    return 0
-
-
 def cmd_config_keys(args: argparse.Namespace) -> int:
     from fl.config import reference_markdown
 
     print(reference_markdown())
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fl`` console script."""
-    args = _parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except OncoFedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -104,7 +104,7 @@ def _names(text: str) -> list[str]:
 
 
 def cmd_certs_create(args: argparse.Namespace) -> int:
-    from fl.certs import create
+    from fl.deploy.certs import create
 
     files = create(Path(args.out), _names(args.hosts), _names(args.nodes), days=args.days)
     for path in sorted(files.root.iterdir()):
@@ -114,8 +114,8 @@ def cmd_certs_create(args: argparse.Namespace) -> int:
 
 
 def cmd_server_start(args: argparse.Namespace) -> int:
-    from fl import deploy
-    from fl.certs import CertFiles
+    from fl.deploy import processes as deploy
+    from fl.deploy.certs import CertFiles
 
     state = Path(args.state).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -134,8 +134,8 @@ def cmd_server_start(args: argparse.Namespace) -> int:
 
 
 def cmd_server_gateway(args: argparse.Namespace) -> int:
-    from fl.certs import CertFiles
-    from fl.gateway import serve
+    from fl.deploy.certs import CertFiles
+    from fl.deploy.gateway import serve
 
     files = CertFiles(Path(args.certs).resolve())
     files.require_server()
@@ -146,7 +146,7 @@ def cmd_server_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_server_register(args: argparse.Namespace) -> int:
-    from fl import deploy
+    from fl.deploy import processes as deploy
 
     node_id = deploy.register_node(Path(args.state).resolve() / "flwr-home", Path(args.public_key), args.name)
     print(f"registered {args.name} (node id {node_id})")
@@ -154,8 +154,8 @@ def cmd_server_register(args: argparse.Namespace) -> int:
 
 
 def cmd_server_submit(args: argparse.Namespace) -> int:
-    from fl import deploy
     from fl.config import load
+    from fl.deploy import processes as deploy
 
     cfg = load(args.config, args.overrides)
     state = Path(args.state).resolve()
@@ -249,7 +249,7 @@ def cmd_app_hash(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_deploy(args: argparse.Namespace) -> int:
-    from fl.demo import run_demo
+    from fl.deploy.demo import run_demo
 
     summary = run_demo(Path(args.out), rounds=args.rounds, budget=args.budget, overrides=args.overrides,
                        say=lambda text: print(text, flush=True))

@@ -17,11 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fl import hashchain
-from fl.accounting import GaussianEvent
-from fl.registry import RegistryError, check_name
+from fl.errors import OncoFedError
+from fl.privacy import hashchain
+from fl.privacy.accounting import GaussianEvent
 
 JOURNAL_FILE = "privacy-journal.jsonl"
+
+
+class JournalError(OncoFedError):
+    """The journal is unreadable or was altered: the client-level history cannot be trusted."""
 
 
 @dataclass(frozen=True)
@@ -32,13 +36,14 @@ class ReleaseJournal:
 
     @classmethod
     def of(cls, registry_root: str | Path, model_name: str) -> ReleaseJournal:
-        return cls(Path(registry_root) / check_name(model_name) / JOURNAL_FILE)
+        """The journal beside the model's versions (``model_name`` is validated by the config)."""
+        return cls(Path(registry_root) / model_name / JOURNAL_FILE)
 
     def entries(self, lineage: str) -> list[dict[str, Any]]:
         try:
             return [e for e in hashchain.read_chain(self.path, "release journal") if e.get("lineage") == lineage]
         except hashchain.ChainError as exc:
-            raise RegistryError(f"{exc}; the client-level privacy history cannot be trusted") from None
+            raise JournalError(f"{exc}; the client-level privacy history cannot be trusted") from None
 
     def events(self, lineage: str) -> list[GaussianEvent]:
         return [GaussianEvent.from_dict(e["event"]) for e in self.entries(lineage)]
@@ -49,6 +54,6 @@ class ReleaseJournal:
             try:
                 entries = hashchain.read_chain(self.path, "release journal")
             except hashchain.ChainError as exc:
-                raise RegistryError(str(exc)) from None
+                raise JournalError(str(exc)) from None
             hashchain.append_entry(self.path, entries, {**fields, "lineage": lineage, "event": event.to_dict(),
                                                         "time": time.time()})

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fl import certs as certs_mod
-from fl import deploy
 from fl.config import load
+from fl.deploy import certs as certs_mod
+from fl.deploy import processes as deploy
 from fl.errors import ConfigError, FederationError
 from fl.registry import Registry
 from fl.tasks import get_task
@@ -28,7 +28,7 @@ from nodes.policy import state_dir
 from nodes.supernode import approve, fab_hash_of
 from nodes.synth import node_dir, synthesize
 
-APP_DIR = Path(__file__).resolve().parent.parent
+APP_DIR = Path(__file__).resolve().parents[2]
 MODEL = "deploy-demo"
 
 

@@ -1,0 +1,8 @@
+"""Benchmark suites (``fl bench NAME``): suite definitions, the engine that runs and reports
+them, the cell runners, the privacy audit, run reports and the centralised reference. Nothing in
+the product imports this package (an import contract checks it)."""
+
+from fl.bench.engine import RUNNERS, run_suite, summarise
+from fl.bench.suite import Cell, Row, Suite, load_suite, suite_names
+
+__all__ = ["RUNNERS", "Cell", "Row", "Suite", "load_suite", "run_suite", "suite_names", "summarise"]
