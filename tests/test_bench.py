@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from fl import bench
+from fl.bench import suite as bench_suite
 from fl.bench.audit import attack, clopper_pearson, epsilon_lower_bound
 from fl.errors import ConfigError
 
@@ -66,8 +67,8 @@ file = "score.png"
 x = "epsilon"
 y = "score"
 """)
-    monkeypatch.setattr(bench, "SUITES", suites)
-    monkeypatch.setattr(bench, "REPO", tmp_path)
+    monkeypatch.setattr(bench_suite, "SUITES", suites)
+    monkeypatch.setattr(bench_suite, "REPO", tmp_path)
     out = tmp_path / "out"
     rows = bench.run_suite(bench.load_suite("toy"), out, say=lambda _: None)
     assert len(rows) == 6 and len(calls) == 6

@@ -96,7 +96,7 @@ CRASHER = textwrap.dedent(
     registry = Registry(sys.argv[1])
     stage = sys.argv[2]
     real_rename, real_write = os.rename, None
-    import fl.registry as reg
+    import fl.registry.store as reg
     if stage == "before-rename":
         os.rename = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
     else:  # mid-write: die after the weights file, before the manifest
