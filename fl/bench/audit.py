@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fl.bench import runners as bench_runners
+from fl.bench.suite import runner
 
 if TYPE_CHECKING:
     from fl.bench.suite import Cell, Row, Suite
@@ -124,6 +125,7 @@ def canary_losses(run_dir: Path, task_name: str, images: np.ndarray, labels: np.
     return np.array(out)
 
 
+@runner("privacy-audit")
 def audit_cell(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
     """One audit: plant, train (a ``federation`` cell), attack."""
     k = int(suite.settings.get("canaries", 100))
@@ -149,5 +151,3 @@ def audit_cell(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
     return {"eps_claimed": min(claims) if claims else None, **result,
             "dice": summary["final_metrics"].get("dice"), "canaries": k}
 
-
-privacy_audit = audit_cell  # the suite runner "privacy-audit"

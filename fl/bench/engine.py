@@ -20,12 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fl.bench.audit import privacy_audit
-from fl.bench.runners import dp_cost, federation, overhead
-from fl.bench.suite import Cell, Row, Runner, Suite
-
-RUNNERS: dict[str, Runner] = {"federation": federation, "dp-cost": dp_cost, "overhead": overhead,
-                              "privacy-audit": privacy_audit}
+from fl.bench import audit, runners  # noqa: F401  (importing them registers their runners)
+from fl.bench.suite import RUNNERS, Cell, Row, Suite
 
 
 def _cell_file(out: Path, cell: Cell, seed: int) -> Path:

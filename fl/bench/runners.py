@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fl.bench.suite import runner
 from fl.errors import FederationError
 from fl.privacy import accounting
 
@@ -174,6 +175,7 @@ def run_cell(suite: Suite, cell: Cell, seed: int, out: Path, data: Path) -> tupl
     return run_dir, summary, wall, peak
 
 
+@runner("federation")
 def federation(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
     _, _, cfg = cell_config(suite, cell, seed)
     pristine = prepare_data(suite, cfg.data.nodes, cfg.task, seed, out)
@@ -195,6 +197,7 @@ def federation(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
     }
 
 
+@runner("dp-cost")
 def dp_cost(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
     task = str(cell.get("task"))
     steps, threads = int(suite.settings.get("steps", 20)), int(suite.settings.get("threads", 2))
@@ -210,6 +213,7 @@ def dp_cost(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
             "plain_peak_mb": plain["peak_mb"], "dp_peak_mb": dp["peak_mb"], "batch": plain.get("batch")}
 
 
+@runner("overhead")
 def overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
     engine = str(cell.get("engine"))
     if engine == "oncofed":

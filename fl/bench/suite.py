@@ -26,6 +26,19 @@ SUITES = REPO / "configs" / "bench"
 
 Row = dict[str, Any]
 Runner = Callable[["Suite", "Cell", int, Path], Row]
+RUNNERS: dict[str, Runner] = {}  # filled by @runner in fl.bench.runners and fl.bench.audit
+
+
+def runner(name: str) -> Callable[[Runner], Runner]:
+    """Register a function as the suite runner ``name`` (a suite's ``runner = "..."``)."""
+
+    def register(func: Runner) -> Runner:
+        if name in RUNNERS:
+            raise ValueError(f"bench runner {name!r} is registered twice")
+        RUNNERS[name] = func
+        return func
+
+    return register
 
 
 @dataclass(frozen=True)
@@ -89,8 +102,6 @@ def load_suite(name: str, *, quick: bool = False, seeds: int | None = None) -> S
     n_seeds = seeds if seeds is not None else int(quick_table.get("seeds", raw.get("seeds", 1)))
     if n_seeds < 1:
         raise ConfigError(f"--seeds: must be at least 1, got {n_seeds}")
-    from fl.bench.engine import RUNNERS  # the engine imports this module: resolved at call time
-
     if raw["runner"] not in RUNNERS:
         raise ConfigError(f"{path}: runner {raw['runner']!r} unknown; one of {', '.join(RUNNERS)}")
     return Suite(name=name, title=raw["title"], runner=raw["runner"], seeds=n_seeds, cells=cells, settings=settings,
