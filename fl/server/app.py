@@ -13,7 +13,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl.config import Config, from_flat
-from fl.server.rounds import LogObserver, Observer, run_federation
+from fl.server.observer import LogObserver, Observer
+from fl.server.rounds import run_federation
 
 
 def run_dir_for(cfg: Config) -> Path:

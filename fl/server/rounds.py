@@ -1,10 +1,9 @@
-"""The server's round loop: Flower's strategy decides, OncoFed owns the loop.
+"""The server's round loop: the round's steps, in order, and nothing else.
 
-Flower's ``Strategy.start`` waits for all replies of a phase at once and keeps no per-node
-record; owning the (short) loop lets the server report progress as each node replies, keep
-per-node metrics for ``metrics.jsonl`` and name the nodes that failed. Sampling and
-aggregation stay Flower's: ``configure_train``, ``aggregate_train``, ``configure_evaluate``
-and ``aggregate_evaluate`` of the configured strategy.
+Each round: check the client-level budget; train (sample, instruct, collect, validate, aggregate
+and noise: :mod:`fl.server.phases` and the strategy); journal the release; evaluate; commit the
+version with its manifest. Sampling and aggregation stay Flower's (``configure_train``,
+``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate`` of the configured strategy).
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ import os
 import signal
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -28,11 +26,12 @@ from fl.errors import FederationError
 from fl.registry import Registry, Version
 from fl.registry.checkpoint import decode_weights, encode_weights, manifest_fields, resume_point
 from fl.registry.mlflow_mirror import MlflowMirror
+from fl.server.observer import Observer
+from fl.server.phases import PhaseResult, exchange, secure_phase
 from fl.server.run_folder import RunFolder
 from fl.tasks import get_task
 from strategies import build_strategy
 from strategies.central_account import CentralAccount, privacy_record
-from strategies.secagg import secure_train
 from strategies.state import encode_state, restore_state
 from strategies.updates import same_dtypes
 from strategies.validation import validate
@@ -41,112 +40,8 @@ log = logging.getLogger("flwr.oncofed.server")  # under Flower's logger: same ha
 
 TRAIN, EVALUATE = "train", "evaluate"
 REFUSALS = {wire.ERROR_BUDGET, wire.ERROR_POLICY}  # a node's own decision, not a fault
-PULL_INTERVAL_S = 0.05
 # tests only: kill this process group right after round N's model left the server, before its commit
 CRASH_AFTER_RELEASE = "ONCOFED_CRASH_AFTER_RELEASE"
-
-
-class Observer(Protocol):
-    """Receives progress from the round loop (the CLI draws it; the default logs it)."""
-
-    def on_start(self, rounds: int) -> None: ...
-    def on_phase(self, server_round: int, phase: str, done: int, total: int) -> None: ...
-    def on_round(self, record: dict[str, Any]) -> None: ...
-
-
-class LogObserver:
-    """One log line per round: what ``flwr run`` users see."""
-
-    def on_start(self, rounds: int) -> None:
-        log.info("OncoFed: starting %d rounds", rounds)
-
-    def on_phase(self, server_round: int, phase: str, done: int, total: int) -> None:
-        pass
-
-    def on_round(self, record: dict[str, Any]) -> None:
-        agg = record.get("evaluate", {}).get("aggregate", {})
-        log.info(
-            "round %d: train loss %s, val score %s, %d node(s) failed, %.1f s",
-            record["round"],
-            _fmt(record.get("train", {}).get("aggregate", {}).get(wire.TRAIN_LOSS)),
-            _fmt(wire.score(agg)),
-            len(record.get("failures", {})),
-            record["seconds"],
-        )
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-@dataclass
-class PhaseResult:
-    """Replies of one phase, split into successes and per-node failures."""
-
-    ok: list[Message] = field(default_factory=list)
-    failures: dict[str, str] = field(default_factory=dict)
-    codes: dict[str, int] = field(default_factory=dict)
-    secure: dict[str, dict[str, Any]] = field(default_factory=dict)  # SecAgg+ round: scalars by node
-
-    @property
-    def replied(self) -> int:
-        return len(self.ok) + len(self.secure)
-
-    def per_node(self) -> dict[str, dict[str, float]]:
-        out = {str(m.metadata.src_node_id): dict(m.content[wire.METRICS]) for m in self.ok}
-        for node, scalars in self.secure.items():
-            out[node] = {k: float(v) for k, v in scalars.items() if isinstance(v, (int, float))}
-        return out
-
-    def fingerprints(self) -> dict[str, str]:
-        """Each replying node's dataset fingerprint (a hash; nothing else about its data)."""
-        out = {}
-        for m in self.ok:
-            if wire.NODE_INFO in m.content.config_records:
-                out[str(m.metadata.src_node_id)] = str(m.content[wire.NODE_INFO].get(wire.DATASET_FINGERPRINT, ""))
-        for node, scalars in self.secure.items():
-            if wire.DATASET_FINGERPRINT in scalars:
-                out[node] = str(scalars[wire.DATASET_FINGERPRINT])
-        return out
-
-
-def secure_phase(grid: Grid, strategy: Any, server_round: int, arrays: ArrayRecord, train_cfg: ConfigRecord,
-                 cfg: Config) -> tuple[PhaseResult, ArrayRecord | None, dict[str, float] | None]:
-    """One training round under SecAgg+ (:func:`strategies.secagg.secure_train`), as a phase."""
-    result = secure_train(grid, strategy, server_round, arrays, train_cfg, cfg)
-    if result.skipped:
-        log.warning("round %d: %s", server_round, result.skipped)
-    res = PhaseResult(failures=dict(result.failures))
-    res.secure = result.scalars
-    return res, result.arrays, result.train_aggregate
-
-
-def exchange(
-    grid: Grid, messages: Iterable[Message], *, timeout: float, report: Any
-) -> PhaseResult:
-    """Send ``messages`` and collect replies until all arrive or ``timeout`` passes."""
-    messages = list(messages)
-    pending = {mid: m.metadata.dst_node_id for mid, m in zip(grid.push_messages(messages), messages)}
-    total, result = len(pending), PhaseResult()
-    deadline = time.monotonic() + timeout
-    report(0, total)
-    while pending and time.monotonic() < deadline:
-        replies = list(grid.pull_messages(list(pending)))
-        for reply in replies:
-            pending.pop(reply.metadata.reply_to_message_id, None)
-            node = str(reply.metadata.src_node_id)
-            if reply.has_error():
-                result.failures[node] = f"error {reply.error.code}: {reply.error.reason}"
-                result.codes[node] = reply.error.code
-            else:
-                result.ok.append(reply)
-        if replies:
-            report(total - len(pending), total)
-        elif pending:
-            time.sleep(PULL_INTERVAL_S)
-    for node_id in pending.values():
-        result.failures[str(node_id)] = f"no reply within {timeout:g} s"
-    return result
 
 
 def _instructions(cfg: Config) -> tuple[ConfigRecord, ConfigRecord]:
@@ -212,6 +107,20 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         dp_released = bool(scored) and all(m.content[wire.METRICS].get(wire.METRICS_DP) == 1.0 for m in scored)
         return {"aggregate": dict(agg or {}), "nodes": res.per_node(), "dp_released": dp_released}, res.failures
 
+    def train(server_round: int) -> tuple[PhaseResult, ArrayRecord | None, dict[str, float] | None]:
+        if cfg.secagg.enabled:
+            observer.on_phase(server_round, TRAIN, 0, 0)
+            res, new_arrays, train_agg = secure_phase(grid, strategy, server_round, arrays, train_cfg, cfg)
+        else:
+            messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_cfg)), grid)
+            res = phase(server_round, TRAIN, messages)
+            res.ok, rejected = validate(res.ok, arrays, cfg.strategy.max_update_norm)
+            res.failures.update({node: f"rejected, {why}" for node, why in rejected.items()})
+            new_arrays, train_agg = None, None  # aggregated once the replies are known to suffice
+        for node, why in res.failures.items():
+            log.warning("round %d: node %s did not train (%s)", server_round, node, why)
+        return res, new_arrays, train_agg
+
     def finish_round(record: dict[str, Any]) -> None:
         folder.append_round(record)
         history.append(record)
@@ -232,31 +141,11 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
             log.warning("%s", stopped)
             break
         t0 = time.perf_counter()
-        if cfg.secagg.enabled:
-            observer.on_phase(server_round, TRAIN, 0, 0)
-            res, new_arrays, train_agg = secure_phase(grid, strategy, server_round, arrays, train_cfg, cfg)
-        else:
-            messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_cfg)), grid)
-            res = phase(server_round, TRAIN, messages)
-            res.ok, rejected = validate(res.ok, arrays, cfg.strategy.max_update_norm)
-            for node, why in rejected.items():
-                res.failures[node] = f"rejected, {why}"
-        for node, why in res.failures.items():
-            log.warning("round %d: node %s did not train (%s)", server_round, node, why)
-        if not res.replied and res.failures:
-            detail = "; ".join(f"node {n}: {why}" for n, why in res.failures.items())
-            if len(res.codes) == len(res.failures) and set(res.codes.values()) <= REFUSALS:
-                stopped = f"stopped at round {server_round}: every node refused ({detail})"
-                log.warning("%s", stopped)
-                break
-            raise FederationError(f"round {server_round}: no node returned an update ({detail})")
-        if res.failures and res.replied < cfg.strategy.min_replies:
-            detail = "; ".join(f"node {n}: {why}" for n, why in res.failures.items())
-            raise FederationError(
-                f"round {server_round}: {res.replied} valid update(s), fewer than strategy.min_replies = "
-                f"{cfg.strategy.min_replies} ({detail})"
-            )
-        if not cfg.secagg.enabled:
+        res, new_arrays, train_agg = train(server_round)
+        if (stopped := _too_few_replies(res, cfg, server_round)) is not None:
+            log.warning("%s", stopped)
+            break
+        if not cfg.secagg.enabled:  # under SecAgg+ the workflow already gave the aggregate
             new_arrays, train_agg = strategy.aggregate_train(server_round, res.ok)
         if new_arrays is None:
             raise FederationError(f"round {server_round}: no node was sampled")
@@ -265,19 +154,12 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         ev, eval_failures = evaluate(server_round)
         if os.environ.get(CRASH_AFTER_RELEASE) == str(server_round):  # fault injection for the resume tests
             os.killpg(os.getpgid(0), signal.SIGKILL)
-        excluded = getattr(strategy, "excluded", {})
-        failures = {**{n: f"train: {w}" for n, w in res.failures.items()},
-                    **{n: f"train: update excluded, {w}" for n, w in excluded.items()},
-                    **{n: f"evaluate: {w}" for n, w in eval_failures.items()}}
-        for node, why in failures.items():
-            if not why.startswith("train: error"):
-                log.warning("round %d: node %s failed (%s)", server_round, node, why)
         trained = res.per_node()
         record: dict[str, Any] = {
             "round": server_round,
             "train": {"aggregate": dict(train_agg or {}), "nodes": trained},
             "evaluate": ev,
-            "failures": failures,
+            "failures": _round_failures(server_round, res, getattr(strategy, "excluded", {}), eval_failures),
             "privacy": privacy_record(central, trained),
         }
         t_commit = time.perf_counter()
@@ -307,6 +189,33 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
     folder.write_summary(summary)
     folder.close()
     return summary
+
+
+def _too_few_replies(res: PhaseResult, cfg: Config, server_round: int) -> str | None:
+    """Why the run stops here (every node refused: a clean stop), or raise when too few replied."""
+    if res.failures and (not res.replied or res.replied < cfg.strategy.min_replies):
+        detail = "; ".join(f"node {n}: {why}" for n, why in res.failures.items())
+        if not res.replied:
+            if len(res.codes) == len(res.failures) and set(res.codes.values()) <= REFUSALS:
+                return f"stopped at round {server_round}: every node refused ({detail})"
+            raise FederationError(f"round {server_round}: no node returned an update ({detail})")
+        raise FederationError(
+            f"round {server_round}: {res.replied} valid update(s), fewer than strategy.min_replies = "
+            f"{cfg.strategy.min_replies} ({detail})"
+        )
+    return None
+
+
+def _round_failures(server_round: int, res: PhaseResult, excluded: dict[str, str],
+                    eval_failures: dict[str, str]) -> dict[str, str]:
+    """Every node that did not contribute to the round, and why (logged unless it said so itself)."""
+    failures = {**{n: f"train: {w}" for n, w in res.failures.items()},
+                **{n: f"train: update excluded, {w}" for n, w in excluded.items()},
+                **{n: f"evaluate: {w}" for n, w in eval_failures.items()}}
+    for node, why in failures.items():
+        if not why.startswith("train: error"):
+            log.warning("round %d: node %s failed (%s)", server_round, node, why)
+    return failures
 
 
 def _publish(mirror: MlflowMirror, version: Version) -> None:

@@ -22,7 +22,7 @@ import fl.engine_env  # noqa: F401,E402  (before Flower is imported)
 import tomli_w  # noqa: E402
 
 from fl.config import Config  # noqa: E402
-from fl.server.rounds import Observer  # noqa: E402
+from fl.server.observer import Observer  # noqa: E402
 
 
 def backend_config(cfg: Config) -> dict[str, Any]:
