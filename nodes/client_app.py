@@ -34,6 +34,7 @@ from nodes.data import LocalData, load_local_data
 from nodes.ledger import Ledger, LedgerError
 from nodes.policy import (
     EXACT,
+    NOISY,
     NONE,
     LocalDpRequest,
     Refusal,
@@ -264,14 +265,16 @@ def _evaluate(msg: Message, context: Context) -> Message:
     if mode == NONE:
         ledger.entries()  # a tampered ledger stops the node here too
         return Message(content=RecordDict({wire.METRICS: MetricRecord(values)}), reply_to=msg)
-    result = evaluate_local(net, task, data.val, batch_size=int(config[wire.BATCH_SIZE]))
-    if mode == EXACT:
-        values.update({wire.VAL_LOSS: result.loss, task.metric: result.score})
-    else:  # noisy: charged before anything is computed from the records' scores
+    entry = None
+    if mode == NOISY:  # written ahead: charged before the records' scores are computed
         event = GaussianEvent(policy.metrics_noise_multiplier, 1.0, 1)
         with ledger.locked():
             entry = charge(policy, ledger, event, num_records=len(data.train) + len(data.val), release="metrics",
                            server_round=int(config.get(wire.SERVER_ROUND, 0)), time=time.time())
+    result = evaluate_local(net, task, data.val, batch_size=int(config[wire.BATCH_SIZE]))
+    if entry is None:
+        values.update({wire.VAL_LOSS: result.loss, task.metric: result.score})
+    else:
         values[task.record_metric] = noisy_mean(result.record_scores, policy.metrics_noise_multiplier, SecureGaussian())
         values[wire.EPSILON_RECORD] = float(entry["epsilon_after"])
         values[wire.METRICS_DP] = 1.0
