@@ -88,3 +88,22 @@ def test_server_stops_before_the_round_that_would_pass_its_central_target(tmp_pa
     report = account.report()
     account.spend(4, "run")
     assert len(CentralAccount.resume(cfg, {"privacy": {"client_level": report}}).events) == 4
+
+
+def test_noisy_metrics_reach_the_manifest_as_a_dp_release(tmp_path: Path) -> None:
+    """Nodes whose policy releases noisy scores: the manifest carries the aggregate score (and
+    only it), each node's ledger holds the metric releases beside its trainings."""
+    root = tmp_path / "data"
+    synthesize(root, nodes=2, task=get_task("seg2d"), seed=3, image_size=32)
+    assert main([
+        "run", str(REPO / "configs" / "dp-local.toml"), "--out", str(tmp_path / "runs"),
+        "--set", f'data.root="{root}"', "--set", "data.nodes=2", "--set", "rounds=1", "--set", "train.epochs=1",
+        "--set", f'registry.root="{tmp_path / "reg"}"', "--set", "output.run_name=noisy",
+        "--set", "node_policy.release_metrics='noisy'", "--set", "node_policy.metrics_noise_multiplier=4.0",
+    ]) == 0
+    manifest = Registry(tmp_path / "reg").verify("dp-local")[-1].manifest
+    aggregate = manifest["metrics"]["evaluate"]["aggregate"]
+    assert set(aggregate) == {"dice"} and 0.0 <= aggregate["dice"] <= 1.0
+    for i in range(2):
+        kinds = [e.get("release", "training") for e in Ledger.in_dir(state_dir(root / f"node-{i}")).entries()]
+        assert kinds == ["metrics", "training", "metrics"]  # initial evaluation, round 1, its evaluation

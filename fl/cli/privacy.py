@@ -109,9 +109,10 @@ def budget_report(data_dir: Path) -> dict[str, Any]:
         "budget_epsilon": policy.epsilon or None, "delta": policy.delta, "accountant": policy.accountant,
         "require_secagg": policy.require_secagg,
         "spent_epsilon": spent, "remaining_epsilon": max(policy.epsilon - spent, 0.0) if policy.epsilon else None,
-        "trainings": len(entries),
-        "ledger": [{"seq": e["seq"], "round": e.get("server_round"), "epsilon_after": e.get("epsilon_after"),
-                    **e["event"]} for e in entries],
+        "trainings": sum(1 for e in entries if e.get("release", "training") == "training"),
+        "metric_releases": sum(1 for e in entries if e.get("release") == "metrics"),
+        "ledger": [{"seq": e["seq"], "round": e.get("server_round"), "release": e.get("release", "training"),
+                    "epsilon_after": e.get("epsilon_after"), **e["event"]} for e in entries],
     }
 
 
@@ -123,10 +124,11 @@ def cmd_node_budget(args: argparse.Namespace) -> int:
     budget = "none set" if report["budget_epsilon"] is None else f"{report['budget_epsilon']:g}"
     remaining = "-" if report["remaining_epsilon"] is None else f"{report['remaining_epsilon']:.3f}"
     print(f"record-level budget: {budget} at delta {report['delta']:g} ({report['accountant']})")
-    print(f"spent: {report['spent_epsilon']:.3f} over {report['trainings']} training(s); remaining: {remaining}")
+    print(f"spent: {report['spent_epsilon']:.3f} over {report['trainings']} training(s) and "
+          f"{report['metric_releases']} noisy metric release(s); remaining: {remaining}")
     if report["require_secagg"]:
         print("updates leave this node only masked by SecAgg+ (policy require_secagg)")
     for row in report["ledger"]:
-        print(f"  #{row['seq']}: round {row['round']}, noise {row['noise_multiplier']:g}, "
+        print(f"  #{row['seq']}: round {row['round']}, {row['release']}, noise {row['noise_multiplier']:g}, "
               f"q {row['sample_rate']:.4f}, {row['steps']} steps -> epsilon {row['epsilon_after']:.3f}")
     return 0

@@ -105,7 +105,9 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         scored = [m for m in res.ok if wire.score(dict(m.content[wire.METRICS])) is not None]
         agg = strategy.aggregate_evaluate(server_round, scored) if scored else None
         dp_released = bool(scored) and all(m.content[wire.METRICS].get(wire.METRICS_DP) == 1.0 for m in scored)
-        return {"aggregate": dict(agg or {}), "nodes": res.per_node(), "dp_released": dp_released}, res.failures
+        # per-node quantities have no meaningful average: they stay in the per-node record
+        aggregate = {k: v for k, v in (agg or {}).items() if k not in (wire.METRICS_DP, wire.EPSILON_RECORD)}
+        return {"aggregate": aggregate, "nodes": res.per_node(), "dp_released": dp_released}, res.failures
 
     def train(server_round: int) -> tuple[PhaseResult, ArrayRecord | None, dict[str, float] | None]:
         if cfg.secagg.enabled:
