@@ -125,8 +125,8 @@ def load_policy(folder: Path) -> Policy:
 
 
 def node_secret(folder: Path) -> bytes:
-    """This node's fingerprint key, created on first use (``fl node check``, ``fl node policy`` or
-    the first request) with the OS CSPRNG, mode 0600, and never overwritten."""
+    """This node's fingerprint key, created on first use (``fl node check``, ``fl node start`` or the
+    first request) with the OS CSPRNG, mode 0600, and never overwritten."""
     path = folder / SECRET_FILE
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
