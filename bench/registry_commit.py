@@ -41,7 +41,7 @@ def commit_seconds(task: str, commits: int, root: Path) -> tuple[float, int]:
     for _ in range(commits):
         start = time.perf_counter()
         version = registry.commit(cfg.model_name, weights=encode_weights(arrays), state=encode_state(strategy),
-                                  fields=manifest_fields(cfg, run_id="bench", record=record, fingerprints={},
+                                  fields=manifest_fields(cfg, run_id="bench", record=record, node_info={},
                                                          resumed_from=None),
                                   expected_parent=parent)
         times.append(time.perf_counter() - start)

@@ -51,6 +51,11 @@ def _delta(value: float) -> str | None:
     return None if 0 < value < 1 else "must be in (0, 1): delta is a probability of failure, and 1 promises nothing"
 
 
+def _device(value: str) -> str | None:
+    ok = re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value)
+    return None if ok else "must be auto, cpu, cuda or cuda:N"
+
+
 def _one_of(*choices: str) -> Callable[[str], str | None]:
     def check(value: str) -> str | None:
         if value in choices:
@@ -104,6 +109,9 @@ class TrainConfig:
         "FedProx proximal weight mu; must be > 0 with strategy.name = 'fedprox'.",
         _non_negative,
     )
+    device: str = _key("auto", "Where nodes train: auto (CUDA when present, else CPU), cpu, cuda or cuda:N; a "
+                               "node's own node config 'device' overrides it.", _device)
+    amp: bool = _key(False, "Mixed precision (float16 autocast) on CUDA; refused with local DP.")
 
 
 @dataclass(frozen=True)
@@ -280,6 +288,11 @@ class Config:
             raise ConfigError(
                 "strategy.fraction_train: under central DP the accountant must know the sampling; "
                 "set central_dp.sampling = 'poisson' with central_dp.sample_rate instead"
+            )
+        if self.local_dp.enabled and self.train.amp:
+            raise ConfigError(
+                "train.amp: float16 per-sample gradients would be clipped and noised at reduced precision; "
+                "mixed precision cannot be combined with local_dp.enabled"
             )
         if self.local_dp.enabled and self.train.proximal_mu > 0:
             raise ConfigError(

@@ -28,6 +28,8 @@ LR = "lr"
 BATCH_SIZE = "batch-size"
 PROXIMAL_MU = "proximal-mu"  # the key Flower's FedProx strategy writes
 SEED = "seed"
+DEVICE = "device"  # auto, cpu, cuda or cuda:N (a deployed node's node config may override it)
+AMP = "amp"  # 1: float16 autocast on CUDA
 
 # metrics in a node's reply
 NUM_EXAMPLES = "num-examples"  # the key Flower's strategies weight by
@@ -45,12 +47,14 @@ def score(metrics: dict[str, Any]) -> float | None:
     return next((metrics[k] for k in SCORES if k in metrics), None)
 
 # node-info in a train reply
+DEVICE_NAME = "device-name"  # the hardware the node trained on, e.g. "cpu" or "cuda:0 (NVIDIA H200)"
 DATASET_FINGERPRINT = "dataset-fingerprint"  # HMAC-SHA256, under the node's own key, of its data's digest
 
 # node config (deployment: `--node-config "data-dir='/data/site'"`; simulation: partition-id)
 NODE_DATA_DIR = "data-dir"
 NODE_PARTITION_ID = "partition-id"
 NODE_STATE_DIR = "state-dir"  # optional: where the node keeps its privacy policy and ledger
+NODE_DEVICE = "device"  # optional: this node's device, over the run config's train.device
 
 # SecAgg+ among fewer nodes lets a participant read another's update from the result (with two,
 # each subtracts its own); a round with fewer sampled or surviving contributors aggregates nothing

@@ -31,6 +31,7 @@ from fl.privacy.clipping import clip
 from fl.privacy.noise import SecureGaussian, noisy_mean
 from fl.tasks import Task, get_task
 from nodes.data import LocalData, load_local_data
+from nodes.device import describe
 from nodes.ledger import Ledger, LedgerError
 from nodes.policy import (
     EXACT,
@@ -64,6 +65,14 @@ def resolve_data_dir(context: Context) -> Path:
     if wire.NODE_PARTITION_ID in node_config:
         return node_dir(str(context.run_config["data.root"]), int(node_config[wire.NODE_PARTITION_ID]))
     raise DataError(f"node config has no '{wire.NODE_DATA_DIR}': start the node with --node-config \"data-dir='/path'\"")
+
+
+def node_device(config: ConfigRecord, context: Context) -> torch.device:
+    """This node's own ``device`` setting, else the run's ``train.device``, else auto."""
+    from nodes import device
+
+    spec = context.node_config.get(wire.NODE_DEVICE, config.get(wire.DEVICE, device.AUTO))
+    return device.resolve(str(spec))
 
 
 def _prepare(content: RecordDict, context: Context) -> tuple[Task, torch.nn.Module, LocalData, Path]:
@@ -184,7 +193,8 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
                       distributed_noise=secure and wire.DDP_NOISE_MULTIPLIER in config,
                       server_round=int(config[wire.SERVER_ROUND]), time=time.time())
     global_state = {k: v.clone() for k, v in net.state_dict().items()}
-    common = dict(epochs=epochs, lr=float(config[wire.LR]), batch_size=batch_size)
+    device = node_device(config, context)
+    common = dict(epochs=epochs, lr=float(config[wire.LR]), batch_size=batch_size, device=device)
     if request:
         # imported here: Opacus takes 1.4 s to import (python -X importtime), which every
         # virtual node and every deployed ClientApp process paid, DP or not
@@ -195,7 +205,7 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
     else:
         generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data_dir)
         result = train_local(net, task, data.train, proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
-                             generator=generator, **common)
+                             generator=generator, amp=bool(config.get(wire.AMP, False)), **common)
     values: dict[str, float] = {wire.NUM_EXAMPLES: len(data.train)}
     if policy.metrics_mode(request is not None) == EXACT:  # otherwise the loss and timing stay here
         values.update({wire.TRAIN_LOSS: result.loss, wire.TRAIN_SECONDS: result.seconds})
@@ -205,6 +215,7 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
         values[wire.EPSILON_RECORD] = float(entry["epsilon_after"])
         values[wire.DELTA_RECORD] = float(entry["delta"])
     fingerprint = keyed_fingerprint(folder, data.digest)
+    info = {wire.DATASET_FINGERPRINT: fingerprint, wire.DEVICE_NAME: describe(device)}
     if secure:
         keys = json.loads(str(config[wire.SECAGG_ARRAY_KEYS]))
         state = net.state_dict()
@@ -212,10 +223,9 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
         if wire.DDP_NOISE_MULTIPLIER in config:
             update = _with_noise_share(update, config, context)
         values.pop(wire.UPDATE_NORM_BELOW_CLIP, None)  # scalars travel unmasked: this bit would describe the update
-        return Message(wire.legacy_reply(update, keys, {**values, wire.DATASET_FINGERPRINT: fingerprint}), reply_to=msg)
-    info = ConfigRecord({wire.DATASET_FINGERPRINT: fingerprint})
+        return Message(wire.legacy_reply(update, keys, {**values, **info}), reply_to=msg)
     content = RecordDict({wire.ARRAYS: ArrayRecord(net.state_dict()), wire.METRICS: MetricRecord(values),
-                          wire.NODE_INFO: info})
+                          wire.NODE_INFO: ConfigRecord(info)})
     return Message(content=content, reply_to=msg)
 
 
@@ -271,7 +281,8 @@ def _evaluate(msg: Message, context: Context) -> Message:
         with ledger.locked():
             entry = charge(policy, ledger, event, num_records=len(data.train) + len(data.val), release="metrics",
                            server_round=int(config.get(wire.SERVER_ROUND, 0)), time=time.time())
-    result = evaluate_local(net, task, data.val, batch_size=int(config[wire.BATCH_SIZE]))
+    result = evaluate_local(net, task, data.val, batch_size=int(config[wire.BATCH_SIZE]),
+                            device=node_device(config, context))
     if entry is None:
         values.update({wire.VAL_LOSS: result.loss, task.metric: result.score})
     else:

@@ -52,13 +52,17 @@ def train_local_dp(
     noise_multiplier: float,
     max_grad_norm: float,
     noise: NoiseSource | None = None,
+    device: torch.device | None = None,
 ) -> TrainResult:
-    """DP-SGD (Adam update on the privatised gradient) for ``epochs`` passes in expectation."""
+    """DP-SGD (Adam update on the privatised gradient) for ``epochs`` passes in expectation, on
+    ``device`` (the CPU by default); ``net`` is back on the CPU when this returns."""
     if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
         raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
     noise = noise or SecureGaussian()
+    device = device or torch.device("cpu")
+    net.to(device)
     started = time.perf_counter()
     event = local_event(len(data), epochs=epochs, batch_size=batch_size, noise_multiplier=noise_multiplier)
     # per-sample gradients of per-sample losses ("sum"); the optimizer then divides the noisy
@@ -82,14 +86,16 @@ def train_local_dp(
             if len(chosen):
                 # Dice+CE averages over the batch; times the batch size it is the sum of the
                 # per-sample losses (instance norm keeps samples independent)
-                loss = loss_fn(model(data.images[chosen]), data.labels[chosen]) * len(chosen)
+                images, labels = data.images[chosen].to(device), data.labels[chosen].to(device)
+                loss = loss_fn(model(images), labels) * len(chosen)
                 loss.backward()
                 loss_sum += float(loss.detach())
                 seen += len(chosen)
             else:  # an empty Poisson sample still releases noise, as the accountant assumes
                 for p in model.parameters():
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             optimizer.step()
     finally:
         model._close()
+        net.to("cpu")
     return TrainResult(loss=loss_sum / max(seen, 1), seconds=time.perf_counter() - started, steps=event.steps)

@@ -40,15 +40,23 @@ def train_local(
     batch_size: int,
     proximal_mu: float = 0.0,
     generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+    amp: bool = False,
 ) -> TrainResult:
     """Train ``net`` in place for ``epochs`` passes over ``data`` with Adam.
 
     With ``proximal_mu > 0`` the FedProx term ``mu / 2 * ||w - w_global||^2`` (Li et al.
-    2020, eq. 2) is added to the loss, ``w_global`` being the weights at entry.
+    2020, eq. 2) is added to the loss, ``w_global`` being the weights at entry. On ``device``
+    (the CPU by default; ``amp``: float16 autocast with loss scaling, CUDA only); ``net`` is back
+    on the CPU when this returns.
     """
     started = time.perf_counter()
+    device = device or torch.device("cpu")
+    amp = amp and device.type == "cuda"
+    net.to(device)
     loss_fn = task.build_loss()
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     anchor = [p.detach().clone() for p in net.parameters()] if proximal_mu > 0 else []
     net.train()
     steps, loss_sum, seen = 0, 0.0, 0
@@ -56,32 +64,40 @@ def train_local(
         loss_sum, seen = 0.0, 0  # report the last epoch's mean loss
         order = torch.randperm(len(data), generator=generator)
         for batch in order.split(batch_size):
-            images, labels = data.images[batch], data.labels[batch]
+            images, labels = (t.to(device, non_blocking=True) for t in (data.images[batch], data.labels[batch]))
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(net(images), labels)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                loss = loss_fn(net(images), labels)
             if anchor:
                 drift = sum((p - a).pow(2).sum() for p, a in zip(net.parameters(), anchor))
                 loss = loss + proximal_mu / 2 * drift
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             steps += 1
             loss_sum += float(loss.detach()) * len(batch)
             seen += len(batch)
+    net.to("cpu")
     return TrainResult(loss=loss_sum / max(seen, 1), seconds=time.perf_counter() - started, steps=steps)
 
 
 @torch.no_grad()
-def evaluate_local(net: torch.nn.Module, task: Task, data: Split, *, batch_size: int) -> EvalResult:
-    """Loss (averaged over cases) and the task's score (Dice or AUC) of ``net`` on ``data``."""
+def evaluate_local(net: torch.nn.Module, task: Task, data: Split, *, batch_size: int,
+                   device: torch.device | None = None) -> EvalResult:
+    """Loss (averaged over cases) and the task's score (Dice or AUC) of ``net`` on ``data``,
+    computed on ``device`` (the CPU by default); ``net`` is back on the CPU when this returns."""
+    device = device or torch.device("cpu")
+    net.to(device)
     loss_fn = task.build_loss()
     net.eval()
     loss_sum, all_logits = 0.0, []
     for start in range(0, len(data), batch_size):
-        images = data.images[start : start + batch_size]
-        labels = data.labels[start : start + batch_size]
+        images = data.images[start : start + batch_size].to(device, non_blocking=True)
+        labels = data.labels[start : start + batch_size].to(device, non_blocking=True)
         logits = net(images)
         loss_sum += float(loss_fn(logits, labels)) * len(images)
-        all_logits.append(logits)
+        all_logits.append(logits.cpu())
+    net.to("cpu")
     n = max(len(data), 1)
     if not all_logits:
         return EvalResult(loss=0.0, score=0.0, record_scores=torch.zeros(0, dtype=torch.float64))

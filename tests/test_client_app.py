@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -37,7 +38,9 @@ def test_train_reply_carries_only_weights_count_and_aggregate_metrics(tiny_feder
     reply = app(msg, _context({wire.NODE_DATA_DIR: str(tiny_federation / "node-0")}))
     assert not reply.has_error()
     assert set(reply.content.keys()) == {wire.ARRAYS, wire.METRICS, wire.NODE_INFO}
-    assert set(reply.content[wire.NODE_INFO].keys()) == {wire.DATASET_FINGERPRINT}
+    assert set(reply.content[wire.NODE_INFO].keys()) == {wire.DATASET_FINGERPRINT, wire.DEVICE_NAME}
+    assert reply.content[wire.NODE_INFO][wire.DEVICE_NAME] == ("cpu" if not torch.cuda.is_available()
+                                                               else f"cuda:0 ({torch.cuda.get_device_name(0)})")
     assert len(reply.content[wire.NODE_INFO][wire.DATASET_FINGERPRINT]) == 64
     assert set(reply.content[wire.ARRAYS].keys()) == set(msg.content[wire.ARRAYS].keys())
     metrics = dict(reply.content[wire.METRICS])

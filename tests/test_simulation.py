@@ -70,6 +70,7 @@ def test_every_round_is_a_registry_version_with_provenance(federation: Path) -> 
     assert len(m["nodes"]) == 2
     for node in m["nodes"]:
         assert node["num_examples"] > 0 and len(node["dataset_fingerprint"]) == 64
+        assert node["device"] == "cpu" or node["device"].startswith("cuda:")  # the hardware it trained on
     assert {n["dataset_fingerprint"] for n in m["nodes"]} != {None}
     assert m["strategy"]["name"] == "fedavg" and m["task"] == "seg2d" and m["secure_aggregation"] is None
     assert set(m["software"]) >= {"oncofed", "flwr", "monai", "torch"}

@@ -49,7 +49,8 @@ def _finite(value: Any) -> Any:
 
 
 def manifest_fields(
-    cfg: Config, *, run_id: str, record: dict[str, Any], fingerprints: dict[str, str], resumed_from: str | None
+    cfg: Config, *, run_id: str, record: dict[str, Any], node_info: dict[str, dict[str, str]],
+    resumed_from: str | None
 ) -> dict[str, Any]:
     """Provenance of one round's global model (the registry adds version, parent and hashes).
 
@@ -88,7 +89,7 @@ def manifest_fields(
     }
     privacy = record.get("privacy") or {"client_level": None, "record_level": {}}
     if cfg.central_dp.enabled or cfg.local_dp.enabled:
-        return _finite({**common, **_dp_view(cfg, record, fingerprints, privacy)})
+        return _finite({**common, **_dp_view(cfg, record, node_info, privacy)})
     train_nodes = record.get("train", {}).get("nodes", {})
     return _finite({
         **common,
@@ -96,7 +97,8 @@ def manifest_fields(
             {
                 "node_id": node,
                 "num_examples": int(metrics.get("num-examples", 0)),
-                "dataset_fingerprint": fingerprints.get(node),
+                "dataset_fingerprint": node_info.get(node, {}).get("dataset-fingerprint"),
+                "device": node_info.get(node, {}).get("device-name"),
             }
             for node, metrics in sorted(train_nodes.items())
         ],
@@ -106,11 +108,11 @@ def manifest_fields(
     })
 
 
-def _dp_view(cfg: Config, record: dict[str, Any], fingerprints: dict[str, str],
+def _dp_view(cfg: Config, record: dict[str, Any], node_info: dict[str, dict[str, str]],
              privacy: dict[str, Any]) -> dict[str, Any]:
     """What a DP run's manifest may say about a round, and nothing more.
 
-    - the nodes that trained, with their keyed fingerprints, but no example counts; under
+    - the nodes that trained, with their keyed fingerprints and devices, but no example counts; under
       Poisson sampling of nodes not even who took part (that would void the amplification
       the client-level accountant counts on);
     - no per-node metrics, no adaptive-clipping bits, no failures (their reasons carry exact
@@ -129,7 +131,8 @@ def _dp_view(cfg: Config, record: dict[str, Any], fingerprints: dict[str, str],
     trained = sorted(record.get("train", {}).get("nodes", {}))
     return {
         "release": "dp: public configuration and DP releases only; details in the coordinator's run folder",
-        "nodes": None if poisson else [{"node_id": n, "dataset_fingerprint": fingerprints.get(n)} for n in trained],
+        "nodes": None if poisson else [{"node_id": n, "dataset_fingerprint": node_info.get(n, {}).get("dataset-fingerprint"),
+                                        "device": node_info.get(n, {}).get("device-name")} for n in trained],
         "failures": None,
         "metrics": {"evaluate": {"aggregate": evaluate.get("aggregate", {})} if evaluate.get("dp_released")
                     else None},

@@ -44,15 +44,16 @@ class PhaseResult:
             out[node] = {k: float(v) for k, v in scalars.items() if isinstance(v, (int, float))}
         return out
 
-    def fingerprints(self) -> dict[str, str]:
-        """Each replying node's dataset fingerprint (a hash; nothing else about its data)."""
-        out = {}
+    def node_info(self) -> dict[str, dict[str, str]]:
+        """Each replying node's keyed dataset fingerprint and device (strings; nothing about its data)."""
+        keys = (wire.DATASET_FINGERPRINT, wire.DEVICE_NAME)
+        out: dict[str, dict[str, str]] = {}
         for m in self.ok:
             if wire.NODE_INFO in m.content.config_records:
-                out[str(m.metadata.src_node_id)] = str(m.content[wire.NODE_INFO].get(wire.DATASET_FINGERPRINT, ""))
+                record = m.content[wire.NODE_INFO]
+                out[str(m.metadata.src_node_id)] = {k: str(record[k]) for k in keys if k in record}
         for node, scalars in self.secure.items():
-            if wire.DATASET_FINGERPRINT in scalars:
-                out[node] = str(scalars[wire.DATASET_FINGERPRINT])
+            out[node] = {k: str(scalars[k]) for k in keys if k in scalars}
         return out
 
 

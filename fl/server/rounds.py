@@ -53,12 +53,14 @@ def _instructions(cfg: Config) -> tuple[ConfigRecord, ConfigRecord]:
             wire.BATCH_SIZE: cfg.train.batch_size,
             wire.PROXIMAL_MU: cfg.train.proximal_mu,
             wire.SEED: cfg.seed,
+            wire.DEVICE: cfg.train.device,
+            wire.AMP: cfg.train.amp,
         }
     )
     if cfg.local_dp.enabled:
         train[wire.LOCAL_NOISE_MULTIPLIER] = cfg.local_dp.noise_multiplier
         train[wire.LOCAL_MAX_GRAD_NORM] = cfg.local_dp.max_grad_norm
-    evaluate = ConfigRecord({wire.TASK: cfg.task, wire.BATCH_SIZE: cfg.train.batch_size})
+    evaluate = ConfigRecord({wire.TASK: cfg.task, wire.BATCH_SIZE: cfg.train.batch_size, wire.DEVICE: cfg.train.device})
     if cfg.local_dp.enabled:  # tells nodes the run is under DP: their metrics default to none
         evaluate[wire.LOCAL_NOISE_MULTIPLIER] = cfg.local_dp.noise_multiplier
     return train, evaluate
@@ -170,7 +172,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
             weights=encode_weights(arrays),
             state=encode_state(strategy),
             fields=manifest_fields(cfg, run_id=run_dir.name, record=record,
-                                   fingerprints=res.fingerprints(), resumed_from=resumed_from),
+                                   node_info=res.node_info(), resumed_from=resumed_from),
             expected_parent=parent,
         )
         parent = version.hash
