@@ -34,6 +34,10 @@ def add_parsers(sub: Any) -> None:
     synth.add_argument("--task", default="seg2d", help="task from the catalogue (seg2d, seg3d)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=0, help="edge length; 0 takes the task's default")
+    synth.add_argument("--kind", choices=["ct", "brain-mri"],
+                       help="realistic volumes instead of a task's images: CT-like (HU, anisotropic spacing, "
+                            "organ and lesion) or brain-MRI-like (4 modalities, 3 nested tumour sub-regions)")
+    synth.add_argument("--scale", type=float, default=1.0, help="with --kind: image size factor")
     synth.set_defaults(func=cmd_data_synth)
     tab = data.add_parser("tabular", help="split a tabular dataset (real Breast Cancer Wisconsin, or synthetic) "
                                           "across nodes with label skew")
@@ -131,7 +135,13 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from fl.tasks import get_task
     from nodes.synth import synthesize
 
-    folders = synthesize(args.out, nodes=args.nodes, task=get_task(args.task), seed=args.seed, image_size=args.image_size)
+    if args.kind:
+        from nodes.synth_anatomy import synthesize_anatomy
+
+        folders = synthesize_anatomy(args.out, nodes=args.nodes, kind=args.kind, seed=args.seed, scale=args.scale)
+    else:
+        folders = synthesize(args.out, nodes=args.nodes, task=get_task(args.task), seed=args.seed,
+                             image_size=args.image_size)
     for folder in folders:
         print(folder)
     return 0
