@@ -59,7 +59,7 @@ def test_dp_run_accounts_both_levels_and_stops_at_the_nodes_budget(tmp_path: Pat
         for leak in ("update-norm-below-clip", "num_examples", "num-examples", "train-loss", "val-loss", "dice"):
             assert leak not in text, leak
         assert version.manifest["failures"] is None and version.manifest["metrics"] == {"evaluate": None}
-        assert [set(n) for n in version.manifest["nodes"]] == [{"node_id", "dataset_fingerprint"}] * 2
+        assert [set(n) for n in version.manifest["nodes"]] == [{"node_id", "dataset_fingerprint", "device"}] * 2
     line = json.loads((tmp_path / "runs" / "dp" / "metrics.jsonl").read_text().splitlines()[1])
     assert all(wire.NUM_EXAMPLES in m for m in line["train"]["nodes"].values())  # the coordinator's own log
     reported = sorted(v["epsilon"] for v in privacy["record_level"].values())
