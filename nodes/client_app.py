@@ -50,6 +50,7 @@ from nodes.synth import node_dir
 from nodes.train import evaluate_local, train_local
 
 log = logging.getLogger("flwr.oncofed.node")  # lands in the SuperNode's own log
+CACHE_DIR = "cache"  # in the node's state folder: preprocessed tensors, kept between processes
 
 app = ClientApp()
 # True only while Flower's secaggplus_mod runs this node's training (its masking stage): the
@@ -81,7 +82,7 @@ def _prepare(content: RecordDict, context: Context) -> tuple[Task, torch.nn.Modu
     config = content[wire.CONFIG]
     task = get_task(str(config[wire.TASK]))
     data_dir = resolve_data_dir(context)
-    data = load_local_data(data_dir, task)
+    data = load_local_data(data_dir, task, disk_cache=node_state_dir(context, data_dir) / CACHE_DIR)
     net = task.build_network()
     net.load_state_dict(content[wire.ARRAYS].to_torch_state_dict())
     return task, net, data, data_dir

@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -205,12 +207,19 @@ class _DataCache:
 _CACHE = _DataCache(max_entries=4)
 
 
-def load_local_data(data_dir: str | Path, task: Task, *, use_cache: bool = True) -> LocalData:
-    """Validate and load a node's dataset; raises :class:`DataError` naming the bad file."""
+def load_local_data(data_dir: str | Path, task: Task, *, use_cache: bool = True,
+                    disk_cache: Path | None = None) -> LocalData:
+    """Validate and load a node's dataset; raises :class:`DataError` naming the bad file.
+
+    ``disk_cache``: a folder of this node's (its state folder's ``cache``) where the
+    preprocessed tensors are kept between processes, keyed by every file's size and modification
+    time and by the task's preprocessing code; a fresh process reads them instead of
+    preprocessing again."""
     data_dir = Path(data_dir).resolve()
     if getattr(task, "kind", "segmentation") == "tabular":
         return _load_tabular(data_dir, task, use_cache)
     datalist = read_datalist(data_dir)
+    signature = _signature(data_dir, datalist)
 
     def load() -> LocalData:
         return LocalData(
@@ -219,10 +228,57 @@ def load_local_data(data_dir: str | Path, task: Task, *, use_cache: bool = True)
             digest=digest(data_dir, datalist),
         )
 
+    def load_through_disk() -> LocalData:
+        return _disk_cached(disk_cache, _cache_key(task, signature), load) if disk_cache else load()
+
     if not use_cache:
-        return load()
-    key = (task.name, _signature(data_dir, datalist))
-    return _CACHE.get_or_load(key, load)
+        return load_through_disk()
+    return _CACHE.get_or_load((task.name, signature), load_through_disk)
+
+
+CACHE_FORMAT = 1  # bump when the cached layout changes
+
+
+def _cache_key(task: Task, signature: tuple[Any, ...]) -> str:
+    """The files (size, mtime) and the preprocessing (the task's settings and its code)."""
+    import dataclasses
+    import inspect
+
+    settings = dataclasses.asdict(task) if dataclasses.is_dataclass(task) else {"name": task.name}
+    body = json.dumps([CACHE_FORMAT, settings, inspect.getsource(type(task).preprocess), signature],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _disk_cached(folder: Path, key: str, load: Any) -> LocalData:
+    """``load()``'s tensors from ``folder/<key>.safetensors`` if there, else computed and written
+    (aside, then renamed: a crash never leaves a half-written entry). Older entries are removed."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            t = load_file(path)
+            digest_hex = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["digest"]
+            return LocalData(Split(t["train_images"], t["train_labels"]), Split(t["val_images"], t["val_labels"]),
+                             digest=digest_hex)
+        except (OSError, KeyError, ValueError):
+            pass  # unreadable entry: preprocess again and overwrite it
+    data = load()
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.safetensors"):  # one dataset per node: keep only the current entry
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file({"train_images": data.train.images, "train_labels": data.train.labels,
+                   "val_images": data.val.images, "val_labels": data.val.labels}, tmp)
+        path.with_suffix(".json").write_text(json.dumps({"digest": data.digest}), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return data
 
 
 def _load_tabular(data_dir: Path, task: Any, use_cache: bool) -> LocalData:
