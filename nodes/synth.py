@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -93,22 +94,51 @@ def _case(task: Task, size: int, profile: SiteProfile, rs: np.random.RandomState
     return image.astype(np.float32), label.astype(np.uint8)
 
 
-def _write_site(folder: Path, task: Task, size: int, profile: SiteProfile, seed: int) -> None:
+def write_cases(folder: Path, counts: tuple[int, int],
+                make_case: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, list[dict[str, str]]]:
+    """Write ``counts`` (training, validation) cases from ``make_case() -> (image, label, affine)``
+    as NIfTI under ``imagesTr``/``labelsTr``; returns the Decathlon ``training``/``validation`` lists."""
     import nibabel as nib
 
-    rs = np.random.RandomState(seed)
     (folder / "imagesTr").mkdir(parents=True)
     (folder / "labelsTr").mkdir()
     entries: dict[str, list[dict[str, str]]] = {"training": [], "validation": []}
     count = 0
-    for split, n in (("training", profile.train_cases), ("validation", profile.val_cases)):
+    for split, n in zip(("training", "validation"), counts, strict=True):
         for _ in range(n):
-            image, label = _case(task, size, profile, rs)
+            image, label, affine = make_case()
             name = f"case_{count:03d}.nii.gz"
-            nib.save(nib.Nifti1Image(image, np.eye(4)), folder / "imagesTr" / name)
-            nib.save(nib.Nifti1Image(label, np.eye(4)), folder / "labelsTr" / name)
+            nib.save(nib.Nifti1Image(image, affine), folder / "imagesTr" / name)
+            nib.save(nib.Nifti1Image(label, affine), folder / "labelsTr" / name)
             entries[split].append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
             count += 1
+    return entries
+
+
+def write_atomically(root: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(staging)`` in a temporary sibling of ``root`` and rename it into place, so an
+    interrupted run never leaves a half-written ``root``; a non-empty ``root`` is refused."""
+    if root.exists() and any(root.iterdir()):
+        raise DataError(f"{root}: already exists and is not empty; remove it or pick another folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        write(staging)
+        if root.exists():
+            root.rmdir()
+        os.replace(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_site(folder: Path, task: Task, size: int, profile: SiteProfile, seed: int) -> None:
+    rs = np.random.RandomState(seed)
+
+    def make_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return (*_case(task, size, profile, rs), np.eye(4))
+
+    entries = write_cases(folder, (profile.train_cases, profile.val_cases), make_case)
     manifest = {
         "name": f"oncofed-synthetic-{folder.name}",
         "description": "Synthetic lesions from MONAI's generators; OncoFed's embedded default.",
@@ -142,19 +172,12 @@ def synthesize(root: str | Path, *, nodes: int, task: Task, seed: int = 0, image
             f"image size {size}: must be a multiple of {task.divisor} and at least "
             f"{4 * task.divisor} for task {task.name}"
         )
-    if root.exists() and any(root.iterdir()):
-        raise DataError(f"{root}: already exists and is not empty; remove it or pick another folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     profiles = site_profiles(nodes, size, rng)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+
+    def write(staging: Path) -> None:
         for i, profile in enumerate(profiles):
             _write_site(node_dir(staging, i), task, size, profile, seed=int(rng.integers(2**31)))
-        if root.exists():
-            root.rmdir()
-        os.replace(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    write_atomically(root, write)
     return [node_dir(root, i) for i in range(nodes)]

@@ -18,16 +18,13 @@ serves them. The generators draw shapes with NumPy only (no model, no download).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fl.errors import DataError
-from nodes.synth import DATASET_JSON, node_dir
+from nodes.synth import DATASET_JSON, node_dir, write_atomically, write_cases
 
 KINDS = ("ct", "brain-mri")
 MODALITIES = ("T1", "T1ce", "T2", "FLAIR")
@@ -154,22 +151,13 @@ def _affine(s: Scanner, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _write_site(folder: Path, kind: str, s: Scanner, seed: int) -> None:
-    import nibabel as nib
-
     rng = np.random.default_rng(seed)
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
-    entries: dict[str, list[dict[str, str]]] = {"training": [], "validation": []}
-    count = 0
-    for split, n in (("training", s.train_cases), ("validation", s.val_cases)):
-        for _ in range(n):
-            image, label = ct_case(s, rng) if kind == "ct" else brain_case(s, rng)
-            name = f"case_{count:03d}.nii.gz"
-            affine = _affine(s, label.shape)
-            nib.save(nib.Nifti1Image(image, affine), folder / "imagesTr" / name)
-            nib.save(nib.Nifti1Image(label, affine), folder / "labelsTr" / name)
-            entries[split].append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-            count += 1
+
+    def make_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        image, label = ct_case(s, rng) if kind == "ct" else brain_case(s, rng)
+        return image, label, _affine(s, label.shape)
+
+    entries = write_cases(folder, (s.train_cases, s.val_cases), make_case)
     if kind == "ct":
         modality, labels = {"0": "CT"}, {"0": "background", "1": "spleen", "2": "lesion"}
     else:
@@ -199,19 +187,12 @@ def synthesize_anatomy(root: str | Path, *, nodes: int, kind: str, seed: int = 0
         raise DataError(f"--nodes: need at least one node, got {nodes}")
     if not 0.25 <= scale <= 8:
         raise DataError(f"--scale: must be between 0.25 and 8, got {scale}")
-    if root.exists() and any(root.iterdir()):
-        raise DataError(f"{root}: already exists and is not empty; remove it or pick another folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     sites = scanners(kind, nodes, rng, scale)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+
+    def write(staging: Path) -> None:
         for i, site in enumerate(sites):
             _write_site(node_dir(staging, i), kind, site, seed=int(rng.integers(2**31)))
-        if root.exists():
-            root.rmdir()
-        os.replace(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    write_atomically(root, write)
     return [node_dir(root, i) for i in range(nodes)]
