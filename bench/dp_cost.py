@@ -27,7 +27,7 @@ def _cell(task_name: str, dp: bool, steps: int, threads: int) -> dict[str, float
 
     from fl.privacy.noise import SecureGaussian
     from fl.tasks import get_task
-    from nodes.dp_train import _NoiseInjectedDPOptimizer
+    from nodes.dp_train import NoiseInjectedDPOptimizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -43,7 +43,7 @@ def _cell(task_name: str, dp: bool, steps: int, threads: int) -> dict[str, float
     loss_fn = task.build_loss()
     if dp:
         model = GradSampleModule(net, loss_reduction="sum", force_functorch=task.dp_functorch)
-        opt = _NoiseInjectedDPOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), noise_multiplier=1.0,
+        opt = NoiseInjectedDPOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), noise_multiplier=1.0,
                                         max_grad_norm=1.0, expected_batch_size=batch, loss_reduction="mean",
                                         noise_source=SecureGaussian())
     else:

@@ -95,6 +95,11 @@ class DataConfig:
         "Edge length of synthetic images in voxels; 0 takes the task's default.",
         _non_negative,
     )
+    synthetic: str = _key(
+        "task", "What data.synthesize writes: task (the catalogue task's images), ct (CT sites: HU, anisotropic "
+        "spacing, organ and lesion) or brain-mri (4 modalities, 3 nested tumour sub-regions).",
+        _one_of("task", "ct", "brain-mri"))
+    synthetic_scale: float = _key(1.0, "Size factor of ct / brain-mri synthetic volumes (0.25 to 8).", _positive)
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,11 @@ class TrainConfig:
     device: str = _key("auto", "Where nodes train: auto (CUDA when present, else CPU), cpu, cuda or cuda:N; a "
                                "node's own node config 'device' overrides it.", _device)
     amp: bool = _key(False, "Mixed precision (float16 autocast) on CUDA; refused with local DP.")
+    batchnorm: str = _key(
+        "fedavg", "BatchNorm layers without local DP: fedavg (their weights and running statistics are averaged) "
+        "or local (FedBN: each node keeps its own; they never leave it).", _one_of("fedavg", "local"))
+    workers: int = _key(-1, "DataLoader worker processes per node for bundle tasks; -1: the bundle's own "
+                            "num_workers on a deployed node (at most its cores - 1), none on a virtual node.")
 
 
 @dataclass(frozen=True)
@@ -267,6 +277,10 @@ class Config:
     """One federation run. Sections are nested dataclasses; keys are dotted names."""
 
     task: str = _key("seg2d", f"Task from the catalogue: {', '.join(TASK_NAMES)}.", _one_of(*TASK_NAMES))
+    bundle: str = _key(
+        "", "A MONAI bundle folder (Model Zoo layout: configs/train.json, configs/metadata.json) to train "
+        "instead of task: its network, preprocessing, loss, optimizer, inferer and key metric; nodes use "
+        "their own dataset.json and train.epochs per round. Deployed nodes find it in the app (configs/bundles/).")
     rounds: int = _key(3, "Number of federated rounds.", _positive)
     seed: int = _key(0, "Seed for the initial model, data synthesis and local shuffling.")
     model_name: str = _key(
@@ -304,6 +318,8 @@ class Config:
                 "train.proximal_mu: strategy.name = 'fedprox' needs a proximal weight > 0 "
                 f"(got {self.train.proximal_mu})"
             )
+        if self.bundle:
+            self._check_bundle()
         if self.simulation.adversaries > self.data.nodes:
             raise ConfigError(f"simulation.adversaries: {self.simulation.adversaries} is more than data.nodes")
         if not self.strategy.trim_beta < 0.5:
@@ -319,6 +335,16 @@ class Config:
             )
         if self.secagg.enabled:
             self._check_secagg()
+
+    def _check_bundle(self) -> None:
+        from fl.tasks.bundle import BundleTask
+
+        BundleTask.load(self.bundle, private=self.local_dp.enabled)  # a clear error now, not on every node
+        if self.train.workers < -1:
+            raise ConfigError(f"train.workers: must be -1 (auto) or >= 0, got {self.train.workers}")
+        if self.data.synthesize and self.data.synthetic == "task":
+            raise ConfigError("data.synthetic: a bundle trains on volumes; set it to ct or brain-mri to synthesize "
+                              "data for it, or data.synthesize = false with your own node folders")
 
     def _check_secagg(self) -> None:
         """Refuse what SecAgg+ cannot honour: anything that needs one node's update."""
@@ -354,6 +380,17 @@ class Config:
             return ("secagg.clipping_range: under distributed noise OncoFed chooses it (a power of two that holds "
                     "the noise); leave it 0")
         return None
+
+    def resolved_task(self) -> Any:
+        """The run's task object: the bundle (converted for DP-SGD under local DP) or the catalogue's."""
+        from fl.tasks import resolve_task
+
+        return resolve_task(self.task, self.bundle, private=self.local_dp.enabled)
+
+    @property
+    def task_label(self) -> str:
+        """How manifests and summaries name the task: ``bundle:<name>`` or the catalogue name."""
+        return f"bundle:{self.resolved_task().name}" if self.bundle else self.task
 
     @property
     def min_nodes(self) -> int:

@@ -30,6 +30,10 @@ PROXIMAL_MU = "proximal-mu"  # the key Flower's FedProx strategy writes
 SEED = "seed"
 DEVICE = "device"  # auto, cpu, cuda or cuda:N (a deployed node's node config may override it)
 AMP = "amp"  # 1: float16 autocast on CUDA
+BUNDLE = "bundle"  # a bundle task: the bundle's path (absolute, or inside the app) ...
+BUNDLE_DIGEST = "bundle-digest"  # ... and the digest of its configs, which the node checks
+BATCHNORM = "batchnorm"  # fedavg, or local (FedBN: a node keeps its BatchNorm layers)
+WORKERS = "workers"  # DataLoader workers for bundle tasks; -1: auto
 
 # metrics in a node's reply
 NUM_EXAMPLES = "num-examples"  # the key Flower's strategies weight by

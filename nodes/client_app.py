@@ -29,7 +29,7 @@ from fl.errors import ConfigError, DataError
 from fl.privacy.accounting import GaussianEvent
 from fl.privacy.clipping import clip
 from fl.privacy.noise import SecureGaussian, noisy_mean
-from fl.tasks import Task, get_task
+from fl.tasks import Task, resolve_task
 from nodes.data import LocalData, load_local_data
 from nodes.device import describe
 from nodes.ledger import Ledger, LedgerError
@@ -76,11 +76,43 @@ def node_device(config: ConfigRecord, context: Context) -> torch.device:
     return device.resolve(str(spec))
 
 
+def instructed_task(config: ConfigRecord) -> Any:
+    """The task the server names: a catalogue task, or a bundle this node finds in its approved
+    app (or at the same path in simulation) whose digest matches the server's."""
+    bundle = str(config.get(wire.BUNDLE, ""))
+    digest = str(config[wire.BUNDLE_DIGEST]) if bundle else None
+    if bundle and wire.BUNDLE_DIGEST not in config:
+        raise ConfigError("bundle task without its digest: the node cannot check which bundle it would run")
+    return resolve_task(str(config[wire.TASK]), bundle, private=wire.LOCAL_NOISE_MULTIPLIER in config, digest=digest)
+
+
+def node_workers(config: ConfigRecord, context: Context, task: Any) -> int:
+    """DataLoader workers: the run's ``train.workers``, or (-1) the bundle's own on a deployed node
+    (at most its cores - 1) and none on a virtual node, which shares the machine."""
+    import os
+
+    asked = int(config.get(wire.WORKERS, -1))
+    if asked >= 0:
+        return asked
+    if wire.NODE_PARTITION_ID in context.node_config:
+        return 0
+    return max(0, min(int(getattr(task, "loader_workers", 0)), (os.cpu_count() or 1) - 1))
+
+
+def _fedbn_path(msg: Message, config: ConfigRecord, folder: Path, task: Any) -> Path | None:
+    """Where this node keeps its own BatchNorm layers in this run (FedBN), or None."""
+    from nodes import fedbn
+
+    if config.get(wire.BATCHNORM, "fedavg") != "local":
+        return None
+    return fedbn.local_path(folder, f"{msg.metadata.run_id}:{getattr(task, 'digest', task.name)}")
+
+
 def _prepare(content: RecordDict, context: Context) -> tuple[Task, torch.nn.Module, LocalData, Path]:
     if wire.NODE_PARTITION_ID in context.node_config:  # a virtual node shares the machine
         torch.set_num_threads(int(context.run_config.get("simulation.threads_per_node", 1)))
     config = content[wire.CONFIG]
-    task = get_task(str(config[wire.TASK]))
+    task = instructed_task(config)
     data_dir = resolve_data_dir(context)
     data = load_local_data(data_dir, task, disk_cache=node_state_dir(context, data_dir) / CACHE_DIR)
     net = task.build_network()
@@ -184,7 +216,9 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
     folder = node_state_dir(context, data_dir)
     policy, ledger = load_policy(folder), Ledger.in_dir(folder)
     request = _local_dp_request(config)
-    epochs, batch_size = int(config[wire.EPOCHS]), int(config[wire.BATCH_SIZE])
+    bundle = getattr(task, "kind", "") == "bundle"
+    epochs = int(config[wire.EPOCHS])
+    batch_size = task.batch_size if bundle else int(config[wire.BATCH_SIZE])  # type: ignore[attr-defined]
     event = (
         local_event(len(data.train), epochs=epochs, batch_size=batch_size, noise_multiplier=request.noise_multiplier)
         if request else None
@@ -195,18 +229,28 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
                       server_round=int(config[wire.SERVER_ROUND]), time=time.time())
     global_state = {k: v.clone() for k, v in net.state_dict().items()}
     device = node_device(config, context)
-    common = dict(epochs=epochs, lr=float(config[wire.LR]), batch_size=batch_size, device=device)
-    if request:
+    fedbn_path = _fedbn_path(msg, config, folder, task)
+    if fedbn_path is not None:
+        from nodes import fedbn
+
+        fedbn.swap_in(net, fedbn_path)
+    if bundle:
+        result = _train_bundle(net, task, data, config, context, request, device, data_dir)
+    elif request:
         # imported here: Opacus takes 1.4 s to import (python -X importtime), which every
         # virtual node and every deployed ClientApp process paid, DP or not
         from nodes.dp_train import train_local_dp
 
         result = train_local_dp(net, task, data.train, noise_multiplier=request.noise_multiplier,
-                                max_grad_norm=request.max_grad_norm, **common)
+                                max_grad_norm=request.max_grad_norm, epochs=epochs, lr=float(config[wire.LR]),
+                                batch_size=batch_size, device=device)
     else:
         generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data_dir)
         result = train_local(net, task, data.train, proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
-                             generator=generator, amp=bool(config.get(wire.AMP, False)), **common)
+                             generator=generator, amp=bool(config.get(wire.AMP, False)), epochs=epochs,
+                             lr=float(config[wire.LR]), batch_size=batch_size, device=device)
+    if fedbn_path is not None:
+        fedbn.keep_and_hide(net, global_state, fedbn_path)
     values: dict[str, float] = {wire.NUM_EXAMPLES: len(data.train)}
     if policy.metrics_mode(request is not None) == EXACT:  # otherwise the loss and timing stay here
         values.update({wire.TRAIN_LOSS: result.loss, wire.TRAIN_SECONDS: result.seconds})
@@ -228,6 +272,20 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
     content = RecordDict({wire.ARRAYS: ArrayRecord(net.state_dict()), wire.METRICS: MetricRecord(values),
                           wire.NODE_INFO: ConfigRecord(info)})
     return Message(content=content, reply_to=msg)
+
+
+def _train_bundle(net: torch.nn.Module, task: Any, data: LocalData, config: ConfigRecord, context: Context,
+                  request: LocalDpRequest | None, device: torch.device, data_dir: Path) -> Any:
+    from nodes.bundle_train import train_bundle, train_bundle_dp
+
+    epochs = int(config[wire.EPOCHS])
+    if request:
+        return train_bundle_dp(net, task, data.train, epochs=epochs, noise_multiplier=request.noise_multiplier,
+                               max_grad_norm=request.max_grad_norm, device=device)
+    generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data_dir)
+    return train_bundle(net, task, data.train, epochs=epochs, device=device, amp=bool(config.get(wire.AMP, False)),
+                        proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)), generator=generator,
+                        workers=node_workers(config, context, task))
 
 
 def _with_noise_share(update: dict[str, np.ndarray], config: ConfigRecord, context: Context) -> dict[str, np.ndarray]:
@@ -282,8 +340,19 @@ def _evaluate(msg: Message, context: Context) -> Message:
         with ledger.locked():
             entry = charge(policy, ledger, event, num_records=len(data.train) + len(data.val), release="metrics",
                            server_round=int(config.get(wire.SERVER_ROUND, 0)), time=time.time())
-    result = evaluate_local(net, task, data.val, batch_size=int(config[wire.BATCH_SIZE]),
-                            device=node_device(config, context))
+    device = node_device(config, context)
+    if getattr(task, "kind", "") == "bundle":
+        from nodes.bundle_train import evaluate_bundle
+
+        fedbn_path = _fedbn_path(msg, config, folder, task)
+        if fedbn_path is not None:
+            from nodes import fedbn
+
+            fedbn.swap_in(net, fedbn_path)
+        result = evaluate_bundle(net, task, data.val, device=device, workers=node_workers(config, context, task),
+                                 amp=bool(config.get(wire.AMP, False)))
+    else:
+        result = evaluate_local(net, task, data.val, batch_size=int(config[wire.BATCH_SIZE]), device=device)
     if entry is None:
         values.update({wire.VAL_LOSS: result.loss, task.metric: result.score})
     else:

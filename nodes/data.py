@@ -52,8 +52,9 @@ class LocalData:
     digest: str
 
 
-def read_datalist(data_dir: Path) -> dict[str, list[dict[str, Path]]]:
-    """Parse ``dataset.json``: each split becomes a list of ``{image, label}`` absolute paths."""
+def read_datalist(data_dir: Path, *, modality_lists: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """Parse ``dataset.json``: each split becomes a list of ``{image, label}`` absolute paths
+    (with ``modality_lists``, an image may be a list of files, one per modality)."""
     manifest_path = data_dir / DATASET_JSON
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data folder not found")
@@ -70,24 +71,37 @@ def read_datalist(data_dir: Path) -> dict[str, list[dict[str, Path]]]:
         entries = manifest.get(split)
         if not isinstance(entries, list) or not entries:
             raise DataError(f"{manifest_path}: '{split}' must be a non-empty list of {{image, label}} entries")
-        out[split] = [_entry(manifest_path, split, i, e) for i, e in enumerate(entries)]
+        out[split] = [_entry(manifest_path, split, i, e, modality_lists) for i, e in enumerate(entries)]
     return out
 
 
-def _entry(manifest_path: Path, split: str, index: int, entry: Any) -> dict[str, Path]:
+def _entry(manifest_path: Path, split: str, index: int, entry: Any, modality_lists: bool) -> dict[str, Any]:
     where = f"{manifest_path}: {split}[{index}]"
     if not isinstance(entry, dict):
         raise DataError(f"{where}: expected an object with 'image' and 'label'")
-    paths = {}
+    paths: dict[str, Any] = {}
     for key in (IMAGE_KEY, LABEL_KEY):
         value = entry.get(key)
-        if not isinstance(value, str) or not value:
-            raise DataError(f"{where}: '{key}' must be a file path relative to the dataset folder")
-        path = (manifest_path.parent / value).resolve()
-        if not path.is_file():
-            raise DataError(f"{path}: listed as {split}[{index}].{key} in {manifest_path.name} but not found")
-        paths[key] = path
+        if modality_lists and key == IMAGE_KEY and isinstance(value, list) and value:
+            paths[key] = [_listed(manifest_path, f"{split}[{index}].{key}[{j}]", v, where, key)
+                          for j, v in enumerate(value)]
+            continue
+        paths[key] = _listed(manifest_path, f"{split}[{index}].{key}", value, where, key)
     return paths
+
+
+def _listed(manifest_path: Path, what: str, value: Any, where: str, key: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{where}: '{key}' must be a file path relative to the dataset folder")
+    path = (manifest_path.parent / value).resolve()
+    if not path.is_file():
+        raise DataError(f"{path}: listed as {what} in {manifest_path.name} but not found")
+    return path
+
+
+def case_files(case: dict[str, Any]) -> list[Path]:
+    """Every file of a case, in order (an image's modality files, then the label)."""
+    return [p for key in (IMAGE_KEY, LABEL_KEY) for p in (case[key] if isinstance(case[key], list) else [case[key]])]
 
 
 @functools.lru_cache(maxsize=1)
@@ -168,13 +182,13 @@ def digest(data_dir: Path, datalist: dict[str, list[dict[str, Path]]]) -> str:
     digest = hashlib.sha256((data_dir / DATASET_JSON).read_bytes())
     for split in SPLITS:
         for case in datalist[split]:
-            for key in (IMAGE_KEY, LABEL_KEY):
-                digest.update(hashlib.sha256(case[key].read_bytes()).digest())
+            for path in case_files(case):
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
 
 
 def _signature(data_dir: Path, datalist: dict[str, list[dict[str, Path]]]) -> tuple[Any, ...]:
-    files = [data_dir / DATASET_JSON] + [p for s in SPLITS for case in datalist[s] for p in case.values()]
+    files = [data_dir / DATASET_JSON] + [p for s in SPLITS for case in datalist[s] for p in case_files(case)]
     stats = [(f, f.stat()) for f in files]
     return tuple((str(f), st.st_size, st.st_mtime_ns) for f, st in stats)
 
@@ -218,6 +232,8 @@ def load_local_data(data_dir: str | Path, task: Task, *, use_cache: bool = True,
     data_dir = Path(data_dir).resolve()
     if getattr(task, "kind", "segmentation") == "tabular":
         return _load_tabular(data_dir, task, use_cache)
+    if getattr(task, "kind", "segmentation") == "bundle":
+        return _load_bundle_cases(data_dir, task, use_cache, disk_cache)
     datalist = read_datalist(data_dir)
     signature = _signature(data_dir, datalist)
 
@@ -279,6 +295,23 @@ def _disk_cached(folder: Path, key: str, load: Any) -> LocalData:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return data
+
+
+def _load_bundle_cases(data_dir: Path, task: Any, use_cache: bool, disk_cache: Path | None) -> LocalData:
+    """A bundle task's cases, each preprocessed on first use and kept in ``disk_cache``."""
+    from nodes.cases import bundle_cases
+
+    datalist = read_datalist(data_dir, modality_lists=True)
+
+    def load() -> LocalData:
+        return LocalData(bundle_cases(datalist["training"], task, disk_cache, train=True),  # type: ignore[arg-type]
+                         bundle_cases(datalist["validation"], task, disk_cache, train=False),  # type: ignore[arg-type]
+                         digest=digest(data_dir, datalist))
+
+    if not use_cache:
+        return load()
+    key = (task.digest, task.private, str(disk_cache), _signature(data_dir, datalist))
+    return _CACHE.get_or_load(key, load)
 
 
 def _load_tabular(data_dir: Path, task: Any, use_cache: bool) -> LocalData:

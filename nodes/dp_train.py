@@ -24,7 +24,7 @@ from nodes.policy import local_event
 from nodes.train import TrainResult
 
 
-class _NoiseInjectedDPOptimizer(DPOptimizer):
+class NoiseInjectedDPOptimizer(DPOptimizer):
     """Opacus's DP optimizer whose noise comes from ``noise_source``, added exactly once."""
 
     def __init__(self, *args: object, noise_source: NoiseSource, **kwargs: object) -> None:
@@ -68,7 +68,7 @@ def train_local_dp(
     # per-sample gradients of per-sample losses ("sum"); the optimizer then divides the noisy
     # sum by the expected batch size ("mean"), as in Abadi et al.'s algorithm 1
     model = GradSampleModule(net, loss_reduction="sum", force_functorch=task.dp_functorch)
-    optimizer = _NoiseInjectedDPOptimizer(
+    optimizer = NoiseInjectedDPOptimizer(
         torch.optim.Adam(model.parameters(), lr=lr),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,

@@ -23,7 +23,7 @@ from fl.server.rounds import initial_arrays
 from fl.tasks import get_task
 from nodes.client_app import app
 from nodes.data import load_local_data
-from nodes.dp_train import _NoiseInjectedDPOptimizer, train_local_dp
+from nodes.dp_train import NoiseInjectedDPOptimizer, train_local_dp
 from nodes.ledger import Ledger, LedgerError
 from nodes.policy import (
     LocalDpRequest,
@@ -43,7 +43,7 @@ TASK = get_task("seg2d")
 def _dp_step(scale: float, noise_multiplier: float, batch: int = 8) -> torch.Tensor:
     torch.manual_seed(0)
     model = GradSampleModule(torch.nn.Linear(20, 1), loss_reduction="sum")
-    opt = _NoiseInjectedDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=noise_multiplier,
+    opt = NoiseInjectedDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=noise_multiplier,
                                     max_grad_norm=1.0, expected_batch_size=batch, loss_reduction="mean",
                                     noise_source=SeededGaussian(1))
     x = torch.randn(batch, 20)
@@ -61,7 +61,7 @@ def test_per_sample_gradients_are_clipped() -> None:
 def test_noise_is_added_once_with_std_sigma_c_over_batch() -> None:
     torch.manual_seed(0)
     model = GradSampleModule(torch.nn.Linear(4000, 1), loss_reduction="sum")
-    opt = _NoiseInjectedDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=3.0,
+    opt = NoiseInjectedDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=3.0,
                                     max_grad_norm=2.0, expected_batch_size=4, loss_reduction="mean",
                                     noise_source=SeededGaussian(2))
     (model(torch.randn(4, 4000)).sum() * 0.0).backward()

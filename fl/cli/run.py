@@ -61,13 +61,20 @@ def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
     from nodes.data import load_local_data
     from nodes.synth import node_dir, synthesize
 
-    root, task = Path(cfg.data.root), get_task(cfg.task)
+    root, task = Path(cfg.data.root), cfg.resolved_task()
     if not root.exists():
         if not cfg.data.synthesize:
             raise DataError(f"data.root: {root} does not exist (set data.synthesize = true to generate it)")
         say(f"generating synthetic data for {cfg.data.nodes} nodes in {root}")
-        synthesize(root, nodes=cfg.data.nodes, task=task, seed=cfg.seed, image_size=cfg.data.image_size)
-    for index in range(cfg.data.nodes):
+        if cfg.data.synthetic == "task":
+            synthesize(root, nodes=cfg.data.nodes, task=get_task(cfg.task), seed=cfg.seed,
+                       image_size=cfg.data.image_size)
+        else:
+            from nodes.synth_anatomy import synthesize_anatomy
+
+            synthesize_anatomy(root, nodes=cfg.data.nodes, kind=cfg.data.synthetic, seed=cfg.seed,
+                               scale=cfg.data.synthetic_scale)
+    for index in range(cfg.data.nodes):  # every folder's dataset.json and files (bundles: no preprocessing yet)
         load_local_data(node_dir(root, index), task, use_cache=False)
     p = cfg.node_policy
     if p.epsilon > 0 or p.require_secagg or p.require_distributed_noise or p.release_metrics != "auto":
@@ -100,6 +107,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             "output.run_name": run_dir.name,
             "data.root": str(Path(cfg.data.root).resolve()),
             "registry.root": str(Path(cfg.registry.root).resolve()),
+            # simulated nodes share this machine: they find the bundle at the same absolute path
+            "bundle": str(cfg.resolved_task().root) if cfg.bundle else "",
         }
     )
     from fl.registry import Registry

@@ -57,10 +57,12 @@ def manifest_fields(
     A manifest is read by whoever consumes the model. Under DP it holds only public configuration
     and DP releases (:func:`_dp_view`); the coordinator's own details (per-node metrics, counts,
     failures with their reasons) stay in its run folder (``metrics.jsonl``)."""
+    task = cfg.resolved_task()
     common = {
         "run_id": run_id,
         "round": record["round"],
-        "task": cfg.task,
+        "task": cfg.task_label,
+        "bundle": task.provenance() if cfg.bundle else None,
         "strategy": {
             "name": cfg.strategy.name,
             "fraction_train": cfg.strategy.fraction_train,
@@ -70,8 +72,9 @@ def manifest_fields(
             "tau": cfg.strategy.tau if cfg.strategy.name == "fedadam" else None,
             "proximal_mu": cfg.train.proximal_mu,
             "local_epochs": cfg.train.epochs,
-            "local_lr": cfg.train.lr,
-            "batch_size": cfg.train.batch_size,
+            "local_lr": task.lr if cfg.bundle else cfg.train.lr,
+            "batch_size": task.batch_size if cfg.bundle else cfg.train.batch_size,
+            "batchnorm": cfg.train.batchnorm,
         },
         "dp": {
             "central": {k: v for k, v in cfg.to_flat().items() if k.startswith("central_dp.")}
@@ -148,9 +151,12 @@ def resume_point(registry: Registry, cfg: Config) -> Version:
             f"registry.resume: no version of model {cfg.model_name!r} in {registry.root} to resume from"
         )
     latest = versions[-1]
-    if latest.manifest.get("task") != cfg.task:
+    if latest.manifest.get("task") != cfg.task_label:
         raise RegistryError(
             f"registry.resume: {latest.ref()} was trained for task {latest.manifest.get('task')!r}, "
-            f"this config says {cfg.task!r}"
+            f"this config says {cfg.task_label!r}"
         )
+    if cfg.bundle and (latest.manifest.get("bundle") or {}).get("digest") != cfg.resolved_task().digest:
+        raise RegistryError(f"registry.resume: {latest.ref()} was trained with another version of bundle "
+                            f"{cfg.bundle!r} (its configs differ)")
     return latest

@@ -29,7 +29,6 @@ from fl.registry.mlflow_mirror import MlflowMirror
 from fl.server.observer import Observer
 from fl.server.phases import PhaseResult, exchange, secure_phase
 from fl.server.run_folder import RunFolder
-from fl.tasks import get_task
 from strategies import build_strategy
 from strategies.central_account import CentralAccount, privacy_record
 from strategies.state import encode_state, restore_state
@@ -44,10 +43,18 @@ REFUSALS = {wire.ERROR_BUDGET, wire.ERROR_POLICY}  # a node's own decision, not 
 CRASH_AFTER_RELEASE = "ONCOFED_CRASH_AFTER_RELEASE"
 
 
+def _task_spec(cfg: Config) -> dict[str, Any]:
+    """What names the task to a node: the catalogue name, or the bundle's path and digest."""
+    spec: dict[str, Any] = {wire.TASK: cfg.task, wire.BATCHNORM: cfg.train.batchnorm, wire.WORKERS: cfg.train.workers}
+    if cfg.bundle:
+        spec.update({wire.BUNDLE: cfg.bundle, wire.BUNDLE_DIGEST: cfg.resolved_task().digest})
+    return spec
+
+
 def _instructions(cfg: Config) -> tuple[ConfigRecord, ConfigRecord]:
     train = ConfigRecord(
         {
-            wire.TASK: cfg.task,
+            **_task_spec(cfg),
             wire.EPOCHS: cfg.train.epochs,
             wire.LR: cfg.train.lr,
             wire.BATCH_SIZE: cfg.train.batch_size,
@@ -60,7 +67,8 @@ def _instructions(cfg: Config) -> tuple[ConfigRecord, ConfigRecord]:
     if cfg.local_dp.enabled:
         train[wire.LOCAL_NOISE_MULTIPLIER] = cfg.local_dp.noise_multiplier
         train[wire.LOCAL_MAX_GRAD_NORM] = cfg.local_dp.max_grad_norm
-    evaluate = ConfigRecord({wire.TASK: cfg.task, wire.BATCH_SIZE: cfg.train.batch_size, wire.DEVICE: cfg.train.device})
+    evaluate = ConfigRecord({**_task_spec(cfg), wire.BATCH_SIZE: cfg.train.batch_size, wire.DEVICE: cfg.train.device,
+                             wire.AMP: cfg.train.amp})
     if cfg.local_dp.enabled:  # tells nodes the run is under DP: their metrics default to none
         evaluate[wire.LOCAL_NOISE_MULTIPLIER] = cfg.local_dp.noise_multiplier
     return train, evaluate
@@ -69,7 +77,7 @@ def _instructions(cfg: Config) -> tuple[ConfigRecord, ConfigRecord]:
 def initial_arrays(cfg: Config) -> ArrayRecord:
     """The initial global model: the task's network, seeded by ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
-    return ArrayRecord(get_task(cfg.task).build_network().state_dict())
+    return ArrayRecord(cfg.resolved_task().build_network().state_dict())
 
 
 def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -> dict[str, Any]:
@@ -189,7 +197,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
     summary.update(first_round=first_round, last_round=history[-1]["round"], versions=versions,
                    registry=str(registry.root), resumed_from=resumed_from, stopped=stopped,
                    privacy=history[-1].get("privacy"))
-    folder.save_weights(arrays.to_torch_state_dict(), {"task": cfg.task, "version": versions[-1]})
+    folder.save_weights(arrays.to_torch_state_dict(), {"task": cfg.task_label, "version": versions[-1]})
     folder.write_summary(summary)
     folder.close()
     return summary
@@ -235,19 +243,20 @@ def _summary(cfg: Config, history: list[dict[str, Any]], wall: float) -> dict[st
         node.get(wire.TRAIN_SECONDS, 0.0) for rec in history for node in rec.get("train", {}).get("nodes", {}).values()
     )
     last = history[-1]
+    metric = cfg.resolved_task().metric
     final = last.get("evaluate", {}).get("aggregate", {})
     initial = history[0]["evaluate"]["aggregate"] if history[0].get("initial") else {}
     return {
         "oncofed_version": __version__,
-        "task": cfg.task,
+        "task": cfg.task_label,
         "strategy": cfg.strategy.name,
         "model_name": cfg.model_name,
         "rounds": cfg.rounds,
         "nodes": cfg.data.nodes,
-        "metric": get_task(cfg.task).metric,
-        "initial_metrics": {get_task(cfg.task).metric: wire.score(initial), "val_loss": initial.get(wire.VAL_LOSS)},
+        "metric": metric,
+        "initial_metrics": {metric: wire.score(initial), "val_loss": initial.get(wire.VAL_LOSS)},
         "final_metrics": {
-            get_task(cfg.task).metric: wire.score(final),
+            metric: wire.score(final),
             "val_loss": final.get(wire.VAL_LOSS),
             "train_loss": last.get("train", {}).get("aggregate", {}).get(wire.TRAIN_LOSS),
         },

@@ -1,0 +1,340 @@
+"""Bundle tasks: a MONAI bundle in the Model Zoo layout, trained federated.
+
+OncoFed reads the bundle's ``configs/train.json`` (and ``configs/metadata.json``) with MONAI's
+``ConfigParser`` and takes its components: the network (``network_def``), the training and
+validation preprocessing (``train#preprocessing``, ``validate#preprocessing``), the loss
+(``loss``), the optimizer and its learning rate (``optimizer``, built over OncoFed's own network
+object), the mini-batch size (``train#dataloader#batch_size``), the validation inferer
+(``validate#inferer``), its post-processing (``validate#postprocessing``) and the key metric
+(``validate#key_metric``). It replaces only the data source (each node's own ``dataset.json``
+instead of the bundle's ``dataset_dir``, globs or datalist) and the amount of training (the run's
+``train.epochs`` per round instead of the trainer's ``max_epochs``).
+
+OncoFed's own loop drives these components; the bundle's ignite trainer does not run. DP-SGD
+must own the optimizer step (per-record clipping of gradients grouped by case, Poisson sampling
+of cases, noise from the node's CSPRNG), a round trains a set amount, and what a node releases
+must stay under its policy; an ignite trainer's handlers (checkpoints, TensorBoard, validation
+with per-case outputs) would work against all three.
+
+A bundle is code (its ``$`` expressions run on every node), so a node trains only the bundle
+whose digest the server names, found in the app it approved (``configs/bundles/`` is part of
+the app's files, hence of its hash) or at the same absolute path in simulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import hashlib
+import json
+import logging
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fl.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+TRAIN_JSON = "configs/train.json"
+METADATA_JSON = "configs/metadata.json"
+INFERENCE_JSON = "configs/inference.json"
+# what OncoFed takes from a bundle's train.json, by MONAI config id
+REQUIRED_IDS = ("network_def", "loss", "optimizer", "train#preprocessing", "validate#preprocessing",
+                "validate#inferer", "validate#postprocessing", "validate#key_metric")
+DICE_TARGETS = ("MeanDice", "monai.handlers.MeanDice", "monai.handlers.mean_dice.MeanDice")
+APP_ROOT = Path(__file__).resolve().parents[2]  # the app's folder: fl/, nodes/, configs/ ...
+_PARSE_LOCK = threading.Lock()  # ConfigParser resolves in place; one instantiation at a time
+
+
+def bundle_digest(root: Path) -> str:
+    """SHA-256 over every config file of the bundle (name and bytes), sorted by name."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in (root / "configs").rglob("*") if p.is_file() and p.suffix in (".json", ".yaml", ".yml"))
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def find_bundle(path: str) -> Path:
+    """The bundle folder ``path`` names: as given (absolute, or from the working directory), else
+    inside the app's folder (a deployed node's copy of the approved app)."""
+    given = Path(path).expanduser()
+    candidates = [given] if given.is_absolute() else [given, APP_ROOT / given]
+    for candidate in candidates:
+        if (candidate / TRAIN_JSON).is_file():
+            return candidate.resolve()
+    where = " or ".join(str(c) for c in candidates)
+    raise ConfigError(f"bundle: {path!r} is not a MONAI bundle folder (no {TRAIN_JSON} in {where})")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing (a bundle in the Model Zoo layout has {TRAIN_JSON} and {METADATA_JSON})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return content
+
+
+@functools.lru_cache(maxsize=8)
+def _contents(root: Path, digest: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """train.json and metadata.json of the bundle (cached per digest)."""
+    del digest  # part of the cache key only
+    return _read_json(root / TRAIN_JSON), _read_json(root / METADATA_JSON)
+
+
+@dataclass(frozen=True)
+class BundleTask:
+    """A MONAI bundle as an OncoFed task. ``private``: the network is converted for DP-SGD
+    (Opacus's ``ModuleValidator.fix``: BatchNorm becomes GroupNorm) on server and nodes alike."""
+
+    root: Path
+    digest: str
+    private: bool = False
+    path: str = ""  # as the run config gave it (what nodes are told)
+
+    kind = "bundle"
+    metric = "dice"  # the key metric (MeanDice) nodes report
+    record_metric = "dice"
+    # Opacus per-sample gradients through torch.func: any layer (transposed convolutions, PReLU)
+    dp_functorch = True
+
+    @classmethod
+    def load(cls, path: str, *, private: bool = False, digest: str | None = None) -> BundleTask:
+        """Find, parse and check the bundle; with ``digest``, refuse any other bundle."""
+        root = find_bundle(path)
+        actual = bundle_digest(root)
+        if digest is not None and digest != actual:
+            raise ConfigError(f"bundle: {root} differs from the bundle this run was started with "
+                              f"(digest {actual[:12]}, expected {digest[:12]})")
+        task = cls(root=root, digest=actual, private=private, path=path)
+        task.check()
+        return task
+
+    # --- the bundle's content -----------------------------------------------------------------
+    @property
+    def train_config(self) -> dict[str, Any]:
+        return _contents(self.root, self.digest)[0]
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return _contents(self.root, self.digest)[1]
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name") or self.root.name)
+
+    @property
+    def description(self) -> str:
+        return str(self.metadata.get("description") or self.metadata.get("task") or self.name)
+
+    def parser(self) -> Any:
+        """A fresh ``ConfigParser`` over train.json (with ``bundle_root`` set to the folder)."""
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser(copy.deepcopy(self.train_config))
+        parser.locator = _locator()
+        parser.read_meta(copy.deepcopy(self.metadata))
+        parser["bundle_root"] = str(self.root)
+        return parser
+
+    def _parsed(self, id_: str, **overrides: Any) -> Any:
+        with _PARSE_LOCK, _quiet_monai():
+            parser = self.parser()
+            for key, value in overrides.items():
+                parser[key] = value
+            try:
+                return parser.get_parsed_content(id_, lazy=False)
+            except Exception as exc:
+                raise ConfigError(f"{self.root / TRAIN_JSON}: cannot build '{id_}' ({type(exc).__name__}: "
+                                  f"{str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''})") from None
+
+    def _raw(self, id_: str, default: Any = None) -> Any:
+        node: Any = self.train_config
+        for part in id_.split("#"):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return default
+        return node
+
+    def check(self) -> None:
+        """Every component OncoFed takes is there, and the key metric is one it can release."""
+        missing = [i for i in REQUIRED_IDS if self._raw(i) is None]
+        if missing:
+            raise ConfigError(f"{self.root / TRAIN_JSON}: missing {', '.join(repr(m) for m in missing)} "
+                              "(OncoFed takes these from a bundle)")
+        self.key_metric()
+
+    # --- components ---------------------------------------------------------------------------
+    def build_network(self) -> torch.nn.Module:
+        """The bundle's ``network_def``, freshly instantiated (converted for DP-SGD if private)."""
+        net = self._parsed("network_def")
+        if self.private:
+            net, _ = private_network(net, self.root)
+        return net
+
+    def conversion(self) -> dict[str, str]:
+        """What ``ModuleValidator.fix`` replaced (module name: 'old -> new'), for the manifest."""
+        if not self.private:
+            return {}
+        _, replaced = private_network(self._parsed("network_def"), self.root)
+        return replaced
+
+    def build_loss(self) -> torch.nn.Module:
+        return self._parsed("loss")
+
+    def build_optimizer(self, net: torch.nn.Module) -> torch.optim.Optimizer:
+        """The bundle's optimizer (its type, learning rate and settings) over ``net``'s parameters."""
+        import torch
+
+        return self._parsed("optimizer", network=net, network_def=net, device=torch.device("cpu"))
+
+    @property
+    def lr(self) -> float:
+        value = self._raw("optimizer#lr")
+        return float(value) if isinstance(value, (int, float)) else float("nan")
+
+    @property
+    def batch_size(self) -> int:
+        """Cases per training step: the bundle's ``train#dataloader#batch_size`` (1 if unset)."""
+        value = self._raw("train#dataloader#batch_size", 1)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{self.root / TRAIN_JSON}: train#dataloader#batch_size must be a positive integer, "
+                              f"got {value!r}")
+        return value
+
+    @property
+    def out_channels(self) -> int:
+        """The network's output channels (``network_def#out_channels``, else the metadata's)."""
+        value = self._raw("network_def#out_channels")
+        if not isinstance(value, int):
+            value = self.metadata.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("num_channels")
+        if not isinstance(value, int):
+            raise ConfigError(f"{self.root / TRAIN_JSON}: network_def#out_channels must be an integer")
+        return value
+
+    @property
+    def loader_workers(self) -> int:
+        value = self._raw("train#dataloader#num_workers", 0)
+        return value if isinstance(value, int) and value >= 0 else 0
+
+    def train_transform(self) -> Any:
+        return self._parsed("train#preprocessing")
+
+    def val_transform(self) -> Any:
+        return self._parsed("validate#preprocessing")
+
+    def inferer(self) -> Any:
+        return self._parsed("validate#inferer")
+
+    def postprocessing(self) -> Any:
+        return self._parsed("validate#postprocessing")
+
+    def key_metric(self) -> tuple[str, dict[str, Any]]:
+        """The key metric's name and its Dice settings; only MeanDice is accepted (OncoFed
+        releases a mean of per-case scores in [0, 1], which Dice is)."""
+        metric = self._raw("validate#key_metric")
+        if not isinstance(metric, dict) or len(metric) != 1:
+            raise ConfigError(f"{self.root / TRAIN_JSON}: validate#key_metric must hold exactly one metric")
+        (name, spec), = metric.items()
+        target = spec.get("_target_") if isinstance(spec, dict) else None
+        if target not in DICE_TARGETS:
+            raise ConfigError(f"{self.root / TRAIN_JSON}: validate#key_metric#{name}: OncoFed supports MeanDice "
+                              f"as the key metric, got {target!r}")
+        return name, {"include_background": bool(spec.get("include_background", True))}
+
+    def record_scores(self, preds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-case Dice in [0, 1] of post-processed (one-hot or multi-label) predictions: as
+        MONAI's MeanDice, the mean over the classes the key metric counts, a class absent from
+        the case's labels left out; a case with no foreground at all scores 1 if none is
+        predicted, else 0 (so every case has a score, and a sum of scores sensitivity 1)."""
+        import torch
+        from monai.metrics import compute_dice
+
+        _, settings = self.key_metric()
+        preds, labels = preds.float(), labels.float()
+        present = compute_dice(preds, labels, include_background=settings["include_background"], ignore_empty=True)
+        strict = compute_dice(preds, labels, include_background=settings["include_background"], ignore_empty=False)
+        per_case = torch.nanmean(present, dim=1)
+        empty = torch.isnan(per_case)
+        per_case[empty] = strict[empty].mean(dim=1)
+        return per_case.clamp(0.0, 1.0)
+
+    # --- what goes into a version's manifest -----------------------------------------------
+    def provenance(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "path": self.path or str(self.root), "digest": self.digest,
+                               "version": str(self.metadata.get("version", "")), "key_metric": self.key_metric()[0],
+                               "lr": self.lr, "batch_size": self.batch_size}
+        if self.private:
+            out["dp_conversion"] = self.conversion()
+        return out
+
+
+@functools.lru_cache(maxsize=1)
+def _locator() -> Any:
+    """One MONAI ``ComponentLocator`` per process (it maps ``_target_`` names to MONAI's classes).
+    Each parser would build its own by iterating ``sys.modules`` while other threads of a node
+    or server may be importing ("dictionary changed size during iteration"); this one iterates a
+    snapshot, once (importing monai has loaded all its modules by then)."""
+    import sys
+
+    from monai.bundle.config_item import ComponentLocator
+
+    class SnapshotLocator(ComponentLocator):  # type: ignore[misc]
+        def _find_module_names(self) -> list[str]:
+            return [m for m in list(sys.modules) if m.startswith(self.MOD_START)
+                    and all(s not in m for s in self.excludes)]
+
+    return SnapshotLocator()
+
+
+@contextlib.contextmanager
+def _quiet_monai() -> Iterator[None]:
+    """Building a bundle's components instantiates MONAI's readers and transforms, which warn
+    about things that are not the bundle's: GPU codecs we don't use (one per reader) and MONAI's
+    own announced change of a default (``Orientationd``'s labels). Those notices stay out of
+    every node's log; any other warning shows."""
+    codec_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = codec_log.level
+    codec_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            warnings.filterwarnings("ignore", message=".*Orientationd.__init__:labels", category=FutureWarning)
+            warnings.filterwarnings("ignore", message="Detected deprecated name 'optional_packages_version'")
+            yield
+    finally:
+        codec_log.setLevel(level)
+
+
+def private_network(net: torch.nn.Module, root: Path) -> tuple[torch.nn.Module, dict[str, str]]:
+    """``net`` made trainable with DP-SGD by Opacus's ``ModuleValidator.fix`` (BatchNorm ->
+    GroupNorm, in-place activations off), and what was replaced; whatever the fix cannot make
+    private is refused, naming the modules."""
+    from opacus.validators import ModuleValidator
+
+    before = {name: type(m).__name__ for name, m in net.named_modules()}
+    fixed = ModuleValidator.fix(net)
+    for module in fixed.modules():  # in-place activations would overwrite what per-sample gradients need
+        if hasattr(module, "inplace") and module.inplace:
+            module.inplace = False
+    errors = ModuleValidator.validate(fixed, strict=False)
+    if errors:
+        listed = "; ".join(str(e) for e in errors[:5])
+        raise ConfigError(f"{root / TRAIN_JSON}: network_def cannot be trained with local DP ({listed})")
+    after = {name: type(m).__name__ for name, m in fixed.named_modules()}
+    replaced = {name: f"{before[name]} -> {after[name]}" for name in after if name in before and before[name] != after[name]}
+    return fixed, replaced

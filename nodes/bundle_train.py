@@ -1,0 +1,221 @@
+"""Training and validation of a bundle task on a node: the bundle's components, OncoFed's loop.
+
+Training iterates the node's cases in shuffled order, ``batch_size`` cases a step (the bundle's
+``train#dataloader#batch_size``; a patch sampler such as ``RandCropByPosNegLabeld`` turns each
+case into several patches), with the bundle's loss and optimizer. Validation runs the bundle's
+inferer (e.g. a sliding window) over each whole case, then its post-processing, and scores the
+key metric (Dice) per case. Under local DP (:func:`train_bundle_dp`) a record is a case: cases
+are Poisson-sampled, each case's loss is computed on its own patches only, and the per-patch
+gradients of a case are summed before they are clipped, so one case moves the update by at most
+the clipping norm however many patches it yields.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from fl.privacy.noise import NoiseSource, SecureGaussian
+from fl.tasks import IMAGE_KEY, LABEL_KEY
+from fl.tasks.bundle import BundleTask
+from nodes.cases import Cases
+from nodes.train import EvalResult, TrainResult
+
+
+def _plain(t: Any) -> torch.Tensor:
+    """A MetaTensor's data as a plain tensor (no metadata tracking inside the network)."""
+    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+
+
+def loader(cases: Cases, *, batch_size: int, shuffle: bool, workers: int, device: torch.device,
+           generator: torch.Generator | None = None) -> Any:
+    """MONAI's DataLoader (list collation: a case's patches become rows of the batch); worker
+    processes preprocess ahead of the model, pinned memory speeds the copy to a GPU."""
+    from monai.data import DataLoader
+
+    return DataLoader(cases.dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      pin_memory=device.type == "cuda", generator=generator,
+                      persistent_workers=False)
+
+
+def _seed_transforms(cases: Cases, generator: torch.Generator | None) -> None:
+    """The random transforms' state from the node's round generator (reproducible, per node)."""
+    if generator is not None and hasattr(cases.dataset.transform, "set_random_state"):
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        cases.dataset.transform.set_random_state(seed=seed)
+
+
+def train_bundle(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epochs: int,
+                 device: torch.device | None = None, amp: bool = False, proximal_mu: float = 0.0,
+                 generator: torch.Generator | None = None, workers: int = 0) -> TrainResult:
+    """Train ``net`` in place for ``epochs`` passes over ``cases``; ``net`` is back on the CPU after."""
+    started = time.perf_counter()
+    device = device or torch.device("cpu")
+    amp = amp and device.type == "cuda"
+    net.to(device)
+    loss_fn, optimizer = task.build_loss(), task.build_optimizer(net)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    anchor = [p.detach().clone() for p in net.parameters()] if proximal_mu > 0 else []
+    _seed_transforms(cases, generator)
+    batches = loader(cases, batch_size=task.batch_size, shuffle=True, workers=workers, device=device,
+                     generator=generator)
+    net.train()
+    steps, loss_sum, seen = 0, 0.0, 0
+    for _ in range(epochs):
+        loss_sum, seen = 0.0, 0  # the last epoch's mean loss
+        for batch in batches:
+            images = _plain(batch[IMAGE_KEY]).to(device, non_blocking=True)
+            labels = _plain(batch[LABEL_KEY]).to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                loss = loss_fn(net(images), labels)
+            if anchor:
+                loss = loss + proximal_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(net.parameters(), anchor))
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            steps += 1
+            loss_sum += float(loss.detach()) * len(images)
+            seen += len(images)
+    net.to("cpu")
+    return TrainResult(loss=loss_sum / max(seen, 1), seconds=time.perf_counter() - started, steps=steps)
+
+
+@torch.no_grad()
+def evaluate_bundle(net: torch.nn.Module, task: BundleTask, cases: Cases, *, device: torch.device | None = None,
+                    workers: int = 0, amp: bool = False) -> EvalResult:
+    """The bundle's loss, inferer, post-processing and Dice on every validation case (whole
+    volumes, one at a time); ``net`` is back on the CPU after."""
+    from monai.data import decollate_batch
+
+    device = device or torch.device("cpu")
+    amp = amp and device.type == "cuda"
+    net.to(device)
+    net.eval()
+    loss_fn, inferer, post = task.build_loss(), task.inferer(), task.postprocessing()
+    loss_sum, scores = 0.0, []
+    for batch in loader(cases, batch_size=1, shuffle=False, workers=workers, device=device):
+        image = _plain(batch[IMAGE_KEY]).to(device, non_blocking=True)
+        label = _plain(batch[LABEL_KEY]).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            logits = inferer(image, net).float()
+        loss_sum += float(loss_fn(logits, label))
+        items = [post(item) for item in decollate_batch({"pred": logits, LABEL_KEY: label})]
+        preds = torch.stack([_plain(i["pred"]) for i in items])
+        truth = torch.stack([_plain(i[LABEL_KEY]) for i in items])
+        scores.append(task.record_scores(preds, truth).double().cpu())
+    net.to("cpu")
+    if not scores:
+        return EvalResult(loss=0.0, score=0.0, record_scores=torch.zeros(0, dtype=torch.float64))
+    per_case = torch.cat(scores)
+    return EvalResult(loss=loss_sum / len(per_case), score=float(per_case.mean()), record_scores=per_case)
+
+
+def _case_batch(cases: Cases, chosen: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen cases' training samples as ``(cases, samples per case, ...)``: a patch sampler's
+    samples of one case stay together, as one record."""
+    images, labels = [], []
+    for index in chosen:
+        sample = cases.dataset[index]
+        samples = sample if isinstance(sample, list) else [sample]
+        images.append(torch.stack([_plain(s[IMAGE_KEY]) for s in samples]))
+        labels.append(torch.stack([_plain(s[LABEL_KEY]) for s in samples]))
+    if len({tuple(i.shape) for i in images}) > 1:
+        raise ValueError("local DP: every case must give the same number and size of training samples "
+                         f"(got {sorted({tuple(i.shape) for i in images})}); use a fixed-size patch sampler")
+    return torch.stack(images), torch.stack(labels)
+
+
+def per_case_gradients(net: torch.nn.Module, loss_fn: Any, images: torch.Tensor,
+                       labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each case's gradient of its own loss (on its own samples only), with ``torch.func``:
+    ``vmap`` over cases of ``grad`` of the loss of one case. No term mixes two cases (BatchNorm
+    is converted away), dropout draws independently per case. Returns the gradients by
+    parameter name, shaped ``(cases, *parameter)``, and the cases' losses."""
+    from torch.func import functional_call, grad_and_value, vmap
+
+    params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
+    buffers = dict(net.named_buffers())
+
+    def case_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_fn(functional_call(net, (p, buffers), (x,)), y)
+
+    return vmap(grad_and_value(case_loss), in_dims=(None, 0, 0), randomness="different")(params, images, labels)
+
+
+def onehot_outside(loss_fn: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+    """The loss with its one-hot encoding of the labels moved out (``vmap`` cannot batch MONAI's
+    in-place ``one_hot``), and whether the caller must one-hot the labels: a copy of the loss with
+    every ``to_onehot_y`` off. Dice on one-hot labels, and cross-entropy on one-hot class
+    probabilities, equal the same losses on the label map."""
+    import copy
+
+    flagged = [m for m in loss_fn.modules() if getattr(m, "to_onehot_y", False)]
+    if not flagged:
+        return loss_fn, False
+    loss_fn = copy.deepcopy(loss_fn)
+    for module in loss_fn.modules():
+        if getattr(module, "to_onehot_y", False):
+            module.to_onehot_y = False
+    return loss_fn, True
+
+
+def train_bundle_dp(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epochs: int, noise_multiplier: float,
+                    max_grad_norm: float, noise: NoiseSource | None = None,
+                    device: torch.device | None = None) -> TrainResult:
+    """DP-SGD over cases with the bundle's loss and optimizer (see the module's docstring).
+
+    Per-case gradients come from :func:`per_case_gradients` rather than Opacus's
+    ``GradSampleModule``, whose backward hooks forbid the in-place additions MONAI's residual
+    blocks make (SegResNet's ``x += identity``); Opacus's ``DPOptimizer`` then clips each case's
+    gradient, adds the noise (from ``noise``) and steps the bundle's optimizer."""
+    from nodes.dp_train import NoiseInjectedDPOptimizer
+    from nodes.policy import local_event
+
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+    if not task.private:
+        raise ValueError("train_bundle_dp needs the task's private (DP-SGD ready) network")
+    noise = noise or SecureGaussian()
+    device = device or torch.device("cpu")
+    started = time.perf_counter()
+    net.to(device)
+    batch_size = task.batch_size
+    event = local_event(len(cases), epochs=epochs, batch_size=batch_size, noise_multiplier=noise_multiplier)
+    optimizer = NoiseInjectedDPOptimizer(task.build_optimizer(net), noise_multiplier=noise_multiplier,
+                                         max_grad_norm=max_grad_norm, expected_batch_size=batch_size,
+                                         loss_reduction="mean", noise_source=noise)
+    loss_fn, to_onehot = onehot_outside(task.build_loss())
+    classes = task.out_channels
+    named = [(k, p) for k, p in net.named_parameters() if p.requires_grad]
+    net.train()
+    loss_sum, seen = 0.0, 0
+    try:
+        for _ in range(event.steps):
+            chosen = torch.from_numpy(noise.uniform(len(cases)) < event.sample_rate).nonzero().flatten().tolist()
+            optimizer.zero_grad(set_to_none=True)
+            if chosen:
+                images, labels = _case_batch(cases, chosen)
+                if to_onehot:
+                    from monai.networks.utils import one_hot
+
+                    labels = one_hot(labels.flatten(0, 1), classes).view(*labels.shape[:2], classes, *labels.shape[3:])
+                grads, losses = per_case_gradients(net, loss_fn, images.to(device), labels.to(device))
+                for name, p in named:
+                    p.grad_sample = grads[name].detach()
+                loss_sum += float(losses.detach().sum())
+                seen += len(chosen)
+            else:  # an empty Poisson sample still releases noise, as the accountant assumes
+                for _, p in named:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            optimizer.step()
+    finally:
+        for _, p in named:
+            p.grad_sample = None
+        net.to("cpu")
+    return TrainResult(loss=loss_sum / max(seen, 1), seconds=time.perf_counter() - started, steps=event.steps)
