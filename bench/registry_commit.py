@@ -23,7 +23,8 @@ from fl.config import Config
 from fl.registry import Registry
 from fl.registry.checkpoint import encode_weights, manifest_fields
 from fl.server.rounds import initial_arrays
-from fl.tasks import TASK_NAMES, get_task
+from fl.tasks import TASK_NAMES, get_task, resolve_task
+from nodes.bundle_train import train_bundle
 from nodes.data import load_local_data
 from nodes.synth import synthesize
 from nodes.train import train_local
@@ -51,13 +52,19 @@ def commit_seconds(task: str, commits: int, root: Path) -> tuple[float, int]:
 
 
 def epoch_seconds(task_name: str, root: Path) -> float:
-    task = get_task(task_name)
-    folder = synthesize(root / f"data-{task_name}", nodes=1, task=task, seed=0)[0]
-    data = load_local_data(folder, task)
+    folder = synthesize(root / f"data-{task_name}", nodes=1, task=get_task(task_name), seed=0)[0]
+    task = resolve_task(task_name, lr=0.01, batch_size=8)
+    data = load_local_data(folder, task, disk_cache=root / "cache")
     torch.manual_seed(0)
     net = task.build_network()
-    train_local(net, task, data.train, epochs=1, lr=0.01, batch_size=8)  # warm-up
-    return train_local(net, task, data.train, epochs=1, lr=0.01, batch_size=8).seconds
+
+    def epoch() -> float:
+        if getattr(task, "kind", "") == "bundle":
+            return train_bundle(net, task, data.train, epochs=1).seconds
+        return train_local(net, task, data.train, epochs=1, lr=0.01, batch_size=8).seconds
+
+    epoch()  # warm-up
+    return epoch()
 
 
 def main() -> None:

@@ -385,7 +385,8 @@ class Config:
         """The run's task object: the bundle (converted for DP-SGD under local DP) or the catalogue's."""
         from fl.tasks import resolve_task
 
-        return resolve_task(self.task, self.bundle, private=self.local_dp.enabled)
+        return resolve_task(self.task, self.bundle, private=self.local_dp.enabled, lr=self.train.lr,
+                            batch_size=self.train.batch_size)
 
     @property
     def task_label(self) -> str:

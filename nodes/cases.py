@@ -6,8 +6,9 @@ intensity) runs once per case and is kept on the node's disk (MONAI's ``Persiste
 under the node's state folder), keyed by the case's files (path, size, modification time) and
 the bundle's digest (which covers the transform chain): a restarted node, or a deployed
 ClientApp process started fresh, reads it instead of preprocessing again, and an edited file or
-bundle is preprocessed anew. The random part (patch sampling, flips) runs every time. Memory
-holds the cases a step uses, not the dataset.
+bundle is preprocessed anew. Every case is preprocessed, hence checked, when the node's data is
+loaded, so a bad file stops the node before training with an error naming it. The random part
+(patch sampling, flips) runs every time. Memory holds the cases a step uses, not the dataset.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from fl.errors import DataError
 from fl.tasks import IMAGE_KEY, LABEL_KEY
@@ -38,29 +41,86 @@ def case_key(item: dict[str, Any]) -> bytes:
     return hashlib.sha256(json.dumps([CACHE_FORMAT, stamps]).encode()).hexdigest().encode()
 
 
-def _describe(item: dict[str, Any]) -> str:
-    image = item.get(IMAGE_KEY)
-    return str(image[0] if isinstance(image, list) and image else image)
+def _files(item: dict[str, Any], key: str) -> list[str]:
+    value = item.get(key)
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    # MONAI wraps a failing transform; its last line names the real cause
+    return (text.splitlines()[-1] if text else type(exc).__name__)[:300]
+
+
+def _failing_file(item: dict[str, Any], exc: Exception) -> DataError:
+    """Name the file a case failed on: the first that MONAI cannot read, else its image."""
+    from nodes.data import image_loader
+
+    for key in (IMAGE_KEY, LABEL_KEY):
+        for path in _files(item, key):
+            try:
+                image_loader()(path)
+            except Exception as read_error:  # MONAI wraps every reader failure
+                return DataError(f"{path}: unreadable image ({_reason(read_error)})")
+    return DataError(f"{_files(item, IMAGE_KEY)[0]}: preprocessing failed ({_reason(exc)})")
+
+
+def check_case(item: dict[str, Any], case: dict[str, Any], task: BundleTask) -> None:
+    """What the network can take, checked on a case's preprocessed image and label: finite
+    values, the network's number of spatial dimensions, one grid for image and label, and label
+    values it can learn (class indices below its outputs, or 0/1 per channel)."""
+    image, label = case[IMAGE_KEY], case[LABEL_KEY]
+    image_path, label_path = _files(item, IMAGE_KEY)[0], _files(item, LABEL_KEY)[0]
+    dims = task.spatial_dims
+    if image.ndim - 1 != dims:
+        raise DataError(f"{image_path}: {image.ndim - 1}-D image, task {task.name} needs {dims}-D")
+    if tuple(label.shape[1:]) != tuple(image.shape[1:]):
+        raise DataError(f"{label_path}: label shape {tuple(label.shape[1:])} differs from image shape "
+                        f"{tuple(image.shape[1:])}")
+    if not bool(torch.isfinite(torch.as_tensor(image)).all()):
+        raise DataError(f"{image_path}: image holds NaN or infinite values")
+    values = torch.unique(torch.as_tensor(label)).tolist()
+    classes = task.out_channels if label.shape[0] == 1 and task.out_channels > 1 else 2
+    bad = [int(v) if float(v).is_integer() else v for v in values if v not in range(classes)]
+    if bad:
+        raise DataError(f"{label_path}: label values {bad[:5]} outside the task's classes 0..{classes - 1}")
 
 
 def _dataset_class() -> Any:
     from monai.data import PersistentDataset
 
-    class NamedPersistentDataset(PersistentDataset):  # type: ignore[misc]
-        """A failing case names its file, as the node's other data errors do."""
+    class CheckedPersistentDataset(PersistentDataset):  # type: ignore[misc]
+        """Each case is checked once, when preprocessed (:func:`check_case`); a failing case
+        names its file, as the node's other data errors do."""
+
+        task: BundleTask
+
+        def _pre_transform(self, item: dict[str, Any]) -> Any:
+            paths = dict(item)
+            try:
+                case = super()._pre_transform(item)
+            except Exception as exc:
+                raise _failing_file(paths, exc) from None
+            check_case(paths, case, self.task)
+            return case
 
         def _transform(self, index: int) -> Any:
             try:
                 return super()._transform(index)
             except DataError:
                 raise
-            except Exception as exc:
-                text = str(exc).strip()
-                # MONAI wraps a failing transform; its last line names the real cause
-                reason = (text.splitlines()[-1] if text else type(exc).__name__)[:300]
-                raise DataError(f"{_describe(self.data[index])}: preprocessing failed ({reason})") from None
+            except Exception as exc:  # a random transform failing on this case
+                raise DataError(f"{_files(self.data[index], IMAGE_KEY)[0]}: preprocessing failed "
+                                f"({_reason(exc)})") from None
 
-    return NamedPersistentDataset
+        def warm(self) -> None:
+            """Preprocess (and so check) every case not in the cache yet; cached cases were
+            checked when they were written."""
+            for item in self.data:
+                if self.cache_dir is None or not (self.cache_dir / f"{self.hash_func(item).decode()}.pt").is_file():
+                    self._cachecheck(item)
+
+    return CheckedPersistentDataset
 
 
 @dataclass(frozen=True)
@@ -89,4 +149,6 @@ def bundle_cases(cases: list[dict[str, Any]], task: BundleTask, cache_dir: Path 
         folder = cache_dir / f"bundle-{task.digest[:16]}" / ("training" if train else "validation")
         folder.mkdir(parents=True, exist_ok=True)
     dataset = _dataset_class()(data=items, transform=transform, cache_dir=folder, hash_func=case_key)
+    dataset.task = task
+    dataset.warm()
     return Cases(items=items, dataset=dataset)

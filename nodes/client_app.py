@@ -30,7 +30,7 @@ from fl.privacy.accounting import GaussianEvent
 from fl.privacy.clipping import clip
 from fl.privacy.noise import SecureGaussian, noisy_mean
 from fl.tasks import Task, resolve_task
-from nodes.data import LocalData, load_local_data
+from nodes.data import CACHE_DIR, LocalData, load_local_data
 from nodes.device import describe
 from nodes.ledger import Ledger, LedgerError
 from nodes.policy import (
@@ -50,7 +50,6 @@ from nodes.synth import node_dir
 from nodes.train import evaluate_local, train_local
 
 log = logging.getLogger("flwr.oncofed.node")  # lands in the SuperNode's own log
-CACHE_DIR = "cache"  # in the node's state folder: preprocessed tensors, kept between processes
 
 app = ClientApp()
 # True only while Flower's secaggplus_mod runs this node's training (its masking stage): the
@@ -80,10 +79,14 @@ def instructed_task(config: ConfigRecord) -> Any:
     """The task the server names: a catalogue task, or a bundle this node finds in its approved
     app (or at the same path in simulation) whose digest matches the server's."""
     bundle = str(config.get(wire.BUNDLE, ""))
-    digest = str(config[wire.BUNDLE_DIGEST]) if bundle else None
-    if bundle and wire.BUNDLE_DIGEST not in config:
+    digest = str(config[wire.BUNDLE_DIGEST]) if wire.BUNDLE_DIGEST in config else None
+    lr = float(config[wire.LR]) if wire.LR in config else None
+    batch_size = int(config[wire.BATCH_SIZE]) if wire.BATCH_SIZE in config else None
+    task = resolve_task(str(config[wire.TASK]), bundle, private=wire.LOCAL_NOISE_MULTIPLIER in config, digest=digest,
+                        lr=lr, batch_size=batch_size)
+    if bundle and digest is None:  # a catalogue task's bundle is the node's own approved copy
         raise ConfigError("bundle task without its digest: the node cannot check which bundle it would run")
-    return resolve_task(str(config[wire.TASK]), bundle, private=wire.LOCAL_NOISE_MULTIPLIER in config, digest=digest)
+    return task
 
 
 def node_workers(config: ConfigRecord, context: Context, task: Any) -> int:

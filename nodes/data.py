@@ -1,11 +1,10 @@
 """A node's local data: its Decathlon-style ``dataset.json`` and the files it lists.
 
-The node reads only its own folder. Every case goes through MONAI's reader
-(``LoadImage``) and the task's preprocessing once, is checked (readable, finite, image and
-label shapes equal, label values within the task's classes, one shape per node), and the
-resulting tensors are cached in the node process, keyed by the folder, the task and the size
-and modification time of every file, so later rounds don't touch the disk and an edited
-dataset is read again.
+The node reads only its own folder. Every image case goes through MONAI's reader and the
+task's bundle preprocessing once, is checked (readable, finite, image and label on one grid,
+label values the network can learn) and kept on the node's disk (:mod:`nodes.cases`); the
+loaded dataset is also kept in the node process, keyed by the folder, the task and the size and
+modification time of every file, so later rounds reuse it and an edited dataset is read again.
 """
 
 from __future__ import annotations
@@ -13,15 +12,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fl.errors import DataError
@@ -29,6 +25,7 @@ from fl.tasks import IMAGE_KEY, LABEL_KEY, Task
 from nodes.synth import DATASET_JSON
 
 SPLITS = ("training", "validation")
+CACHE_DIR = "cache"  # in a node's state folder: its preprocessed cases, kept between processes
 
 
 @dataclass(frozen=True)
@@ -47,8 +44,8 @@ class LocalData:
     """A node's training and held-out validation cases, and the dataset's SHA-256 digest (it never
     leaves the node: what does is :func:`nodes.policy.keyed_fingerprint` of it)."""
 
-    train: Split
-    val: Split
+    train: Any  # Split (tabular records) or nodes.cases.Cases (image cases)
+    val: Any
     digest: str
 
 
@@ -125,53 +122,6 @@ def image_loader() -> Any:
         codec_log.setLevel(level)
 
 
-def _load_array(path: Path) -> np.ndarray:
-    try:
-        array = image_loader()(str(path))
-    except Exception as exc:  # MONAI wraps every reader failure; name the file instead
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: unreadable image ({reason[:200]})") from None
-    return np.asarray(array)
-
-
-def _load_case(case: dict[str, Path], task: Task) -> tuple[torch.Tensor, torch.Tensor]:
-    image = _load_array(case[IMAGE_KEY])
-    label = _load_array(case[LABEL_KEY])
-    if image.ndim != task.spatial_dims:
-        raise DataError(
-            f"{case[IMAGE_KEY]}: {image.ndim}-D image, task {task.name} needs {task.spatial_dims}-D"
-        )
-    if image.shape != label.shape:
-        raise DataError(
-            f"{case[LABEL_KEY]}: label shape {label.shape} differs from image shape {image.shape}"
-        )
-    if not np.isfinite(image).all():
-        raise DataError(f"{case[IMAGE_KEY]}: image holds NaN or infinite values")
-    values = np.unique(label)
-    bad = [int(v) if float(v).is_integer() else v for v in values.tolist() if v not in range(task.num_classes)]
-    if bad:
-        raise DataError(
-            f"{case[LABEL_KEY]}: label values {bad[:5]} outside the task's classes "
-            f"0..{task.num_classes - 1}"
-        )
-    sample = task.preprocess()({IMAGE_KEY: image, LABEL_KEY: label})
-    return sample[IMAGE_KEY], sample[LABEL_KEY]
-
-
-def _load_split(cases: list[dict[str, Path]], task: Task) -> Split:
-    images, labels = [], []
-    for case in cases:
-        image, label = _load_case(case, task)
-        if images and image.shape != images[0].shape:
-            raise DataError(
-                f"{case[IMAGE_KEY]}: shape {tuple(image.shape[1:])} differs from this node's other "
-                f"cases {tuple(images[0].shape[1:])}; resample the dataset to one grid"
-            )
-        images.append(image)
-        labels.append(label)
-    return Split(torch.stack(images).contiguous(), torch.stack(labels).contiguous())
-
-
 def digest(data_dir: Path, datalist: dict[str, list[dict[str, Path]]]) -> str:
     """SHA-256 over ``dataset.json`` and the bytes of every file it lists, in list order.
 
@@ -225,76 +175,16 @@ def load_local_data(data_dir: str | Path, task: Task, *, use_cache: bool = True,
                     disk_cache: Path | None = None) -> LocalData:
     """Validate and load a node's dataset; raises :class:`DataError` naming the bad file.
 
-    ``disk_cache``: a folder of this node's (its state folder's ``cache``) where the
-    preprocessed tensors are kept between processes, keyed by every file's size and modification
-    time and by the task's preprocessing code; a fresh process reads them instead of
-    preprocessing again."""
+    Image tasks (a bundle, or a catalogue task's shipped bundle) get their cases one by one
+    (:mod:`nodes.cases`), each preprocessed and checked now, and kept in ``disk_cache`` (this
+    node's state folder's ``cache``) between processes, keyed by every file's path, size and
+    modification time and by the bundle; a fresh process reads it instead of preprocessing again."""
     data_dir = Path(data_dir).resolve()
     if getattr(task, "kind", "segmentation") == "tabular":
         return _load_tabular(data_dir, task, use_cache)
-    if getattr(task, "kind", "segmentation") == "bundle":
-        return _load_bundle_cases(data_dir, task, use_cache, disk_cache)
-    datalist = read_datalist(data_dir)
-    signature = _signature(data_dir, datalist)
-
-    def load() -> LocalData:
-        return LocalData(
-            train=_load_split(datalist["training"], task),
-            val=_load_split(datalist["validation"], task),
-            digest=digest(data_dir, datalist),
-        )
-
-    def load_through_disk() -> LocalData:
-        return _disk_cached(disk_cache, _cache_key(task, signature), load) if disk_cache else load()
-
-    if not use_cache:
-        return load_through_disk()
-    return _CACHE.get_or_load((task.name, signature), load_through_disk)
-
-
-CACHE_FORMAT = 1  # bump when the cached layout changes
-
-
-def _cache_key(task: Task, signature: tuple[Any, ...]) -> str:
-    """The files (size, mtime) and the preprocessing (the task's settings and its code)."""
-    import dataclasses
-    import inspect
-
-    settings = dataclasses.asdict(task) if dataclasses.is_dataclass(task) else {"name": task.name}
-    body = json.dumps([CACHE_FORMAT, settings, inspect.getsource(type(task).preprocess), signature],
-                      sort_keys=True, default=str)
-    return hashlib.sha256(body.encode()).hexdigest()
-
-
-def _disk_cached(folder: Path, key: str, load: Any) -> LocalData:
-    """``load()``'s tensors from ``folder/<key>.safetensors`` if there, else computed and written
-    (aside, then renamed: a crash never leaves a half-written entry). Older entries are removed."""
-    from safetensors.torch import load_file, save_file
-
-    path = folder / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            t = load_file(path)
-            digest_hex = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["digest"]
-            return LocalData(Split(t["train_images"], t["train_labels"]), Split(t["val_images"], t["val_labels"]),
-                             digest=digest_hex)
-        except (OSError, KeyError, ValueError):
-            pass  # unreadable entry: preprocess again and overwrite it
-    data = load()
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.safetensors"):  # one dataset per node: keep only the current entry
-        old.unlink(missing_ok=True)
-        old.with_suffix(".json").unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file({"train_images": data.train.images, "train_labels": data.train.labels,
-                   "val_images": data.val.images, "val_labels": data.val.labels}, tmp)
-        path.with_suffix(".json").write_text(json.dumps({"digest": data.digest}), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return data
+    if getattr(task, "kind", "segmentation") != "bundle":
+        task = task.bundle_task()
+    return _load_bundle_cases(data_dir, task, use_cache, disk_cache)
 
 
 def _load_bundle_cases(data_dir: Path, task: Any, use_cache: bool, disk_cache: Path | None) -> LocalData:

@@ -12,15 +12,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from bundles import small_brats, small_spleen
+
 from fl import config
 from fl.cli import main
 from fl.errors import ConfigError, DataError
 from fl.registry import Registry
 from fl.tasks.bundle import BundleTask
 from nodes import fedbn
-from nodes.bundle_train import evaluate_bundle, onehot_outside, per_case_gradients, train_bundle, train_bundle_dp
+from nodes.bundle_train import (
+    evaluate_bundle,
+    onehot_outside,
+    per_case_gradients,
+    train_bundle,
+    train_bundle_dp,
+)
 from nodes.data import clear_cache, load_local_data
 from nodes.synth_anatomy import synthesize_anatomy
 

@@ -11,10 +11,9 @@ import torch
 from fl import config
 from fl.errors import ConfigError
 from fl.server.rounds import initial_arrays
-from fl.tasks import get_task
 from nodes import device
+from nodes.bundle_train import evaluate_bundle, train_bundle
 from nodes.data import load_local_data
-from nodes.train import evaluate_local, train_local
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -40,35 +39,34 @@ def test_mixed_precision_is_refused_under_dp_sgd() -> None:
         config.from_flat({"train.amp": True, "local_dp.enabled": True})
 
 
-def _net_and_data(tiny_federation: Path) -> tuple[torch.nn.Module, object]:
-    cfg = config.from_flat({"data.image_size": 32})
-    net = get_task("seg2d").build_network()
+def _net_and_data(tiny_federation: Path, private: bool = False) -> tuple[torch.nn.Module, object, object]:
+    cfg = config.from_flat({"data.image_size": 32, "local_dp.enabled": private})
+    task = cfg.resolved_task()
+    net = task.build_network()
     net.load_state_dict(initial_arrays(cfg).to_torch_state_dict())
-    return net, load_local_data(tiny_federation / "node-0", get_task("seg2d"))
+    return task, net, load_local_data(tiny_federation / "node-0", task)
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("amp", [False, True])
 def test_training_on_cuda_learns_and_returns_the_model_to_the_cpu(tiny_federation: Path, amp: bool) -> None:
-    task = get_task("seg2d")
-    net, data = _net_and_data(tiny_federation)
-    before = evaluate_local(net, task, data.val, batch_size=8, device=torch.device("cuda", 0)).loss
-    result = train_local(net, task, data.train, epochs=3, lr=0.01, batch_size=8, device=torch.device("cuda", 0),
-                         amp=amp, generator=torch.Generator().manual_seed(0))
+    task, net, data = _net_and_data(tiny_federation)
+    before = evaluate_bundle(net, task, data.val, device=torch.device("cuda", 0)).loss
+    result = train_bundle(net, task, data.train, epochs=3, device=torch.device("cuda", 0), amp=amp,
+                          generator=torch.Generator().manual_seed(0))
     assert all(p.device.type == "cpu" for p in net.parameters())
-    after = evaluate_local(net, task, data.val, batch_size=8, device=torch.device("cuda", 0))
+    after = evaluate_bundle(net, task, data.val, device=torch.device("cuda", 0), amp=amp)
     assert result.steps > 0 and after.loss < before
 
 
 @pytest.mark.gpu
 @gpu
 def test_dp_sgd_on_cuda_matches_the_cpu_accounting(tiny_federation: Path) -> None:
-    from nodes.dp_train import train_local_dp
+    from nodes.bundle_train import train_bundle_dp
 
-    task = get_task("seg2d")
-    net, data = _net_and_data(tiny_federation)
-    result = train_local_dp(net, task, data.train, epochs=1, lr=0.01, batch_size=8, noise_multiplier=1.0,
-                            max_grad_norm=1.0, device=torch.device("cuda", 0))
+    task, net, data = _net_and_data(tiny_federation, private=True)
+    result = train_bundle_dp(net, task, data.train, epochs=1, noise_multiplier=1.0, max_grad_norm=1.0,
+                             device=torch.device("cuda", 0))
     assert result.steps > 0 and all(p.device.type == "cpu" for p in net.parameters())
     assert all(torch.isfinite(p).all() for p in net.parameters())

@@ -1,5 +1,5 @@
-"""A node's preprocessed data is kept on its own disk: a fresh process reads it instead of
-preprocessing again, and a changed file or preprocessing invalidates it."""
+"""A node's preprocessed cases are kept on its own disk: a fresh process reads them instead of
+preprocessing again, and a changed file or another bundle is preprocessed anew."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from monai.data import PersistentDataset
 
+from fl.errors import DataError
 from fl.tasks import get_task
-from nodes import data as node_data
 from nodes.data import clear_cache, load_local_data
 
 
@@ -25,36 +26,33 @@ def test_a_fresh_process_reads_the_cache_instead_of_preprocessing(tiny_federatio
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     site, cache = _site(tiny_federation, tmp_path), tmp_path / "state" / "cache"
     task = get_task("seg2d")
-    first = load_local_data(site, task, disk_cache=cache)
-    assert len(list(cache.glob("*.safetensors"))) == 1
+    first = load_local_data(site, task, use_cache=False, disk_cache=cache)
+    entries = set(cache.rglob("*.pt"))
+    assert len(entries) == len(first.train) + len(first.val)  # every case preprocessed (and checked) at load
     clear_cache()  # as a new process: nothing in memory
 
     def no_preprocessing(*args: object) -> None:
         raise AssertionError("preprocessed again")
 
-    monkeypatch.setattr(node_data, "_load_split", no_preprocessing)
-    second = load_local_data(site, task, disk_cache=cache)
-    assert torch.equal(first.train.images, second.train.images) and torch.equal(first.val.labels, second.val.labels)
+    monkeypatch.setattr(PersistentDataset, "_pre_transform", no_preprocessing)
+    second = load_local_data(site, task, use_cache=False, disk_cache=cache)
+    assert all(torch.equal(first.train.dataset[i]["image"], second.train.dataset[i]["image"])
+               for i in range(len(first.train)))
     assert second.digest == first.digest
 
-    # an edited file (new size or time) is read and preprocessed again; the stale entry goes
+    # an edited file (new size or time) is preprocessed again, the others are not
     label = site / "labelsTr" / "case_000.nii.gz"
     os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))
-    clear_cache()
-    with pytest.raises(AssertionError, match="preprocessed again"):
-        load_local_data(site, task, disk_cache=cache)
+    with pytest.raises(DataError, match="preprocessed again"):
+        load_local_data(site, task, use_cache=False, disk_cache=cache)
     monkeypatch.undo()
-    clear_cache()
-    load_local_data(site, task, disk_cache=cache)
-    assert len(list(cache.glob("*.safetensors"))) == 1
+    load_local_data(site, task, use_cache=False, disk_cache=cache)
+    assert len(set(cache.rglob("*.pt")) - entries) == 1
 
 
 def test_another_task_does_not_read_this_tasks_cache(tiny_federation: Path, tmp_path: Path) -> None:
     site, cache = _site(tiny_federation, tmp_path), tmp_path / "cache"
-    task = get_task("seg2d")
-    key = node_data._cache_key(task, node_data._signature(site.resolve(), node_data.read_datalist(site.resolve())))
-    other = node_data._cache_key(get_task("seg3d"), node_data._signature(site.resolve(),
-                                                                          node_data.read_datalist(site.resolve())))
-    assert key != other
-    load_local_data(site, task, disk_cache=cache)
-    assert (cache / f"{key}.safetensors").is_file()
+    load_local_data(site, get_task("seg2d"), use_cache=False, disk_cache=cache)
+    folders = {p.name for p in cache.iterdir()}
+    seg2d, seg3d = get_task("seg2d").bundle_task(), get_task("seg3d").bundle_task()
+    assert folders == {f"bundle-{seg2d.digest[:16]}"} and seg2d.digest != seg3d.digest

@@ -20,10 +20,11 @@ from fl.errors import ConfigError
 from fl.privacy import accounting
 from fl.privacy.noise import SeededGaussian
 from fl.server.rounds import initial_arrays
-from fl.tasks import get_task
+from fl.tasks import get_task, resolve_task
+from nodes.bundle_train import evaluate_bundle, train_bundle_dp
 from nodes.client_app import app
 from nodes.data import load_local_data
-from nodes.dp_train import NoiseInjectedDPOptimizer, train_local_dp
+from nodes.dp_train import NoiseInjectedDPOptimizer
 from nodes.ledger import Ledger, LedgerError
 from nodes.policy import (
     LocalDpRequest,
@@ -35,7 +36,6 @@ from nodes.policy import (
     save_policy,
     state_dir,
 )
-from nodes.train import evaluate_local
 
 TASK = get_task("seg2d")
 
@@ -71,27 +71,28 @@ def test_noise_is_added_once_with_std_sigma_c_over_batch() -> None:
 
 
 def test_dp_sgd_still_learns_the_node_task(tiny_federation: Path) -> None:
-    data = load_local_data(tiny_federation / "node-1", TASK)
+    task = resolve_task("seg2d", private=True, lr=0.01, batch_size=8)
+    data = load_local_data(tiny_federation / "node-1", task)
     torch.manual_seed(0)
-    net = TASK.build_network()
-    before = evaluate_local(net, TASK, data.val, batch_size=8).score
-    result = train_local_dp(net, TASK, data.train, epochs=6, lr=0.01, batch_size=8, noise_multiplier=0.7,
-                            max_grad_norm=1.0, noise=SeededGaussian(0))
-    after = evaluate_local(net, TASK, data.val, batch_size=8).score
+    net = task.build_network()
+    before = evaluate_bundle(net, task, data.val).score
+    result = train_bundle_dp(net, task, data.train, epochs=6, noise_multiplier=0.7, max_grad_norm=1.0,
+                             noise=SeededGaussian(0))
+    after = evaluate_bundle(net, task, data.val).score
     assert result.steps == local_event(len(data.train), epochs=6, batch_size=8, noise_multiplier=0.7).steps
     assert after > before + 0.2
-    assert not isinstance(net, GradSampleModule) and all(not hasattr(p, "grad_sample") or p.grad_sample is None
-                                                         for p in net.parameters())
+    assert all(getattr(p, "grad_sample", None) is None for p in net.parameters())
 
 
 def test_every_catalogue_task_trains_under_dp_sgd(tmp_path: Path) -> None:
     from nodes.synth import synthesize
 
     folder = synthesize(tmp_path / "d3", nodes=1, task=get_task("seg3d"), seed=0, image_size=32)[0]
-    data = load_local_data(folder, get_task("seg3d"))
-    net = get_task("seg3d").build_network()
-    result = train_local_dp(net, get_task("seg3d"), data.train, epochs=1, lr=0.01, batch_size=4,
-                            noise_multiplier=1.0, max_grad_norm=1.0, noise=SeededGaussian(0))
+    task = resolve_task("seg3d", private=True, lr=0.01, batch_size=4)
+    data = load_local_data(folder, task)
+    net = task.build_network()
+    result = train_bundle_dp(net, task, data.train, epochs=1, noise_multiplier=1.0, max_grad_norm=1.0,
+                             noise=SeededGaussian(0))
     assert result.steps > 0 and all(torch.isfinite(p).all() for p in net.parameters())
 
 

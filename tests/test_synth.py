@@ -40,9 +40,10 @@ def test_each_site_holds_out_validation_cases_that_load(tiny_federation: Path) -
     for i in range(2):
         data = load_local_data(tiny_federation / f"node-{i}", task)
         assert len(data.train) >= 16 and len(data.val) >= 6
-        assert data.train.images.shape[1:] == (1, 32, 32)
-        assert float(data.train.images.min()) == 0.0 and float(data.train.images.max()) == 1.0
-        assert set(data.train.labels.unique().tolist()) <= {0, 1}
+        case = data.train.dataset[0]
+        assert case["image"].shape == (1, 32, 32)
+        assert float(case["image"].min()) == 0.0 and float(case["image"].max()) == 1.0
+        assert set(case["label"].unique().tolist()) <= {0, 1}
 
 
 def test_same_seed_same_data_other_seed_other_data(tmp_path: Path) -> None:
@@ -50,7 +51,10 @@ def test_same_seed_same_data_other_seed_other_data(tmp_path: Path) -> None:
     first = synthesize(tmp_path / "a", nodes=1, task=task, seed=3, image_size=32)[0]
     again = synthesize(tmp_path / "b", nodes=1, task=task, seed=3, image_size=32)[0]
     other = synthesize(tmp_path / "c", nodes=1, task=task, seed=4, image_size=32)[0]
-    read = lambda f: load_local_data(f, task, use_cache=False).train.images  # noqa: E731
+    def read(folder: Path) -> np.ndarray:
+        cases = load_local_data(folder, task, use_cache=False).train
+        return np.stack([np.asarray(cases.dataset[i]["image"]) for i in range(len(cases))])
+
     assert read(first).shape[2:] == (32, 32, 32)
     assert np.array_equal(read(first), read(again))
     assert read(first).shape != read(other).shape or not np.array_equal(read(first), read(other))

@@ -58,7 +58,8 @@ def add_parsers(sub: Any) -> None:
 def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
     """Make the synthetic federation on first use, then check every node's folder."""
     from fl.tasks import get_task
-    from nodes.data import load_local_data
+    from nodes.data import CACHE_DIR, load_local_data
+    from nodes.policy import state_dir
     from nodes.synth import node_dir, synthesize
 
     root, task = Path(cfg.data.root), cfg.resolved_task()
@@ -74,12 +75,13 @@ def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
 
             synthesize_anatomy(root, nodes=cfg.data.nodes, kind=cfg.data.synthetic, seed=cfg.seed,
                                scale=cfg.data.synthetic_scale)
-    for index in range(cfg.data.nodes):  # every folder's dataset.json and files (bundles: no preprocessing yet)
-        load_local_data(node_dir(root, index), task, use_cache=False)
+    for index in range(cfg.data.nodes):  # every case checked, and preprocessed into the node's own cache
+        folder = node_dir(root, index)
+        load_local_data(folder, task, use_cache=False, disk_cache=state_dir(folder) / CACHE_DIR)
     p = cfg.node_policy
     if p.epsilon > 0 or p.require_secagg or p.require_distributed_noise or p.release_metrics != "auto":
         # the launcher acts as every node's operator
-        from nodes.policy import Policy, save_policy, state_dir
+        from nodes.policy import Policy, save_policy
 
         policy = Policy(epsilon=p.epsilon, delta=p.delta, min_noise_multiplier=p.min_noise_multiplier,
                         max_clip_norm=p.max_clip_norm, require_secagg=p.require_secagg,

@@ -62,7 +62,7 @@ def manifest_fields(
         "run_id": run_id,
         "round": record["round"],
         "task": cfg.task_label,
-        "bundle": task.provenance() if cfg.bundle else None,
+        "bundle": task.provenance() if getattr(task, "kind", "") == "bundle" else None,
         "strategy": {
             "name": cfg.strategy.name,
             "fraction_train": cfg.strategy.fraction_train,
@@ -72,8 +72,8 @@ def manifest_fields(
             "tau": cfg.strategy.tau if cfg.strategy.name == "fedadam" else None,
             "proximal_mu": cfg.train.proximal_mu,
             "local_epochs": cfg.train.epochs,
-            "local_lr": task.lr if cfg.bundle else cfg.train.lr,
-            "batch_size": task.batch_size if cfg.bundle else cfg.train.batch_size,
+            "local_lr": getattr(task, "lr", cfg.train.lr),
+            "batch_size": getattr(task, "batch_size", cfg.train.batch_size),
             "batchnorm": cfg.train.batchnorm,
         },
         "dp": {

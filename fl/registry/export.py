@@ -18,7 +18,7 @@ import torch
 
 from fl.errors import ConfigError
 from fl.registry import MANIFEST_FILE, Version
-from fl.tasks import IMAGE_KEY, Task, get_task, resolve_task
+from fl.tasks import Task, resolve_task
 
 FORMATS = ("bundle", "safetensors", "torchscript")
 # the Model Zoo's metadata schema (what `python -m monai.bundle verify_metadata` checks against)
@@ -34,7 +34,7 @@ def version_task(version: Version) -> Any:
             return resolve_task("", str(bundle["path"]), private=private, digest=str(bundle["digest"]))
         except ConfigError as exc:
             raise ConfigError(f"{version.ref()}: {exc}") from None
-    return get_task(str(version.manifest["task"]))
+    return resolve_task(str(version.manifest["task"]))  # a version from before tasks were bundles
 
 
 def load_network(version: Version) -> tuple[Task, torch.nn.Module]:
@@ -47,13 +47,11 @@ def load_network(version: Version) -> tuple[Task, torch.nn.Module]:
     return task, net.eval()
 
 
-def _example(task: Task) -> torch.Tensor:
-    if getattr(task, "kind", "segmentation") == "tabular":
-        return torch.zeros(1, task.features)  # type: ignore[attr-defined]
-    if getattr(task, "kind", "segmentation") == "bundle":
-        image = task.metadata["network_data_format"]["inputs"]["image"]  # type: ignore[attr-defined]
-        return torch.zeros(1, int(image["num_channels"]), *[int(n) for n in image["spatial_shape"]])
-    return torch.zeros(1, 1, *([task.image_size] * task.spatial_dims))
+def _example(task: Any) -> torch.Tensor:
+    if getattr(task, "kind", "") == "tabular":
+        return torch.zeros(1, task.features)
+    image = task.metadata["network_data_format"]["inputs"]["image"]  # a bundle's input format
+    return torch.zeros(1, int(image["num_channels"]), *[int(n) for n in image["spatial_shape"]])
 
 
 def _from_bundle(version: Version, task: Any, net: torch.nn.Module, out: Path) -> None:
@@ -104,51 +102,11 @@ def _final_score(version: Version) -> float | None:
 
 
 def _bundle(version: Version, out: Path) -> None:
-    import monai
-    import numpy as np
-
     task, net = load_network(version)
-    if getattr(task, "kind", "segmentation") == "bundle":
-        _from_bundle(version, task, net, out)
-        return
-    if getattr(task, "kind", "segmentation") != "segmentation":
+    if getattr(task, "kind", "segmentation") != "bundle":
         raise ConfigError(f"{version.ref()}: a MONAI bundle describes an image model; export task "
                           f"{task.name} as safetensors or torchscript")
-    (out / "configs").mkdir()
-    (out / "models").mkdir()
-    torch.save(net.state_dict(), out / "models" / "model.pt")
-    spatial = [task.image_size] * task.spatial_dims
-    metadata = {
-        "schema": META_SCHEMA,
-        "version": f"{version.number}.0.0",
-        "changelog": {f"{version.number}.0.0": f"OncoFed {version.ref()}, round {version.manifest['round']}"},
-        "monai_version": monai.__version__,
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": np.__version__,
-        "required_packages_version": {},
-        "name": version.name,
-        "task": task.description,
-        "description": f"Federated model {version.ref()} trained with OncoFed; provenance under 'oncofed'.",
-        "authors": "OncoFed federation",
-        "copyright": "See the federation's data agreements",
-        "network_data_format": {
-            "inputs": {IMAGE_KEY: {"type": "image", "format": "magnitude", "modality": "any",
-                                   "num_channels": 1, "spatial_shape": spatial, "dtype": "float32",
-                                   "value_range": [0, 1], "is_patch_data": False, "channel_def": {"0": "image"}}},
-            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": task.num_classes,
-                                 "spatial_shape": spatial, "dtype": "float32", "value_range": [],
-                                 "is_patch_data": False,
-                                 "channel_def": {str(c): "background" if c == 0 else f"lesion-{c}"
-                                                 for c in range(task.num_classes)}}},
-        },
-        "oncofed": version.manifest,
-    }
-    inference = {
-        "network_def": {"_target_": task.network_target, **task.network_kwargs()},
-        "network": "$@network_def.to('cpu')",
-    }
-    (out / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    (out / "configs" / "inference.json").write_text(json.dumps(inference, indent=2) + "\n")
+    _from_bundle(version, task, net, out)
 
 
 def _torchscript(version: Version, out: Path) -> None:

@@ -46,8 +46,9 @@ CRASH_AFTER_RELEASE = "ONCOFED_CRASH_AFTER_RELEASE"
 def _task_spec(cfg: Config) -> dict[str, Any]:
     """What names the task to a node: the catalogue name, or the bundle's path and digest."""
     spec: dict[str, Any] = {wire.TASK: cfg.task, wire.BATCHNORM: cfg.train.batchnorm, wire.WORKERS: cfg.train.workers}
-    if cfg.bundle:
-        spec.update({wire.BUNDLE: cfg.bundle, wire.BUNDLE_DIGEST: cfg.resolved_task().digest})
+    task = cfg.resolved_task()
+    if getattr(task, "kind", "") == "bundle":  # a catalogue task's shipped bundle, or the run's own
+        spec.update({wire.BUNDLE: cfg.bundle, wire.BUNDLE_DIGEST: task.digest})
     return spec
 
 

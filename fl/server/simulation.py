@@ -17,10 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import fl.engine_env  # noqa: F401,E402  (before Flower is imported)
-
 import tomli_w  # noqa: E402
 
+import fl.engine_env  # noqa: F401,E402  (before Flower is imported)
 from fl.config import Config  # noqa: E402
 from fl.server.observer import Observer  # noqa: E402
 

@@ -14,15 +14,20 @@ from fl.tasks.catalogue import (
 )
 
 
+def resolve_task(name: str, bundle: str = "", *, private: bool = False, digest: str | None = None,
+                 lr: float | None = None, batch_size: int | None = None) -> Any:
+    """The task a run trains: the bundle at ``bundle`` when given (its network converted for
+    DP-SGD if ``private``; with ``digest``, that bundle and no other), else catalogue task
+    ``name``: for ``seg2d`` and ``seg3d`` their shipped bundle with the run's ``lr`` and
+    ``batch_size``, for ``tabular`` the task itself."""
+    from fl.tasks.bundle import BundleTask
 
-def resolve_task(name: str, bundle: str = "", *, private: bool = False, digest: str | None = None) -> Any:
-    """The run's task: the bundle at ``bundle`` when given (its network converted for DP-SGD if
-    ``private``; with ``digest``, that bundle and no other), else catalogue task ``name``."""
     if bundle:
-        from fl.tasks.bundle import BundleTask
-
         return BundleTask.load(bundle, private=private, digest=digest)
-    return get_task(name)
+    task = get_task(name)
+    if getattr(task, "bundle", ""):
+        return BundleTask.load(task.bundle, private=private, digest=digest, lr=lr, batch_size=batch_size)
+    return task
 
 
 __all__ = ["resolve_task", "CATALOGUE", "IMAGE_KEY", "LABEL_KEY", "TASK_NAMES", "TabularTask", "Task", "get_task", "torch_dtype"]

@@ -63,10 +63,10 @@ def bundle_digest(root: Path) -> str:
 
 
 def find_bundle(path: str) -> Path:
-    """The bundle folder ``path`` names: as given (absolute, or from the working directory), else
-    inside the app's folder (a deployed node's copy of the approved app)."""
+    """The bundle folder ``path`` names: absolute, or relative to the app's folder (on a deployed
+    node: its copy of the approved app), else to the working directory."""
     given = Path(path).expanduser()
-    candidates = [given] if given.is_absolute() else [given, APP_ROOT / given]
+    candidates = [given] if given.is_absolute() else [APP_ROOT / given, given]
     for candidate in candidates:
         if (candidate / TRAIN_JSON).is_file():
             return candidate.resolve()
@@ -102,6 +102,9 @@ class BundleTask:
     digest: str
     private: bool = False
     path: str = ""  # as the run config gave it (what nodes are told)
+    # a catalogue task's bundle trains with the run config's learning rate and batch size
+    lr_override: float | None = None
+    batch_size_override: int | None = None
 
     kind = "bundle"
     metric = "dice"  # the key metric (MeanDice) nodes report
@@ -110,14 +113,16 @@ class BundleTask:
     dp_functorch = True
 
     @classmethod
-    def load(cls, path: str, *, private: bool = False, digest: str | None = None) -> BundleTask:
-        """Find, parse and check the bundle; with ``digest``, refuse any other bundle."""
+    def load(cls, path: str, *, private: bool = False, digest: str | None = None, lr: float | None = None,
+             batch_size: int | None = None) -> BundleTask:
+        """Find, parse and check the bundle; with ``digest``, refuse any other bundle; ``lr`` and
+        ``batch_size`` replace the bundle's (a catalogue task's run settings)."""
         root = find_bundle(path)
         actual = bundle_digest(root)
         if digest is not None and digest != actual:
             raise ConfigError(f"bundle: {root} differs from the bundle this run was started with "
                               f"(digest {actual[:12]}, expected {digest[:12]})")
-        task = cls(root=root, digest=actual, private=private, path=path)
+        task = cls(root=root, digest=actual, private=private, path=path, lr_override=lr, batch_size_override=batch_size)
         task.check()
         return task
 
@@ -200,21 +205,35 @@ class BundleTask:
         """The bundle's optimizer (its type, learning rate and settings) over ``net``'s parameters."""
         import torch
 
-        return self._parsed("optimizer", network=net, network_def=net, device=torch.device("cpu"))
+        optimizer = self._parsed("optimizer", network=net, network_def=net, device=torch.device("cpu"))
+        if self.lr_override is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr_override
+        return optimizer
 
     @property
     def lr(self) -> float:
+        if self.lr_override is not None:
+            return self.lr_override
         value = self._raw("optimizer#lr")
         return float(value) if isinstance(value, (int, float)) else float("nan")
 
     @property
     def batch_size(self) -> int:
         """Cases per training step: the bundle's ``train#dataloader#batch_size`` (1 if unset)."""
+        if self.batch_size_override is not None:
+            return self.batch_size_override
         value = self._raw("train#dataloader#batch_size", 1)
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{self.root / TRAIN_JSON}: train#dataloader#batch_size must be a positive integer, "
                               f"got {value!r}")
         return value
+
+    @property
+    def spatial_dims(self) -> int:
+        """The network's spatial dimensions (``network_def#spatial_dims``, 3 if unset)."""
+        value = self._raw("network_def#spatial_dims", 3)
+        return value if isinstance(value, int) else 3
 
     @property
     def out_channels(self) -> int:

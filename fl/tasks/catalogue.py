@@ -1,9 +1,11 @@
-"""The task catalogue: network, loss, metric and transforms, identical on server and nodes.
+"""The task catalogue: named tasks, identical on server and nodes.
 
-A :class:`Task` is a frozen description; the heavy objects (MONAI network, loss, transforms)
-are built on demand so that importing the catalogue stays cheap. Every network uses
-instance normalisation and non-inplace activations, never BatchNorm, so that the same task
-trains under Opacus DP-SGD unchanged (per-sample gradients need per-sample normalisation).
+``seg2d`` and ``seg3d`` are MONAI bundles shipped in ``configs/bundles/`` (network,
+preprocessing, loss, metric: :mod:`fl.tasks.bundle`); their :class:`Task` entry adds what the
+synthetic sites need (dimensions, image size, classes) and the bundle's path. Their networks use
+instance normalisation and non-inplace activations, never BatchNorm, so they train under DP-SGD
+unchanged. ``tabular`` is a small MLP defined here. Heavy objects are built on demand so that
+importing the catalogue stays cheap.
 """
 
 from __future__ import annotations
@@ -30,44 +32,30 @@ class Task:
     description: str
     spatial_dims: int
     num_classes: int
-    image_size: int
-    channels: tuple[int, ...]
-    strides: tuple[int, ...]
-    num_res_units: int
+    image_size: int  # of the synthetic sites
     # Opacus per-sample gradient mode, the fastest correct one measured for this network on
     # CPU (bench/dp_cost.py): hooks for the 2D UNet, functorch (vmap) for the 3D UNet
     dp_functorch: bool = False
+    # the shipped bundle that defines this task's network, preprocessing, loss and metric, and that
+    # nodes train (relative to the app's folder)
+    bundle: str = ""
 
-    network_target = "monai.networks.nets.UNet"
     kind = "segmentation"
     metric = "dice"  # the validation score nodes report
 
-    def network_kwargs(self) -> dict[str, Any]:
-        """Arguments of the MONAI network (also written into exported MONAI bundles)."""
-        return {
-            "spatial_dims": self.spatial_dims,
-            "in_channels": 1,
-            "out_channels": self.num_classes,
-            "channels": list(self.channels),
-            "strides": list(self.strides),
-            "num_res_units": self.num_res_units,
-            "act": ["leakyrelu", {"inplace": False}],
-            "norm": "instance",
-        }
+    def bundle_task(self) -> Any:
+        """The shipped bundle this task is (its network, preprocessing, loss and metric)."""
+        from fl.tasks.bundle import BundleTask
+
+        return BundleTask.load(self.bundle)
 
     def build_network(self) -> torch.nn.Module:
-        """A fresh MONAI UNet (instance norm, LeakyReLU without in-place ops)."""
-        from monai.networks.nets import UNet
-
-        kwargs = self.network_kwargs()
-        kwargs["act"] = tuple(kwargs["act"])
-        return UNet(**kwargs)
+        """A fresh MONAI UNet (instance norm, LeakyReLU without in-place ops): the bundle's."""
+        return self.bundle_task().build_network()
 
     def build_loss(self) -> torch.nn.Module:
-        """Dice + cross-entropy on softmax outputs against integer label maps."""
-        from monai.losses import DiceCELoss
-
-        return DiceCELoss(to_onehot_y=True, softmax=True)
+        """Dice + cross-entropy on softmax outputs against integer label maps: the bundle's."""
+        return self.bundle_task().build_loss()
 
     def dice(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-case mean foreground Dice, shape ``(batch,)``; empty-vs-empty counts as 1."""
@@ -90,32 +78,16 @@ class Task:
         return self.dice(logits, labels).clamp(0.0, 1.0)
 
     def preprocess(self) -> Compose:
-        """Deterministic preprocessing of a loaded case (arrays from MONAI's ``LoadImage``).
+        """The bundle's validation preprocessing of a case already in memory (arrays, no file
+        reading): channel first, scaled to [0, 1] (this removes the scanner-dependent intensity
+        range, as a hospital's pipeline would), padded to the multiple the UNet's down-sampling
+        needs, plain tensors (float32 image, uint8 label)."""
+        from monai.transforms import Compose, LoadImaged
 
-        Channel first, each image scaled to [0, 1] (this removes the scanner-dependent
-        intensity range, as a hospital's pipeline would), spatial size padded to the multiple
-        the UNet's down-sampling needs, then plain tensors (float32 image, uint8 label).
-        """
-        from monai.transforms import Compose, DivisiblePadd, EnsureChannelFirstd, EnsureTyped, ScaleIntensityd
+        chain = self.bundle_task().val_transform()
+        return Compose([t for t in chain.transforms if not isinstance(t, LoadImaged)])
 
-        keys = [IMAGE_KEY, LABEL_KEY]
-        return Compose(
-            [
-                EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
-                ScaleIntensityd(keys=IMAGE_KEY),
-                DivisiblePadd(keys=keys, k=self.divisor),
-                EnsureTyped(keys=IMAGE_KEY, data_type="tensor", dtype=torch_dtype("float32"), track_meta=False),
-                EnsureTyped(keys=LABEL_KEY, data_type="tensor", dtype=torch_dtype("uint8"), track_meta=False),
-            ]
-        )
-
-    @property
-    def divisor(self) -> int:
-        """Spatial sizes must be multiples of this for the UNet's down/up sampling."""
-        out = 1
-        for stride in self.strides:
-            out *= stride
-        return out
+    divisor = 8  # spatial sizes the UNet's three down-samplings take (its bundle pads to it)
 
 
 CATALOGUE: dict[str, Task] = {
@@ -127,9 +99,7 @@ CATALOGUE: dict[str, Task] = {
             spatial_dims=2,
             num_classes=2,
             image_size=64,
-            channels=(8, 16, 32, 64),
-            strides=(2, 2, 2),
-            num_res_units=1,
+            bundle="configs/bundles/seg2d",
         ),
         Task(
             name="seg3d",
@@ -137,10 +107,8 @@ CATALOGUE: dict[str, Task] = {
             spatial_dims=3,
             num_classes=2,
             image_size=32,
-            channels=(8, 16, 32, 64),
-            strides=(2, 2, 2),
-            num_res_units=1,
             dp_functorch=True,
+            bundle="configs/bundles/seg3d",
         ),
     )
 }
@@ -160,11 +128,6 @@ class TabularTask:
     dp_functorch: bool = False
     kind = "tabular"
     metric = "auc"
-    network_target = "torch.nn.Sequential"
-
-    def network_kwargs(self) -> dict[str, Any]:
-        return {"features": self.features, "hidden": self.hidden, "num_classes": self.num_classes}
-
     def build_network(self) -> torch.nn.Module:
         """Linear - LeakyReLU - Linear - LeakyReLU - Linear (no normalisation: DP-SGD ready)."""
         from torch import nn
