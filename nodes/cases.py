@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.data import PersistentDataset
 
 from fl.errors import DataError
 from fl.tasks import IMAGE_KEY, LABEL_KEY
@@ -86,41 +87,38 @@ def check_case(item: dict[str, Any], case: dict[str, Any], task: BundleTask) -> 
         raise DataError(f"{label_path}: label values {bad[:5]} outside the task's classes 0..{classes - 1}")
 
 
-def _dataset_class() -> Any:
-    from monai.data import PersistentDataset
+class CheckedPersistentDataset(PersistentDataset):  # type: ignore[misc]
+    """MONAI's ``PersistentDataset`` whose cases are checked once, when preprocessed
+    (:func:`check_case`); a failing case names its file, as the node's other data errors do."""
 
-    class CheckedPersistentDataset(PersistentDataset):  # type: ignore[misc]
-        """Each case is checked once, when preprocessed (:func:`check_case`); a failing case
-        names its file, as the node's other data errors do."""
+    def __init__(self, task: BundleTask, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.task = task
 
-        task: BundleTask
+    def _pre_transform(self, item: dict[str, Any]) -> Any:
+        paths = dict(item)
+        try:
+            case = super()._pre_transform(item)
+        except Exception as exc:
+            raise _failing_file(paths, exc) from None
+        check_case(paths, case, self.task)
+        return case
 
-        def _pre_transform(self, item: dict[str, Any]) -> Any:
-            paths = dict(item)
-            try:
-                case = super()._pre_transform(item)
-            except Exception as exc:
-                raise _failing_file(paths, exc) from None
-            check_case(paths, case, self.task)
-            return case
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except DataError:
+            raise
+        except Exception as exc:  # a random transform failing on this case
+            raise DataError(f"{_files(self.data[index], IMAGE_KEY)[0]}: preprocessing failed "
+                            f"({_reason(exc)})") from None
 
-        def _transform(self, index: int) -> Any:
-            try:
-                return super()._transform(index)
-            except DataError:
-                raise
-            except Exception as exc:  # a random transform failing on this case
-                raise DataError(f"{_files(self.data[index], IMAGE_KEY)[0]}: preprocessing failed "
-                                f"({_reason(exc)})") from None
-
-        def warm(self) -> None:
-            """Preprocess (and so check) every case not in the cache yet; cached cases were
-            checked when they were written."""
-            for item in self.data:
-                if self.cache_dir is None or not (self.cache_dir / f"{self.hash_func(item).decode()}.pt").is_file():
-                    self._cachecheck(item)
-
-    return CheckedPersistentDataset
+    def warm(self) -> None:
+        """Preprocess (and so check) every case not in the cache yet; cached cases were checked
+        when they were written."""
+        for item in self.data:
+            if self.cache_dir is None or not (self.cache_dir / f"{self.hash_func(item).decode()}.pt").is_file():
+                self._cachecheck(item)
 
 
 @dataclass(frozen=True)
@@ -148,7 +146,6 @@ def bundle_cases(cases: list[dict[str, Any]], task: BundleTask, cache_dir: Path 
     if cache_dir is not None:
         folder = cache_dir / f"bundle-{task.digest[:16]}" / ("training" if train else "validation")
         folder.mkdir(parents=True, exist_ok=True)
-    dataset = _dataset_class()(data=items, transform=transform, cache_dir=folder, hash_func=case_key)
-    dataset.task = task
+    dataset = CheckedPersistentDataset(task, data=items, transform=transform, cache_dir=folder, hash_func=case_key)
     dataset.warm()
     return Cases(items=items, dataset=dataset)

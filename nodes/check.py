@@ -119,12 +119,13 @@ def scan_dicom(data_dir: Path) -> dict[Path, list[str]]:
     return flagged
 
 
-def _summarise(cases: list[dict[str, Path]]) -> SplitSummary:
+def _summarise(cases: list[dict[str, Any]]) -> SplitSummary:
     reader = image_loader()
     summary = SplitSummary(cases=len(cases))
     foreground, voxels = 0, 0
     for case in cases:
-        image = reader(str(case[IMAGE_KEY]))
+        files = case[IMAGE_KEY] if isinstance(case[IMAGE_KEY], list) else [case[IMAGE_KEY]]
+        image = reader(str(files[0]))  # one modality speaks for the case's grid
         label = np.asarray(reader(str(case[LABEL_KEY])))
         summary.shapes[tuple(int(s) for s in image.shape)] += 1
         spacing = getattr(image, "pixdim", None)
@@ -152,7 +153,7 @@ def check_dataset(data_dir: Path, task: Task, *, allow_identifiable: bool = Fals
             f"if your governance allows it:\n" + "\n".join(lines) + more
         )
     data = load_local_data(data_dir, task, use_cache=False)
-    datalist = read_datalist(data_dir)
+    datalist = read_datalist(data_dir, modality_lists=True)
     fingerprint = keyed_fingerprint(state_folder or state_dir(data_dir), data.digest)
     return CheckReport(data_dir=data_dir, task=task.name, fingerprint=fingerprint,
                        splits={s: _summarise(datalist[s]) for s in SPLITS}, identifiable=identifiable)

@@ -75,18 +75,18 @@ def node_device(config: ConfigRecord, context: Context) -> torch.device:
     return device.resolve(str(spec))
 
 
-def instructed_task(config: ConfigRecord) -> Any:
-    """The task the server names: a catalogue task, or a bundle this node finds in its approved
-    app (or at the same path in simulation) whose digest matches the server's."""
+def instructed_task(config: ConfigRecord, context: Context) -> Any:
+    """The task the server names: a catalogue task, or a bundle whose digest matches the server's,
+    found in this node's approved app (a deployed node: nothing outside it) or, for a virtual
+    node, at the path the simulation gives."""
     bundle = str(config.get(wire.BUNDLE, ""))
     digest = str(config[wire.BUNDLE_DIGEST]) if wire.BUNDLE_DIGEST in config else None
-    lr = float(config[wire.LR]) if wire.LR in config else None
-    batch_size = int(config[wire.BATCH_SIZE]) if wire.BATCH_SIZE in config else None
-    task = resolve_task(str(config[wire.TASK]), bundle, private=wire.LOCAL_NOISE_MULTIPLIER in config, digest=digest,
-                        lr=lr, batch_size=batch_size)
     if bundle and digest is None:  # a catalogue task's bundle is the node's own approved copy
         raise ConfigError("bundle task without its digest: the node cannot check which bundle it would run")
-    return task
+    lr = float(config[wire.LR]) if wire.LR in config else None
+    batch_size = int(config[wire.BATCH_SIZE]) if wire.BATCH_SIZE in config else None
+    return resolve_task(str(config[wire.TASK]), bundle, private=wire.LOCAL_NOISE_MULTIPLIER in config, digest=digest,
+                        lr=lr, batch_size=batch_size, inside_app=wire.NODE_PARTITION_ID not in context.node_config)
 
 
 def node_workers(config: ConfigRecord, context: Context, task: Any) -> int:
@@ -115,7 +115,7 @@ def _prepare(content: RecordDict, context: Context) -> tuple[Task, torch.nn.Modu
     if wire.NODE_PARTITION_ID in context.node_config:  # a virtual node shares the machine
         torch.set_num_threads(int(context.run_config.get("simulation.threads_per_node", 1)))
     config = content[wire.CONFIG]
-    task = instructed_task(config)
+    task = instructed_task(config, context)
     data_dir = resolve_data_dir(context)
     data = load_local_data(data_dir, task, disk_cache=node_state_dir(context, data_dir) / CACHE_DIR)
     net = task.build_network()
@@ -157,7 +157,8 @@ def _refuse(msg: Message, exc: Exception) -> Message:
     code = wire.ERROR_DATASET_INVALID if isinstance(exc, DataError) else wire.ERROR_TRAINING_FAILED
     reason = {
         DataError: "local dataset failed validation; details are in the node's log",
-        ConfigError: "local privacy policy is invalid; details are in the node's log",
+        ConfigError: "the request or this node's own configuration (privacy policy, bundle) was refused; details "
+                     "are in the node's log",
     }.get(type(exc), "local task failed; details are in the node's log")
     return Message(Error(code=code, reason=reason), reply_to=msg)
 

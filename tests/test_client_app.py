@@ -144,3 +144,23 @@ def test_a_tampered_ledger_stops_evaluation_too(tiny_federation: Path, tmp_path:
     path.write_text(path.read_text().replace('"epsilon_after": ', '"epsilon_after": 0.0001 + '))
     reply = app(_dp_message(MessageType.EVALUATE), context)
     assert reply.has_error() and reply.error.code == wire.ERROR_LEDGER
+
+
+def test_a_deployed_node_trains_no_bundle_from_outside_its_approved_app(tiny_federation: Path, tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from fl.tasks.bundle import bundle_digest
+
+    elsewhere = tmp_path / "seg2d"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "configs" / "bundles" / "seg2d", elsewhere)
+    msg = _message(MessageType.TRAIN)
+    msg.content[wire.CONFIG][wire.BUNDLE] = str(elsewhere)  # the server names a bundle by absolute path
+    msg.content[wire.CONFIG][wire.BUNDLE_DIGEST] = bundle_digest(elsewhere)
+    reply = app(msg, _context({wire.NODE_DATA_DIR: str(tiny_federation / "node-0")}))
+    assert reply.has_error() and reply.error.code == wire.ERROR_TRAINING_FAILED
+    assert str(elsewhere) not in reply.error.reason
+    assert "is not a bundle inside the approved app" in caplog.text
+    # the same bundle as shipped in the app is trained
+    msg = _message(MessageType.TRAIN)
+    msg.content[wire.CONFIG][wire.BUNDLE] = "configs/bundles/seg2d"
+    msg.content[wire.CONFIG][wire.BUNDLE_DIGEST] = bundle_digest(elsewhere)
+    assert not app(msg, _context({wire.NODE_DATA_DIR: str(tiny_federation / "node-0")})).has_error()

@@ -5,7 +5,7 @@ import torch
 from opacus.validators import ModuleValidator
 
 from fl.errors import ConfigError
-from fl.tasks import CATALOGUE, get_task
+from fl.tasks import CATALOGUE, get_task, resolve_task
 
 SEGMENTATION = [name for name, task in CATALOGUE.items() if task.kind == "segmentation"]
 
@@ -26,24 +26,30 @@ def test_networks_are_trainable_under_dp_sgd(name: str) -> None:
     assert ModuleValidator.validate(net, strict=False) == []
 
 
+def _onehot(mask: torch.Tensor) -> torch.Tensor:
+    return torch.cat([1 - mask, mask], dim=1).float()
+
+
 def test_dice_is_one_for_perfect_and_zero_for_disjoint_prediction() -> None:
-    task = get_task("seg2d")
-    labels = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    task = resolve_task("seg2d")
+    labels = torch.zeros(2, 1, 8, 8)
     labels[:, :, 2:5, 2:5] = 1
-    perfect = torch.cat([1 - labels, labels], dim=1).float()
-    assert torch.allclose(task.dice(perfect, labels), torch.ones(2))
-    disjoint = torch.cat([labels, 1 - labels], dim=1).float()
-    assert torch.allclose(task.dice(disjoint, labels), torch.zeros(2))
+    assert torch.allclose(task.record_scores(_onehot(labels), _onehot(labels)), torch.ones(2))
+    assert torch.allclose(task.record_scores(_onehot(1 - labels), _onehot(labels)), torch.zeros(2))
 
 
-def test_dice_counts_half_overlap() -> None:
-    task = get_task("seg2d")
-    labels = torch.zeros(1, 1, 4, 4, dtype=torch.uint8)
-    labels[..., :2] = 1  # 8 voxels
-    pred = torch.zeros(1, 1, 4, 4, dtype=torch.long)
-    pred[..., :1] = 1  # 4 voxels, all inside: dice = 2*4 / (8 + 4)
-    logits = torch.cat([1 - pred, pred], dim=1).float()
-    assert task.dice(logits, labels).item() == pytest.approx(8 / 12)
+def test_dice_counts_half_overlap_and_empty_cases_as_monai_does() -> None:
+    task = resolve_task("seg2d")
+    labels = torch.zeros(3, 1, 4, 4)
+    labels[:2, ..., :2] = 1  # 8 voxels in cases 0 and 1; case 2 has no lesion
+    pred = torch.zeros(3, 1, 4, 4)
+    pred[0, ..., :1] = 1  # 4 voxels, all inside: dice = 2*4 / (8 + 4)
+    scores = task.record_scores(_onehot(pred), _onehot(labels))
+    assert scores[0].item() == pytest.approx(8 / 12)
+    assert scores[1].item() == 0.0  # lesion missed
+    assert scores[2].item() == 1.0  # nothing to find, nothing predicted
+    pred[2, ..., 0, 0] = 1
+    assert task.record_scores(_onehot(pred), _onehot(labels))[2].item() == 0.0  # a false lesion
 
 
 def test_unknown_task_suggests_the_close_one() -> None:

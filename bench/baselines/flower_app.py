@@ -3,9 +3,9 @@ is: a ClientApp with ``@app.train`` / ``@app.evaluate`` over a DataLoader, a Ser
 calls ``FedAvg.start``, run with Flower's Simulation Engine. No OncoFed round loop, validation,
 registry, progress or privacy: the yardstick for OncoFed's own overhead (``fl bench overhead``).
 
-Only the task is shared with OncoFed: the network and loss (``fl.tasks``) and the data reading
-(``nodes.data.load_local_data``: the same MONAI reader and preprocessing), so both train the
-same model on identical tensors.
+Only the task is shared with OncoFed: the network and loss (the seg2d bundle, ``fl.tasks``) and
+the data reading (``nodes.data.load_local_data``: the same MONAI reader, preprocessing and
+on-disk cache of each case), so both train the same model on identical tensors.
 
     python bench/baselines/flower_app.py --data DIR --nodes 3 --rounds 5 --epochs 2 --lr 0.01 \
         --batch-size 8 --result result.json
@@ -29,12 +29,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from monai.data import DataLoader  # noqa: E402
+from monai.networks.utils import one_hot  # noqa: E402
 
 # the quickstart imports its task module (model, data, train/test) at the top, as OncoFed does
-from fl.tasks import get_task  # noqa: E402
-from nodes.data import load_local_data  # noqa: E402
+from fl.tasks import resolve_task  # noqa: E402
+from nodes.data import CACHE_DIR, load_local_data  # noqa: E402
+from nodes.policy import state_dir  # noqa: E402
 from nodes.synth import node_dir  # noqa: E402
+
+TASK = resolve_task("seg2d")
 
 
 def settings() -> dict:  # type: ignore[type-arg]
@@ -42,23 +46,25 @@ def settings() -> dict:  # type: ignore[type-arg]
 
 
 def Net() -> torch.nn.Module:  # noqa: N802 (the quickstart's name)
-    return get_task("seg2d").build_network()
+    return TASK.build_network()
 
 
 def load_data(partition_id: int) -> tuple[DataLoader, DataLoader]:
-    data = load_local_data(node_dir(settings()["data"], partition_id), get_task("seg2d"))
+    folder = node_dir(settings()["data"], partition_id)
+    data = load_local_data(folder, TASK, disk_cache=state_dir(folder) / CACHE_DIR)
     batch = settings()["batch_size"]
-    return (DataLoader(TensorDataset(data.train.images, data.train.labels), batch_size=batch, shuffle=True),
-            DataLoader(TensorDataset(data.val.images, data.val.labels), batch_size=batch))
+    return (DataLoader(data.train.dataset, batch_size=batch, shuffle=True),
+            DataLoader(data.val.dataset, batch_size=batch))
 
 
 def train_fn(net: torch.nn.Module, loader: DataLoader, epochs: int, lr: float) -> float:
-    loss_fn = get_task("seg2d").build_loss()
+    loss_fn = TASK.build_loss()
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
     running = 0.0
     for _ in range(epochs):
-        for images, labels in loader:
+        for batch in loader:
+            images, labels = batch["image"], batch["label"]
             optimizer.zero_grad()
             loss = loss_fn(net(images), labels)
             loss.backward()
@@ -69,14 +75,14 @@ def train_fn(net: torch.nn.Module, loader: DataLoader, epochs: int, lr: float) -
 
 @torch.no_grad()
 def test_fn(net: torch.nn.Module, loader: DataLoader) -> tuple[float, float]:
-    task = get_task("seg2d")
-    loss_fn = task.build_loss()
+    loss_fn = TASK.build_loss()
     net.eval()
     loss, dice, n = 0.0, 0.0, 0
-    for images, labels in loader:
+    for batch in loader:
+        images, labels = batch["image"], batch["label"]
         logits = net(images)
         loss += loss_fn(logits, labels).item() * len(images)
-        dice += float(task.dice(logits, labels).sum())
+        dice += float(TASK.record_scores(one_hot(logits.argmax(1, keepdim=True), 2), one_hot(labels, 2)).sum())
         n += len(images)
     return loss / n, dice / n
 

@@ -62,10 +62,17 @@ def bundle_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-def find_bundle(path: str) -> Path:
+def find_bundle(path: str, *, inside_app: bool = False) -> Path:
     """The bundle folder ``path`` names: absolute, or relative to the app's folder (on a deployed
-    node: its copy of the approved app), else to the working directory."""
+    node: its copy of the approved app), else to the working directory. ``inside_app``: only a
+    folder inside the app (what a deployed node runs: code its operator approved)."""
     given = Path(path).expanduser()
+    if inside_app:
+        found = (APP_ROOT / given).resolve()
+        if given.is_absolute() or not found.is_relative_to(APP_ROOT.resolve()) or not (found / TRAIN_JSON).is_file():
+            raise ConfigError(f"bundle: {path!r} is not a bundle inside the approved app ({APP_ROOT}); a deployed "
+                              "node trains only bundles shipped with it (configs/bundles/)")
+        return found
     candidates = [given] if given.is_absolute() else [APP_ROOT / given, given]
     for candidate in candidates:
         if (candidate / TRAIN_JSON).is_file():
@@ -114,10 +121,11 @@ class BundleTask:
 
     @classmethod
     def load(cls, path: str, *, private: bool = False, digest: str | None = None, lr: float | None = None,
-             batch_size: int | None = None) -> BundleTask:
+             batch_size: int | None = None, inside_app: bool = False) -> BundleTask:
         """Find, parse and check the bundle; with ``digest``, refuse any other bundle; ``lr`` and
-        ``batch_size`` replace the bundle's (a catalogue task's run settings)."""
-        root = find_bundle(path)
+        ``batch_size`` replace the bundle's (a catalogue task's run settings); ``inside_app``: see
+        :func:`find_bundle`."""
+        root = find_bundle(path, inside_app=inside_app)
         actual = bundle_digest(root)
         if digest is not None and digest != actual:
             raise ConfigError(f"bundle: {root} differs from the bundle this run was started with "

@@ -41,7 +41,6 @@ class Task:
     bundle: str = ""
 
     kind = "segmentation"
-    metric = "dice"  # the validation score nodes report
 
     def bundle_task(self) -> Any:
         """The shipped bundle this task is (its network, preprocessing, loss and metric)."""
@@ -56,26 +55,6 @@ class Task:
     def build_loss(self) -> torch.nn.Module:
         """Dice + cross-entropy on softmax outputs against integer label maps: the bundle's."""
         return self.bundle_task().build_loss()
-
-    def dice(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-case mean foreground Dice, shape ``(batch,)``; empty-vs-empty counts as 1."""
-        from monai.metrics import compute_dice
-        from monai.networks.utils import one_hot
-
-        pred = one_hot(logits.argmax(dim=1, keepdim=True), self.num_classes)
-        truth = one_hot(labels.long(), self.num_classes)
-        per_class = compute_dice(pred, truth, include_background=False, ignore_empty=False)
-        return per_class.mean(dim=1)
-
-    def score(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
-        """Mean per-case foreground Dice of a node's validation cases."""
-        return float(self.dice(logits, labels).mean())
-
-    record_metric = "dice"  # the per-record score a node can release with DP noise
-
-    def record_scores(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One score in [0, 1] per case (its Dice): a sum of these has sensitivity 1."""
-        return self.dice(logits, labels).clamp(0.0, 1.0)
 
     def preprocess(self) -> Compose:
         """The bundle's validation preprocessing of a case already in memory (arrays, no file
