@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -383,6 +384,10 @@ class Config:
 
     def resolved_task(self) -> Any:
         """The run's task object: the bundle (converted for DP-SGD under local DP) or the catalogue's."""
+        return self._task
+
+    @functools.cached_property
+    def _task(self) -> Any:  # found and parsed once per config (a bundle's files are read then)
         from fl.tasks import resolve_task
 
         return resolve_task(self.task, self.bundle, private=self.local_dp.enabled, lr=self.train.lr,

@@ -156,7 +156,8 @@ def resume_point(registry: Registry, cfg: Config) -> Version:
             f"registry.resume: {latest.ref()} was trained for task {latest.manifest.get('task')!r}, "
             f"this config says {cfg.task_label!r}"
         )
-    if cfg.bundle and (latest.manifest.get("bundle") or {}).get("digest") != cfg.resolved_task().digest:
+    recorded, task = (latest.manifest.get("bundle") or {}).get("digest"), cfg.resolved_task()
+    if getattr(task, "kind", "") == "bundle" and recorded is not None and recorded != task.digest:
         raise RegistryError(f"registry.resume: {latest.ref()} was trained with another version of bundle "
-                            f"{cfg.bundle!r} (its configs differ)")
+                            f"{task.root} (its configs differ)")
     return latest

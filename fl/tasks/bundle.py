@@ -303,8 +303,7 @@ class BundleTask:
     # --- what goes into a version's manifest -----------------------------------------------
     def provenance(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "path": self.path or str(self.root), "digest": self.digest,
-                               "version": str(self.metadata.get("version", "")), "key_metric": self.key_metric()[0],
-                               "lr": self.lr, "batch_size": self.batch_size}
+                               "version": str(self.metadata.get("version", "")), "lr": self.lr, "batch_size": self.batch_size}
         if self.private:
             out["dp_conversion"] = self.conversion()
         return out
