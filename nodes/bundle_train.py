@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from fl.privacy.noise import NoiseSource, SecureGaussian
 from fl.tasks import IMAGE_KEY, LABEL_KEY
 from fl.tasks.bundle import BundleTask
 from nodes.cases import Cases
-from nodes.train import EvalResult, TrainResult
+from nodes.train import EvalResult, TrainResult, fit
 
 
 def _plain(t: Any) -> torch.Tensor:
@@ -51,37 +52,18 @@ def _seed_transforms(cases: Cases, generator: torch.Generator | None) -> None:
 def train_bundle(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epochs: int,
                  device: torch.device | None = None, amp: bool = False, proximal_mu: float = 0.0,
                  generator: torch.Generator | None = None, workers: int = 0) -> TrainResult:
-    """Train ``net`` in place for ``epochs`` passes over ``cases``; ``net`` is back on the CPU after."""
-    started = time.perf_counter()
+    """Train ``net`` in place for ``epochs`` passes over ``cases`` with the bundle's loss and
+    optimizer (:func:`nodes.train.fit`); ``net`` is back on the CPU after."""
     device = device or torch.device("cpu")
-    amp = amp and device.type == "cuda"
-    net.to(device)
-    loss_fn, optimizer = task.build_loss(), task.build_optimizer(net)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    anchor = [p.detach().clone() for p in net.parameters()] if proximal_mu > 0 else []
     _seed_transforms(cases, generator)
     batches = loader(cases, batch_size=task.batch_size, shuffle=True, workers=workers, device=device,
                      generator=generator)
-    net.train()
-    steps, loss_sum, seen = 0, 0.0, 0
-    for _ in range(epochs):
-        loss_sum, seen = 0.0, 0  # the last epoch's mean loss
-        for batch in batches:
-            images = _plain(batch[IMAGE_KEY]).to(device, non_blocking=True)
-            labels = _plain(batch[LABEL_KEY]).to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                loss = loss_fn(net(images), labels)
-            if anchor:
-                loss = loss + proximal_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(net.parameters(), anchor))
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            steps += 1
-            loss_sum += float(loss.detach()) * len(images)
-            seen += len(images)
-    net.to("cpu")
-    return TrainResult(loss=loss_sum / max(seen, 1), seconds=time.perf_counter() - started, steps=steps)
+
+    def epoch_batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        return ((_plain(b[IMAGE_KEY]), _plain(b[LABEL_KEY])) for b in batches)
+
+    return fit(net, task.build_loss(), task.build_optimizer(net), epoch_batches, epochs=epochs, device=device,
+               amp=amp, proximal_mu=proximal_mu)
 
 
 @torch.no_grad()

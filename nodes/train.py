@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,41 @@ class EvalResult:
     record_scores: torch.Tensor
 
 
+def fit(net: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
+        epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], *, epochs: int,
+        device: torch.device, amp: bool = False, proximal_mu: float = 0.0) -> TrainResult:
+    """Train ``net`` in place for ``epochs`` passes over ``epoch_batches()`` (image and label
+    batches) on ``device``; ``amp``: float16 autocast with loss scaling, CUDA only. With
+    ``proximal_mu > 0`` the FedProx term ``mu / 2 * ||w - w_global||^2`` (Li et al. 2020, eq. 2)
+    is added to the loss, ``w_global`` being the weights at entry. ``net`` is back on the CPU
+    when this returns; the reported loss is the last epoch's mean."""
+    started = time.perf_counter()
+    amp = amp and device.type == "cuda"
+    net.to(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    anchor = [p.detach().clone() for p in net.parameters()] if proximal_mu > 0 else []
+    net.train()
+    steps, loss_sum, seen = 0, 0.0, 0
+    for _ in range(epochs):
+        loss_sum, seen = 0.0, 0
+        for images, labels in epoch_batches():
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                loss = loss_fn(net(images), labels)
+            if anchor:
+                drift = sum((p - a).pow(2).sum() for p, a in zip(net.parameters(), anchor))
+                loss = loss + proximal_mu / 2 * drift
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            steps += 1
+            loss_sum += float(loss.detach()) * len(images)
+            seen += len(images)
+    net.to("cpu")
+    return TrainResult(loss=loss_sum / max(seen, 1), seconds=time.perf_counter() - started, steps=steps)
+
+
 def train_local(
     net: torch.nn.Module,
     task: Task,
@@ -43,42 +79,16 @@ def train_local(
     device: torch.device | None = None,
     amp: bool = False,
 ) -> TrainResult:
-    """Train ``net`` in place for ``epochs`` passes over ``data`` with Adam.
+    """Train ``net`` in place for ``epochs`` shuffled passes over stacked records (the tabular
+    task) with Adam; see :func:`fit`."""
 
-    With ``proximal_mu > 0`` the FedProx term ``mu / 2 * ||w - w_global||^2`` (Li et al.
-    2020, eq. 2) is added to the loss, ``w_global`` being the weights at entry. On ``device``
-    (the CPU by default; ``amp``: float16 autocast with loss scaling, CUDA only); ``net`` is back
-    on the CPU when this returns.
-    """
-    started = time.perf_counter()
-    device = device or torch.device("cpu")
-    amp = amp and device.type == "cuda"
-    net.to(device)
-    loss_fn = task.build_loss()
+    def batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in torch.randperm(len(data), generator=generator).split(batch_size):
+            yield data.images[batch], data.labels[batch]
+
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    anchor = [p.detach().clone() for p in net.parameters()] if proximal_mu > 0 else []
-    net.train()
-    steps, loss_sum, seen = 0, 0.0, 0
-    for _ in range(epochs):
-        loss_sum, seen = 0.0, 0  # report the last epoch's mean loss
-        order = torch.randperm(len(data), generator=generator)
-        for batch in order.split(batch_size):
-            images, labels = (t.to(device, non_blocking=True) for t in (data.images[batch], data.labels[batch]))
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                loss = loss_fn(net(images), labels)
-            if anchor:
-                drift = sum((p - a).pow(2).sum() for p, a in zip(net.parameters(), anchor))
-                loss = loss + proximal_mu / 2 * drift
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            steps += 1
-            loss_sum += float(loss.detach()) * len(batch)
-            seen += len(batch)
-    net.to("cpu")
-    return TrainResult(loss=loss_sum / max(seen, 1), seconds=time.perf_counter() - started, steps=steps)
+    return fit(net, task.build_loss(), optimizer, batches, epochs=epochs, device=device or torch.device("cpu"),
+               amp=amp, proximal_mu=proximal_mu)
 
 
 @torch.no_grad()
