@@ -115,10 +115,17 @@ class CheckedPersistentDataset(PersistentDataset):  # type: ignore[misc]
 
     def warm(self) -> None:
         """Preprocess (and so check) every case not in the cache yet; cached cases were checked
-        when they were written."""
-        for item in self.data:
-            if self.cache_dir is None or not (self.cache_dir / f"{self.hash_func(item).decode()}.pt").is_file():
+        when they were written. Entries of files that changed or left the dataset are removed."""
+        if self.cache_dir is None:
+            for item in self.data:
                 self._cachecheck(item)
+            return
+        current = {self.cache_dir / f"{self.hash_func(item).decode()}.pt" for item in self.data}
+        for item in self.data:
+            if not (self.cache_dir / f"{self.hash_func(item).decode()}.pt").is_file():
+                self._cachecheck(item)
+        for stale in set(self.cache_dir.glob("*.pt")) - current:
+            stale.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ def test_a_fresh_process_reads_the_cache_instead_of_preprocessing(tiny_federatio
         load_local_data(site, task, use_cache=False, disk_cache=cache)
     monkeypatch.undo()
     load_local_data(site, task, use_cache=False, disk_cache=cache)
-    assert len(set(cache.rglob("*.pt")) - entries) == 1
+    now = set(cache.rglob("*.pt"))
+    assert len(now - entries) == 1 and len(entries - now) == 1  # the stale entry is gone
 
 
 def test_another_task_does_not_read_this_tasks_cache(tiny_federation: Path, tmp_path: Path) -> None:
