@@ -59,6 +59,21 @@ def test_the_bundles_components_are_what_oncofed_trains_with(spleen: BundleTask)
     assert spleen.provenance()["digest"] == spleen.digest and "dp_conversion" not in spleen.provenance()
 
 
+def test_settings_written_as_references_are_resolved(work: Path, spleen: BundleTask) -> None:
+    referring = work / "referring"
+    shutil.copytree(spleen.root, referring)
+    train_json = referring / "configs" / "train.json"
+    content = json.loads(train_json.read_text())
+    content.update(learning_rate=0.002, cases_per_step=3, classes=3)
+    content["optimizer"]["lr"] = "@learning_rate"
+    content["train"]["dataloader"]["batch_size"] = "@cases_per_step"
+    content["network_def"]["out_channels"] = "$@classes"
+    train_json.write_text(json.dumps(content))
+    task = BundleTask.load(str(referring))
+    assert (task.lr, task.batch_size, task.out_channels) == (0.002, 3, 3)
+    assert task.build_optimizer(task.build_network()).param_groups[0]["lr"] == 0.002
+
+
 def test_broken_bundles_are_refused_naming_the_file_and_the_id(work: Path, spleen: BundleTask) -> None:
     broken = work / "broken"
     shutil.copytree(spleen.root, broken)

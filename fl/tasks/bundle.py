@@ -116,8 +116,6 @@ class BundleTask:
     kind = "bundle"
     metric = "dice"  # the key metric (MeanDice) nodes report
     record_metric = "dice"
-    # Opacus per-sample gradients through torch.func: any layer (transposed convolutions, PReLU)
-    dp_functorch = True
 
     @classmethod
     def load(cls, path: str, *, private: bool = False, digest: str | None = None, lr: float | None = None,
@@ -183,6 +181,14 @@ class BundleTask:
                 return default
         return node
 
+    def _setting(self, id_: str, default: Any = None) -> Any:
+        """A scalar setting: as written, or resolved when it refers elsewhere (``@id``, ``%id``,
+        ``$expression``), as bundles often write ``"lr": "@learning_rate"``."""
+        value = self._raw(id_, default)
+        if isinstance(value, str) and value[:1] in ("@", "%", "$"):
+            return self._parsed(id_)
+        return value
+
     def check(self) -> None:
         """Every component OncoFed takes is there, and the key metric is one it can release."""
         missing = [i for i in REQUIRED_IDS if self._raw(i) is None]
@@ -223,7 +229,7 @@ class BundleTask:
     def lr(self) -> float:
         if self.lr_override is not None:
             return self.lr_override
-        value = self._raw("optimizer#lr")
+        value = self._setting("optimizer#lr")
         return float(value) if isinstance(value, (int, float)) else float("nan")
 
     @property
@@ -231,7 +237,7 @@ class BundleTask:
         """Cases per training step: the bundle's ``train#dataloader#batch_size`` (1 if unset)."""
         if self.batch_size_override is not None:
             return self.batch_size_override
-        value = self._raw("train#dataloader#batch_size", 1)
+        value = self._setting("train#dataloader#batch_size", 1)
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{self.root / TRAIN_JSON}: train#dataloader#batch_size must be a positive integer, "
                               f"got {value!r}")
@@ -240,13 +246,13 @@ class BundleTask:
     @property
     def spatial_dims(self) -> int:
         """The network's spatial dimensions (``network_def#spatial_dims``, 3 if unset)."""
-        value = self._raw("network_def#spatial_dims", 3)
+        value = self._setting("network_def#spatial_dims", 3)
         return value if isinstance(value, int) else 3
 
     @property
     def out_channels(self) -> int:
         """The network's output channels (``network_def#out_channels``, else the metadata's)."""
-        value = self._raw("network_def#out_channels")
+        value = self._setting("network_def#out_channels")
         if not isinstance(value, int):
             value = self.metadata.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("num_channels")
         if not isinstance(value, int):
@@ -255,7 +261,7 @@ class BundleTask:
 
     @property
     def loader_workers(self) -> int:
-        value = self._raw("train#dataloader#num_workers", 0)
+        value = self._setting("train#dataloader#num_workers", 0)
         return value if isinstance(value, int) and value >= 0 else 0
 
     def train_transform(self) -> Any:
