@@ -120,11 +120,11 @@ class CheckedPersistentDataset(PersistentDataset):  # type: ignore[misc]
             for item in self.data:
                 self._cachecheck(item)
             return
-        current = {self.cache_dir / f"{self.hash_func(item).decode()}.pt" for item in self.data}
-        for item in self.data:
-            if not (self.cache_dir / f"{self.hash_func(item).decode()}.pt").is_file():
+        entries = [(item, self.cache_dir / f"{self.hash_func(item).decode()}.pt") for item in self.data]
+        for item, entry in entries:
+            if not entry.is_file():
                 self._cachecheck(item)
-        for stale in set(self.cache_dir.glob("*.pt")) - current:
+        for stale in set(self.cache_dir.glob("*.pt")) - {entry for _, entry in entries}:
             stale.unlink(missing_ok=True)
 
 

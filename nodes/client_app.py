@@ -239,7 +239,7 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
 
         fedbn.swap_in(net, fedbn_path)
     if bundle:
-        result = _train_bundle(net, task, data, config, context, request, device, data_dir)
+        result = _train_bundle(net, task, data, config, context, request, device, data_dir, epochs)
     elif request:
         # imported here: Opacus takes 1.4 s to import (python -X importtime), which every
         # virtual node and every deployed ClientApp process paid, DP or not
@@ -279,10 +279,9 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
 
 
 def _train_bundle(net: torch.nn.Module, task: Any, data: LocalData, config: ConfigRecord, context: Context,
-                  request: LocalDpRequest | None, device: torch.device, data_dir: Path) -> Any:
+                  request: LocalDpRequest | None, device: torch.device, data_dir: Path, epochs: int) -> Any:
     from nodes.bundle_train import train_bundle, train_bundle_dp
 
-    epochs = int(config[wire.EPOCHS])
     if request:
         return train_bundle_dp(net, task, data.train, epochs=epochs, noise_multiplier=request.noise_multiplier,
                                max_grad_norm=request.max_grad_norm, device=device)

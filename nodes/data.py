@@ -188,7 +188,7 @@ def load_local_data(data_dir: str | Path, task: Task, *, use_cache: bool = True,
 
 
 def _load_bundle_cases(data_dir: Path, task: Any, use_cache: bool, disk_cache: Path | None) -> LocalData:
-    """A bundle task's cases, each preprocessed on first use and kept in ``disk_cache``."""
+    """A bundle task's cases, each preprocessed and checked now (or found in ``disk_cache``)."""
     from nodes.cases import bundle_cases
 
     datalist = read_datalist(data_dir, modality_lists=True)

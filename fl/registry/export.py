@@ -87,8 +87,9 @@ def _from_bundle(version: Version, task: Any, net: torch.nn.Module, out: Path) -
         "numpy_version": np.__version__,
         "oncofed": version.manifest,
     })
-    eval_metrics = {task.key_metric()[0]: _final_score(version)} if _final_score(version) is not None else {}
-    metadata["eval_metrics"] = eval_metrics or metadata.get("eval_metrics", {})
+    score = _final_score(version)
+    if score is not None:
+        metadata["eval_metrics"] = {task.key_metric()[0]: score}
     (configs / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n", encoding="utf-8")
 
 

@@ -205,6 +205,7 @@ class BundleTask:
             net, _ = private_network(net, self.root)
         return net
 
+    @functools.lru_cache(maxsize=4)  # noqa: B019 (a frozen, hashable task: the same answer every round)
     def conversion(self) -> dict[str, str]:
         """What ``ModuleValidator.fix`` replaced (module name: 'old -> new'), for the manifest."""
         if not self.private:
