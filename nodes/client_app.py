@@ -14,7 +14,6 @@ import contextvars
 import json
 import logging
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -143,9 +142,11 @@ def _secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Messag
     return secaggplus_mod(msg, context, train_or_raise)
 
 
-def _local_generator(seed: int, server_round: int, data_dir: Path) -> torch.Generator:
-    """Shuffling order for this node and round: reproducible, different across nodes."""
-    mixed = (seed * 1_000_003 + server_round * 7919 + zlib.crc32(str(data_dir).encode())) % 2**63
+def _local_generator(seed: int, server_round: int, data_digest: str) -> torch.Generator:
+    """Shuffling order and random transforms for this node and round: reproducible, different across
+    nodes. Seeded by the dataset's content digest, not its folder, so that the same cases train the
+    same way wherever they lie (a run does not depend on where a hospital mounts its data)."""
+    mixed = (seed * 1_000_003 + server_round * 7919 + int(data_digest[:15], 16)) % 2**63
     return torch.Generator().manual_seed(mixed)
 
 
@@ -239,7 +240,7 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
 
         fedbn.swap_in(net, fedbn_path)
     if bundle:
-        result = _train_bundle(net, task, data, config, context, request, device, data_dir, epochs)
+        result = _train_bundle(net, task, data, config, context, request, device, epochs)
     elif request:
         # imported here: Opacus takes 1.4 s to import (python -X importtime), which every
         # virtual node and every deployed ClientApp process paid, DP or not
@@ -249,7 +250,7 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
                                 max_grad_norm=request.max_grad_norm, epochs=epochs, lr=float(config[wire.LR]),
                                 batch_size=batch_size, device=device)
     else:
-        generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data_dir)
+        generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data.digest)
         result = train_local(net, task, data.train, proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
                              generator=generator, amp=bool(config.get(wire.AMP, False)), epochs=epochs,
                              lr=float(config[wire.LR]), batch_size=batch_size, device=device)
@@ -279,13 +280,13 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
 
 
 def _train_bundle(net: torch.nn.Module, task: Any, data: LocalData, config: ConfigRecord, context: Context,
-                  request: LocalDpRequest | None, device: torch.device, data_dir: Path, epochs: int) -> Any:
+                  request: LocalDpRequest | None, device: torch.device, epochs: int) -> Any:
     from nodes.bundle_train import train_bundle, train_bundle_dp
 
     if request:
         return train_bundle_dp(net, task, data.train, epochs=epochs, noise_multiplier=request.noise_multiplier,
                                max_grad_norm=request.max_grad_norm, device=device)
-    generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data_dir)
+    generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data.digest)
     return train_bundle(net, task, data.train, epochs=epochs, device=device, amp=bool(config.get(wire.AMP, False)),
                         proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)), generator=generator,
                         workers=node_workers(config, context, task))

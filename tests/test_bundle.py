@@ -261,7 +261,7 @@ def federated(work: Path, spleen: BundleTask, ct_sites: list[Path]) -> Path:
 def test_federated_rounds_commit_versions_naming_the_bundle(federated: Path, spleen: BundleTask) -> None:
     summary = json.loads((federated / "runs" / "spleen" / "summary.json").read_text())
     assert summary["task"] == "bundle:spleen_ct_segmentation"
-    assert summary["final_metrics"]["dice"] > summary["initial_metrics"]["dice"] + 0.2  # measured 0.005 -> 0.36
+    assert summary["final_metrics"]["dice"] > summary["initial_metrics"]["dice"] + 0.2  # measured 0.005 -> 0.50
     version = Registry(federated / "registry").verify("spleen-ct")[-1]
     m = version.manifest
     assert m["bundle"]["digest"] == spleen.digest and m["bundle"]["name"] == "spleen_ct_segmentation"
@@ -352,5 +352,5 @@ def test_fedbn_keeps_batchnorm_on_the_nodes_in_a_federated_run(work: Path, splee
     kept = [list((sites / f"node-{i}" / ".oncofed" / fedbn.FOLDER).glob("*.safetensors")) for i in range(2)]
     assert all(len(files) == 1 for files in kept)
     summary = json.loads((work / "runs" / "spleen-fedbn" / "summary.json").read_text())
-    # each node validates with its own BatchNorm layers; measured 0.005 -> 0.42
+    # each node validates with its own BatchNorm layers; measured 0.005 -> 0.37
     assert summary["final_metrics"]["dice"] > summary["initial_metrics"]["dice"] + 0.2
