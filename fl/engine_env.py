@@ -26,3 +26,27 @@ def with_own_scripts(env: M) -> M:
     if path.split(os.pathsep)[0] != scripts:
         env["PATH"] = scripts + (os.pathsep + path if path else "")
     return env
+
+
+OBJECT_FIRST_RETRY_S = 0.05
+
+
+def prompt_object_pulls(first_retry: float = OBJECT_FIRST_RETRY_S) -> bool:
+    """Make this process retry a message's not-yet-arrived content after ``first_retry`` s
+    (doubling from there) instead of Flower 1.41's 1 s (then 2, 4, ... up to 10 s).
+
+    In a deployment a message becomes visible before its content: the ServerApp pushes the
+    message, then its arrays; a SuperNode stores the message, then pulls the arrays; so the
+    first pull of the content often finds nothing and Flower waits a whole second (then two) on
+    every hop, every message. Flower takes the wait from the keyword defaults of
+    ``pull_objects`` and ``pull_and_inflate_object_from_tree``
+    (``flwr/supercore/inflatable/inflatable_utils.py``); this sets them. False, and nothing
+    changed, if Flower no longer has them (tests check that it does)."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    functions = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    if not all("initial_backoff" in (f.__kwdefaults__ or {}) for f in functions):
+        return False
+    for function in functions:
+        function.__kwdefaults__["initial_backoff"] = first_retry  # type: ignore[index]
+    return True

@@ -71,6 +71,8 @@ ERROR_BUDGET = 4003  # the node's record-level budget would be exceeded
 ERROR_POLICY = 4004  # the request breaks the node's privacy policy
 ERROR_LEDGER = 4005  # the node's ledger failed its checksum: it refuses to train
 ERROR_APP_NOT_APPROVED = 4006  # the run's app (FAB) is not on the node operator's allowlist
+ERROR_NODE_WORKER_DIED = 4007  # the node's warm worker process died while serving the message
+ERROR_APP_LOAD_FAILED = 4008  # the node's worker could not import the run's (approved) app
 
 # local DP (record level) in a train instruction; absent: no local DP
 LOCAL_NOISE_MULTIPLIER = "local-dp-noise-multiplier"

@@ -8,13 +8,17 @@ the bundle's digest (which covers the transform chain): a restarted node, or a d
 ClientApp process started fresh, reads it instead of preprocessing again, and an edited file or
 bundle is preprocessed anew. Every case is preprocessed, hence checked, when the node's data is
 loaded, so a bad file stops the node before training with an error naming it. The random part
-(patch sampling, flips) runs every time. Memory holds the cases a step uses, not the dataset.
+(patch sampling, flips) runs every time. A long-lived process (a node's warm worker) also keeps
+preprocessed cases in memory up to :data:`MEMORY_BUDGET_ENV` GiB (default 2) per dataset, so
+later rounds read no file at all; cases beyond the budget are read from the disk cache each time.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,29 @@ from fl.tasks import IMAGE_KEY, LABEL_KEY
 from fl.tasks.bundle import BundleTask
 
 CACHE_FORMAT = 1  # bump when what the cache holds changes
+MEMORY_BUDGET_ENV = "ONCOFED_MEMORY_CACHE_GB"
+
+
+def memory_budget() -> int:
+    """Bytes of preprocessed cases a dataset keeps in memory (``ONCOFED_MEMORY_CACHE_GB``, default 2)."""
+    raw = os.environ.get(MEMORY_BUDGET_ENV, "2")
+    try:
+        gib = float(raw)
+    except ValueError:
+        gib = -1.0
+    if not gib >= 0:
+        raise DataError(f"{MEMORY_BUDGET_ENV}: {raw!r} is not a number of GiB >= 0")
+    return int(gib * 2**30)
+
+
+def _nbytes(case: Any) -> int:
+    if isinstance(case, torch.Tensor):
+        return case.element_size() * case.nelement()
+    if isinstance(case, dict):
+        return sum(_nbytes(v) for v in case.values())
+    if isinstance(case, (list, tuple)):
+        return sum(_nbytes(v) for v in case)
+    return 0
 
 
 def file_stamp(path: str) -> list[Any]:
@@ -94,6 +121,23 @@ class CheckedPersistentDataset(PersistentDataset):  # type: ignore[misc]
     def __init__(self, task: BundleTask, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.task = task
+        self.budget = memory_budget()
+        self.held: dict[bytes, Any] = {}
+        self.held_bytes = 0
+
+    def _cachecheck(self, item_transformed: Any) -> Any:
+        """A case's preprocessed form: from memory, else from the disk cache (or preprocessed now),
+        kept in memory while the budget allows. Random transforms get a copy, never the kept one."""
+        key = case_key(item_transformed)
+        if key in self.held:
+            return copy.deepcopy(self.held[key])
+        case = super()._cachecheck(item_transformed)
+        size = _nbytes(case)
+        if self.held_bytes + size <= self.budget:
+            self.held[key] = case
+            self.held_bytes += size
+            return copy.deepcopy(case)
+        return case
 
     def _pre_transform(self, item: dict[str, Any]) -> Any:
         paths = dict(item)

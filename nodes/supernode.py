@@ -18,10 +18,13 @@ against a live SuperLink).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 import re
 import sys
+import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,10 +137,63 @@ def install_app_guard(approved: Callable[[], set[str]]) -> None:
     sci._pull_and_store_message = guarded
 
 
+FLOWER_IDLE_SLEEP_S = 3  # Flower 1.41's SuperNode, after a pull that finds no message
+FLOWER_REPLY_POLL_S = 0.5  # ... while it waits for the ClientApp's reply and its content
+REPLY_POLL_S = 0.05
+MIN_IDLE_S, MAX_IDLE_S = 0.1, 3.0
+
+
+class _NodeClock:
+    """Stands in for the ``time`` module inside Flower's SuperNode loop: its fixed waits become
+    this node's; every other attribute is the real module's."""
+
+    def __init__(self, idle: float, reply: float) -> None:
+        self.idle, self.reply = idle, reply
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep({FLOWER_IDLE_SLEEP_S: self.idle, FLOWER_REPLY_POLL_S: self.reply}.get(seconds, seconds))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def node_wait_sites() -> list[str]:
+    """The waits :func:`shorten_node_waits` rewrites, as they read in Flower's SuperNode source;
+    empty if Flower changed them (then nothing is patched)."""
+    import flwr.supernode.start_client_internal as sci
+
+    source = inspect.getsource(sci)
+    sites = [f"time.sleep({FLOWER_IDLE_SLEEP_S})", f"time.sleep({FLOWER_REPLY_POLL_S})"]
+    return sites if all(site in source for site in sites) else []
+
+
+def shorten_node_waits(idle: float) -> bool:
+    """Make this process's SuperNode pull again ``idle`` s after finding no message (Flower: 3 s)
+    and check for a ClientApp's reply every :data:`REPLY_POLL_S` (Flower: 0.5 s).
+
+    Flower 1.41 hard-codes both in ``flwr/supernode/start_client_internal.py``; this swaps that
+    module's ``time`` for :class:`_NodeClock`. If the source no longer reads as expected (Flower
+    changed), nothing is patched and the node keeps Flower's waits, with a warning. Each empty pull
+    is one request to the coordinator: ``idle`` bounds the load a node puts on it."""
+    if not MIN_IDLE_S <= idle <= MAX_IDLE_S:
+        raise ConfigError(f"--poll-interval: {idle:g} s is outside {MIN_IDLE_S:g} to {MAX_IDLE_S:g} s")
+    import flwr.supernode.start_client_internal as sci
+
+    if isinstance(sci.time, _NodeClock):
+        sci.time.idle = idle
+        return True
+    if not node_wait_sites() or not isinstance(sci.time, types.ModuleType):
+        log.warning("Flower's SuperNode no longer waits as flwr 1.41 did; keeping its own polling intervals")
+        return False
+    sci.time = _NodeClock(idle, REPLY_POLL_S)  # type: ignore[assignment]
+    return True
+
+
 def supernode_argv(*, superlink: str, data_dir: Path, state: Path, root_cert: Path | None,
-                   auth_key: Path | None, port: int, insecure: bool = False) -> list[str]:
-    """``flower-supernode`` arguments for this node."""
-    argv = ["flower-supernode", "--superlink", superlink, "--port", str(port),
+                   auth_key: Path | None, port: int, insecure: bool = False, secret: Path | None = None) -> list[str]:
+    """``flower-supernode`` arguments for this node; with ``secret`` (warm workers, see
+    :mod:`nodes.worker`) Flower starts no ClientApp process and tasks are taken with that secret."""
+    argv = ["flower-supernode", "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
             "--node-config", f"{wire.NODE_DATA_DIR}='{data_dir}' {wire.NODE_STATE_DIR}='{state}'"]
     if insecure:
         argv.append("--insecure")
@@ -148,17 +204,31 @@ def supernode_argv(*, superlink: str, data_dir: Path, state: Path, root_cert: Pa
         argv += ["--root-certificates", str(root_cert)]
     if auth_key is not None:
         argv += ["--auth-supernode-private-key", str(auth_key)]
+    if secret is not None:
+        argv += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     return argv
 
 
-def run_supernode(argv: list[str], state: Path) -> int:
-    """Run Flower's SuperNode in this process with the app guard installed."""
+def run_supernode(argv: list[str], state: Path, *, runtime_port: int | None = None, warm: bool = True,
+                  poll_interval: float | None = None) -> int:
+    """Run Flower's SuperNode in this process with the app guard installed; with ``warm``, serve
+    its tasks with warm workers (:mod:`nodes.worker`; ``argv`` must carry the secret)."""
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    from fl.engine_env import with_own_scripts
+    from fl.engine_env import prompt_object_pulls, with_own_scripts
 
     install_app_guard(lambda: load_allowlist(state))
+    if poll_interval is not None:
+        shorten_node_waits(poll_interval)
+        if not prompt_object_pulls():
+            log.warning("Flower no longer retries object pulls as flwr 1.41 did; keeping its waits")
     with_own_scripts(os.environ)
+    if warm:
+        from nodes.worker import start_dispatcher
+
+        secret = Path(argv[argv.index("--superexec-auth-secret-file") + 1])
+        start_dispatcher(f"127.0.0.1:{runtime_port}", secret, state, lambda: load_allowlist(state),
+                         allowlist_path(state))
     sys.argv = argv
     flower_supernode()
     return 0

@@ -47,6 +47,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fl import wire
 from fl.config import Config
+from fl.packing import PackingGrid
 from fl.privacy.distributed import clipping_range as clipping_range_for
 from strategies.central_dp import CentralDP
 from strategies.updates import apply_update
@@ -137,6 +138,7 @@ def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
         global_arrays = message.content[wire.ARRAYS]
         instructions[message.metadata.dst_node_id] = FitIns(
             ndarrays_to_parameters([global_arrays[k].numpy() for k in keys]), node_config)
+    grid = PackingGrid.wrap(grid)
     shim = _OneRound(instructions, grid)
     context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
                                     run_config={}),

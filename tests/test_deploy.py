@@ -8,9 +8,13 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +34,14 @@ from nodes.ledger import Ledger
 from nodes.policy import state_dir
 from nodes.supernode import AppRefused, approve, check_fab, fab_hash_of, load_allowlist
 from nodes.synth import node_dir, synthesize
+from nodes.worker import STATUS_FILE
+
+SERVED = re.compile(r"run (\d+): (\w+) message served by worker (\d+) in [\d.]+ s; (\d+) data file\(s\) read; (.*)")
+
+
+def served(log: Path, run_id: str) -> list[tuple[str, int, int, str]]:
+    """(message type, worker pid, data files read, outcome) of each message the node served in a run."""
+    return [(m[2], int(m[3]), int(m[4]), m[5].strip()) for m in SERVED.finditer(log.read_text()) if m[1] == run_id]
 
 
 # ----- certificates --------------------------------------------------------------------------
@@ -203,6 +215,11 @@ def test_demo_deploy_runs_two_dp_rounds_and_stops_everything(tmp_path: Path) -> 
         entries = Ledger.in_dir(state_dir(node_dir(out / "data", i))).entries()
         assert any(abs(e["epsilon"] - entries[-1]["epsilon_after"]) < 1e-9 for e in record.values())
     assert summary["final_dice"] > 0.3  # two DP rounds from 0.1
+    for name in node_names(3):  # a warm worker served the run; after round 1 it read no case from disk
+        lines = served(out / "logs" / f"{name}.log", summary["run_id"])
+        assert [kind for kind, *_ in lines] == ["evaluate", "train", "evaluate", "train", "evaluate"], lines
+        assert len({pid for _, pid, _, _ in lines}) == 1 and all(outcome == "ok" for *_, outcome in lines)
+        assert lines[0][2] > 0 and [reads for _, _, reads, _ in lines[2:]] == [0, 0, 0], lines
     for name in ("superlink.log", "hospital-0.log", "run.log"):
         assert (out / "logs" / name).stat().st_size > 0
     assert not _flower_processes(str(out)), "the demo left processes running"
@@ -292,3 +309,67 @@ def test_gateway_serves_nodes_but_not_the_control_api(deployment: dict, tmp_path
     with pytest.raises(FederationError):
         deploy.last_run(outsider)  # `flwr ls` through the gateway is refused
     assert deploy.online_nodes(deployment["home"]) == 2  # the nodes behind the gateway are online
+
+
+def _node_id(log: Path) -> str:
+    return re.findall(r"SuperNode ID: (\d+)", log.read_text())[-1]
+
+
+def test_a_killed_worker_fails_its_message_and_the_next_round_is_served(deployment: dict,  # type: ignore[type-arg]
+                                                                          tmp_path: Path) -> None:
+    """Kill node 0's warm worker while it trains round 1: the round names node 0 (error 4007),
+    round 2 completes with both nodes, the ledger has one entry per train message, and a second
+    run is served by fresh workers."""
+    out, home = deployment["out"], deployment["home"]
+    state0 = state_dir(node_dir(out / "data", 0))
+    before = [len(Ledger.in_dir(state_dir(node_dir(out / "data", i))).entries()) for i in range(2)]
+    flat = run_config(out, 2, 2, ["model_name='warm'", "output.run_name='warm'"])
+    path = deploy.write_run_config(flat, tmp_path / "rc.toml")
+    errors: list[BaseException] = []
+
+    def submit(log: Path) -> None:
+        try:
+            with log.open("w") as fh:
+                deploy.submit(home, APP_DIR, path, fh, timeout=600)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    runner = threading.Thread(target=submit, args=(tmp_path / "run-a.log",))
+    runner.start()
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and time.monotonic() < deadline and runner.is_alive():
+        with contextlib.suppress(OSError, ValueError):
+            status = json.loads((state0 / "worker" / STATUS_FILE).read_text())
+            if status.get("busy") == "train":
+                os.kill(status["worker_pid"], signal.SIGKILL)
+                killed = status
+        time.sleep(0.005)
+    runner.join(timeout=600)
+    assert killed is not None and not errors, errors
+    run_a = deploy.last_run(home)
+    assert run_a["status"] == "finished:completed"
+    rounds = [json.loads(line) for line in (out / "runs" / "warm" / "metrics.jsonl").read_text().splitlines()]
+    node0, node1 = (_node_id(out / "logs" / f"{name}.log") for name in node_names(2))
+    assert "error 4007" in rounds[1]["failures"][node0] and "node worker died" in rounds[1]["failures"][node0]
+    assert set(rounds[1]["train"]["nodes"]) == {node1}
+    assert set(rounds[2]["train"]["nodes"]) == {node0, node1} and not rounds[2]["failures"]  # served again
+    spent = [[e["server_round"] for e in Ledger.in_dir(state_dir(node_dir(out / "data", i))).entries()[before[i]:]]
+             for i in range(2)]
+    # one ledger entry per train message admitted: node 0's round 1 only if the worker died after
+    # the ClientApp admitted it (then the budget stays spent); never twice
+    assert spent[1] == [1, 2] and spent[0] in ([2], [1, 2]), spent
+    lines0 = served(out / "logs" / "hospital-0.log", run_a["run-id"])
+    assert lines0[1] == ("train", killed["worker_pid"], 0, "worker died")
+    assert all(pid != killed["worker_pid"] and outcome == "ok" for _, pid, _, outcome in lines0[2:])
+    lines1 = served(out / "logs" / "hospital-1.log", run_a["run-id"])
+    assert [reads for _, _, reads, _ in lines1[2:]] == [0, 0, 0]  # rounds after the first read no case
+
+    flat_b = run_config(out, 1, 2, ["model_name='warm-b'", "output.run_name='warm-b'"])
+    with (tmp_path / "run-b.log").open("w") as fh:
+        deploy.submit(home, APP_DIR, deploy.write_run_config(flat_b, tmp_path / "rc-b.toml"), fh, timeout=600)
+    run_b = deploy.last_run(home)
+    assert run_b["status"] == "finished:completed" and run_b["run-id"] != run_a["run-id"]
+    pids_a = {pid for _, pid, _, _ in lines1}
+    pids_b = {pid for _, pid, _, _ in served(out / "logs" / "hospital-1.log", run_b["run-id"])}
+    assert len(pids_b) == 1 and not pids_a & pids_b  # a new run, a fresh worker: nothing of run A in it

@@ -77,6 +77,15 @@ def add_parsers(sub: Any, node: Any) -> None:
     nstart.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's runtime API")
     nstart.add_argument("--allow-identifiable-dicom", action="store_true")
     nstart.add_argument("--insecure", action="store_true", help="no TLS: local tests only")
+    nstart.add_argument("--cold", action="store_true",
+                        help="Flower's own way: a fresh ClientApp process for every message (default: a warm "
+                             "worker per run that keeps torch, MONAI and the preprocessed cases loaded)")
+    nstart.add_argument("--poll-interval", type=float, default=0.25,
+                        help="seconds between the node's pulls when the coordinator has no message for it "
+                             "(Flower's own: 3; each pull is one request to the coordinator; 0.1 to 3)")
+    nstart.add_argument("--threads", type=int,
+                        help="torch threads for training (default: torch's, all cores); set it when several "
+                             "nodes share a machine")
     nstart.set_defaults(func=cmd_node_start)
     approve = node.add_parser("approve", help="approve an app version (FAB hash) to run on this node")
     approve.add_argument("hash", help="SHA-256 from the coordinator's `fl app hash`, after reviewing that code")
@@ -202,6 +211,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     from nodes.check import check_dataset
     from nodes.policy import load_policy, save_policy, state_dir
     from nodes.supernode import allowlist_path, load_allowlist, run_supernode, supernode_argv
+    from nodes.worker import write_secret
 
     data = Path(args.data).resolve()
     if "'" in str(data):
@@ -223,11 +233,16 @@ def cmd_node_start(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value and not Path(value).is_file():
             raise ConfigError(f"--{flag.replace('_', '-')}: {value} not found")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    secret = None if args.cold else write_secret(state)
     argv = supernode_argv(superlink=args.superlink, data_dir=data, state=state,
                           root_cert=Path(args.root_cert).resolve() if args.root_cert else None,
                           auth_key=Path(args.auth_key).resolve() if args.auth_key else None,
-                          port=args.port, insecure=args.insecure)
-    return run_supernode(argv, state)
+                          port=args.port, insecure=args.insecure, secret=secret)
+    return run_supernode(argv, state, runtime_port=args.port, warm=not args.cold, poll_interval=args.poll_interval)
 
 
 def cmd_node_approve(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,31 @@ def node_names(n: int) -> list[str]:
     return [f"hospital-{i}" for i in range(n)]
 
 
+@dataclass(frozen=True)
+class NodeOptions:
+    """How the demo's nodes serve messages. The defaults are OncoFed's; :data:`FLOWER_DEFAULTS`
+    is Flower 1.41's own behaviour, for comparison (``fl bench deploy``)."""
+
+    warm: bool = True  # a warm worker per run (nodes.worker); False: a ClientApp process per message
+    poll_interval: float = 0.25  # the node's wait after an empty pull (Flower: 3 s)
+    superexec_poll: float = deploy.SUPEREXEC_POLL_S  # Flower's SuperExec task poll (Flower: 1 s)
+    threads: int | None = None  # torch threads per node; None: one share of the cores; 0: torch's default
+
+    def args(self, nodes: int) -> list[str]:
+        argv = ["--poll-interval", f"{self.poll_interval:g}"] + ([] if self.warm else ["--cold"])
+        threads = max(1, (os.cpu_count() or 1) // nodes) if self.threads is None else self.threads
+        return argv + (["--threads", str(threads)] if threads else [])
+
+
+FLOWER_DEFAULTS = NodeOptions(warm=False, poll_interval=3.0, superexec_poll=1.0, threads=0)
+
+
 def start_node(procs: deploy.Processes, out: Path, name: str, data: Path, link_port: int, *,
-               key: Path | None, budget: float | None) -> Any:
+               key: Path | None, budget: float | None, options: NodeOptions = NodeOptions(), nodes: int = 3) -> Any:
     """One ``fl node start`` process for ``name`` (its own FLWR_HOME and log)."""
     argv = [sys.executable, "-m", "fl.cli", "node", "start", "--superlink", f"127.0.0.1:{link_port}",
-            "--data", str(data), "--root-cert", str(out / "certs" / "ca.crt"), "--port", str(deploy.free_port())]
+            "--data", str(data), "--root-cert", str(out / "certs" / "ca.crt"), "--port", str(deploy.free_port()),
+            *options.args(nodes)]
     if key is not None:
         argv += ["--auth-key", str(key)]
     if budget is not None:
@@ -55,9 +76,7 @@ def start_node(procs: deploy.Processes, out: Path, name: str, data: Path, link_p
         argv += ["--budget", str(budget), "--release-metrics", "exact"]
     home = out / "nodes" / name
     home.mkdir(parents=True, exist_ok=True)
-    env = deploy.flower_env(home / "flwr-home")
-    # every "hospital" shares this machine: one share of the cores each, as in simulation
-    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // 3))
+    env = deploy.flower_env(home / "flwr-home", options.superexec_poll)
     return procs.start(name, argv, env=env, cwd=home, log=out / "logs" / f"{name}.log")
 
 
@@ -107,8 +126,9 @@ def prepare(out: Path, nodes: int) -> tuple[certs_mod.CertFiles, str]:
     return files, fab
 
 
-def run_demo(out: Path, *, rounds: int = 2, nodes: int = 3, budget: float = 20.0, timeout: float = 1200,
-             overrides: list[str] | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
+def run_demo(out: Path, *, rounds: int = 2, nodes: int = 3, budget: float | None = 20.0, timeout: float = 1200,
+             overrides: list[str] | None = None, say: Callable[[str], None] = print,
+             options: NodeOptions = NodeOptions()) -> dict[str, Any]:
     """Run the localhost deployment; a summary of what it produced."""
     out = out.resolve()
     files, fab = prepare(out, nodes)
@@ -121,7 +141,8 @@ def run_demo(out: Path, *, rounds: int = 2, nodes: int = 3, budget: float = 20.0
     started = time.monotonic()
     with deploy.stopped_on_exit(deploy.Processes()) as procs:
         link = procs.start("superlink", deploy.superlink_argv(files, out / "coordinator", "127.0.0.1", link_port),
-                           env=deploy.flower_env(home), cwd=out / "coordinator", log=out / "logs" / "superlink.log")
+                           env=deploy.flower_env(home, options.superexec_poll), cwd=out / "coordinator",
+                           log=out / "logs" / "superlink.log")
         deploy.wait_for_port("127.0.0.1", link_port, 60, link, out / "logs" / "superlink.log")
         fleet_port = start_gateway(procs, out, link_port)
         say(f"SuperLink on 127.0.0.1:{link_port} (TLS, node authentication); nodes dial the Fleet-only "
@@ -129,12 +150,14 @@ def run_demo(out: Path, *, rounds: int = 2, nodes: int = 3, budget: float = 20.0
         for name in node_names(nodes):
             deploy.register_node(home, files.node_pub(name), name)
         for i, name in enumerate(node_names(nodes)):
-            start_node(procs, out, name, node_dir(out / "data", i), fleet_port, key=files.node_key(name), budget=budget)
+            start_node(procs, out, name, node_dir(out / "data", i), fleet_port, key=files.node_key(name), budget=budget,
+                       options=options, nodes=nodes)
         wait_online(home, nodes, 180, procs)
         modes = [name for name, key in (("local DP", "local_dp.enabled"), ("central DP", "central_dp.enabled"),
                                          ("SecAgg+", "secagg.enabled")) if flat[key]]
-        say(f"{nodes} SuperNodes online; submitting {rounds} rounds ({', '.join(modes) or 'no DP'}; "
-            f"node budget {budget:g})")
+        say(f"{nodes} SuperNodes online ({'warm workers' if options.warm else 'a ClientApp process per message'}); "
+            f"submitting {rounds} rounds ({', '.join(modes) or 'no DP'}; node budget "
+            f"{'none' if budget is None else f'{budget:g}'})")
         with (out / "logs" / "run.log").open("w", encoding="utf-8") as log:
             deploy.submit(home, app_dir(), config_path, log, timeout)
         run = deploy.last_run(home)

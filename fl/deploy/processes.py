@@ -31,14 +31,20 @@ from fl.errors import ConfigError, FederationError
 CONNECTION = "oncofed"
 
 
-def flower_env(home: Path) -> dict[str, str]:
-    """Environment for a Flower process: its own FLWR_HOME, no phoning home, no installs."""
+SUPEREXEC_POLL_S = 0.05
+
+
+def flower_env(home: Path, superexec_poll: float = SUPEREXEC_POLL_S) -> dict[str, str]:
+    """Environment for a Flower process: its own FLWR_HOME, no phoning home, no installs, and
+    Flower's SuperExec (it starts the ServerApp, and a cold node's ClientApp processes) looking for
+    tasks every ``superexec_poll`` s (Flower: 1 s; a local call, no network)."""
     env = with_own_scripts(dict(os.environ))
     env.update({
         "FLWR_HOME": str(home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": f"{superexec_poll:g}",
     })
     return env
 

@@ -13,6 +13,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl.config import Config, from_flat
+from fl.engine_env import prompt_object_pulls
 from fl.server.observer import LogObserver, Observer
 from fl.server.rounds import run_federation
 
@@ -29,6 +30,7 @@ def make_server_app(observer: Observer | None = None) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        prompt_object_pulls()  # the replies' arrays, in a deployment (fl.engine_env)
         cfg = from_flat(dict(context.run_config), source="run config")
         run_federation(grid, cfg, run_dir_for(cfg), observer or LogObserver())
 

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from fl import __version__, wire
 from fl.config import Config
 from fl.errors import FederationError
+from fl.packing import PackingGrid
 from fl.registry import Registry, Version
 from fl.registry.checkpoint import decode_weights, encode_weights, manifest_fields, resume_point
 from fl.registry.mlflow_mirror import MlflowMirror
@@ -84,6 +85,7 @@ def initial_arrays(cfg: Config) -> ArrayRecord:
 def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -> dict[str, Any]:
     """Run ``cfg.rounds`` rounds, committing a registry version after each; return the summary."""
     started = time.perf_counter()
+    grid = PackingGrid.wrap(grid)  # models travel as one array (fl.packing)
     registry = Registry(cfg.registry.root)
     strategy = build_strategy(cfg)
     if cfg.registry.resume:

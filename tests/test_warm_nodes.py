@@ -1,0 +1,191 @@
+"""What makes a deployed round cost what its training costs: models packed into one array, the
+prompt grid, the patches of Flower's fixed waits (each fails loudly if Flower changes them) and
+the warm worker's own checks. The end-to-end behaviour (a killed worker, a fresh worker per run,
+no data read after the first round) is in ``test_deploy.py``, against a real deployment."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import socket
+import subprocess
+import sys
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from fl.engine_env import OBJECT_FIRST_RETRY_S, prompt_object_pulls
+from fl.packing import PACKED_DATA, PACKED_LAYOUT, PackingGrid, pack_arrays, unpack_arrays, unpack_message
+from nodes import supernode
+from nodes.worker import WORKER_SCRIPT, write_secret
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> Any:
+    """Flower stamps new messages with the task's identity, which its ClientApp process sets."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = {k: getattr(TaskIdentity, k) for k in ("_task_id", "_run_id", "_node_id")}
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    yield
+    for key, value in saved.items():
+        setattr(TaskIdentity, key, value)
+
+
+def test_a_packed_model_is_one_array_and_unpacks_to_the_same_arrays() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
+    record = ArrayRecord(net.state_dict())  # float32 weights and an int64 counter
+    record["extra"] = Array(np.arange(6, dtype=np.float64).reshape(2, 3))
+    packed = pack_arrays(record)
+    assert set(packed) == {PACKED_LAYOUT, PACKED_DATA} and len(record) == 10
+    back = unpack_arrays(packed)
+    assert list(back) == list(record)  # same keys, same order
+    for key in record:
+        assert back[key].dtype == record[key].dtype and back[key].shape == record[key].shape
+        assert np.array_equal(back[key].numpy(), record[key].numpy())
+    assert back.to_torch_state_dict()["1.num_batches_tracked"].dtype == torch.int64
+    single = ArrayRecord({"w": Array(np.ones(3))})
+    assert pack_arrays(single) is single  # nothing to gain
+
+
+def test_a_malformed_pack_is_refused_and_a_reply_carrying_one_loses_its_arrays() -> None:
+    packed = pack_arrays(ArrayRecord({"a": Array(np.ones(4)), "b": Array(np.zeros(2))}))
+    short = ArrayRecord({PACKED_LAYOUT: packed[PACKED_LAYOUT],
+                         PACKED_DATA: Array(dtype="bytes", shape=(3,), stype=PACKED_DATA, data=b"abc")})
+    with pytest.raises(ValueError, match="the layout describes .* bytes, the buffer holds 3"):
+        unpack_arrays(short)
+    message = Message(RecordDict({"arrays": short, "config": ConfigRecord({"x": 1})}), dst_node_id=1,
+                      message_type="train", group_id="1")
+    unpack_message(message, strict=False)  # what the server does with a node's reply
+    assert len(message.content["arrays"]) == 0 and message.content["config"]["x"] == 1
+
+
+class _SlowGrid:
+    """A grid whose replies arrive on the third pull."""
+
+    def __init__(self) -> None:
+        self.pulls = 0
+        self.pushed: list[Message] = []
+
+    def push_messages(self, messages: Any) -> list[str]:
+        self.pushed = list(messages)
+        return [f"m{i}" for i in range(len(self.pushed))]
+
+    def pull_messages(self, ids: Any) -> list[Message]:
+        self.pulls += 1
+        if self.pulls < 3:
+            return []
+        replies = []
+        for i, sent in enumerate(self.pushed):
+            reply = Message(RecordDict({"arrays": sent.content["arrays"]}), dst_node_id=1, message_type="train",
+                            group_id="1")
+            reply.metadata.__dict__["_reply_to_message_id"] = f"m{i}"
+            replies.append(reply)
+        return replies
+
+
+def test_the_grid_packs_what_it_sends_and_pulls_replies_promptly(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr("fl.packing.time.sleep", slept.append)
+    inner = _SlowGrid()
+    grid = PackingGrid(inner)  # type: ignore[arg-type]
+    arrays = ArrayRecord({"a": Array(np.ones(4)), "b": Array(np.zeros(2))})
+    out = Message(RecordDict({"arrays": arrays}), dst_node_id=1, message_type="train", group_id="1")
+    replies = list(grid.send_and_receive([out], timeout=60))
+    assert set(inner.pushed[0].content["arrays"]) == {PACKED_LAYOUT, PACKED_DATA}  # one array on the wire
+    assert list(replies[0].content["arrays"]) == ["a", "b"]  # unpacked for the strategy
+    assert slept == [0.05, 0.05] and inner.pulls == 3  # Flower's grid: two 3 s sleeps
+    assert PackingGrid.wrap(grid) is grid
+
+
+def test_flower_still_waits_where_the_node_patch_expects() -> None:
+    """Fails when Flower changes the SuperNode's fixed waits: then the patch would do nothing."""
+    import flwr.supernode.start_client_internal as sci
+
+    assert supernode.node_wait_sites() == ["time.sleep(3)", "time.sleep(0.5)"]
+    assert "time.sleep(3)" in inspect.getsource(sci.start_client_internal)
+    assert "time.sleep(0.5)" in inspect.getsource(sci._push_messages)
+
+
+def test_the_node_patch_shortens_flowers_waits_and_keeps_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import flwr.supernode.start_client_internal as sci
+
+    monkeypatch.setattr(sci, "time", time)  # restored after the test
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    assert supernode.shorten_node_waits(0.25)
+    sci.time.sleep(3)
+    sci.time.sleep(0.5)
+    sci.time.sleep(7)
+    assert slept == [0.25, supernode.REPLY_POLL_S, 7]
+    assert sci.time.monotonic is time.monotonic
+    with pytest.raises(supernode.ConfigError, match="--poll-interval: 0.01 s is outside 0.1 to 3 s"):
+        supernode.shorten_node_waits(0.01)
+
+
+def test_object_pulls_retry_promptly_where_flower_reads_the_wait() -> None:
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.superlink.grid import http_grid
+    from flwr.supernode.runtime import run_clientapp
+
+    functions = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    saved = [dict(f.__kwdefaults__) for f in functions]  # type: ignore[arg-type]
+    try:
+        assert prompt_object_pulls()
+        assert all(f.__kwdefaults__["initial_backoff"] == OBJECT_FIRST_RETRY_S for f in functions)  # type: ignore[index]
+    finally:
+        for function, kw in zip(functions, saved, strict=True):
+            function.__kwdefaults__ = kw
+    for module in (sys.modules["flwr.supernode.start_client_internal"], http_grid, run_clientapp):
+        source = inspect.getsource(module)
+        assert "pull_objects(" in source or "pull_and_inflate_object_from_tree(" in source
+        assert "initial_backoff" not in source  # so the defaults set above are what they use
+
+
+def test_the_secret_is_the_nodes_alone(tmp_path: Path) -> None:
+    path = write_secret(tmp_path)
+    first = path.read_bytes()
+    assert len(first) == 32 and path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    assert write_secret(tmp_path).read_bytes() != first  # a new one per node start
+
+
+def _worker(tmp_path: Path, allowlist: Path) -> tuple[subprocess.Popen[bytes], Connection]:
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, str(WORKER_SCRIPT), str(theirs.fileno()), str(allowlist)],
+                            pass_fds=(theirs.fileno(),), env={"FLWR_HOME": str(tmp_path / "home"), "PATH": ""})
+    theirs.close()
+    return proc, Connection(ours.detach())
+
+
+def test_the_worker_loads_no_app_its_operator_did_not_approve(tmp_path: Path) -> None:
+    fab = b"PK\x05\x06" + b"\0" * 18  # an empty zip: whatever it holds, it must not be installed
+    digest = hashlib.sha256(fab).hexdigest()
+    allowlist = tmp_path / "approved-apps.txt"
+    allowlist.write_text("0" * 64 + "\n")
+    proc, conn = _worker(tmp_path, allowlist)
+    try:
+        assert "ready" in conn.recv()
+        message = Message(RecordDict(), dst_node_id=1, message_type="train", group_id="1")
+        from flwr.app import Context
+        from flwr.common.serde import context_to_proto, message_to_proto
+
+        job = {"fab": fab, "fab_hash": digest, "fab_id": "x/y", "fab_version": "1", "run_id": 7, "node_id": 1,
+               "task_id": 1, "message_id": "m", "message": message_to_proto(message).SerializeToString(),
+               "context": context_to_proto(Context(run_id=7, node_id=1, node_config={}, state=RecordDict(),
+                                                   run_config={})).SerializeToString()}
+        conn.send(job)
+        assert conn.recv() == {"refused": f"app {digest} is not approved by this node's operator"}
+        conn.send({**job, "fab_hash": "f" * 64})
+        assert "not the announced" in conn.recv()["refused"]
+        assert not (tmp_path / "home" / "apps").exists()  # nothing was installed
+    finally:
+        conn.close()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0  # it ends when the node's end closes
