@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ["privacy-utility", "real-tabular", "privacy-audit", "overhead", "dp-cost", "strategies", "scale"]
+ORDER = ["privacy-utility", "real-tabular", "privacy-audit", "overhead", "deploy", "dp-cost", "strategies", "scale"]
 INTRO = """# Benchmarks
 
 Every table and plot below comes from one command, `fl bench NAME` (a suite in
@@ -25,8 +25,7 @@ and `report.md`). This page is assembled from those reports by `python bench/col
 section names the exact command, the machine and the date it was measured, the mean ± std over
 seeds, and what a reader should conclude.
 
-Deployment against simulation (`python bench/deploy_vs_sim.py`) and the robustness table
-(`python bench/robustness.py`) are reported in the README.
+The robustness table (`python bench/robustness.py`) is reported in the README.
 """
 
 

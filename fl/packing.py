@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,6 +29,13 @@ log = logging.getLogger("flwr.oncofed.server")
 PACKED_DATA = "oncofed.packed"
 PACKED_LAYOUT = "oncofed.layout"
 PULL_INTERVAL_S = 0.05
+SWITCH_ENV = "ONCOFED_PACK_ARRAYS"  # "0": this process sends arrays one by one (benchmarks compare)
+
+
+def packing_on() -> bool:
+    """Whether this process packs what it sends (it always unpacks what it receives, so the two
+    sides need not agree)."""
+    return os.environ.get(SWITCH_ENV, "1") != "0"
 
 
 def pack_arrays(record: ArrayRecord) -> ArrayRecord:
@@ -69,7 +77,7 @@ def _map_arrays(content: RecordDict, change: Callable[[ArrayRecord], ArrayRecord
 
 
 def pack_message(message: Message) -> Message:
-    if message.has_content():
+    if message.has_content() and packing_on():
         message.content = _map_arrays(message.content, pack_arrays)
     return message
 

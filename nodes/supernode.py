@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -36,6 +37,9 @@ log = logging.getLogger("flwr.oncofed.node")
 
 ALLOWLIST_FILE = "approved-apps.txt"
 _HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+MESSAGE_STORED = threading.Event()  # set each time this process's SuperNode stores a message
 
 
 class AppRefused(Exception):
@@ -124,7 +128,10 @@ def install_app_guard(approved: Callable[[], set[str]]) -> None:
             return fab
 
         try:
-            return original(**{**kwargs, "receive": recording_receive, "get_fab": checked_get_fab})
+            run_id = original(**{**kwargs, "receive": recording_receive, "get_fab": checked_get_fab})
+            if run_id is not None:  # a message and its content are stored: a task is waiting
+                MESSAGE_STORED.set()
+            return run_id
         except AppRefused as refusal:
             message = seen["message"]
             log.error("run %s refused: %s", message.metadata.run_id, refusal)
@@ -212,13 +219,17 @@ def supernode_argv(*, superlink: str, data_dir: Path, state: Path, root_cert: Pa
 def run_supernode(argv: list[str], state: Path, *, runtime_port: int | None = None, warm: bool = True,
                   poll_interval: float | None = None) -> int:
     """Run Flower's SuperNode in this process with the app guard installed; with ``warm``, serve
-    its tasks with warm workers (:mod:`nodes.worker`; ``argv`` must carry the secret)."""
+    its tasks with warm workers (:mod:`nodes.worker`; ``argv`` must carry the secret). A
+    ``poll_interval`` under Flower's 3 s shortens Flower's waits (:func:`shorten_node_waits`,
+    :func:`fl.engine_env.prompt_object_pulls`); 3 s or more keeps all of Flower's own."""
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     from fl.engine_env import prompt_object_pulls, with_own_scripts
 
+    if poll_interval is not None and not MIN_IDLE_S <= poll_interval <= MAX_IDLE_S:
+        raise ConfigError(f"--poll-interval: {poll_interval:g} s is outside {MIN_IDLE_S:g} to {MAX_IDLE_S:g} s")
     install_app_guard(lambda: load_allowlist(state))
-    if poll_interval is not None:
+    if poll_interval is not None and poll_interval < FLOWER_IDLE_SLEEP_S:  # 3 s or more: Flower's own waits
         shorten_node_waits(poll_interval)
         if not prompt_object_pulls():
             log.warning("Flower no longer retries object pulls as flwr 1.41 did; keeping its waits")
@@ -228,7 +239,7 @@ def run_supernode(argv: list[str], state: Path, *, runtime_port: int | None = No
 
         secret = Path(argv[argv.index("--superexec-auth-secret-file") + 1])
         start_dispatcher(f"127.0.0.1:{runtime_port}", secret, state, lambda: load_allowlist(state),
-                         allowlist_path(state))
+                         allowlist_path(state), wake=MESSAGE_STORED)
     sys.argv = argv
     flower_supernode()
     return 0

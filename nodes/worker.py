@@ -53,7 +53,7 @@ log = logging.getLogger("flwr.oncofed.node")
 WORKER_SCRIPT = Path(__file__).with_name("worker_main.py")
 SECRET_FILE = "superexec-secret"
 STATUS_FILE = "worker.json"
-TASK_POLL_S = 0.05
+TASK_POLL_S = 1.0  # a fallback: the SuperNode wakes the dispatcher when it stores a message
 SPARE_AFTER_IDLE_S = 5.0  # start the next run's worker only once the node has had no task this long
 _ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 
@@ -147,13 +147,13 @@ class Dispatcher:
     workers (see the module's docstring)."""
 
     def __init__(self, runtime_address: str, secret: bytes, state: Path, approved: Callable[[], set[str]],
-                 allowlist: Path, env: dict[str, str] | None = None) -> None:
+                 allowlist: Path, env: dict[str, str] | None = None, wake: threading.Event | None = None) -> None:
         self.address, self.secret, self.state = runtime_address, secret, state
+        self.wake = wake or threading.Event()
         self.approved, self.allowlist = approved, allowlist
         self.env = dict(os.environ if env is None else env)
         self.active: WorkerProcess | None = None
         self.spare: WorkerProcess | None = None
-        self.served: list[Served] = []
         self.stopping = threading.Event()
 
     # ----- workers -------------------------------------------------------------------------
@@ -218,7 +218,8 @@ class Dispatcher:
                 else:
                     if time.monotonic() - last_task > SPARE_AFTER_IDLE_S:
                         self._keep_spare()
-                    time.sleep(TASK_POLL_S)
+                    self.wake.wait(TASK_POLL_S)
+                    self.wake.clear()
         finally:
             client.close()
             self.close()
@@ -272,7 +273,6 @@ class Dispatcher:
                 details = served.outcome
             log.info("run %s: %s message served by worker %s in %.2f s; %d data file(s) read; %s", served.run_id,
                      served.message_type, served.worker_pid, served.seconds, served.data_files_read, served.outcome)
-            self.served.append(served)
             return served
         except Exception:  # noqa: BLE001 - the task fails; the node keeps serving
             log.exception("could not serve a ClientApp task")
@@ -334,9 +334,10 @@ def _task_id() -> int:
 
 
 def start_dispatcher(runtime_address: str, secret_file: Path, state: Path, approved: Callable[[], set[str]],
-                     allowlist: Path) -> threading.Thread:
-    """Serve the SuperNode's tasks from a daemon thread of this process."""
-    dispatcher = Dispatcher(runtime_address, secret_file.read_bytes(), state, approved, allowlist)
+                     allowlist: Path, wake: threading.Event | None = None) -> threading.Thread:
+    """Serve the SuperNode's tasks from a daemon thread of this process; ``wake`` is set when the
+    SuperNode stores a message (it is also polled every :data:`TASK_POLL_S` s)."""
+    dispatcher = Dispatcher(runtime_address, secret_file.read_bytes(), state, approved, allowlist, wake=wake)
     thread = threading.Thread(target=dispatcher.serve_forever, name="oncofed-dispatcher", daemon=True)
     thread.start()
     return thread

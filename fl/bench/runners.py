@@ -7,6 +7,9 @@
 - ``dp-cost``: DP-SGD step time and peak memory against non-private, per task.
 - ``overhead``: the same federation as OncoFed, as a hand-written Flower app
   (``bench/baselines/flower_app.py``) and as a centralised loop over the pooled data.
+- ``deploy``: the same run config on the Deployment Engine (SuperLink, gateway, 3 SuperNodes on
+  this machine, TLS, node authentication) with the cell's node settings, or in simulation:
+  wall per round, the slowest node's training, and the overhead (their difference).
 - ``privacy-audit``: canaries in one node's training set; a loss-threshold membership attack
   turned into an empirical lower bound on epsilon (:mod:`fl.bench.audit`).
 """
@@ -253,3 +256,72 @@ def _first_and_steady(round_seconds: list[float]) -> dict[str, float | None]:
     steady = round_seconds[1:]
     return {"first_round_s": round_seconds[0] if round_seconds else None,
             "steady_round_s": sum(steady) / len(steady) if steady else None}
+
+
+def _deploy_rounds(run_dir: Path) -> dict[str, Any]:
+    """Wall, slowest node's training and overhead per round; the first round apart (it starts the
+    nodes' workers or processes), the later rounds averaged."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    trained = [r for r in records if r["round"] >= 1]
+    rows = []
+    for record in trained:
+        nodes = record.get("train", {}).get("nodes", {}).values()
+        slowest = max((n.get("train-seconds", 0.0) for n in nodes), default=0.0)
+        rows.append((record["seconds"], slowest))
+    steady = rows[1:] or rows
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    return {"first_round_s": rows[0][0], "round_wall_s": mean([w for w, _ in steady]),
+            "slowest_train_s": mean([t for _, t in steady]), "overhead_s": mean([w - t for w, t in steady]),
+            "dice": records[-1].get("evaluate", {}).get("aggregate", {}).get("dice")}
+
+
+def _data_reads_after_first_round(logs: Path, run_id: str) -> int | None:
+    """Files of the nodes' data each warm worker opened after its first two messages (its first
+    evaluation and training), summed over nodes; None for cold nodes (no worker logs)."""
+    import re
+
+    pattern = re.compile(rf"run {run_id}: \w+ message served by worker \d+ in [\d.]+ s; (\d+) data file")
+    total, seen = 0, False
+    for log in sorted(logs.glob("hospital-*.log")):
+        reads = [int(m) for m in pattern.findall(log.read_text(encoding="utf-8", errors="replace"))]
+        seen = seen or bool(reads)
+        total += sum(reads[2:])
+    return total if seen else None
+
+
+@runner("deploy")
+def deploy_overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
+    import os
+
+    from fl.config import from_flat
+    from fl.deploy.demo import NodeOptions, run_config, run_demo
+    from fl.packing import SWITCH_ENV
+    from fl.server.simulation import simulate
+    from fl.tasks import get_task
+    from nodes.synth import synthesize
+
+    rounds = int(suite.settings.get("rounds", 3))
+    sets = list(suite.settings["set"]) + list(cell.get("set", [])) + [f"seed={seed}"]
+    work = _fresh(out / "work" / f"{cell.name}--seed{seed}")
+    if cell.get("engine") == "simulation":
+        synthesize(work / "data", nodes=3, task=get_task("seg2d"))
+        flat = run_config(work, rounds, 3, sets)
+        cfg = from_flat({**flat, "output.run_name": "sim"}, source=f"bench cell {cell.name}")
+        simulate(cfg)
+        return {**_deploy_rounds(work / "runs" / "sim"), "data_reads_after_round1": None}
+    options = NodeOptions(warm=bool(cell.get("warm", True)), poll_interval=float(cell.get("poll", 0.25)),
+                          superexec_poll=float(cell.get("superexec_poll", 0.05)), threads=cell.get("threads"))
+    previous = os.environ.get(SWITCH_ENV)
+    os.environ[SWITCH_ENV] = "1" if cell.get("pack", True) else "0"  # the SuperLink's and nodes' environment
+    try:
+        summary = run_demo(work, rounds=rounds, budget=None, overrides=sets, say=lambda _: None, options=options)
+    finally:
+        if previous is None:
+            os.environ.pop(SWITCH_ENV, None)
+        else:
+            os.environ[SWITCH_ENV] = previous
+    return {**_deploy_rounds(work / "runs" / "deploy"),
+            "data_reads_after_round1": _data_reads_after_first_round(work / "logs", str(summary["run_id"]))}

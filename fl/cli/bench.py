@@ -10,7 +10,7 @@ from typing import Any
 
 def add_parsers(sub: Any) -> None:
     bench = sub.add_parser("bench", help="run a benchmark suite (configs/bench/NAME.toml): table, plots, report")
-    bench.add_argument("name", help="suite name, e.g. privacy-utility, overhead, dp-cost, scale, strategies, "
+    bench.add_argument("name", help="suite name, e.g. privacy-utility, overhead, deploy, dp-cost, scale, strategies, "
                                     "privacy-audit, real-tabular")
     bench.add_argument("--quick", action="store_true", help="the suite's quick variant (minutes)")
     bench.add_argument("--seeds", type=int, help="seeds per cell (default: the suite's)")

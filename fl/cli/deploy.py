@@ -237,6 +237,8 @@ def cmd_node_start(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    # Flower's SuperExec (a cold node's ClientApp processes) looks for tasks every 1 s by default
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.05")
     secret = None if args.cold else write_secret(state)
     argv = supernode_argv(superlink=args.superlink, data_dir=data, state=state,
                           root_cert=Path(args.root_cert).resolve() if args.root_cert else None,
