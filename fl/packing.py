@@ -131,7 +131,16 @@ class PackingGrid(Grid):
         return self.inner.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages([pack_message(m) for m in messages])
+        """Push ``messages`` packed; the caller's messages keep their own content afterwards (a
+        strategy may read what it sent)."""
+        messages = list(messages)
+        contents = [m.content if m.has_content() else None for m in messages]
+        try:
+            return list(self.inner.push_messages([pack_message(m) for m in messages]))
+        finally:
+            for message, content in zip(messages, contents, strict=True):
+                if content is not None:
+                    message.content = content
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [unpack_message(m, strict=False) for m in self.inner.pull_messages(message_ids)]

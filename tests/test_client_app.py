@@ -12,6 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fl import wire
 from fl.config import Config
+from fl.packing import PACKED_DATA, PACKED_LAYOUT, unpack_arrays
 from fl.server.rounds import initial_arrays
 from nodes.client_app import app, resolve_data_dir
 
@@ -42,7 +43,8 @@ def test_train_reply_carries_only_weights_count_and_aggregate_metrics(tiny_feder
     assert reply.content[wire.NODE_INFO][wire.DEVICE_NAME] == ("cpu" if not torch.cuda.is_available()
                                                                else f"cuda:0 ({torch.cuda.get_device_name(0)})")
     assert len(reply.content[wire.NODE_INFO][wire.DATASET_FINGERPRINT]) == 64
-    assert set(reply.content[wire.ARRAYS].keys()) == set(msg.content[wire.ARRAYS].keys())
+    assert set(reply.content[wire.ARRAYS].keys()) == {PACKED_LAYOUT, PACKED_DATA}  # one array on the wire
+    assert set(unpack_arrays(reply.content[wire.ARRAYS]).keys()) == set(msg.content[wire.ARRAYS].keys())
     metrics = dict(reply.content[wire.METRICS])
     assert set(metrics) == {wire.NUM_EXAMPLES, wire.TRAIN_LOSS, wire.TRAIN_SECONDS}
     assert all(isinstance(v, (int, float)) for v in metrics.values())

@@ -74,6 +74,7 @@ class _SlowGrid:
 
     def push_messages(self, messages: Any) -> list[str]:
         self.pushed = list(messages)
+        self.sent_keys = [set(m.content["arrays"]) for m in self.pushed]
         return [f"m{i}" for i in range(len(self.pushed))]
 
     def pull_messages(self, ids: Any) -> list[Message]:
@@ -97,7 +98,8 @@ def test_the_grid_packs_what_it_sends_and_pulls_replies_promptly(monkeypatch: py
     arrays = ArrayRecord({"a": Array(np.ones(4)), "b": Array(np.zeros(2))})
     out = Message(RecordDict({"arrays": arrays}), dst_node_id=1, message_type="train", group_id="1")
     replies = list(grid.send_and_receive([out], timeout=60))
-    assert set(inner.pushed[0].content["arrays"]) == {PACKED_LAYOUT, PACKED_DATA}  # one array on the wire
+    assert inner.sent_keys == [{PACKED_LAYOUT, PACKED_DATA}]  # one array on the wire
+    assert list(out.content["arrays"]) == ["a", "b"]  # the caller's message is as it was
     assert list(replies[0].content["arrays"]) == ["a", "b"]  # unpacked for the strategy
     assert slept == [0.05, 0.05] and inner.pulls == 3  # Flower's grid: two 3 s sleeps
     assert PackingGrid.wrap(grid) is grid
