@@ -246,13 +246,14 @@ def test_fedbn_keeps_a_nodes_batchnorm_and_replies_the_global_one(spleen: Bundle
 @pytest.fixture(scope="module")
 def federated(work: Path, spleen: BundleTask, ct_sites: list[Path]) -> Path:
     """Three rounds, two simulated nodes, the spleen-style bundle (one round of 8 epochs averages
-    two diverged BatchNorm models into one that predicts no foreground: 0.005 -> 0.0)."""
+    two diverged BatchNorm models into one that predicts no foreground: 0.005 -> 0.0). FedAvg of
+    BatchNorm models is fragile here: with DataLoader worker processes (other random crops) the
+    same 3 x 3 epochs measured 0.0 after round 3, so those are exercised by the FedBN run below."""
     clear_cache()
     code = main(["run", str(Path(__file__).resolve().parents[1] / "configs" / "spleen-ct.toml"),
                  "--out", str(work / "runs"), "--set", f'bundle="{spleen.root}"',
                  "--set", f'data.root="{ct_sites[0].parent}"', "--set", "data.synthesize=false",
                  "--set", "rounds=3", "--set", "train.epochs=3", "--set", f'registry.root="{work / "registry"}"',
-                 "--set", "train.workers=1",  # DataLoader worker processes inside the virtual nodes
                  "--set", "output.run_name=spleen"])
     assert code == 0
     return work
@@ -261,7 +262,7 @@ def federated(work: Path, spleen: BundleTask, ct_sites: list[Path]) -> Path:
 def test_federated_rounds_commit_versions_naming_the_bundle(federated: Path, spleen: BundleTask) -> None:
     summary = json.loads((federated / "runs" / "spleen" / "summary.json").read_text())
     assert summary["task"] == "bundle:spleen_ct_segmentation"
-    assert summary["final_metrics"]["dice"] > summary["initial_metrics"]["dice"] + 0.2  # measured 0.005 -> 0.50
+    assert summary["final_metrics"]["dice"] > summary["initial_metrics"]["dice"] + 0.2  # measured 0.005 -> 0.50 (seeds 1, 2: 0.32, 0.36)
     version = Registry(federated / "registry").verify("spleen-ct")[-1]
     m = version.manifest
     assert m["bundle"]["digest"] == spleen.digest and m["bundle"]["name"] == "spleen_ct_segmentation"
@@ -337,6 +338,7 @@ def test_fedbn_keeps_batchnorm_on_the_nodes_in_a_federated_run(work: Path, splee
                  "--out", str(work / "runs"), "--set", f'bundle="{spleen.root}"', "--set", f'data.root="{sites}"',
                  "--set", "data.synthesize=false", "--set", "rounds=3", "--set", "train.epochs=3",
                  "--set", 'train.batchnorm="local"',
+                 "--set", "train.workers=1",  # DataLoader worker processes inside the virtual nodes
                  "--set", f'registry.root="{work / "registry-fedbn"}"', "--set", "output.run_name=spleen-fedbn"])
     assert code == 0
     from safetensors.torch import load_file
@@ -352,5 +354,5 @@ def test_fedbn_keeps_batchnorm_on_the_nodes_in_a_federated_run(work: Path, splee
     kept = [list((sites / f"node-{i}" / ".oncofed" / fedbn.FOLDER).glob("*.safetensors")) for i in range(2)]
     assert all(len(files) == 1 for files in kept)
     summary = json.loads((work / "runs" / "spleen-fedbn" / "summary.json").read_text())
-    # each node validates with its own BatchNorm layers; measured 0.005 -> 0.37
+    # each node validates with its own BatchNorm layers; measured 0.005 -> 0.48 (seed 1: 0.46)
     assert summary["final_metrics"]["dice"] > summary["initial_metrics"]["dice"] + 0.2
