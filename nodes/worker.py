@@ -16,7 +16,9 @@ tasks itself, as a SuperExec would, from the SuperNode's runtime API:
   nothing of a run (modules, caches, random state) reaches the next, and Python's module cache
   cannot run an old app's code for a new one. A spare worker with the libraries loaded is kept
   ready for the next run; it is started when the node starts and after the node has had no task
-  for :data:`SPARE_AFTER_IDLE_S` s, so its imports do not compete with a round's training.
+  for :data:`SPARE_AFTER_IDLE_S` s, so its imports do not compete with a round's training. A run's
+  worker ends after :data:`RETIRE_AFTER_IDLE_S` s without a task (its memory is freed; a later
+  message of the same run gets a fresh worker, which reads the cases from the disk cache).
 
 Safety. The runtime API listens on 127.0.0.1 only; acquiring a task needs an HMAC with a random
 secret written 0600 in the node's state folder (Flower's SuperExec authentication), and every
@@ -55,6 +57,7 @@ SECRET_FILE = "superexec-secret"
 STATUS_FILE = "worker.json"
 TASK_POLL_S = 1.0  # a fallback: the SuperNode wakes the dispatcher when it stores a message
 SPARE_AFTER_IDLE_S = 5.0  # start the next run's worker only once the node has had no task this long
+RETIRE_AFTER_IDLE_S = 1800.0  # a run's worker (and the cases it holds in memory) ends after this long idle
 _ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 
 
@@ -216,8 +219,12 @@ class Dispatcher:
                     self.serve_task(res.token)
                     last_task = time.monotonic()
                 else:
-                    if time.monotonic() - last_task > SPARE_AFTER_IDLE_S:
+                    idle = time.monotonic() - last_task
+                    if idle > SPARE_AFTER_IDLE_S:
                         self._keep_spare()
+                    if idle > RETIRE_AFTER_IDLE_S and self.active is not None:  # its run is most likely over
+                        self.active.stop()
+                        self.active = None
                     self.wake.wait(TASK_POLL_S)
                     self.wake.clear()
         finally:
