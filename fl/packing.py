@@ -1,12 +1,14 @@
-"""Models travel as one array, and replies are collected promptly.
+"""A message's content travels as one array, and replies are collected promptly.
 
-Flower 1.41 moves every ``Array`` of a message as an object of its own: in a deployment each
-array costs one HTTPS request per hop (ServerApp to SuperLink, SuperLink to SuperNode, SuperNode
-to its ClientApp, and back), so a 2D UNet of 65 tensors took about 3 s per hop on localhost
-while its training took 1 s. OncoFed packs an ``ArrayRecord`` of several arrays into two (a JSON
-layout and the arrays' bytes, each ``Array`` byte for byte as Flower serialised it) before a
-message leaves, and unpacks it on arrival: the server side in :class:`PackingGrid`, the nodes in
-the ClientApp's outermost mod. What the arrays hold, and who sees them, is unchanged.
+Flower 1.41 moves every record and every ``Array`` of a message as an object of its own: in a
+deployment each costs one HTTPS request per hop (ServerApp to SuperLink, SuperLink to SuperNode,
+SuperNode to its ClientApp, and back), so a 2D UNet of 65 tensors took about 3 s per hop on
+localhost while its training took 1 s. OncoFed serialises a message's whole content (Flower's own
+protobuf form of the ``RecordDict``: arrays, configs and metrics, byte for byte) into one array
+before the message leaves and restores it on arrival: the server side in :class:`PackingGrid`,
+the nodes in the ClientApp's outermost mod. What the records hold, and who sees them, is
+unchanged; a reply whose packed content does not parse becomes an error reply
+(:data:`fl.wire.ERROR_MALFORMED_REPLY`) naming its node.
 
 :class:`PackingGrid` also pulls replies every :data:`PULL_INTERVAL_S` in ``send_and_receive``
 (Flower's deployment grid sleeps 3 s between pulls, and SecAgg+'s workflow calls it in each of
@@ -15,21 +17,22 @@ its four stages). It wraps a Grid through the public ``Grid`` interface only.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fl import wire
+
 log = logging.getLogger("flwr.oncofed.server")
+PACKED_CONTENT = "oncofed.content"
 PACKED_DATA = "oncofed.packed"
-PACKED_LAYOUT = "oncofed.layout"
 PULL_INTERVAL_S = 0.05
-SWITCH_ENV = "ONCOFED_PACK_ARRAYS"  # "0": this process sends arrays one by one (benchmarks compare)
+SWITCH_ENV = "ONCOFED_PACK_ARRAYS"  # "0": this process sends records as Flower does (benchmarks compare)
 
 
 def packing_on() -> bool:
@@ -38,64 +41,59 @@ def packing_on() -> bool:
     return os.environ.get(SWITCH_ENV, "1") != "0"
 
 
-def pack_arrays(record: ArrayRecord) -> ArrayRecord:
-    """``record``'s arrays as one layout and one buffer (unchanged if it holds fewer than two)."""
-    if len(record) < 2 or PACKED_DATA in record:
-        return record
-    layout = [[key, array.dtype, list(array.shape), array.stype, len(array.data)] for key, array in record.items()]
-    data = b"".join(array.data for array in record.values())
-    text = json.dumps(layout).encode()
-    return ArrayRecord({PACKED_LAYOUT: Array(dtype="json", shape=(len(text),), stype=PACKED_LAYOUT, data=text),
-                        PACKED_DATA: Array(dtype="bytes", shape=(len(data),), stype=PACKED_DATA, data=data)})
+def pack_content(content: RecordDict) -> RecordDict:
+    """``content`` as one record holding one array: its records in Flower's protobuf form (as it
+    is when that would not save Flower any object)."""
+    from flwr.common.serde import recorddict_to_proto
+
+    objects = sum(1 + (len(r) if isinstance(r, ArrayRecord) else 0) for r in content.values())
+    if PACKED_CONTENT in content or objects <= 2:  # packed, or nothing to gain (an evaluation's metrics)
+        return content
+    data = recorddict_to_proto(content).SerializeToString()
+    return RecordDict({PACKED_CONTENT: ArrayRecord({PACKED_DATA: Array(dtype="bytes", shape=(len(data),),
+                                                                        stype=PACKED_CONTENT, data=data)})})
 
 
-def unpack_arrays(record: ArrayRecord) -> ArrayRecord:
-    """The arrays :func:`pack_arrays` packed, in their order; a malformed pack is a ValueError."""
-    if PACKED_DATA not in record:
-        return record
-    if set(record) != {PACKED_DATA, PACKED_LAYOUT}:
-        raise ValueError(f"packed arrays: expected exactly {PACKED_LAYOUT!r} and {PACKED_DATA!r}, got {sorted(record)}")
-    data = bytes(record[PACKED_DATA].data)
+def unpack_content(content: RecordDict) -> RecordDict:
+    """The records :func:`pack_content` packed (``content`` itself if it is not packed); a
+    malformed pack is a ValueError."""
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    if PACKED_CONTENT not in content:
+        return content
+    record = content[PACKED_CONTENT]
+    if len(content) != 1 or not isinstance(record, ArrayRecord) or list(record) != [PACKED_DATA]:
+        raise ValueError(f"packed content: expected only {PACKED_CONTENT!r} holding {PACKED_DATA!r}")
     try:
-        layout = json.loads(bytes(record[PACKED_LAYOUT].data))
-        sizes = [int(entry[4]) for entry in layout]
-    except (ValueError, TypeError, IndexError, KeyError):
-        raise ValueError("packed arrays: the layout is not a list of [key, dtype, shape, stype, bytes]") from None
-    if sum(sizes) != len(data) or min(sizes, default=0) < 0:
-        raise ValueError(f"packed arrays: the layout describes {sum(sizes)} bytes, the buffer holds {len(data)}")
-    arrays, offset = {}, 0
-    for (key, dtype, shape, stype, _), size in zip(layout, sizes, strict=True):
-        arrays[str(key)] = Array(dtype=str(dtype), shape=tuple(int(s) for s in shape), stype=str(stype),
-                                 data=data[offset:offset + size])
-        offset += size
-    return ArrayRecord(arrays)
-
-
-def _map_arrays(content: RecordDict, change: Callable[[ArrayRecord], ArrayRecord]) -> RecordDict:
-    return RecordDict({key: change(value) if isinstance(value, ArrayRecord) else value
-                       for key, value in content.items()})
+        return recorddict_from_proto(ProtoRecordDict.FromString(bytes(record[PACKED_DATA].data)))
+    except Exception as exc:  # noqa: BLE001 - protobuf's and Flower's errors, whatever the bytes were
+        raise ValueError(f"packed content: not a record dict ({type(exc).__name__})") from None
 
 
 def pack_message(message: Message) -> Message:
     if message.has_content() and packing_on():
-        message.content = _map_arrays(message.content, pack_arrays)
+        message.content = pack_content(message.content)
     return message
 
 
-def _unpack_or_empty(record: ArrayRecord) -> ArrayRecord:
-    """A reply's arrays; a malformed pack becomes an empty record, which the server's update
-    validation refuses like any reply that lacks the model's arrays (one node cannot stop a round)."""
-    try:
-        return unpack_arrays(record)
-    except ValueError as exc:
-        log.warning("%s; the reply's arrays are dropped", exc)
-        return ArrayRecord()
-
-
-def unpack_message(message: Message, *, strict: bool = True) -> Message:
+def unpack_message(message: Message) -> Message:
+    """``message`` with its content unpacked; a ValueError if the pack is malformed."""
     if message.has_content():
-        message.content = _map_arrays(message.content, unpack_arrays if strict else _unpack_or_empty)
+        message.content = unpack_content(message.content)
     return message
+
+
+def unpack_reply(reply: Message) -> Message:
+    """A node's reply unpacked, or an error reply naming what was wrong (one malformed reply
+    cannot stop a round: the round records it as that node's failure)."""
+    from flwr.common.serde import make_message
+
+    try:
+        return unpack_message(reply)
+    except ValueError as exc:
+        log.warning("node %s: %s", reply.metadata.src_node_id, exc)
+        return make_message(metadata=reply.metadata, error=Error(code=wire.ERROR_MALFORMED_REPLY, reason=str(exc)))
 
 
 def packed_arrays_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
@@ -143,7 +141,7 @@ class PackingGrid(Grid):
                     message.content = content
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [unpack_message(m, strict=False) for m in self.inner.pull_messages(message_ids)]
+        return [unpack_reply(m) for m in self.inner.pull_messages(message_ids)]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         pending = set(self.push_messages(messages))

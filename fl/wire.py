@@ -73,6 +73,7 @@ ERROR_LEDGER = 4005  # the node's ledger failed its checksum: it refuses to trai
 ERROR_APP_NOT_APPROVED = 4006  # the run's app (FAB) is not on the node operator's allowlist
 ERROR_NODE_WORKER_DIED = 4007  # the node's warm worker process died while serving the message
 ERROR_APP_LOAD_FAILED = 4008  # the node's worker could not import the run's (approved) app
+ERROR_MALFORMED_REPLY = 4009  # the server could not unpack a reply's content (fl.packing)
 
 # local DP (record level) in a train instruction; absent: no local DP
 LOCAL_NOISE_MULTIPLIER = "local-dp-noise-multiplier"

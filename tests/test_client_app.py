@@ -12,7 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fl import wire
 from fl.config import Config
-from fl.packing import PACKED_DATA, PACKED_LAYOUT, unpack_arrays
+from fl.packing import PACKED_CONTENT, unpack_content, unpack_message
 from fl.server.rounds import initial_arrays
 from nodes.client_app import app, resolve_data_dir
 
@@ -37,14 +37,14 @@ def _context(node_config: dict, run_config: dict | None = None) -> Context:
 def test_train_reply_carries_only_weights_count_and_aggregate_metrics(tiny_federation: Path) -> None:
     msg = _message(MessageType.TRAIN)
     reply = app(msg, _context({wire.NODE_DATA_DIR: str(tiny_federation / "node-0")}))
-    assert not reply.has_error()
+    assert not reply.has_error() and list(reply.content) == [PACKED_CONTENT]  # one array on the wire
+    reply.content = unpack_content(reply.content)
     assert set(reply.content.keys()) == {wire.ARRAYS, wire.METRICS, wire.NODE_INFO}
     assert set(reply.content[wire.NODE_INFO].keys()) == {wire.DATASET_FINGERPRINT, wire.DEVICE_NAME}
     assert reply.content[wire.NODE_INFO][wire.DEVICE_NAME] == ("cpu" if not torch.cuda.is_available()
                                                                else f"cuda:0 ({torch.cuda.get_device_name(0)})")
     assert len(reply.content[wire.NODE_INFO][wire.DATASET_FINGERPRINT]) == 64
-    assert set(reply.content[wire.ARRAYS].keys()) == {PACKED_LAYOUT, PACKED_DATA}  # one array on the wire
-    assert set(unpack_arrays(reply.content[wire.ARRAYS]).keys()) == set(msg.content[wire.ARRAYS].keys())
+    assert set(reply.content[wire.ARRAYS].keys()) == set(msg.content[wire.ARRAYS].keys())
     metrics = dict(reply.content[wire.METRICS])
     assert set(metrics) == {wire.NUM_EXAMPLES, wire.TRAIN_LOSS, wire.TRAIN_SECONDS}
     assert all(isinstance(v, (int, float)) for v in metrics.values())
@@ -99,7 +99,7 @@ def test_a_node_with_a_budget_releases_no_metrics_by_default(tiny_federation: Pa
 
     site = _site_with_policy(tiny_federation, tmp_path, epsilon=50.0)
     context = _context({wire.NODE_DATA_DIR: str(site)})
-    train = app(_dp_message(MessageType.TRAIN), context)
+    train = unpack_message(app(_dp_message(MessageType.TRAIN), context))
     assert not train.has_error(), train.error
     assert set(dict(train.content[wire.METRICS])) == {wire.NUM_EXAMPLES, wire.EPSILON_RECORD, wire.DELTA_RECORD}
     spent = len(Ledger.in_dir(state_dir(site)).entries())

@@ -17,6 +17,7 @@ from opacus import GradSampleModule
 from fl import wire
 from fl.config import Config
 from fl.errors import ConfigError
+from fl.packing import unpack_message
 from fl.privacy import accounting
 from fl.privacy.noise import SeededGaussian
 from fl.server.rounds import initial_arrays
@@ -173,7 +174,7 @@ def test_client_app_refuses_past_budget_and_says_why(tiny_federation: Path, tmp_
     def ask() -> Message:
         msg = Message(content=RecordDict({wire.ARRAYS: initial_arrays(Config()), wire.CONFIG: config}),
                       dst_node_id=7, message_type=MessageType.TRAIN)
-        return app(msg, context)
+        return unpack_message(app(msg, context))  # as the server reads it (fl.packing)
 
     first = ask()
     assert not first.has_error()

@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fl import wire
 from fl.engine_env import OBJECT_FIRST_RETRY_S, prompt_object_pulls
-from fl.packing import PACKED_DATA, PACKED_LAYOUT, PackingGrid, pack_arrays, unpack_arrays, unpack_message
+from fl.packing import PACKED_CONTENT, PACKED_DATA, PackingGrid, pack_content, unpack_content, unpack_reply
 from nodes import supernode
 from nodes.worker import WORKER_SCRIPT, write_secret
 
@@ -37,32 +38,39 @@ def task_identity() -> Any:
         setattr(TaskIdentity, key, value)
 
 
-def test_a_packed_model_is_one_array_and_unpacks_to_the_same_arrays() -> None:
+def test_a_packed_message_is_one_array_and_unpacks_to_the_same_records() -> None:
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
-    record = ArrayRecord(net.state_dict())  # float32 weights and an int64 counter
-    record["extra"] = Array(np.arange(6, dtype=np.float64).reshape(2, 3))
-    packed = pack_arrays(record)
-    assert set(packed) == {PACKED_LAYOUT, PACKED_DATA} and len(record) == 10
-    back = unpack_arrays(packed)
-    assert list(back) == list(record)  # same keys, same order
-    for key in record:
-        assert back[key].dtype == record[key].dtype and back[key].shape == record[key].shape
-        assert np.array_equal(back[key].numpy(), record[key].numpy())
-    assert back.to_torch_state_dict()["1.num_batches_tracked"].dtype == torch.int64
-    single = ArrayRecord({"w": Array(np.ones(3))})
-    assert pack_arrays(single) is single  # nothing to gain
+    arrays = ArrayRecord(net.state_dict())  # float32 weights and an int64 counter
+    arrays["extra"] = Array(np.arange(6, dtype=np.float64).reshape(2, 3))
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"lr": 0.01, "task": "seg2d"}),
+                          "metrics": MetricRecord({"num-examples": 12, "train-loss": 0.5})})
+    packed = pack_content(content)
+    assert list(packed) == [PACKED_CONTENT] and list(packed[PACKED_CONTENT]) == [PACKED_DATA]  # one object
+    back = unpack_content(packed)
+    assert list(back) == ["arrays", "config", "metrics"] and list(back["arrays"]) == list(arrays)
+    for key in arrays:
+        assert back["arrays"][key].dtype == arrays[key].dtype and back["arrays"][key].shape == arrays[key].shape
+        assert np.array_equal(back["arrays"][key].numpy(), arrays[key].numpy())
+    assert back["arrays"].to_torch_state_dict()["1.num_batches_tracked"].dtype == torch.int64
+    assert dict(back["config"]) == {"lr": 0.01, "task": "seg2d"} and back["metrics"]["num-examples"] == 12
+    assert unpack_content(content) is content and pack_content(packed) is packed
+    metrics_only = RecordDict({"metrics": MetricRecord({"dice": 0.5})})
+    assert pack_content(metrics_only) is metrics_only  # an evaluation's reply: nothing to gain
 
 
-def test_a_malformed_pack_is_refused_and_a_reply_carrying_one_loses_its_arrays() -> None:
-    packed = pack_arrays(ArrayRecord({"a": Array(np.ones(4)), "b": Array(np.zeros(2))}))
-    short = ArrayRecord({PACKED_LAYOUT: packed[PACKED_LAYOUT],
-                         PACKED_DATA: Array(dtype="bytes", shape=(3,), stype=PACKED_DATA, data=b"abc")})
-    with pytest.raises(ValueError, match="the layout describes .* bytes, the buffer holds 3"):
-        unpack_arrays(short)
-    message = Message(RecordDict({"arrays": short, "config": ConfigRecord({"x": 1})}), dst_node_id=1,
-                      message_type="train", group_id="1")
-    unpack_message(message, strict=False)  # what the server does with a node's reply
-    assert len(message.content["arrays"]) == 0 and message.content["config"]["x"] == 1
+def test_a_malformed_pack_is_refused_and_a_reply_carrying_one_becomes_that_nodes_error() -> None:
+    broken = RecordDict({PACKED_CONTENT: ArrayRecord({PACKED_DATA: Array(dtype="bytes", shape=(3,),
+                                                                         stype=PACKED_CONTENT, data=b"\xff\x01a")})})
+    with pytest.raises(ValueError, match="packed content: not a record dict"):
+        unpack_content(broken)
+    packed = pack_content(RecordDict({"arrays": ArrayRecord({"a": Array(np.ones(2)), "b": Array(np.ones(3))})}))
+    extra = RecordDict({**dict(packed), "more": ConfigRecord({"y": 2})})
+    with pytest.raises(ValueError, match="expected only"):
+        unpack_content(extra)
+    reply = Message(broken, dst_node_id=1, message_type="train", group_id="1")
+    out = unpack_reply(reply)  # what the server does with a node's reply
+    assert out.has_error() and out.error.code == wire.ERROR_MALFORMED_REPLY
+    assert out.metadata.message_id == reply.metadata.message_id
 
 
 class _SlowGrid:
@@ -74,7 +82,7 @@ class _SlowGrid:
 
     def push_messages(self, messages: Any) -> list[str]:
         self.pushed = list(messages)
-        self.sent_keys = [set(m.content["arrays"]) for m in self.pushed]
+        self.sent_keys = [set(m.content) for m in self.pushed]
         return [f"m{i}" for i in range(len(self.pushed))]
 
     def pull_messages(self, ids: Any) -> list[Message]:
@@ -83,8 +91,8 @@ class _SlowGrid:
             return []
         replies = []
         for i, sent in enumerate(self.pushed):
-            reply = Message(RecordDict({"arrays": sent.content["arrays"]}), dst_node_id=1, message_type="train",
-                            group_id="1")
+            reply = Message(pack_content(RecordDict({"arrays": sent.content["arrays"]})), dst_node_id=1,
+                            message_type="train", group_id="1")
             reply.metadata.__dict__["_reply_to_message_id"] = f"m{i}"
             replies.append(reply)
         return replies
@@ -98,7 +106,7 @@ def test_the_grid_packs_what_it_sends_and_pulls_replies_promptly(monkeypatch: py
     arrays = ArrayRecord({"a": Array(np.ones(4)), "b": Array(np.zeros(2))})
     out = Message(RecordDict({"arrays": arrays}), dst_node_id=1, message_type="train", group_id="1")
     replies = list(grid.send_and_receive([out], timeout=60))
-    assert inner.sent_keys == [{PACKED_LAYOUT, PACKED_DATA}]  # one array on the wire
+    assert inner.sent_keys == [{PACKED_CONTENT}]  # one array on the wire
     assert list(out.content["arrays"]) == ["a", "b"]  # the caller's message is as it was
     assert list(replies[0].content["arrays"]) == ["a", "b"]  # unpacked for the strategy
     assert slept == [0.05, 0.05] and inner.pulls == 3  # Flower's grid: two 3 s sleeps
