@@ -96,7 +96,7 @@ def unpack_reply(reply: Message) -> Message:
         return make_message(metadata=reply.metadata, error=Error(code=wire.ERROR_MALFORMED_REPLY, reason=str(exc)))
 
 
-def packed_arrays_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+def packed_content_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """A ClientApp mod: unpack what arrives, pack what leaves (the node's side of this module)."""
     return pack_message(call_next(unpack_message(msg), context))
 

@@ -16,14 +16,14 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fl import wire
-from fl.packing import packed_arrays_mod
+from fl.packing import packed_content_mod
 from nodes import client_app as honest
 
 ATTACKS = ("scale", "nan", "scale-then-nan", "drop-round-1", "cycle")
 CYCLE = ("scale1000", "nan", "inf", "shape", "missing")
 SCALE = 100.0
 
-app = ClientApp(mods=[packed_arrays_mod])
+app = ClientApp(mods=[packed_content_mod])
 
 
 def _is_adversary(context: Context) -> bool:

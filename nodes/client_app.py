@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 
 from fl import wire
 from fl.errors import ConfigError, DataError
-from fl.packing import packed_arrays_mod
+from fl.packing import packed_content_mod
 from fl.privacy.accounting import GaussianEvent
 from fl.privacy.clipping import clip
 from fl.privacy.noise import SecureGaussian, noisy_mean
@@ -51,7 +51,7 @@ from nodes.train import evaluate_local, train_local
 
 log = logging.getLogger("flwr.oncofed.node")  # lands in the SuperNode's own log
 
-app = ClientApp(mods=[packed_arrays_mod])  # models travel as one array (fl.packing)
+app = ClientApp(mods=[packed_content_mod])  # a message's content travels as one array (fl.packing)
 # True only while Flower's secaggplus_mod runs this node's training (its masking stage): the
 # one path where the update leaves masked, whatever the server's message looks like
 _UNDER_SECAGG: contextvars.ContextVar[bool] = contextvars.ContextVar("oncofed_under_secagg", default=False)

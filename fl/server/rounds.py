@@ -85,7 +85,7 @@ def initial_arrays(cfg: Config) -> ArrayRecord:
 def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -> dict[str, Any]:
     """Run ``cfg.rounds`` rounds, committing a registry version after each; return the summary."""
     started = time.perf_counter()
-    grid = PackingGrid.wrap(grid)  # models travel as one array (fl.packing)
+    grid = PackingGrid.wrap(grid)  # a message's content travels as one array (fl.packing)
     registry = Registry(cfg.registry.root)
     strategy = build_strategy(cfg)
     if cfg.registry.resume:
