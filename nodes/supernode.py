@@ -164,6 +164,11 @@ class _NodeClock:
         return getattr(time, name)
 
 
+def check_poll_interval(idle: float) -> None:
+    if not MIN_IDLE_S <= idle <= MAX_IDLE_S:
+        raise ConfigError(f"--poll-interval: {idle:g} s is outside {MIN_IDLE_S:g} to {MAX_IDLE_S:g} s")
+
+
 def node_wait_sites() -> list[str]:
     """The waits :func:`shorten_node_waits` rewrites, as they read in Flower's SuperNode source;
     empty if Flower changed them (then nothing is patched)."""
@@ -182,8 +187,7 @@ def shorten_node_waits(idle: float) -> bool:
     module's ``time`` for :class:`_NodeClock`. If the source no longer reads as expected (Flower
     changed), nothing is patched and the node keeps Flower's waits, with a warning. Each empty pull
     is one request to the coordinator: ``idle`` bounds the load a node puts on it."""
-    if not MIN_IDLE_S <= idle <= MAX_IDLE_S:
-        raise ConfigError(f"--poll-interval: {idle:g} s is outside {MIN_IDLE_S:g} to {MAX_IDLE_S:g} s")
+    check_poll_interval(idle)
     import flwr.supernode.start_client_internal as sci
 
     if isinstance(sci.time, _NodeClock):
@@ -226,8 +230,8 @@ def run_supernode(argv: list[str], state: Path, *, runtime_port: int | None = No
 
     from fl.engine_env import prompt_object_pulls, with_own_scripts
 
-    if poll_interval is not None and not MIN_IDLE_S <= poll_interval <= MAX_IDLE_S:
-        raise ConfigError(f"--poll-interval: {poll_interval:g} s is outside {MIN_IDLE_S:g} to {MAX_IDLE_S:g} s")
+    if poll_interval is not None:
+        check_poll_interval(poll_interval)
     install_app_guard(lambda: load_allowlist(state))
     if poll_interval is not None and poll_interval < FLOWER_IDLE_SLEEP_S:  # 3 s or more: Flower's own waits
         shorten_node_waits(poll_interval)

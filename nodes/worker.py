@@ -32,10 +32,10 @@ message.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from fl import wire
+from nodes.supernode import AppRefused, check_fab
 
 log = logging.getLogger("flwr.oncofed.node")
 
@@ -133,6 +134,17 @@ class WorkerProcess:
                 self.proc.wait()
 
 
+SERVED_LOG = "run %s: %s message served by worker %s in %.2f s; %d data file(s) read; %s"
+_SERVED_LINE = re.compile(r"run (\d+): (\w+) message served by worker (\d+) in [\d.]+ s; (\d+) data file\(s\) "
+                          r"read; (.*)")
+
+
+def served_in_log(text: str, run_id: str) -> list[tuple[str, int, int, str]]:
+    """(message type, worker pid, data files read, outcome) of each message a node's log says
+    its workers served in run ``run_id``, in order (the lines :data:`SERVED_LOG` writes)."""
+    return [(m[2], int(m[3]), int(m[4]), m[5].strip()) for m in _SERVED_LINE.finditer(text) if m[1] == str(run_id)]
+
+
 @dataclass
 class Served:
     """What the node logs for each message (nothing of its content)."""
@@ -168,14 +180,18 @@ class Dispatcher:
         if self.spare is None or self.spare.proc.poll() is not None:
             self.spare = WorkerProcess(self.allowlist, self.env)
 
+    def _retire_active(self) -> None:
+        if self.active is not None:
+            self.active.stop()
+            self.active = None
+
     def worker_for(self, run_id: int, fab_hash: str) -> WorkerProcess:
         """The worker of this run; a fresh one for a new run or app (the old one is stopped)."""
         current = self.active
         if current is not None and current.proc.poll() is None and current.run_id == run_id \
                 and current.fab_hash == fab_hash:
             return current
-        if current is not None:
-            current.stop()
+        self._retire_active()
         self.active = self._fresh()
         self.active.run_id, self.active.fab_hash = run_id, fab_hash
         return self.active
@@ -222,9 +238,8 @@ class Dispatcher:
                     idle = time.monotonic() - last_task
                     if idle > SPARE_AFTER_IDLE_S:
                         self._keep_spare()
-                    if idle > RETIRE_AFTER_IDLE_S and self.active is not None:  # its run is most likely over
-                        self.active.stop()
-                        self.active = None
+                    if idle > RETIRE_AFTER_IDLE_S:  # its run is most likely over
+                        self._retire_active()
                     self.wake.wait(TASK_POLL_S)
                     self.wake.clear()
         finally:
@@ -255,12 +270,12 @@ class Dispatcher:
         try:
             message, context, run, fab = pull_task_input(client)
             kind = message.metadata.message_type
-            digest = hashlib.sha256(fab.content).hexdigest()
             reply: Message
-            if digest != fab.hash_str or digest not in self.approved():
-                reason = "tampered" if digest != fab.hash_str else "not approved by this node's operator"
-                log.error("run %s refused: app %s is %s", run.run_id, digest, reason)
-                reply = Message(Error(code=wire.ERROR_APP_NOT_APPROVED, reason=f"node refused the app: {reason}"),
+            try:
+                digest = check_fab(fab.content, fab.hash_str, self.approved())
+            except AppRefused as refusal:  # the SuperNode's guard refused it already; checked again here
+                log.error("run %s refused: %s", run.run_id, refusal)
+                reply = Message(Error(code=wire.ERROR_APP_NOT_APPROVED, reason=f"node refused the app: {refusal}"),
                                 reply_to=message)
                 served = Served(run.run_id, kind, 0, 0.0, 0, "refused")
             else:
@@ -278,8 +293,8 @@ class Dispatcher:
                 status, details = SubStatus.COMPLETED, ""
             else:
                 details = served.outcome
-            log.info("run %s: %s message served by worker %s in %.2f s; %d data file(s) read; %s", served.run_id,
-                     served.message_type, served.worker_pid, served.seconds, served.data_files_read, served.outcome)
+            log.info(SERVED_LOG, served.run_id, served.message_type, served.worker_pid, served.seconds,
+                     served.data_files_read, served.outcome)
             return served
         except Exception:  # noqa: BLE001 - the task fails; the node keeps serving
             log.exception("could not serve a ClientApp task")
@@ -303,19 +318,16 @@ class Dispatcher:
             answer = worker.call(job)
         except WorkerDied as death:
             log.error("run %s: %s while serving a %s message; starting a new worker", run_id, death, kind)
-            worker.stop()
-            self.active = None
+            self._retire_active()
             self._keep_spare()  # its replacement starts importing now, for the next message
             reply = Message(Error(code=wire.ERROR_NODE_WORKER_DIED, reason=f"node worker died: {death}"),
                             reply_to=message)
             return reply, context, Served(run_id, kind, worker.pid, time.perf_counter() - started, 0, "worker died")
         if "restart" in answer:  # cannot happen while worker_for keeps one run per worker; never serve it
-            worker.stop()
-            self.active = None
+            self._retire_active()
             raise RuntimeError(f"worker {worker.pid} refused a job: {answer['restart']}")
         if "refused" in answer or "load_failed" in answer:
-            worker.stop()
-            self.active = None
+            self._retire_active()
             code = wire.ERROR_APP_NOT_APPROVED if "refused" in answer else wire.ERROR_APP_LOAD_FAILED
             reason = answer.get("refused") or answer["load_failed"]
             log.error("run %s: the worker did not load the app: %s", run_id, reason)

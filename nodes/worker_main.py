@@ -18,6 +18,7 @@ the next.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 import time
@@ -29,6 +30,7 @@ if __name__ == "__main__":  # the script's own folder must not shadow the app's 
     sys.path.pop(0)
 
 TORCH_DEFAULT_SEED = 67280421310721  # torch's global seed in a fresh process
+log = logging.getLogger("flwr.oncofed.node")
 
 
 def approved(allowlist: Path) -> set[str]:
@@ -141,18 +143,12 @@ class Worker:
             except PermissionError as refusal:
                 return {"refused": str(refusal)}
             except Exception as exc:  # noqa: BLE001 - the app failed to import
-                import logging
-
-                logging.getLogger("flwr.oncofed.node").exception("the ClientApp failed to load")
+                log.exception("the ClientApp failed to load")
                 return {"load_failed": f"{type(exc).__name__}: {exc}"}
         try:
-            if self.app is None:
-                raise RuntimeError("the app was not loaded")
             reply = self.app(message=message, context=context)
         except Exception as exc:  # noqa: BLE001 - reported to the coordinator as Flower reports it
-            import logging
-
-            logging.getLogger("flwr.oncofed.node").exception("ClientApp raised an exception")
+            log.exception("ClientApp raised an exception")
             failed = f"{type(exc)}:<'{exc}'>"
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=failed), reply_to=message)
         reads = self.reads.stop()

@@ -34,14 +34,12 @@ from nodes.ledger import Ledger
 from nodes.policy import state_dir
 from nodes.supernode import AppRefused, approve, check_fab, fab_hash_of, load_allowlist
 from nodes.synth import node_dir, synthesize
-from nodes.worker import STATUS_FILE
-
-SERVED = re.compile(r"run (\d+): (\w+) message served by worker (\d+) in [\d.]+ s; (\d+) data file\(s\) read; (.*)")
+from nodes.worker import STATUS_FILE, served_in_log
 
 
 def served(log: Path, run_id: str) -> list[tuple[str, int, int, str]]:
     """(message type, worker pid, data files read, outcome) of each message the node served in a run."""
-    return [(m[2], int(m[3]), int(m[4]), m[5].strip()) for m in SERVED.finditer(log.read_text()) if m[1] == run_id]
+    return served_in_log(log.read_text(), run_id)
 
 
 # ----- certificates --------------------------------------------------------------------------

@@ -281,12 +281,11 @@ def _deploy_rounds(run_dir: Path) -> dict[str, Any]:
 def _data_reads_after_first_round(logs: Path, run_id: str) -> int | None:
     """Files of the nodes' data each warm worker opened after its first two messages (its first
     evaluation and training), summed over nodes; None for cold nodes (no worker logs)."""
-    import re
+    from nodes.worker import served_in_log
 
-    pattern = re.compile(rf"run {run_id}: \w+ message served by worker \d+ in [\d.]+ s; (\d+) data file")
     total, seen = 0, False
     for log in sorted(logs.glob("hospital-*.log")):
-        reads = [int(m) for m in pattern.findall(log.read_text(encoding="utf-8", errors="replace"))]
+        reads = [n for _, _, n, _ in served_in_log(log.read_text(encoding="utf-8", errors="replace"), run_id)]
         seen = seen or bool(reads)
         total += sum(reads[2:])
     return total if seen else None

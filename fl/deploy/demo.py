@@ -45,8 +45,8 @@ def node_names(n: int) -> list[str]:
 
 @dataclass(frozen=True)
 class NodeOptions:
-    """How the demo's nodes serve messages. The defaults are OncoFed's; :data:`FLOWER_DEFAULTS`
-    is Flower 1.41's own behaviour, for comparison (``fl bench deploy``)."""
+    """How the demo's nodes serve messages. The defaults are OncoFed's; ``fl bench deploy`` sets
+    Flower 1.41's own behaviour (no warm worker, 3 s and 1 s polls, torch's threads) to compare."""
 
     warm: bool = True  # a warm worker per run (nodes.worker); False: a ClientApp process per message
     poll_interval: float = 0.25  # the node's wait after an empty pull (Flower: 3 s)
@@ -57,9 +57,6 @@ class NodeOptions:
         argv = ["--poll-interval", f"{self.poll_interval:g}"] + ([] if self.warm else ["--cold"])
         threads = max(1, (os.cpu_count() or 1) // nodes) if self.threads is None else self.threads
         return argv + (["--threads", str(threads)] if threads else [])
-
-
-FLOWER_DEFAULTS = NodeOptions(warm=False, poll_interval=3.0, superexec_poll=1.0, threads=0)
 
 
 def start_node(procs: deploy.Processes, out: Path, name: str, data: Path, link_port: int, *,
