@@ -26,6 +26,7 @@ from typing import Any
 from fl import wire
 from fl.errors import ConfigError
 from fl.tasks import TASK_NAMES
+from fl.tasks.trainable import TRAINABLE
 
 Scalar = bool | int | float | str
 
@@ -233,6 +234,31 @@ class LocalDpConfig:
     enabled: bool = _key(False, "Train on every node with DP-SGD (per-sample clipping, Poisson sampling).")
     noise_multiplier: float = _key(1.0, "DP-SGD noise multiplier.", _positive)
     max_grad_norm: float = _key(1.0, "DP-SGD per-sample gradient clipping norm.", _positive)
+    trainable: str = _key(
+        "all", "Parameters trained under DP-SGD (image tasks): all, decoder (from the first transposed convolution "
+        "on), bias (biases and normalisation affines) or decoder+bias; the others keep the global model's values.",
+        _one_of(*TRAINABLE))
+    views: int = _key(1, "Augmentation multiplicity (image tasks): augmented views of each sampled case whose "
+                         "gradients are averaged before clipping; 1: off.", _positive)
+    view_augment: str = _key(
+        "flips", "The views' augmentation: flips (random flips and quarter turns, on top of the bundle's own random "
+        "transforms) or bundle (the bundle's random training transforms only).", _one_of("flips", "bundle"))
+    ema_decay: float = _key(0.0, "Each node releases the exponential moving average of its DP-SGD iterates with this "
+                                 "decay (post-processing, free of privacy cost); 0: the last iterate.",
+                            lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Non-private pretraining of the initial model on public data, by the server, before round 1."""
+
+    source: str = _key(
+        "", "Public data the server pretrains the initial model on: empty (none), synthetic (the public synthetic "
+        "generator, nodes/synth.py: its parameters are in the code) or a folder with a dataset.json of public cases.")
+    cases: int = _key(128, "Training cases the synthetic source generates.", _positive)
+    epochs: int = _key(10, "Pretraining epochs over the public cases.", _positive)
+    lr: float = _key(1e-2, "Pretraining learning rate (the task's optimizer).", _positive)
+    seed: int = _key(20250101, "Seed of the public synthetic cases and of the pretraining; public, like the data.")
 
 
 @dataclass(frozen=True)
@@ -295,6 +321,7 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     central_dp: CentralDpConfig = field(default_factory=CentralDpConfig)
     local_dp: LocalDpConfig = field(default_factory=LocalDpConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     node_policy: NodePolicyConfig = field(default_factory=NodePolicyConfig)
 
@@ -336,6 +363,26 @@ class Config:
             )
         if self.secagg.enabled:
             self._check_secagg()
+        self._check_dp_options()
+
+    def _check_dp_options(self) -> None:
+        """The local DP options that need an image task (a bundle's network and cases)."""
+        d = self.local_dp
+        image = bool(self.bundle) or self.task != "tabular"
+        if not image:
+            for key, value, default in (("trainable", d.trainable, "all"), ("views", d.views, 1),
+                                        ("ema_decay", d.ema_decay, 0.0)):
+                if value != default:
+                    raise ConfigError(f"local_dp.{key}: {value!r} is for image tasks; task {self.task!r} trains an "
+                                      f"MLP on records: leave it at {default!r}")
+        if self.pretrain.source and not image:
+            raise ConfigError(f"pretrain.source: pretraining is for image tasks, not task {self.task!r}")
+        if self.pretrain.source == "synthetic" and self.bundle:
+            raise ConfigError("pretrain.source: the public synthetic generator makes the catalogue tasks' images; "
+                              "for a bundle, name a folder of public cases (a dataset.json)")
+        if self.pretrain.source not in ("", "synthetic") and not (Path(self.pretrain.source) / "dataset.json").is_file():
+            raise ConfigError(f"pretrain.source: {self.pretrain.source!r} is neither 'synthetic' nor a folder with a "
+                              "dataset.json of public cases")
 
     def _check_bundle(self) -> None:
         from fl.tasks.bundle import BundleTask

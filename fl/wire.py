@@ -78,6 +78,10 @@ ERROR_MALFORMED_REPLY = 4009  # the server could not unpack a reply's content (f
 # local DP (record level) in a train instruction; absent: no local DP
 LOCAL_NOISE_MULTIPLIER = "local-dp-noise-multiplier"
 LOCAL_MAX_GRAD_NORM = "local-dp-max-grad-norm"
+LOCAL_TRAINABLE = "local-dp-trainable"  # fl.tasks.trainable: which parameters DP-SGD trains
+LOCAL_VIEWS = "local-dp-views"  # augmentation multiplicity
+LOCAL_VIEW_AUGMENT = "local-dp-view-augment"
+LOCAL_EMA_DECAY = "local-dp-ema-decay"
 # central DP with client-side clipping: the node clips its update to this norm
 CLIENT_CLIP_NORM = "central-dp-clip-norm"
 # distributed noise under SecAgg+: the node adds its share of z C noise for this many contributors

@@ -23,6 +23,7 @@ from fl.privacy.noise import NoiseSource, SecureGaussian
 from fl.tasks import IMAGE_KEY, LABEL_KEY
 from fl.tasks.bundle import BundleTask
 from nodes.cases import Cases
+from nodes.dp_train import DpOptions, WeightAverage, freeze_for_dp
 from nodes.train import EvalResult, TrainResult, fit
 
 
@@ -96,19 +97,54 @@ def evaluate_bundle(net: torch.nn.Module, task: BundleTask, cases: Cases, *, dev
     return EvalResult(loss=loss_sum / len(per_case), score=float(per_case.mean()), record_scores=per_case)
 
 
-def _case_batch(cases: Cases, chosen: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _case_batch(cases: Cases, chosen: list[int], views: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The chosen cases' training samples as ``(cases, samples per case, ...)``: a patch sampler's
-    samples of one case stay together, as one record."""
+    samples of one case stay together, as one record. ``views(sample) -> samples``: several
+    augmented views of each sample, which stay with their case too."""
     images, labels = [], []
     for index in chosen:
         sample = cases.dataset[index]
         samples = sample if isinstance(sample, list) else [sample]
+        if views is not None:
+            samples = views(cases, index, samples)
         images.append(torch.stack([_plain(s[IMAGE_KEY]) for s in samples]))
         labels.append(torch.stack([_plain(s[LABEL_KEY]) for s in samples]))
     if len({tuple(i.shape) for i in images}) > 1:
         raise ValueError("local DP: every case must give the same number and size of training samples "
                          f"(got {sorted({tuple(i.shape) for i in images})}); use a fixed-size patch sampler")
     return torch.stack(images), torch.stack(labels)
+
+
+def case_views(options: DpOptions, spatial_dims: int, generator: torch.Generator | None) -> Any:
+    """``views(cases, index, samples) -> samples``: ``options.views`` augmented views of one
+    case's training samples, or None for one view. ``flips``: random flips along every spatial axis and
+    quarter turns in the first two (square planes only), MONAI dictionary transforms that move
+    image and label together, on top of the bundle's own random transforms; ``bundle``: fresh
+    draws of the bundle's own random training transforms only (where flips are not
+    anatomy-preserving)."""
+    if options.views == 1:
+        return None
+    from monai.transforms import Compose, RandFlipd, RandRotate90d
+
+    keys = [IMAGE_KEY, LABEL_KEY]
+    flips = Compose([RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)])
+    turn = RandRotate90d(keys=keys, prob=0.75, max_k=3, spatial_axes=(0, 1))
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator is not None else 0
+    flips.set_random_state(seed=seed)
+    turn.set_random_state(seed=seed + 1)
+
+    def augment(sample: dict[str, Any]) -> dict[str, Any]:
+        out = flips(dict(sample))
+        image = _plain(out[IMAGE_KEY])
+        return turn(out) if image.shape[1] == image.shape[2] else out
+
+    def views(cases: Cases, index: int, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if options.view_augment == "bundle":
+            draws = [samples] + [cases.dataset[index] for _ in range(options.views - 1)]
+            return [s for d in draws for s in (d if isinstance(d, list) else [d])]
+        return [augment(s) for _ in range(options.views) for s in samples]
+
+    return views
 
 
 def per_case_gradients(net: torch.nn.Module, loss_fn: Any, images: torch.Tensor,
@@ -147,13 +183,21 @@ def onehot_outside(loss_fn: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
 
 def train_bundle_dp(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epochs: int, noise_multiplier: float,
                     max_grad_norm: float, noise: NoiseSource | None = None,
-                    device: torch.device | None = None) -> TrainResult:
+                    device: torch.device | None = None, options: DpOptions | None = None,
+                    generator: torch.Generator | None = None) -> TrainResult:
     """DP-SGD over cases with the bundle's loss and optimizer (see the module's docstring).
 
     Per-case gradients come from :func:`per_case_gradients` rather than Opacus's
     ``GradSampleModule``, whose backward hooks forbid the in-place additions MONAI's residual
     blocks make (SegResNet's ``x += identity``); Opacus's ``DPOptimizer`` then clips each case's
-    gradient, adds the noise (from ``noise``) and steps the bundle's optimizer."""
+    gradient, adds the noise (from ``noise``) and steps the bundle's optimizer.
+
+    ``options`` (:class:`DpOptions`): which parameters train (the others keep the global model's
+    values), how many augmented views of each sampled case its gradient averages before
+    clipping, and the decay of the weight average that is released instead of the last iterate.
+    None of them changes the mechanism the accountant charges: records are Poisson-sampled,
+    each record's gradient is clipped once, the noise is the same. ``generator`` draws the views'
+    random augmentations (not the sampling or the noise, which come from ``noise``)."""
     from nodes.dp_train import NoiseInjectedDPOptimizer
     from nodes.policy import local_event
 
@@ -169,12 +213,16 @@ def train_bundle_dp(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epo
     net.to(device)
     batch_size = task.batch_size
     event = local_event(len(cases), epochs=epochs, batch_size=batch_size, noise_multiplier=noise_multiplier)
+    options = options or DpOptions()
+    frozen = freeze_for_dp(net, options.trainable)
     optimizer = NoiseInjectedDPOptimizer(task.build_optimizer(net), noise_multiplier=noise_multiplier,
                                          max_grad_norm=max_grad_norm, expected_batch_size=batch_size,
                                          loss_reduction="mean", noise_source=noise)
     loss_fn, to_onehot = onehot_outside(task.build_loss())
     classes = task.out_channels
     named = [(k, p) for k, p in net.named_parameters() if p.requires_grad]
+    views = case_views(options, task.spatial_dims, generator)
+    average = WeightAverage(net, options.ema_decay) if options.ema_decay > 0 else None
     net.train()
     loss_sum, seen = 0.0, 0
     try:
@@ -182,7 +230,7 @@ def train_bundle_dp(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epo
             chosen = torch.from_numpy(noise.uniform(len(cases)) < event.sample_rate).nonzero().flatten().tolist()
             optimizer.zero_grad(set_to_none=True)
             if chosen:
-                images, labels = _case_batch(cases, chosen)
+                images, labels = _case_batch(cases, chosen, views)
                 if to_onehot:
                     from monai.networks.utils import one_hot
 
@@ -196,8 +244,14 @@ def train_bundle_dp(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epo
                 for _, p in named:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             optimizer.step()
+            if average is not None:
+                average.update(net)
+        if average is not None:
+            average.copy_to(net)
     finally:
         for _, p in named:
             p.grad_sample = None
+        for p in frozen:
+            p.requires_grad_(True)
         net.to("cpu")
     return TrainResult(loss=loss_sum / max(seen, 1), seconds=time.perf_counter() - started, steps=event.steps)

@@ -223,6 +223,13 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
     policy, ledger = load_policy(folder), Ledger.in_dir(folder)
     request = _local_dp_request(config)
     bundle = getattr(task, "kind", "") == "bundle"
+    options = _dp_options(config) if request else None
+    if options is not None and options != type(options)():
+        if not bundle:
+            raise ConfigError(f"local DP options {options} are for image tasks, not {task.name}")
+        from fl.tasks.trainable import trained_names
+
+        trained_names(net, options.trainable)  # a choice this network cannot honour fails before any spend
     epochs = int(config[wire.EPOCHS])
     batch_size = task.batch_size if bundle else int(config[wire.BATCH_SIZE])  # type: ignore[attr-defined]
     event = (
@@ -241,7 +248,7 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
 
         fedbn.swap_in(net, fedbn_path)
     if bundle:
-        result = _train_bundle(net, task, data, config, context, request, device, epochs)
+        result = _train_bundle(net, task, data, config, context, request, options, device, epochs)
     elif request:
         # imported here: Opacus takes 1.4 s to import (python -X importtime), which every
         # virtual node and every deployed ClientApp process paid, DP or not
@@ -281,16 +288,27 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
 
 
 def _train_bundle(net: torch.nn.Module, task: Any, data: LocalData, config: ConfigRecord, context: Context,
-                  request: LocalDpRequest | None, device: torch.device, epochs: int) -> Any:
+                  request: LocalDpRequest | None, options: Any, device: torch.device, epochs: int) -> Any:
     from nodes.bundle_train import train_bundle, train_bundle_dp
 
+    generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data.digest)
     if request:
         return train_bundle_dp(net, task, data.train, epochs=epochs, noise_multiplier=request.noise_multiplier,
-                               max_grad_norm=request.max_grad_norm, device=device)
-    generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data.digest)
+                               max_grad_norm=request.max_grad_norm, device=device, options=options,
+                               generator=generator)
     return train_bundle(net, task, data.train, epochs=epochs, device=device, amp=bool(config.get(wire.AMP, False)),
                         proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)), generator=generator,
                         workers=node_workers(config, context, task))
+
+
+def _dp_options(config: ConfigRecord) -> Any:
+    """The run's DP-SGD options (trained parameters, views, weight average); a server that sends
+    none gets the plain mechanism."""
+    from nodes.dp_train import DpOptions
+
+    return DpOptions(trainable=str(config.get(wire.LOCAL_TRAINABLE, "all")), views=int(config.get(wire.LOCAL_VIEWS, 1)),
+                     view_augment=str(config.get(wire.LOCAL_VIEW_AUGMENT, "flips")),
+                     ema_decay=float(config.get(wire.LOCAL_EMA_DECAY, 0.0)))
 
 
 def _with_noise_share(update: dict[str, np.ndarray], config: ConfigRecord, context: Context) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from opacus import GradSampleModule
@@ -22,6 +23,56 @@ from fl.tasks import Task
 from nodes.data import Split
 from nodes.policy import local_event
 from nodes.train import TrainResult
+
+
+@dataclass(frozen=True)
+class DpOptions:
+    """What a run asks of a node's DP-SGD beyond the mechanism's noise and clipping norm (the
+    ``local_dp`` keys of :mod:`fl.config`); none of them changes what the accountant charges."""
+
+    trainable: str = "all"  # fl.tasks.trainable.TRAINABLE
+    views: int = 1  # augmented views of a sampled record, averaged before clipping (De et al. 2022)
+    view_augment: str = "flips"  # flips (and quarter turns) on top of the bundle's random transforms, or bundle
+    ema_decay: float = 0.0  # > 0: release the exponential moving average of the iterates
+
+    def __post_init__(self) -> None:
+        if self.views < 1:
+            raise ValueError(f"local_dp.views must be >= 1, got {self.views}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"local_dp.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.view_augment not in ("flips", "bundle"):
+            raise ValueError(f"local_dp.view_augment must be flips or bundle, got {self.view_augment!r}")
+
+
+def freeze_for_dp(net: torch.nn.Module, trainable: str) -> list[torch.nn.Parameter]:
+    """Turn off the gradients of the parameters ``trainable`` leaves out (before any optimizer or
+    per-sample machinery sees the network); returns them, for the caller to turn back on."""
+    from fl.tasks.trainable import trained_names
+
+    keep = set(trained_names(net, trainable))
+    frozen = [p for name, p in net.named_parameters() if name not in keep and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
+class WeightAverage:
+    """Exponential moving average of a network's parameters over the DP iterates, started at
+    the first iterate (``torch.optim.swa_utils``): post-processing of DP releases, so free of
+    privacy cost. :meth:`copy_to` writes the average into the network that is then released."""
+
+    def __init__(self, net: torch.nn.Module, decay: float) -> None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.model = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+    def update(self, net: torch.nn.Module) -> None:
+        self.model.update_parameters(net)
+
+    @torch.no_grad()
+    def copy_to(self, net: torch.nn.Module) -> None:
+        for target, average in zip(net.parameters(), self.model.module.parameters(), strict=True):
+            target.copy_(average)
 
 
 class NoiseInjectedDPOptimizer(DPOptimizer):

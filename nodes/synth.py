@@ -181,3 +181,40 @@ def synthesize(root: str | Path, *, nodes: int, task: Task, seed: int = 0, image
 
     write_atomically(root, write)
     return [node_dir(root, i) for i in range(nodes)]
+
+
+def synthesize_public(root: str | Path, *, task: Task, cases: int, seed: int) -> Path:
+    """Public synthetic cases for pretraining (``pretrain.source = synthetic``): ``cases``
+    training cases (and one validation case per eight), drawn in turn from four site profiles
+    of the same public generator, with a public seed. Nothing here depends on any node's data.
+    Written atomically, like a federation; returns ``root``."""
+    root = Path(root)
+    if cases < 1:
+        raise DataError(f"pretrain.cases: need at least one case, got {cases}")
+    size = task.image_size
+    rng = np.random.default_rng(seed)
+    profiles = site_profiles(4, size, rng)
+    rs = np.random.RandomState(int(rng.integers(2**31)))
+    drawn = 0
+
+    def make_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        nonlocal drawn
+        profile = profiles[drawn % len(profiles)]
+        drawn += 1
+        return (*_case(task, size, profile, rs), np.eye(4))
+
+    def write(staging: Path) -> None:
+        entries = write_cases(staging, (cases, max(1, cases // 8)), make_case)
+        manifest = {
+            "name": "oncofed-public-synthetic",
+            "description": f"Public synthetic lesions from MONAI's generators (seed {seed}), for pretraining.",
+            "tensorImageSize": f"{task.spatial_dims}D",
+            "modality": {"0": "synthetic"},
+            "labels": {"0": "background", **{str(c): f"lesion-{c}" for c in range(1, task.num_classes)}},
+            "numTraining": cases,
+            **entries,
+        }
+        (staging / DATASET_JSON).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+    write_atomically(root, write)
+    return root

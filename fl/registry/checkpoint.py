@@ -50,7 +50,7 @@ def _finite(value: Any) -> Any:
 
 def manifest_fields(
     cfg: Config, *, run_id: str, record: dict[str, Any], node_info: dict[str, dict[str, str]],
-    resumed_from: str | None
+    resumed_from: str | None, lineage: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Provenance of one round's global model (the registry adds version, parent and hashes).
 
@@ -80,7 +80,10 @@ def manifest_fields(
             "central": {k: v for k, v in cfg.to_flat().items() if k.startswith("central_dp.")}
             if cfg.central_dp.enabled else None,
             "local": {"noise_multiplier": cfg.local_dp.noise_multiplier,
-                      "max_grad_norm": cfg.local_dp.max_grad_norm} if cfg.local_dp.enabled else None,
+                      "max_grad_norm": cfg.local_dp.max_grad_norm, "trainable": cfg.local_dp.trainable,
+                      "trained_parameters": (lineage or {}).get("trained_parameters"),
+                      "views": cfg.local_dp.views, "view_augment": cfg.local_dp.view_augment,
+                      "ema_decay": cfg.local_dp.ema_decay} if cfg.local_dp.enabled else None,
         },
         "secure_aggregation": {k: v for k, v in cfg.to_flat().items() if k.startswith("secagg.")}
         if cfg.secagg.enabled else None,
@@ -89,6 +92,8 @@ def manifest_fields(
         "software": software_versions(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
         "resumed_from": resumed_from,
+        # where the initial model came from: public pretraining's provenance (fl.server.pretrain), or None
+        "pretraining": (lineage or {}).get("pretraining"),
     }
     privacy = record.get("privacy") or {"client_level": None, "record_level": {}}
     if cfg.central_dp.enabled or cfg.local_dp.enabled:

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 
 from fl import __version__, wire
 from fl.config import Config
-from fl.errors import FederationError
+from fl.errors import ConfigError, FederationError
 from fl.packing import PackingGrid
 from fl.registry import Registry, Version
 from fl.registry.checkpoint import decode_weights, encode_weights, manifest_fields, resume_point
@@ -69,6 +69,10 @@ def _instructions(cfg: Config) -> tuple[ConfigRecord, ConfigRecord]:
     if cfg.local_dp.enabled:
         train[wire.LOCAL_NOISE_MULTIPLIER] = cfg.local_dp.noise_multiplier
         train[wire.LOCAL_MAX_GRAD_NORM] = cfg.local_dp.max_grad_norm
+        train[wire.LOCAL_TRAINABLE] = cfg.local_dp.trainable
+        train[wire.LOCAL_VIEWS] = cfg.local_dp.views
+        train[wire.LOCAL_VIEW_AUGMENT] = cfg.local_dp.view_augment
+        train[wire.LOCAL_EMA_DECAY] = cfg.local_dp.ema_decay
     evaluate = ConfigRecord({**_task_spec(cfg), wire.BATCH_SIZE: cfg.train.batch_size, wire.DEVICE: cfg.train.device,
                              wire.AMP: cfg.train.amp})
     if cfg.local_dp.enabled:  # tells nodes the run is under DP: their metrics default to none
@@ -77,9 +81,37 @@ def _instructions(cfg: Config) -> tuple[ConfigRecord, ConfigRecord]:
 
 
 def initial_arrays(cfg: Config) -> ArrayRecord:
-    """The initial global model: the task's network, seeded by ``cfg.seed``."""
+    """The task's freshly initialised network, seeded by ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
     return ArrayRecord(cfg.resolved_task().build_network().state_dict())
+
+
+def start_model(cfg: Config) -> tuple[ArrayRecord, dict[str, Any] | None]:
+    """The run's initial global model and its pretraining provenance: :func:`initial_arrays`, or
+    the network pretrained on public data (``pretrain.source``, :mod:`fl.server.pretrain`)."""
+    if not cfg.pretrain.source:
+        return initial_arrays(cfg), None
+    from fl.server.pretrain import pretrained
+
+    weights, provenance = pretrained(cfg)
+    return ArrayRecord(weights), provenance
+
+
+def lineage(cfg: Config, pretraining: dict[str, Any] | None) -> dict[str, Any]:
+    """What every version of the run records about its start: the pretraining provenance and,
+    under local DP, how many parameters DP-SGD trains (a choice this network cannot honour is a
+    ConfigError now, not an error on every node)."""
+    from fl.tasks.trainable import trained_names
+
+    trained = None
+    if cfg.local_dp.enabled and getattr(cfg.resolved_task(), "kind", "") == "bundle":
+        net = cfg.resolved_task().build_network()
+        try:
+            names = set(trained_names(net, cfg.local_dp.trainable))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        trained = sum(p.numel() for n, p in net.named_parameters() if n in names)
+    return {"pretraining": pretraining, "trained_parameters": trained}
 
 
 def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -> dict[str, Any]:
@@ -94,10 +126,13 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         restore_state(strategy, start.state.read_bytes())
         first_round, parent, resumed_from = int(start.manifest["round"]) + 1, start.hash, start.ref()
         central = CentralAccount.resume(cfg, start.manifest)
+        pretraining = start.manifest.get("pretraining")
     else:
         newest = registry.latest(cfg.model_name)
-        arrays, first_round, parent, resumed_from = initial_arrays(cfg), 1, newest.hash if newest else None, None
+        (arrays, pretraining), first_round = start_model(cfg), 1
+        parent, resumed_from = newest.hash if newest else None, None
         central = CentralAccount.start(cfg)
+    start_lineage = lineage(cfg, pretraining)
     mirror = MlflowMirror(cfg.registry.mlflow_uri) if cfg.registry.mlflow_uri else None
     folder = RunFolder.create(run_dir, cfg)
     train_cfg, eval_cfg = _instructions(cfg)
@@ -183,7 +218,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
             weights=encode_weights(arrays),
             state=encode_state(strategy),
             fields=manifest_fields(cfg, run_id=run_dir.name, record=record,
-                                   node_info=res.node_info(), resumed_from=resumed_from),
+                                   node_info=res.node_info(), resumed_from=resumed_from, lineage=start_lineage),
             expected_parent=parent,
         )
         parent = version.hash
