@@ -69,8 +69,9 @@ def suite_names() -> list[str]:
     return sorted(p.stem for p in SUITES.glob("*.toml"))
 
 
-def load_suite(name: str, *, quick: bool = False, seeds: int | None = None) -> Suite:
-    """Read ``configs/bench/NAME.toml``; unknown names and malformed suites are ConfigErrors."""
+def load_suite(name: str, *, quick: bool = False, seeds: int | None = None, only: list[str] | None = None) -> Suite:
+    """Read ``configs/bench/NAME.toml``; unknown names and malformed suites are ConfigErrors.
+    ``only``: measure these cells alone (``fl bench --cells``)."""
     path = SUITES / f"{name}.toml"
     if not path.is_file():
         raise ConfigError(f"bench suite {name!r}: no {path.relative_to(REPO)}; suites: {', '.join(suite_names())}")
@@ -97,6 +98,11 @@ def load_suite(name: str, *, quick: bool = False, seeds: int | None = None) -> S
         if unknown:
             raise ConfigError(f"{path}: quick.cells names unknown cell {unknown[0]!r}")
         cells = [c for c in cells if c.name in wanted]
+    if only:
+        unknown = [w for w in only if w not in {c.name for c in cells}]
+        if unknown:
+            raise ConfigError(f"--cells: {path.name} has no cell {unknown[0]!r}; cells: {', '.join(c.name for c in cells)}")
+        cells = [c for c in cells if c.name in only]
     if len({c.name for c in cells}) != len(cells):
         raise ConfigError(f"{path}: cell names must be distinct")
     n_seeds = seeds if seeds is not None else int(quick_table.get("seeds", raw.get("seeds", 1)))

@@ -14,6 +14,8 @@ def add_parsers(sub: Any) -> None:
                                     "privacy-audit, real-tabular")
     bench.add_argument("--quick", action="store_true", help="the suite's quick variant (minutes)")
     bench.add_argument("--seeds", type=int, help="seeds per cell (default: the suite's)")
+    bench.add_argument("--cells", help="comma-separated cell names: measure and report these alone (stored results of "
+                                       "the others stay for a later full run)")
     bench.add_argument("--out", help="results folder (default bench-results/NAME, or NAME-quick)")
     bench.set_defaults(func=cmd_bench)
     report = sub.add_parser("report", help="draw one run's curves: score and loss per round and node, epsilon")
@@ -26,7 +28,8 @@ def add_parsers(sub: Any) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from fl.bench import load_suite, run_suite
 
-    suite = load_suite(args.name, quick=args.quick, seeds=args.seeds)
+    only = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else None
+    suite = load_suite(args.name, quick=args.quick, seeds=args.seeds, only=only)
     out = Path(args.out or f"bench-results/{args.name}{'-quick' if args.quick else ''}").resolve()
     logging.getLogger("flwr").setLevel(logging.WARNING)
     run_suite(suite, out)
