@@ -89,14 +89,10 @@ class Policy:
         return NONE if self.requires_dp or dp_requested else EXACT
 
 
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    return max(1, math.ceil(num_examples / batch_size))
-
-
 def local_event(num_examples: int, *, epochs: int, batch_size: int, noise_multiplier: float) -> GaussianEvent:
     """The mechanism one call of :func:`nodes.dp_train.train_local_dp` applies to the node's records."""
-    q = min(1.0, batch_size / num_examples)
-    return GaussianEvent(noise_multiplier, q, epochs * steps_per_epoch(num_examples, batch_size))
+    return accounting.dp_sgd_event(num_examples, epochs=epochs, batch_size=batch_size,
+                                   noise_multiplier=noise_multiplier)
 
 
 def state_dir(data_dir: Path) -> Path:

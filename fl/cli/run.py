@@ -91,6 +91,24 @@ def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
             save_policy(state_dir(node_dir(root, index)), policy)
 
 
+def client_dp_warning(cfg: Any) -> str | None:
+    """The warning for client-level DP this federation cannot carry (:mod:`fl.privacy.plan`), or None."""
+    if not cfg.central_dp.enabled:
+        return None
+    from fl.cli.privacy import client_sample_rate, trained_parameters
+    from fl.privacy.plan import CARRIES, client_line
+
+    line = client_line(cfg.data.nodes, cfg.central_dp.noise_multiplier, sample_rate=client_sample_rate(cfg),
+                       rounds=cfg.rounds, params=trained_parameters(cfg))
+    if line.ratio <= CARRIES:
+        return None
+    return (f"central_dp: with {cfg.data.nodes} nodes, noise multiplier {cfg.central_dp.noise_multiplier:g} and "
+            f"{cfg.rounds} rounds, the noise on the aggregate is r = {line.ratio:.0f} times the largest signal over "
+            f"the run (utility needs r <= {CARRIES:g}): expect the model not to learn. Client-level DP needs many "
+            "nodes per round; for a few hospitals use record-level DP on each (local_dp). "
+            "`fl privacy plan` shows the figures.")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -123,6 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = Console()
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+    if (warning := client_dp_warning(cfg)) is not None:
+        console.print(f"[bold yellow]warning:[/] {warning}")
     prepare_data(cfg, lambda text: console.print(f"[dim]{text}"))
 
     from fl.server.simulation import simulate

@@ -51,6 +51,13 @@ class GaussianEvent:
         return cls(float(raw["noise_multiplier"]), float(raw["sample_rate"]), int(raw["steps"]))
 
 
+def dp_sgd_event(num_examples: int, *, epochs: int, batch_size: int, noise_multiplier: float) -> GaussianEvent:
+    """DP-SGD over ``num_examples`` records: ``epochs`` passes in expectation of
+    ``ceil(n / batch_size)`` Poisson-sampled steps each, at rate ``batch_size / n``."""
+    q = min(1.0, batch_size / num_examples)
+    return GaussianEvent(noise_multiplier, q, epochs * max(1, math.ceil(num_examples / batch_size)))
+
+
 def combined_noise_multiplier(update_multiplier: float, count_stddev: float) -> float:
     """One Gaussian mechanism equivalent to releasing the clipped update (multiplier ``z``)
     and the clipped-count (sensitivity 1, std ``s``) on the same sample: their RDP adds,

@@ -20,8 +20,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from safetensors.torch import save as save_torch
 
 from fl.config import Config
 from fl.errors import ConfigError, DataError
+from fl.server.run_folder import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +91,8 @@ def pretrained(cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         "weights_sha256": hashlib.sha256(data).hexdigest(),
     }
     home.mkdir(parents=True, exist_ok=True)
-    for name, body in ((WEIGHTS, data), (PROVENANCE, (json.dumps(provenance, indent=2) + "\n").encode())):
-        fd, tmp = tempfile.mkstemp(dir=home, prefix=f".{name}.")
-        with os.fdopen(fd, "wb") as out:
-            out.write(body)
-        os.replace(tmp, home / name)
+    atomic_write(home / WEIGHTS, data)
+    atomic_write(home / PROVENANCE, (json.dumps(provenance, indent=2) + "\n").encode())
     return weights, provenance
 
 

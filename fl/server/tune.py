@@ -1,0 +1,121 @@
+"""``fl privacy tune``: DP-SGD's steps, clipping norm and learning rate chosen on a public proxy.
+
+Tuning hyper-parameters on the private data would itself leak it (each trial is a release nobody
+accounts for), so the search runs on a public proxy federation only: one site per node, each with
+the case count the operator declares (a lower bound of the real one), drawn by the public synthetic
+generator (:func:`nodes.synth.synthesize_public`, public seed). Every candidate is a FedAvg run of
+the config's rounds, in this process, with DP-SGD on every proxy site, its noise calibrated so that
+the whole run meets the target epsilon at the declared case counts, from the config's own start
+(its public pretraining, if any). The best candidate, by the proxy sites' validation score averaged
+over seeds, is written as a complete run config: ``fl run`` uses it unchanged. Its noise multiplier
+is calibrated for the declared counts; a site with more cases samples at a lower rate and spends
+less.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fl.config import Config
+from fl.errors import ConfigError
+from fl.privacy import accounting
+
+PUBLIC_SEED = 20250201  # the proxy sites' seed: public, and apart from pretraining's
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    epochs: int
+    lr: float
+    clip: float
+
+
+def noise_for(cfg: Config, cases: list[int], epochs: int, epsilon: float, delta: float, batch_size: int) -> float:
+    """The DP-SGD noise multiplier keeping every declared site within ``epsilon`` over all rounds."""
+    sigmas = []
+    for n in cases:
+        event = accounting.dp_sgd_event(n, epochs=epochs, batch_size=batch_size, noise_multiplier=1.0)
+        sigmas.append(accounting.calibrate(target_epsilon=epsilon, sample_rate=event.sample_rate,
+                                           steps=event.steps * cfg.rounds, delta=delta))
+    return max(sigmas)
+
+
+def proxy_sites(cfg: Config, cases: list[int], folder: Path) -> list[Any]:
+    """The public proxy federation: one synthetic site per declared count (written once)."""
+    from fl.tasks import get_task
+    from nodes.data import load_local_data
+    from nodes.synth import synthesize_public
+
+    sites = []
+    for i, n in enumerate(cases):
+        site = folder / f"proxy-{cfg.task}-{n}-seed{PUBLIC_SEED + i}"
+        if not (site / "dataset.json").is_file():
+            synthesize_public(site, task=get_task(cfg.task), cases=n, seed=PUBLIC_SEED + i)
+        sites.append(load_local_data(site, cfg.resolved_task(), use_cache=False))
+    return sites
+
+
+def run_candidate(cfg: Config, sites: list[Any], start: dict[str, torch.Tensor], candidate: Candidate,
+                  sigma: float, seed: int) -> float:
+    """One emulated federation on the proxy sites; the sites' validation score, weighted by cases."""
+    from nodes.bundle_train import evaluate_bundle, train_bundle_dp
+    from nodes.dp_train import DpOptions
+
+    task = dataclasses.replace(cfg.resolved_task(), lr_override=candidate.lr)
+    options = DpOptions(trainable=cfg.local_dp.trainable, views=cfg.local_dp.views,
+                        view_augment=cfg.local_dp.view_augment, ema_decay=cfg.local_dp.ema_decay)
+    net = task.build_network()
+    net.load_state_dict(start)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(cfg.rounds):
+        states, weights = [], []
+        for site in sites:
+            local = copy.deepcopy(net)
+            train_bundle_dp(local, task, site.train, epochs=candidate.epochs, noise_multiplier=sigma,
+                            max_grad_norm=candidate.clip, options=options, generator=generator)
+            states.append(local.state_dict())
+            weights.append(len(site.train))
+        net.load_state_dict({k: sum(w * s[k] for w, s in zip(weights, states)) / sum(weights) for k in states[0]})
+    scored = [(evaluate_bundle(net, task, site.val).score, len(site.val)) for site in sites]
+    return sum(s * n for s, n in scored) / sum(n for _, n in scored)
+
+
+def tune(cfg: Config, *, cases: list[int], epsilon: float, delta: float, epochs: list[int], lrs: list[float],
+         clips: list[float], seeds: int, work: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Search the grid on the public proxy; returns the trials and the best candidate's settings."""
+    from fl.server.rounds import start_model
+
+    if getattr(cfg.resolved_task(), "kind", "") != "bundle" or cfg.task == "tabular" or cfg.bundle:
+        raise ConfigError("fl privacy tune: the public proxy is the synthetic generator of the catalogue's image "
+                          f"tasks (seg2d, seg3d); task {cfg.task_label!r} has none")
+    if len(cases) != cfg.data.nodes:
+        raise ConfigError(f"--cases: {len(cases)} counts, but data.nodes = {cfg.data.nodes}; give one per node")
+    cfg = cfg.replace(**{"local_dp.enabled": True})
+    sites = proxy_sites(cfg, cases, work)
+    start = start_model(cfg)[0].to_torch_state_dict()
+    batch_size = cfg.resolved_task().batch_size
+    trials = []
+    for e, lr, clip in itertools.product(epochs, lrs, clips):
+        candidate = Candidate(e, lr, clip)
+        sigma = noise_for(cfg, cases, e, epsilon, delta, batch_size)
+        started = time.perf_counter()
+        scores = [run_candidate(cfg, sites, start, candidate, sigma, seed) for seed in range(seeds)]
+        mean = sum(scores) / len(scores)
+        std = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(len(scores) - 1, 1))
+        trials.append({**dataclasses.asdict(candidate), "noise_multiplier": sigma, "score": mean, "std": std,
+                       "seconds": time.perf_counter() - started})
+        say(f"epochs {e}, lr {lr:g}, clip {clip:g}: sigma {sigma:.2f}, proxy score {mean:.3f} +- {std:.3f}")
+    best = max(trials, key=lambda t: t["score"])
+    settings = {"train.epochs": best["epochs"], "train.lr": best["lr"], "local_dp.enabled": True,
+                "local_dp.max_grad_norm": best["clip"], "local_dp.noise_multiplier": best["noise_multiplier"]}
+    return {"epsilon": epsilon, "delta": delta, "cases": cases, "rounds": cfg.rounds, "trials": trials,
+            "best": best, "settings": settings, "proxy_seed": PUBLIC_SEED}
