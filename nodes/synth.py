@@ -183,15 +183,15 @@ def synthesize(root: str | Path, *, nodes: int, task: Task, seed: int = 0, image
     return [node_dir(root, i) for i in range(nodes)]
 
 
-def synthesize_public(root: str | Path, *, task: Task, cases: int, seed: int) -> Path:
+def synthesize_public(root: str | Path, *, task: Task, cases: int, seed: int, image_size: int = 0) -> Path:
     """Public synthetic cases for pretraining (``pretrain.source = synthetic``): ``cases``
     training cases (and one validation case per eight), drawn in turn from four site profiles
     of the same public generator, with a public seed. Nothing here depends on any node's data.
-    Written atomically, like a federation; returns ``root``."""
+    ``image_size``: 0 takes the task's. Written atomically, like a federation; returns ``root``."""
     root = Path(root)
     if cases < 1:
         raise DataError(f"pretrain.cases: need at least one case, got {cases}")
-    size = task.image_size
+    size = image_size or task.image_size
     rng = np.random.default_rng(seed)
     profiles = site_profiles(4, size, rng)
     rs = np.random.RandomState(int(rng.integers(2**31)))

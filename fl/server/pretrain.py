@@ -52,9 +52,9 @@ def public_folder(cfg: Config, cache: Path) -> Path:
     p = cfg.pretrain
     if p.source != "synthetic":
         return Path(p.source).resolve()
-    folder = cache / f"public-synthetic-{cfg.task}-{p.cases}-seed{p.seed}"
+    folder = cache / f"public-synthetic-{cfg.task}-{cfg.data.image_size}-{p.cases}-seed{p.seed}"
     if not (folder / "dataset.json").is_file():
-        synthesize_public(folder, task=get_task(cfg.task), cases=p.cases, seed=p.seed)
+        synthesize_public(folder, task=get_task(cfg.task), cases=p.cases, seed=p.seed, image_size=cfg.data.image_size)
     return folder
 
 

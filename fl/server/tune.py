@@ -57,9 +57,10 @@ def proxy_sites(cfg: Config, cases: list[int], folder: Path) -> list[Any]:
 
     sites = []
     for i, n in enumerate(cases):
-        site = folder / f"proxy-{cfg.task}-{n}-seed{PUBLIC_SEED + i}"
+        site = folder / f"proxy-{cfg.task}-{cfg.data.image_size}-{n}-seed{PUBLIC_SEED + i}"
         if not (site / "dataset.json").is_file():
-            synthesize_public(site, task=get_task(cfg.task), cases=n, seed=PUBLIC_SEED + i)
+            synthesize_public(site, task=get_task(cfg.task), cases=n, seed=PUBLIC_SEED + i,
+                              image_size=cfg.data.image_size)
         sites.append(load_local_data(site, cfg.resolved_task(), use_cache=False))
     return sites
 
