@@ -30,7 +30,7 @@ from fl.tasks.trainable import TRAINABLE
 
 Scalar = bool | int | float | str
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "median", "trimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "median", "trimmedavg", "krum")
 
 
 def _key(default: Scalar, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
@@ -131,7 +131,8 @@ class StrategyConfig:
     """How the server samples nodes and aggregates their updates."""
 
     name: str = _key(
-        "fedavg", "Aggregation: fedavg, fedprox, fedadam, or robust median, trimmedavg, krum.", _one_of(*STRATEGIES)
+        "fedavg", "Aggregation: fedavg, fedprox, fedadam, fedavgm (server momentum), or robust median, "
+                  "trimmedavg, krum.", _one_of(*STRATEGIES)
     )
     fraction_train: float = _key(1.0, "Fraction of nodes sampled for training each round.", _fraction)
     fraction_evaluate: float = _key(
@@ -143,6 +144,8 @@ class StrategyConfig:
         _non_negative,
     )
     server_lr: float = _key(0.1, "FedAdam server learning rate (eta).", _positive)
+    server_momentum: float = _key(0.9, "FedAvgM server momentum (Hsu et al. 2019; server learning rate 1).",
+                                  lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
     tau: float = _key(1e-3, "FedAdam adaptivity (tau).", _positive)
     timeout: float = _key(600.0, "Seconds to wait for the nodes' replies in one round.", _positive)
     min_replies: int = _key(

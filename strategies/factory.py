@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
 
 from fl import wire
 from fl.config import Config
@@ -52,6 +61,8 @@ def _aggregation(cfg: Config, common: dict[str, Any]) -> Strategy:
         return FedProx(**common, proximal_mu=cfg.train.proximal_mu)
     if name == "fedadam":
         return FedAdam(**common, eta=cfg.strategy.server_lr, tau=cfg.strategy.tau)
+    if name == "fedavgm":
+        return FedAvgM(**common, server_learning_rate=1.0, server_momentum=cfg.strategy.server_momentum)
     if name == "median":
         return FedMedian(**common)
     if name == "trimmedavg":

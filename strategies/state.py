@@ -1,8 +1,8 @@
 """Strategy state that an identical continuation needs, as named arrays.
 
 Flower's adaptive optimisers (FedAdam and the other FedOpt strategies) keep first and second
-moments between rounds (``m_t``, ``v_t``); they live on the strategy object and are lost
-with the process. Exporting them with every committed version lets ``--resume`` continue
+moments between rounds (``m_t``, ``v_t``), FedAvgM its server momentum; they live on the strategy
+object and are lost with the process. Exporting them with every committed version lets ``--resume`` continue
 exactly where the last round left off.
 """
 
@@ -17,6 +17,7 @@ from safetensors.numpy import load as load_numpy
 from safetensors.numpy import save as save_numpy
 
 MOMENTS = ("m_t", "v_t")
+MOMENTUM = "momentum_vector"  # FedAvgM's server momentum: a list of arrays, in the model's array order
 
 
 CLIP_NORM = "central_dp/clip_norm"
@@ -37,6 +38,8 @@ def export_state(strategy: Strategy) -> dict[str, np.ndarray]:
     for attr in MOMENTS:
         for key, value in (getattr(strategy, attr, None) or {}).items():
             out[f"{attr}/{key}"] = np.ascontiguousarray(value)
+    for index, value in enumerate(getattr(strategy, MOMENTUM, None) or []):
+        out[f"{MOMENTUM}/{index:05d}"] = np.ascontiguousarray(value)
     return out
 
 
@@ -47,8 +50,13 @@ def import_state(strategy: Strategy, arrays: dict[str, np.ndarray]) -> None:
             raise ValueError(f"state holds a clipping norm but {type(strategy).__name__} has no central DP")
         strategy.clip_norm = float(arrays[CLIP_NORM][0])
     strategy = _inner(strategy)
+    momentum = sorted((name, value) for name, value in arrays.items() if name.startswith(f"{MOMENTUM}/"))
+    if momentum:
+        if not hasattr(strategy, MOMENTUM):
+            raise ValueError(f"state holds server momentum but {type(strategy).__name__} keeps none")
+        setattr(strategy, MOMENTUM, [value for _, value in momentum])
     for name, value in arrays.items():
-        if name == CLIP_NORM:
+        if name == CLIP_NORM or name.startswith(f"{MOMENTUM}/"):
             continue
         attr, _, key = name.partition("/")
         if attr not in MOMENTS or not hasattr(strategy, attr):

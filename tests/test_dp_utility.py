@@ -19,7 +19,7 @@ from fl import config
 from fl.errors import ConfigError
 from fl.privacy.noise import SeededGaussian
 from fl.privacy.plan import CARRIES, client_line, plan
-from fl.tasks import IMAGE_KEY, LABEL_KEY, resolve_task
+from fl.tasks import resolve_task
 from fl.tasks.trainable import trained_names
 from nodes.bundle_train import _case_batch, case_views, evaluate_bundle, train_bundle_dp
 from nodes.data import load_local_data

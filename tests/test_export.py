@@ -89,6 +89,18 @@ def test_fedadam_moments_and_sampling_rng_survive_a_round_trip() -> None:
     assert random.random() == expected_draw
 
 
+def test_fedavgm_server_momentum_survives_a_round_trip_in_array_order() -> None:
+    from flwr.serverapp.strategy import FedAvgM
+
+    saved = FedAvgM(server_momentum=0.9)
+    saved.momentum_vector = [np.full(3, float(i), dtype=np.float32) for i in range(12)]  # past 10: order by index
+    restored = FedAvgM(server_momentum=0.9)
+    restore_state(restored, encode_state(saved))
+    assert [float(v[0]) for v in restored.momentum_vector] == [float(i) for i in range(12)]
+    with pytest.raises(ValueError, match="server momentum"):
+        restore_state(FedAdam(), encode_state(saved))
+
+
 def test_versions_mirror_into_an_mlflow_registry_once(registry: Registry, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
