@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -152,8 +152,11 @@ def _write_site(folder: Path, task: Task, size: int, profile: SiteProfile, seed:
     (folder / DATASET_JSON).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def synthesize(root: str | Path, *, nodes: int, task: Task, seed: int = 0, image_size: int = 0) -> list[Path]:
-    """Write one folder per node under ``root``; returns the node folders.
+def synthesize(root: str | Path, *, nodes: int, task: Task, seed: int = 0, image_size: int = 0,
+               train_cases: int = 0) -> list[Path]:
+    """Write one folder per node under ``root``; returns the node folders. ``train_cases``: every
+    site gets this many training cases (and a quarter as many validation cases) instead of its
+    profile's (16 to 48), e.g. a hospital-size federation for the benchmarks.
 
     The whole federation is written in a temporary sibling folder and renamed into place, so
     an interrupted run never leaves a half-written ``root``. An existing non-empty ``root`` is
@@ -174,6 +177,8 @@ def synthesize(root: str | Path, *, nodes: int, task: Task, seed: int = 0, image
         )
     rng = np.random.default_rng(seed)
     profiles = site_profiles(nodes, size, rng)
+    if train_cases > 0:
+        profiles = [replace(p, train_cases=train_cases, val_cases=max(1, train_cases // 4)) for p in profiles]
 
     def write(staging: Path) -> None:
         for i, profile in enumerate(profiles):

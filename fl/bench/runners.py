@@ -86,7 +86,7 @@ def prepare_data(suite: Suite, nodes: int, task: str, seed: int, out: Path) -> P
     from nodes.tabular import write_federation
 
     source = suite.settings.get("data", "synthetic")
-    pristine = out / "data" / f"{task}-{source}-{nodes}-seed{seed}"
+    pristine = out / "data" / f"{task}-{source}-{nodes}-{suite.settings.get('train_cases', 0)}-seed{seed}"
     if pristine.exists():
         return pristine
     if source == "breast-cancer":
@@ -97,7 +97,8 @@ def prepare_data(suite: Suite, nodes: int, task: str, seed: int, out: Path) -> P
                          records_per_node=int(suite.settings.get("records_per_node", 60)))
     else:
         synthesize(pristine, nodes=nodes, task=get_task(task), seed=seed,
-                   image_size=int(suite.settings.get("image_size", 0)))
+                   image_size=int(suite.settings.get("image_size", 0)),
+                   train_cases=int(suite.settings.get("train_cases", 0)))
     return pristine
 
 
