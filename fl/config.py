@@ -265,6 +265,22 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """Federated validation of a registered version (`fl validate`) and the gate for its release."""
+
+    ref: str = _key("", "NAME:VERSION to validate at every site that answers, instead of training; empty: train.")
+    bootstrap: int = _key(1000, "Bootstrap resamples of a site's per-case scores for its confidence interval.",
+                          lambda v: None if v >= 100 else "must be >= 100")
+    confidence: float = _key(0.95, "Confidence level of the sites' intervals.",
+                             lambda v: None if 0.5 <= v < 1 else "must be in [0.5, 1)")
+    gate_min_score: float = _key(0.0, "Release gate: the lowest score any validating site may report; 0: none.",
+                                 _non_negative)
+    gate_max_gap: float = _key(0.0, "Release gate: the largest gap between the best and the worst site; 0: none.",
+                               _non_negative)
+    gate_min_sites: int = _key(1, "Release gate: sites that must have validated the version.", _positive)
+
+
+@dataclass(frozen=True)
 class NodePolicyConfig:
     """A privacy policy `fl run` writes into every simulated node (deployed nodes set their own)."""
 
@@ -325,6 +341,7 @@ class Config:
     central_dp: CentralDpConfig = field(default_factory=CentralDpConfig)
     local_dp: LocalDpConfig = field(default_factory=LocalDpConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     node_policy: NodePolicyConfig = field(default_factory=NodePolicyConfig)
 

@@ -21,3 +21,7 @@ class DataError(OncoFedError):
 
 class FederationError(OncoFedError):
     """A round could not be completed (too few nodes replied, every node failed, ...)."""
+
+
+class RegistryError(OncoFedError):
+    """The registry is unreadable, inconsistent, or a commit conflicts."""

@@ -78,6 +78,11 @@ ERROR_MALFORMED_REPLY = 4009  # the server could not unpack a reply's content (f
 # local DP (record level) in a train instruction; absent: no local DP
 LOCAL_NOISE_MULTIPLIER = "local-dp-noise-multiplier"
 LOCAL_MAX_GRAD_NORM = "local-dp-max-grad-norm"
+VALIDATE = "validate"  # in an evaluate instruction: bootstrap resamples for the site's confidence interval
+CONFIDENCE = "confidence"
+SCORE_LOW = "score-ci-low"  # a validation reply's interval around its score
+SCORE_HIGH = "score-ci-high"
+SITE_ID = "site-id"  # a node's pseudonymous id (HMAC under its own key), in validation replies
 LOCAL_TRAINABLE = "local-dp-trainable"  # fl.tasks.trainable: which parameters DP-SGD trains
 LOCAL_VIEWS = "local-dp-views"  # augmentation multiplicity
 LOCAL_VIEW_AUGMENT = "local-dp-view-augment"

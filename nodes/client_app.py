@@ -382,4 +382,18 @@ def _evaluate(msg: Message, context: Context) -> Message:
         values[task.record_metric] = noisy_mean(result.record_scores, policy.metrics_noise_multiplier, SecureGaussian())
         values[wire.EPSILON_RECORD] = float(entry["epsilon_after"])
         values[wire.METRICS_DP] = 1.0
-    return Message(content=RecordDict({wire.METRICS: MetricRecord(values)}), reply_to=msg)
+    content = RecordDict({wire.METRICS: MetricRecord(values)})
+    if wire.VALIDATE in config:  # fl validate: the site's interval and its pseudonymous identity
+        from nodes.validation import bootstrap_interval, noisy_interval, site_id
+
+        confidence = float(config[wire.CONFIDENCE])
+        if entry is None:
+            low, high = bootstrap_interval(result.record_scores, resamples=int(config[wire.VALIDATE]),
+                                           confidence=confidence, digest=data.digest)
+        else:
+            low, high = noisy_interval(values[task.record_metric], len(data.val), policy.metrics_noise_multiplier,
+                                       confidence)
+        values.update({wire.SCORE_LOW: low, wire.SCORE_HIGH: high})
+        content = RecordDict({wire.METRICS: MetricRecord(values), wire.NODE_INFO: ConfigRecord(
+            {wire.SITE_ID: site_id(folder), wire.DATASET_FINGERPRINT: keyed_fingerprint(folder, data.digest)})})
+    return Message(content=content, reply_to=msg)

@@ -1,81 +1,142 @@
-"""Hostile or broken replies never reach aggregation; robust aggregators resist scaling."""
+"""Federated validation, its hash-chained records, release gates and model cards."""
 
 from __future__ import annotations
 
-import numpy as np
+import json
+import shutil
+from pathlib import Path
+
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+import torch
 
-from fl import wire
-from fl.config import Config
-from strategies import build_strategy
-from strategies.validation import validate
-
-GLOBAL = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+from fl.cli import main
+from fl.errors import RegistryError
+from fl.registry import Registry
+from fl.registry.card import card_data, render
+from fl.registry.release import Gate, GateFailed, promote
+from nodes.validation import bootstrap_interval, noisy_interval
 
 
-def _record(values: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(v)) for k, v in values.items()})
+# ----- the node's intervals -------------------------------------------------------------------------
+def test_bootstrap_interval_brackets_the_mean_is_reproducible_and_narrows_with_cases() -> None:
+    torch.manual_seed(0)
+    few, many = torch.rand(8), torch.rand(200)
+    low, high = bootstrap_interval(few, resamples=2000, confidence=0.95, digest="ab" * 32)
+    assert low < float(few.mean()) < high
+    assert (low, high) == bootstrap_interval(few, resamples=2000, confidence=0.95, digest="ab" * 32)
+    low_m, high_m = bootstrap_interval(many, resamples=2000, confidence=0.95, digest="ab" * 32)
+    assert high_m - low_m < high - low
+    # the percentile bootstrap of a mean is close to the normal interval for 200 cases
+    half = 1.96 * float(many.std()) / 200 ** 0.5
+    assert (high_m - low_m) / 2 == pytest.approx(half, rel=0.15)
 
 
-def _reply(node: int, arrays: dict[str, np.ndarray], examples: object = 10) -> Message:
-    content = RecordDict({wire.ARRAYS: _record(arrays), wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: examples})})
-    msg = Message(content=content, dst_node_id=0, message_type="train")
-    msg.metadata.__dict__["_src_node_id"] = node
-    return msg
+def test_noisy_interval_uses_public_quantities_only() -> None:
+    low, high = noisy_interval(0.8, 25, 5.0, 0.95)
+    half = 1.959963984540054 * (0.25 / 25 + (5.0 / 25) ** 2) ** 0.5
+    assert (low, high) == pytest.approx((0.8 - half, min(1.0, 0.8 + half)))
 
 
-def _honest(value: float = 0.1) -> dict[str, np.ndarray]:
-    return {k: np.full_like(v, value) for k, v in GLOBAL.items()}
+# ----- one trained version, validated at 3 sites of which one never trained it ------------------------
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[type-arg]
+    from fl.tasks import get_task
+    from nodes.synth import synthesize
+
+    out = tmp_path_factory.mktemp("validation")
+    synthesize(out / "data", nodes=2, task=get_task("seg2d"), seed=3, image_size=32)
+    synthesize(out / "other", nodes=3, task=get_task("seg2d"), seed=11, image_size=32)
+    common = ["--set", f"data.root='{out / 'data'}'", "--set", "data.synthesize=false", "--set", "data.image_size=32",
+              "--set", "model_name='val'", "--set", f"registry.root='{out / 'registry'}'", "--out", str(out / "runs")]
+    assert main(["run", "configs/quickstart.toml", "--set", "rounds=1", "--set", "data.nodes=2", *common]) == 0
+    shutil.copytree(out / "other" / "node-2", out / "data" / "node-2")  # a hospital that never trained it
+    assert main(["validate", "val:v1", "configs/quickstart.toml", "--set", "data.nodes=3", *common]) == 0
+    return {"out": out, "registry": Registry(out / "registry")}
 
 
-HOSTILE = {
-    "nan": ({"w": np.full((4, 3), np.nan, np.float32), "b": np.zeros(3, np.float32)}, 10, "NaN or infinite"),
-    "inf": ({"w": np.zeros((4, 3), np.float32), "b": np.array([np.inf, 0, 0], np.float32)}, 10, "NaN or infinite"),
-    "shape": ({"w": np.zeros((3, 4), np.float32), "b": np.zeros(3, np.float32)}, 10, "float32[3, 4], the model has float32[4, 3]"),
-    "dtype": ({"w": np.zeros((4, 3), np.float64), "b": np.zeros(3, np.float32)}, 10, "is float64"),
-    "missing": ({"w": np.zeros((4, 3), np.float32)}, 10, "missing ['b']"),
-    "extra": ({**GLOBAL, "x": np.zeros(1, np.float32)}, 10, "unexpected ['x']"),
-    "scaled": ({k: v * 1000 for k, v in _honest().items()}, 10, "exceeds strategy.max_update_norm 5"),
-    "count": (_honest(), 0, "example count 0 is not a positive integer"),
-    "float-count": (_honest(), 2.5, "example count 2.5"),
-}
+def test_validate_records_every_site_with_its_interval_and_names_the_untrained_one(validated: dict) -> None:  # type: ignore[type-arg]
+    registry = validated["registry"]
+    version = registry.get("val:v1")
+    records = registry.validations(version)
+    assert len(records) == 3 and len({r["site"] for r in records}) == 3
+    assert sorted(r["trained_it"] for r in records) == [False, True, True]
+    for r in records:
+        assert r["version_hash"] == version.hash and r["metric"] == "dice" and r["release"] == "exact"
+        assert 0 <= r["ci_low"] <= r["score"] <= r["ci_high"] <= 1
+        assert r["app_hash"].startswith("source-sha256:") and r["code_version"]
+    # the run folder says the same, and no per-case value left a site
+    result = json.loads(next((validated["out"] / "runs").glob("*/validation.json")).read_text())
+    assert [s["hash"] for s in result["sites"]] == [r["hash"] for r in records]
+    assert all(set(r) <= {"site", "dataset_fingerprint", "trained_it", "metric", "score", "ci_low", "ci_high",
+                          "confidence", "cases", "release", "epsilon_spent", "time", "code_version", "app_hash",
+                          "run_id", "version", "version_hash", "prev", "hash"} for r in records)
 
 
-@pytest.mark.parametrize("kind", list(HOSTILE))
-def test_each_kind_of_bad_reply_is_excluded_with_its_reason(kind: str) -> None:
-    arrays, count, fragment = HOSTILE[kind]
-    accepted, excluded = validate([_reply(1, _honest()), _reply(666, arrays, count)], _record(GLOBAL), 5.0)
-    assert [str(m.metadata.src_node_id) for m in accepted] == ["1"]
-    assert list(excluded) == ["666"] and fragment in excluded["666"]
+def _copy(registry: Registry, tmp_path: Path) -> Registry:
+    shutil.copytree(registry.root, tmp_path / "registry")
+    return Registry(tmp_path / "registry")
 
 
-def test_validated_fedavg_stays_finite_and_clean_under_attack() -> None:
-    replies = [_reply(i, _honest()) for i in range(1, 4)] + [_reply(9, arrays, c) for arrays, c, _ in HOSTILE.values()]
-    accepted, excluded = validate(replies, _record(GLOBAL), 5.0)
-    strategy = build_strategy(Config())
-    arrays, _ = strategy.aggregate_train(1, accepted)
-    assert len(excluded) == 1  # one node id, all of its bad replies
-    assert all(np.allclose(a.numpy(), 0.1) for a in arrays.values())
+def test_verify_fails_after_a_record_is_edited(validated: dict, tmp_path: Path,  # type: ignore[type-arg]
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    registry = _copy(validated["registry"], tmp_path)
+    path = registry.get("val:v1").path / "validations.jsonl"
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["score"] = 0.99
+    path.write_text("\n".join([json.dumps(record, sort_keys=True), *lines[1:]]) + "\n")
+    assert main(["models", "verify", "val", "--registry", str(registry.root)]) != 0
+    assert "record 1 was changed after it was written" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["median", "trimmedavg", "krum"])
-def test_robust_aggregators_ignore_one_scaled_update_among_four(name: str) -> None:
-    cfg = Config().replace(**{"strategy.name": name, "data.nodes": 4, "strategy.krum_malicious": 1,
-                              "strategy.trim_beta": 0.25})
+def test_verify_fails_after_records_move_to_other_weights(validated: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    from fl.registry.checkpoint import encode_weights
+    from fl.server.rounds import initial_arrays
 
-    def replies() -> list[Message]:  # fresh each time: Flower's aggregators consume their input
-        honest = [_reply(i, _honest(0.1 + 0.01 * i)) for i in range(1, 4)]
-        return [*honest, _reply(9, {k: v * 100 for k, v in _honest(0.1).items()})]
+    registry = _copy(validated["registry"], tmp_path)
+    v1 = registry.get("val:v1")
+    from fl import config
 
-    arrays, _ = build_strategy(cfg).aggregate_train(1, replies())
-    for a in arrays.values():
-        assert np.all(np.abs(a.numpy()) < 0.2)
-    plain, _ = build_strategy(Config()).aggregate_train(1, replies())
-    assert np.all(np.abs(plain["w"].numpy()) > 2)  # what the attack does to plain FedAvg
+    v2 = registry.commit("val", weights=encode_weights(initial_arrays(config.from_flat({}))), state=b"",
+                         fields={"config": v1.manifest["config"]}, expected_parent=v1.hash)
+    shutil.move(str(v1.path / "validations.jsonl"), str(v2.path / "validations.jsonl"))
+    with pytest.raises(RegistryError, match="v2/validations.jsonl: record 1"):
+        registry.verify("val")
+
+
+def test_promotion_is_refused_by_its_gate_naming_the_sites_then_a_passing_version_is_tagged(
+        validated: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    registry = _copy(validated["registry"], tmp_path)
+    v1 = registry.get("val:v1")
+    scores = sorted(r["score"] for r in registry.validations(v1))
+    strict = Gate(min_score=scores[1] + 1e-6)  # two sites fall below it
+    with pytest.raises(GateFailed) as refused:
+        promote(registry, "val:v1", "production", strict)
+    assert refused.value.args[0].count("site ") == 2
+    assert registry.current_tags("val") == {}
+    record = promote(registry, "val:v1", "production", Gate(min_score=scores[0] - 1e-6, min_sites=3))
+    assert registry.current_tags("val") == {"production": 1} and record["gate"]["min_sites"] == 3
+    with pytest.raises(GateFailed, match="3 site\(s\) validated it; the gate needs 4"):
+        promote(registry, "val:v1", "staging", Gate(min_sites=4))
+    # a tag record edited by hand fails verification
+    tags = registry.root / "val" / "tags.jsonl"
+    tags.write_text(tags.read_text().replace('"production"', '"prod"'))
+    with pytest.raises(RegistryError, match="tags.jsonl: record 1 was changed"):
+        registry.verify("val")
+
+
+def test_model_card_is_built_from_provenance_and_travels_in_the_bundle(validated: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    from fl.registry.export import export
+
+    registry = validated["registry"]
+    version = registry.get("val:v1")
+    card = card_data(registry, version)
+    worst = min(registry.validations(version), key=lambda r: r["score"])
+    assert card["validation"][0]["site"] == worst["site"]
+    assert any(worst["site"] in line for line in card["limitations"])
+    assert any("1 of 3 validating site(s) never trained it" in line for line in card["limitations"])
+    assert len(card["training_sites"]) == 2 and all(s["validated_this_version"] for s in card["training_sites"])
+    text = render(card)
+    assert f"| {worst['site']} |" in text and "EU AI Act Annex IV" in text and version.hash in text
+    folder = export(version, "bundle", tmp_path / "export")
+    assert (folder / "docs" / "MODEL_CARD.md").read_text() == text

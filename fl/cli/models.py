@@ -30,6 +30,36 @@ def add_parsers(sub: Any) -> None:
     diff = cmd("diff", "metric, config and parameter differences between two versions", cmd_diff)
     diff.add_argument("a", metavar="NAME:VERSION")
     diff.add_argument("b", metavar="NAME:VERSION")
+    promote = cmd("promote", "tag a version (e.g. production) if its validations pass the release gate", cmd_promote)
+    promote.add_argument("ref", metavar="NAME:VERSION")
+    promote.add_argument("--tag", required=True)
+    promote.add_argument("--min-score", type=float, help="gate: lowest score at any site (default: the version's "
+                                                          "validation.gate_min_score)")
+    promote.add_argument("--max-gap", type=float, help="gate: largest best-to-worst gap (validation.gate_max_gap)")
+    promote.add_argument("--min-sites", type=int, help="gate: sites that must have validated it")
+    card = cmd("card", "write the version's model card (Markdown and JSON) from its provenance", cmd_card)
+    card.add_argument("ref", metavar="NAME:VERSION")
+    card.add_argument("--out", required=True, help="folder for MODEL_CARD.md and model_card.json")
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from fl.registry.release import Gate, promote
+
+    registry = Registry(args.registry)
+    gate = Gate.of(registry.get(args.ref), min_score=args.min_score, max_gap=args.max_gap, min_sites=args.min_sites)
+    record = promote(registry, args.ref, args.tag, gate)
+    print(f"{args.ref} is now {args.tag!r} (gate {record['gate']}; sites {record['sites']})")
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fl.registry.card import write_card
+
+    for path in write_card(Registry(args.registry), args.ref, Path(args.out)):
+        print(path)
+    return 0
 
 
 def _row(v: Version) -> dict[str, Any]:
@@ -44,7 +74,11 @@ def _row(v: Version) -> dict[str, Any]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     registry = Registry(args.registry)
-    rows = [_row(v) for name in registry.models() for v in registry.versions(name)]
+    rows = []
+    for name in registry.models():
+        tags = registry.current_tags(name)
+        for v in registry.versions(name):
+            rows.append({**_row(v), "tags": sorted(t for t, n in tags.items() if n == v.number)})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -52,12 +86,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"registry {registry.root}")
-    for column in ("model", "version", "round", "dice", "nodes", "run", "hash"):
+    for column in ("model", "version", "round", "dice", "nodes", "tags", "run", "hash"):
         table.add_column(column)
     for r in rows:
         dice = r["metrics"].get("dice")
         table.add_row(r["name"], f"v{r['version']}", str(r["round"]), "-" if dice is None else f"{dice:.4f}",
-                      str(r["nodes"]), str(r["run_id"]), r["hash"][:12])
+                      str(r["nodes"]), ", ".join(r["tags"]) or "-", str(r["run_id"]), r["hash"][:12])
     Console().print(table)
     return 0
 
@@ -67,7 +101,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     version = registry.get(args.ref)
     lineage = [f"{v.ref()} (round {v.manifest.get('round')}, run {v.manifest.get('run_id')})"
                for v in registry.versions(version.name) if v.number <= version.number]
-    print(json.dumps({"manifest": version.manifest, "lineage": lineage}, indent=2))
+    tags = sorted(t for t, n in registry.current_tags(version.name).items() if n == version.number)
+    print(json.dumps({"manifest": version.manifest, "lineage": lineage, "tags": tags,
+                      "validations": registry.validations(version)}, indent=2))
     return 0
 
 
@@ -81,7 +117,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 0
     for name in names:
         versions = registry.verify(name)
-        print(f"ok {name}: {len(versions)} version(s), chain and hashes verified")
+        checked = sum(len(registry.validations(v)) for v in versions)
+        print(f"ok {name}: {len(versions)} version(s), {checked} validation record(s) and "
+              f"{len(registry.tags(name, versions))} tag record(s); chains and hashes verified")
     return 0
 
 

@@ -4,6 +4,7 @@ its configuration."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +26,16 @@ def add_parsers(sub: Any) -> None:
     run.add_argument("--resume", action="store_true",
                      help="continue from the newest registry version of model_name (sets registry.resume)")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own log lines")
+    validate = sub.add_parser("validate", help="score a registered version at every site that answers (external "
+                                               "validation): per-site score and confidence interval, recorded")
+    validate.add_argument("ref", metavar="NAME:VERSION")
+    validate.add_argument("config", nargs="?", default="configs/quickstart.toml",
+                          help="the federation to validate at (its data.root, data.nodes, registry.root)")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate.add_argument("--registry", help="registry root (config registry.root)")
+    validate.add_argument("--out", help="parent folder of the run folder (sets output.dir)")
+    validate.add_argument("--verbose", action="store_true")
+    validate.set_defaults(func=cmd_validate)
     run.set_defaults(func=cmd_run)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
@@ -110,16 +121,50 @@ def client_dp_warning(cfg: Any) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from fl.server.progress import summary_table
+    from fl.server.run_folder import RunFolder
+
+    run_dir, seconds, console = _simulate(args.config, list(args.overrides), args.out, args.resume, args.verbose)
+    folder = RunFolder(run_dir)
+    summary = folder.read_summary()
+    summary["total_seconds"] = seconds
+    folder.write_summary(summary)
+    console.print(summary_table(summary, str(run_dir)))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``fl validate NAME:VERSION``: the version scored at every site of the config's federation."""
+    from fl.registry import Registry
+    from fl.server.progress import validation_table
+    from fl.server.validate import RESULT_FILE
+
+    overrides = list(args.overrides) + [f"validation.ref={_toml_str(args.ref)}"]
+    if args.registry:
+        overrides.append(f"registry.root={_toml_str(args.registry)}")
+    from fl import config as config_mod
+
+    cfg = config_mod.load(args.config, overrides)
+    Registry(cfg.registry.root).get(args.ref)  # an unknown version fails before any engine work
+    run_dir, _, console = _simulate(args.config, overrides, args.out, False, args.verbose)
+    result = json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8"))
+    console.print(validation_table(result))
+    return 0 if result["sites"] else 1
+
+
+def _simulate(config_path: str, overrides: list[str], out: str | None, resume: bool,
+              verbose: bool) -> tuple[Path, float, Any]:
+    """Load the config, check it, prepare the data and run it in the Simulation Engine with live
+    progress: (run folder, seconds, console)."""
     from rich.console import Console
 
     from fl import config as config_mod
     from fl.server.app import run_dir_for
-    from fl.server.progress import LiveProgress, summary_table
-    from fl.server.run_folder import RunFolder
+    from fl.server.progress import LiveProgress
 
-    overrides = list(args.overrides) + ([f"output.dir={_toml_str(args.out)}"] if args.out else [])
-    overrides += ["registry.resume=true"] if args.resume else []
-    cfg = config_mod.load(args.config, overrides)
+    overrides = overrides + ([f"output.dir={_toml_str(out)}"] if out else [])
+    overrides += ["registry.resume=true"] if resume else []
+    cfg = config_mod.load(config_path, overrides)
     run_dir = run_dir_for(cfg).resolve()
     cfg = cfg.replace(
         **{
@@ -139,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         resume_point(Registry(cfg.registry.root), cfg)
     console = Console()
-    if not args.verbose:
+    if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     if (warning := client_dp_warning(cfg)) is not None:
         console.print(f"[bold yellow]warning:[/] {warning}")
@@ -150,12 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with LiveProgress(console) as progress:
         simulate(cfg, progress)
-    folder = RunFolder(run_dir)
-    summary = folder.read_summary()
-    summary["total_seconds"] = time.perf_counter() - started
-    folder.write_summary(summary)
-    console.print(summary_table(summary, str(run_dir)))
-    return 0
+    return run_dir, time.perf_counter() - started, console
 
 
 def _toml_str(text: str) -> str:

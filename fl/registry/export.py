@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fl.errors import ConfigError
-from fl.registry import MANIFEST_FILE, Version
+from fl.registry import MANIFEST_FILE, Registry, Version
 from fl.tasks import Task, resolve_task
 
 FORMATS = ("bundle", "safetensors", "torchscript")
@@ -132,6 +132,10 @@ def export(version: Version, fmt: str, out_dir: str | Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     try:
         {"bundle": _bundle, "safetensors": _safetensors, "torchscript": _torchscript}[fmt](version, staging)
+        if fmt == "bundle":  # the model card travels with the bundle (MONAI's docs/ folder)
+            from fl.registry.card import write_card
+
+            write_card(Registry(version.path.parent.parent), version.ref(), staging / "docs")
         shutil.copyfile(version.path / MANIFEST_FILE, staging / MANIFEST_FILE)
         os.rename(staging, target)
     except BaseException:

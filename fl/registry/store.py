@@ -28,17 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fl.errors import OncoFedError
+from fl.errors import RegistryError
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.safetensors"
 MANIFEST_FILE = "manifest.json"
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # as config key model_name
-
-
-class RegistryError(OncoFedError):
-    """The registry is unreadable, inconsistent, or a commit conflicts."""
 
 
 def sha256_file(path: Path) -> str:
@@ -184,8 +180,64 @@ class Registry:
                 recomputed = None
             if recomputed != m.get("hash"):
                 raise RegistryError(f"{where}: manifest fields were changed after commit (hash mismatch)")
+            self._verify_validations(version)
             parent = version.hash
+        self.tags(name, versions)
         return versions
+
+    # ----- validation records and release tags (fl.registry.records) ---------------------
+    def _verify_validations(self, version: Version) -> list[dict[str, Any]]:
+        from fl.registry import records
+
+        path = version.path / records.VALIDATIONS_FILE
+        found = records.check_chain(path, version.hash)
+        for number, record in enumerate(found, start=1):
+            if record.get("version_hash") != version.hash:
+                raise RegistryError(f"{path}: record {number} tested other weights (version hash "
+                                    f"{str(record.get('version_hash'))[:12]}, not {version.hash[:12]})")
+        return found
+
+    def validations(self, version: Version) -> list[dict[str, Any]]:
+        """The version's validation records, each checked against its hash, chain and version."""
+        return self._verify_validations(version)
+
+    def add_validation(self, version: Version, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Append one site's validation of ``version`` (its hash recorded and chained)."""
+        from fl.registry import records
+
+        with self._locked(version.name):
+            current = self.get(version.ref())
+            if current.hash != version.hash:
+                raise RegistryError(f"{version.ref()}: its manifest changed since it was validated; not recorded")
+            return records.append(version.path / records.VALIDATIONS_FILE,
+                                  {**fields, "version": version.ref(), "version_hash": version.hash}, version.hash)
+
+    def tags(self, name: str, versions: list[Version] | None = None) -> list[dict[str, Any]]:
+        """The model's promotions, oldest first, each checked against its chain and version."""
+        from fl.registry import records
+
+        path = self.root / check_name(name) / records.TAGS_FILE
+        found = records.check_chain(path, None)
+        by_number = {v.number: v for v in (versions if versions is not None else self.versions(name))}
+        for number, tag in enumerate(found, start=1):
+            version = by_number.get(tag.get("version_number"))  # type: ignore[arg-type]
+            if version is None or version.hash != tag.get("version_hash"):
+                raise RegistryError(f"{path}: tag record {number} names weights that are not "
+                                    f"{name}:v{tag.get('version_number')} (version hash mismatch)")
+        return found
+
+    def current_tags(self, name: str) -> dict[str, int]:
+        """Each tag's version: the newest promotion wins."""
+        return {t["tag"]: int(t["version_number"]) for t in self.tags(name)}
+
+    def add_tag(self, version: Version, tag: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        from fl.registry import records
+
+        with self._locked(version.name) as folder:
+            self.tags(version.name)
+            return records.append(folder / records.TAGS_FILE,
+                                  {**fields, "tag": tag, "version_number": version.number,
+                                   "version_hash": version.hash}, None)
 
     # ----- writing -----------------------------------------------------------------------
     def check_writable(self, name: str) -> None:

@@ -32,6 +32,11 @@ def make_server_app(observer: Observer | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         prompt_object_pulls()  # the replies' arrays, in a deployment (fl.engine_env)
         cfg = from_flat(dict(context.run_config), source="run config")
+        if cfg.validation.ref:  # fl validate: one evaluation of a registered version at every site
+            from fl.server.validate import run_validation
+
+            run_validation(grid, cfg, run_dir_for(cfg), observer or LogObserver())
+            return
         run_federation(grid, cfg, run_dir_for(cfg), observer or LogObserver())
 
     return server_app

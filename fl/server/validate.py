@@ -1,0 +1,147 @@
+"""Federated validation (``fl validate NAME:VERSION``, or any run with ``validation.ref`` set).
+
+The ServerApp sends the registered version's weights, after checking them against the registry's
+hashes, in one evaluation message to every connected node, including nodes that never trained
+it: external validation. Each node runs the same evaluate handler as in training (its app
+approval, policy and ledger checks apply unchanged), scores its held-out cases locally and
+releases what its policy allows, with a confidence interval computed on the node
+(:mod:`nodes.validation`): exact metrics with a bootstrap interval, or a DP-noised score with an
+interval derived from public quantities, or nothing. Only aggregates leave a site.
+
+Each released score becomes a validation record appended to the version's hash-chained
+``validations.jsonl`` (:mod:`fl.registry.records`): the version's hash, the site's pseudonymous
+id and keyed dataset fingerprint, whether that fingerprint trained the version, the score and
+its interval, the time, the code version and the app's hash. ``fl models verify`` checks them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fl import __version__, wire
+from fl.config import Config, from_flat
+from fl.errors import ConfigError, FederationError
+from fl.registry import Registry, Version
+from fl.registry.checkpoint import decode_weights
+from fl.server.observer import Observer
+from fl.server.phases import exchange
+
+log = logging.getLogger(__name__)
+
+EVALUATE = "validate"
+RESULT_FILE = "validation.json"
+
+
+def version_config(cfg: Config, version: Version) -> Config:
+    """The config that trained ``version`` (its task, bundle, network conversion), with this run's
+    data, federation, engine, registry and output settings."""
+    recorded = dict(version.manifest.get("config") or {})
+    if not recorded:
+        raise ConfigError(f"validation.ref: {version.ref()} records no config; cannot rebuild its task")
+    local = {k: v for k, v in cfg.to_flat().items()
+             if k.split(".")[0] in ("data", "simulation", "registry", "output", "validation", "node_policy")
+             or k in ("strategy.timeout", "strategy.min_nodes", "train.device", "train.workers")}
+    kept = {k: v for k, v in recorded.items() if k in cfg.to_flat() and k.split(".")[0] != "pretrain"}
+    return from_flat({**kept, **local, "model_name": version.name}, source=f"{version.ref()} config")
+
+
+def trained_fingerprints(registry: Registry, version: Version) -> set[str]:
+    """Keyed dataset fingerprints of the nodes that trained ``version`` or its ancestors (as far as
+    the manifests name them: a DP manifest under Poisson node sampling names none)."""
+    found: set[str] = set()
+    for v in registry.versions(version.name):
+        if v.number > version.number:
+            break
+        for node in v.manifest.get("nodes") or []:
+            if node.get("dataset_fingerprint"):
+                found.add(node["dataset_fingerprint"])
+    return found
+
+
+def app_hash(grid: Grid) -> str:
+    """The run's app: its FAB hash in a deployment, else the SHA-256 of the Python sources that ran."""
+    try:
+        fab = str(grid.run.fab_hash or "")
+    except Exception:  # noqa: BLE001 (a grid without run information)
+        fab = ""
+    if fab:
+        return fab
+    root = Path(__file__).resolve().parents[2]
+    digest = hashlib.sha256()
+    for package in ("fl", "nodes", "strategies"):
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return "source-sha256:" + digest.hexdigest()
+
+
+def run_validation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -> dict[str, Any]:
+    from fl.server.rounds import _instructions
+
+    registry = Registry(cfg.registry.root)
+    version = registry.get(cfg.validation.ref)
+    registry.verify(version.name)  # the weights sent are the ones the chain vouches for
+    vcfg = version_config(cfg, version)
+    _, eval_cfg = _instructions(vcfg)
+    eval_cfg[wire.VALIDATE] = cfg.validation.bootstrap
+    eval_cfg[wire.CONFIDENCE] = cfg.validation.confidence
+    arrays = decode_weights(version.weights.read_bytes())
+    # every node of the federation: the strategy waits for them all, then samples them all
+    strategy = FedAvg(fraction_evaluate=1.0, min_evaluate_nodes=vcfg.min_nodes, min_available_nodes=vcfg.min_nodes,
+                      weighted_by_key=wire.NUM_EXAMPLES, arrayrecord_key=wire.ARRAYS, configrecord_key=wire.CONFIG)
+    observer.on_start(1)
+    started = time.perf_counter()
+    messages = strategy.configure_evaluate(0, arrays, ConfigRecord(dict(eval_cfg)), grid)
+
+    def report(done: int, total: int) -> None:
+        observer.on_phase(0, EVALUATE, done, total)
+
+    res = exchange(grid, messages, timeout=cfg.strategy.timeout, report=report)
+    if not res.ok and not res.failures:
+        raise FederationError("validation: no node answered")
+    trained = trained_fingerprints(registry, version)
+    code, app = __version__, app_hash(grid)
+    sites, declined = [], dict(res.failures)
+    for message in res.ok:
+        metrics = dict(message.content[wire.METRICS])
+        score = wire.score(metrics)
+        node = str(message.metadata.src_node_id)
+        if score is None or wire.NODE_INFO not in message.content.config_records:
+            declined[node] = "its policy releases no metrics"
+            continue
+        info = dict(message.content[wire.NODE_INFO])
+        fingerprint = str(info.get(wire.DATASET_FINGERPRINT, ""))
+        record = registry.add_validation(version, {
+            "site": str(info.get(wire.SITE_ID, "")),
+            "dataset_fingerprint": fingerprint,
+            "trained_it": fingerprint in trained if trained else None,
+            "metric": next(k for k in wire.SCORES if k in metrics),
+            "score": score,
+            "ci_low": float(metrics[wire.SCORE_LOW]),
+            "ci_high": float(metrics[wire.SCORE_HIGH]),
+            "confidence": cfg.validation.confidence,
+            "cases": int(metrics.get(wire.NUM_EXAMPLES, 0)),
+            "release": "noisy (DP)" if metrics.get(wire.METRICS_DP) == 1.0 else "exact",
+            "epsilon_spent": metrics.get(wire.EPSILON_RECORD),
+            "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "code_version": code,
+            "app_hash": app,
+            "run_id": run_dir.name,
+        })
+        sites.append(record)
+    summary = {"version": version.ref(), "version_hash": version.hash, "sites": sites, "declined": declined,
+               "seconds": time.perf_counter() - started}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    observer.on_phase(0, EVALUATE, len(res.ok), len(res.ok) + len(res.failures))
+    return summary

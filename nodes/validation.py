@@ -1,0 +1,48 @@
+"""A site's confidence interval around its validation score (``fl validate``), computed on the node.
+
+- Exact release (the node's policy allows exact metrics): the percentile bootstrap of the mean
+  per-case score (Efron and Tibshirani 1993), ``resamples`` resamples drawn with a generator seeded
+  from the dataset's digest, so the same data gives the same interval. Only the two quantiles leave
+  the node, never a case's score.
+- Noisy release (DP, charged to the ledger): the interval is post-processing of public quantities
+  only, the noisy mean, the case count and the noise's std: ``m +- z * sqrt(1/(4n) + (sigma/n)^2)``,
+  the normal interval with the largest variance a score in [0, 1] can have plus the noise's. No
+  statistic of the records enters it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+import torch
+
+from nodes.policy import node_secret
+
+SITE_ID_CONTEXT = b"oncofed-site-id"
+
+
+def site_id(folder: Path) -> str:
+    """This node's pseudonymous id: an HMAC under its own key, stable across datasets and runs."""
+    return hmac.new(node_secret(folder), SITE_ID_CONTEXT, hashlib.sha256).hexdigest()[:16]
+
+
+def bootstrap_interval(scores: torch.Tensor, *, resamples: int, confidence: float, digest: str) -> tuple[float, float]:
+    values = scores.double().numpy()
+    if len(values) == 0:
+        return 0.0, 1.0
+    rng = np.random.default_rng(int(digest[:16], 16))
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def noisy_interval(noisy_mean: float, count: int, noise_multiplier: float, confidence: float) -> tuple[float, float]:
+    z = NormalDist().inv_cdf((1 + confidence) / 2)
+    n = max(count, 1)
+    half = z * (0.25 / n + (noise_multiplier / n) ** 2) ** 0.5
+    return max(0.0, noisy_mean - half), min(1.0, noisy_mean + half)
