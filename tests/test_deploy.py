@@ -371,3 +371,27 @@ def test_a_killed_worker_fails_its_message_and_the_next_round_is_served(deployme
     pids_a = {pid for _, pid, _, _ in lines1}
     pids_b = {pid for _, pid, _, _ in served(out / "logs" / "hospital-1.log", run_b["run-id"])}
     assert len(pids_b) == 1 and not pids_a & pids_b  # a new run, a fresh worker: nothing of run A in it
+
+
+def test_fl_validate_runs_through_the_deployment_with_the_same_checks(deployment: dict,  # type: ignore[type-arg]
+                                                                     tmp_path: Path) -> None:
+    """A version trained on the deployment is validated through it: each SuperNode scores it on its
+    held-out cases under its own policy (exact metrics here), and the records name the run's FAB."""
+    out, home = deployment["out"], deployment["home"]
+    trained = run_config(out, 1, 2, ["model_name='checked'", "output.run_name='checked-train'"])
+    with (tmp_path / "train.log").open("w") as fh:
+        deploy.submit(home, APP_DIR, deploy.write_run_config(trained, tmp_path / "train.toml"), fh, timeout=600)
+    check = run_config(out, 1, 2, ["model_name='checked'", "output.run_name='checked-validate'",
+                                   "validation.ref='checked:v1'"])
+    with (tmp_path / "validate.log").open("w") as fh:
+        deploy.submit(home, APP_DIR, deploy.write_run_config(check, tmp_path / "validate.toml"), fh, timeout=600)
+    run = deploy.last_run(home)
+    assert run["status"] == "finished:completed"
+    registry = Registry(out / "registry")
+    version = registry.get("checked:v1")
+    records = registry.validations(version)
+    assert len(records) == 2 and {r["trained_it"] for r in records} == {True}
+    assert {r["app_hash"] for r in records} == {run["fab-hash"]}
+    assert all(r["ci_low"] <= r["score"] <= r["ci_high"] for r in records)
+    assert [v.number for v in registry.versions("checked")] == [1]  # validating commits no version
+    registry.verify("checked")
