@@ -32,7 +32,7 @@ COVERAGE = {
         "2(a) development methods and steps, including the pretrained system it starts from",
         "2(b) design choices: strategy, rounds, local training, privacy mechanisms",
         "2(d) training data: provenance by keyed fingerprint (descriptors: not released)",
-        "2(e) human oversight: not covered", "2(g) validation and testing: sites, metrics, intervals, dates",
+        "2(g) validation and testing: sites, metrics, intervals, dates",
         "3 performance limits: worst site, best-to-worst gap, unvalidated sites",
         "4 appropriateness of the metrics: the task's key metric, stated"],
     "EU AI Act Annex IV, left to the provider": [
@@ -59,9 +59,8 @@ def card_data(registry: Registry, version: Version) -> dict[str, Any]:
     sites = sorted(latest_per_site(records).values(), key=lambda r: r["score"])
     validated_fps = {r["dataset_fingerprint"] for r in sites}
     bundle = m.get("bundle") or {}
-    config = m.get("config") or {}
     gate = Gate.of(version)
-    intended = bundle.get("intended_use") or config.get("model_card.intended_use") or (
+    intended = bundle.get("intended_use") or (
         f"Research: {m.get('task')} on images like those of the training sites. Not a medical device; not for "
         "clinical decisions without a conformity assessment.")
     return {
@@ -119,7 +118,8 @@ def render(card: dict[str, Any]) -> str:
              "## Model", "", f"Task `{card['task']['name']}`; key metric {card['task']['metric']}."]
     if card["task"]["bundle"]:
         b = card["task"]["bundle"]
-        lines.append(f"MONAI bundle `{b.get('name')}` {b.get('version')} (digest `{str(b.get('digest'))[:16]}`).")
+        lines.append(f"MONAI bundle `{b.get('name')}` {b.get('version')} (digest `{str(b.get('digest'))[:16]}`)"
+                     + (f": {b['task']}." if b.get("task") else "."))
     s = t.get("strategy") or {}
     lines += ["", "## Training", "",
               f"{t['rounds']} round(s) over run(s) {', '.join(str(r) for r in t['runs'])}; strategy {s.get('name')}, "

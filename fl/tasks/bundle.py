@@ -311,6 +311,9 @@ class BundleTask:
     def provenance(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "path": self.path or str(self.root), "digest": self.digest,
                                "version": str(self.metadata.get("version", "")), "lr": self.lr, "batch_size": self.batch_size}
+        for key in ("intended_use", "task", "description"):  # what a model card quotes (fl.registry.card)
+            if self.metadata.get(key):
+                out[key] = str(self.metadata[key])
         if self.private:
             out["dp_conversion"] = self.conversion()
         return out
