@@ -81,7 +81,9 @@ def card_data(registry: Registry, version: Version) -> dict[str, Any]:
                     "resumed_from": m.get("resumed_from")},
         "validation": sites,
         "release": {"gate": gate.__dict__, "gate_problems": judge(gate, records),
-                    "tags": sorted(t for t, n in registry.current_tags(version.name).items() if n == version.number)},
+                    "tags": [{"tag": t["tag"], "gate": t["gate"], "time": t["time"]} for t in registry.tags(version.name)
+                             if registry.current_tags(version.name).get(t["tag"]) == version.number
+                             and t["version_number"] == version.number]},
         "limitations": _limitations(sites, trained, validated_fps),
         "coverage": COVERAGE,
     }
@@ -146,9 +148,10 @@ def render(card: dict[str, Any]) -> str:
         lines.append(f"| {r['site']} | {trained} | {r['cases']} | {r['score']:.3f} | [{r['ci_low']:.3f}, "
                      f"{r['ci_high']:.3f}] ({r['confidence']:.0%}) | {r['release']} | {r['time'][:10]} |")
     rel = card["release"]
-    lines += ["", f"Release gate {rel['gate']}: " + ("passed" if not rel["gate_problems"] else
-                                                    "not passed (" + "; ".join(rel["gate_problems"]) + ")")
-              + f". Tags: {', '.join(rel['tags']) or 'none'}.", "", "## Limitations", ""]
+    tags = "; ".join(f"{t['tag']} (gate {t['gate']}, {t['time'][:10]})" for t in rel["tags"]) or "none"
+    lines += ["", f"The run config's release gate {rel['gate']}: " + (
+        "passed" if not rel["gate_problems"] else "not passed (" + "; ".join(rel["gate_problems"]) + ")")
+              + f". Current tags, with the gate each passed: {tags}.", "", "## Limitations", ""]
     lines += [f"- {item}" for item in card["limitations"]]
     lines += ["", "## What this card covers", ""]
     for source, items in card["coverage"].items():
