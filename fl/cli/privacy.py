@@ -29,28 +29,27 @@ def add_parsers(sub: Any) -> Any:
         parser.add_argument("--json", action="store_true")
         parser.set_defaults(func=func)
 
+    def federation_args(parser: argparse.ArgumentParser, epsilon_help: str) -> None:
+        """What plan and tune share: the config, overrides, the sites' case counts and the target."""
+        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        counts = parser.add_mutually_exclusive_group(required=True)
+        counts.add_argument("--cases", help="training cases per node, comma-separated (or a lower bound each)")
+        counts.add_argument("--min-cases", type=int, help="a lower bound on every node's training cases")
+        parser.add_argument("--epsilon", type=float, required=True, help=epsilon_help)
+        parser.add_argument("--delta", type=float, default=1e-5)
+
     planner = privacy.add_parser("plan", help="which guarantee (record-level per site, client-level, both) can carry "
                                               "utility for a federation, with the noise-to-signal figures")
     planner.add_argument("config", nargs="?", default="configs/quickstart.toml",
                          help="run config: nodes, rounds, local epochs, batch size, task and trained parameters")
-    planner.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    counts = planner.add_mutually_exclusive_group(required=True)
-    counts.add_argument("--cases", help="training cases per node, comma-separated (or a lower bound each)")
-    counts.add_argument("--min-cases", type=int, help="a lower bound on every node's training cases")
-    planner.add_argument("--epsilon", type=float, required=True, help="target epsilon of each guarantee, whole run")
-    planner.add_argument("--delta", type=float, default=1e-5)
+    federation_args(planner, "target epsilon of each guarantee, whole run")
     planner.add_argument("--json", action="store_true")
     planner.set_defaults(func=cmd_plan)
 
     tuner = privacy.add_parser("tune", help="DP-SGD steps, clipping norm and learning rate searched on a public "
                                             "proxy federation (never the private data); writes the run config")
     tuner.add_argument("config", help="the run config to tune (its rounds, task, pretraining, local_dp options)")
-    tuner.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    tuned_counts = tuner.add_mutually_exclusive_group(required=True)
-    tuned_counts.add_argument("--cases", help="training cases per node, comma-separated (or a lower bound each)")
-    tuned_counts.add_argument("--min-cases", type=int, help="a lower bound on every node's training cases")
-    tuner.add_argument("--epsilon", type=float, required=True, help="record-level epsilon per node, whole run")
-    tuner.add_argument("--delta", type=float, default=1e-5)
+    federation_args(tuner, "record-level epsilon per node, whole run")
     tuner.add_argument("--epochs", default="1,2,4,8", help="local epochs per round to try (default 1,2,4,8)")
     tuner.add_argument("--lrs", default="0.003,0.01,0.03", help="learning rates to try")
     tuner.add_argument("--clips", help="clipping norms to try (default: the config's local_dp.max_grad_norm)")

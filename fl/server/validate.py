@@ -52,7 +52,9 @@ def version_config(cfg: Config, version: Version) -> Config:
              if k.split(".")[0] in ("data", "simulation", "registry", "output", "validation", "node_policy")
              or k in ("strategy.timeout", "strategy.min_nodes", "train.device", "train.workers")}
     kept = {k: v for k, v in recorded.items() if k in cfg.to_flat() and k.split(".")[0] != "pretrain"}
-    return from_flat({**kept, **local, "model_name": version.name}, source=f"{version.ref()} config")
+    # one evaluation message per node: no aggregation-side mechanism (SecAgg+, client-level DP) takes part
+    quiet = {"secagg.enabled": False, "central_dp.enabled": False}
+    return from_flat({**kept, **local, **quiet, "model_name": version.name}, source=f"{version.ref()} config")
 
 
 def trained_fingerprints(registry: Registry, version: Version) -> set[str]:
