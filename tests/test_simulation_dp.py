@@ -51,7 +51,11 @@ def test_dp_run_accounts_both_levels_and_stops_at_the_nodes_budget(tmp_path: Pat
     expected_central = accounting.epsilon([central_dp_settings(cfg).round_event()] * 2, 1e-5)
     assert privacy["client_level"]["epsilon"] == pytest.approx(expected_central)
     assert privacy["client_level"]["rounds"] == 2
-    assert versions[-1].manifest["dp"]["local"] == {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
+    local = versions[-1].manifest["dp"]["local"]
+    assert {k: local[k] for k in ("noise_multiplier", "max_grad_norm", "trainable", "views", "ema_decay")} == {
+        "noise_multiplier": 1.0, "max_grad_norm": 1.0, "trainable": "all", "views": 1, "ema_decay": 0.0}
+    net = get_task("seg2d").build_network()
+    assert local["trained_parameters"] == sum(p.numel() for p in net.parameters())
     # a DP manifest holds public configuration and DP releases only: no adaptive-clipping bits,
     # example counts, exact metrics or failure reasons (the coordinator's run folder keeps those)
     for version in versions:

@@ -116,7 +116,7 @@ def test_promotion_is_refused_by_its_gate_naming_the_sites_then_a_passing_versio
     assert registry.current_tags("val") == {}
     record = promote(registry, "val:v1", "production", Gate(min_score=scores[0] - 1e-6, min_sites=3))
     assert registry.current_tags("val") == {"production": 1} and record["gate"]["min_sites"] == 3
-    with pytest.raises(GateFailed, match="3 site\(s\) validated it; the gate needs 4"):
+    with pytest.raises(GateFailed, match=r"3 site\(s\) validated it; the gate needs 4"):
         promote(registry, "val:v1", "staging", Gate(min_sites=4))
     # a tag record edited by hand fails verification
     tags = registry.root / "val" / "tags.jsonl"
