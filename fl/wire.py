@@ -83,6 +83,7 @@ CONFIDENCE = "confidence"
 SCORE_LOW = "score-ci-low"  # a validation reply's interval around its score
 SCORE_HIGH = "score-ci-high"
 SITE_ID = "site-id"  # a node's pseudonymous id (HMAC under its own key), in validation replies
+CLASS_PREFIX = "class-"  # a validation reply's per-class Dice of a multi-class task: class-<i>[-low|-high|-cases]
 LOCAL_TRAINABLE = "local-dp-trainable"  # fl.tasks.trainable: which parameters DP-SGD trains
 LOCAL_VIEWS = "local-dp-views"  # augmentation multiplicity
 LOCAL_VIEW_AUGMENT = "local-dp-view-augment"

@@ -79,7 +79,7 @@ def evaluate_bundle(net: torch.nn.Module, task: BundleTask, cases: Cases, *, dev
     net.to(device)
     net.eval()
     loss_fn, inferer, post = task.build_loss(), task.inferer(), task.postprocessing()
-    loss_sum, scores = 0.0, []
+    loss_sum, scores, per_class = 0.0, [], []
     for batch in loader(cases, batch_size=1, shuffle=False, workers=workers, device=device):
         image = _plain(batch[IMAGE_KEY]).to(device, non_blocking=True)
         label = _plain(batch[LABEL_KEY]).to(device, non_blocking=True)
@@ -90,11 +90,13 @@ def evaluate_bundle(net: torch.nn.Module, task: BundleTask, cases: Cases, *, dev
         preds = torch.stack([_plain(i["pred"]) for i in items])
         truth = torch.stack([_plain(i[LABEL_KEY]) for i in items])
         scores.append(task.record_scores(preds, truth).double().cpu())
+        per_class.append(task.class_scores(preds, truth).double().cpu())
     net.to("cpu")
     if not scores:
         return EvalResult(loss=0.0, score=0.0, record_scores=torch.zeros(0, dtype=torch.float64))
     per_case = torch.cat(scores)
-    return EvalResult(loss=loss_sum / len(per_case), score=float(per_case.mean()), record_scores=per_case)
+    return EvalResult(loss=loss_sum / len(per_case), score=float(per_case.mean()), record_scores=per_case,
+                      class_scores=torch.cat(per_class))
 
 
 def _case_batch(cases: Cases, chosen: list[int], views: Any = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -394,6 +394,15 @@ def _evaluate(msg: Message, context: Context) -> Message:
             low, high = noisy_interval(values[task.record_metric], len(data.val), policy.metrics_noise_multiplier,
                                        confidence)
         values.update({wire.SCORE_LOW: low, wire.SCORE_HIGH: high})
+        classes = result.class_scores
+        if entry is None and classes is not None and classes.shape[1] > 1:  # multi-class: each class's own score
+            from nodes.validation import class_intervals
+
+            for c, (score, c_low, c_high, cases) in enumerate(class_intervals(
+                    classes, resamples=int(config[wire.VALIDATE]), confidence=confidence, digest=data.digest)):
+                if cases:
+                    values.update({f"{wire.CLASS_PREFIX}{c}": score, f"{wire.CLASS_PREFIX}{c}-low": c_low,
+                                   f"{wire.CLASS_PREFIX}{c}-high": c_high, f"{wire.CLASS_PREFIX}{c}-cases": cases})
         content = RecordDict({wire.METRICS: MetricRecord(values), wire.NODE_INFO: ConfigRecord(
             {wire.SITE_ID: site_id(folder), wire.DATASET_FINGERPRINT: keyed_fingerprint(folder, data.digest)})})
     return Message(content=content, reply_to=msg)

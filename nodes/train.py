@@ -29,6 +29,7 @@ class EvalResult:
     loss: float
     score: float
     record_scores: torch.Tensor
+    class_scores: torch.Tensor | None = None  # (cases, classes), NaN where absent: bundle tasks only
 
 
 def fit(net: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,

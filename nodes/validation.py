@@ -46,3 +46,19 @@ def noisy_interval(noisy_mean: float, count: int, noise_multiplier: float, confi
     n = max(count, 1)
     half = z * (0.25 / n + (noise_multiplier / n) ** 2) ** 0.5
     return max(0.0, noisy_mean - half), min(1.0, noisy_mean + half)
+
+
+def class_intervals(class_scores: torch.Tensor, *, resamples: int, confidence: float,
+                    digest: str) -> list[tuple[float, float, float, int]]:
+    """Per class: (mean Dice over the cases that hold the class, bootstrap interval, those cases),
+    for an exact release of a multi-class task's per-class scores."""
+    out = []
+    for c in range(class_scores.shape[1]):
+        column = class_scores[:, c]
+        present = column[~torch.isnan(column)]
+        if len(present) == 0:
+            out.append((float("nan"), float("nan"), float("nan"), 0))
+            continue
+        low, high = bootstrap_interval(present, resamples=resamples, confidence=confidence, digest=digest)
+        out.append((float(present.mean()), low, high, len(present)))
+    return out

@@ -37,6 +37,30 @@ def test_noisy_interval_uses_public_quantities_only() -> None:
     assert (low, high) == pytest.approx((0.8 - half, min(1.0, 0.8 + half)))
 
 
+def test_a_multi_class_task_releases_each_class_with_its_interval_over_the_cases_that_hold_it() -> None:
+    from fl import wire
+    from fl.server.validate import _per_class
+    from fl.tasks.bundle import BundleTask
+    from nodes.validation import class_intervals
+
+    task = BundleTask.load("configs/bundles/brats_mri_segmentation")
+    assert task.class_labels() == ["TC", "WT", "ET"]
+    labels = torch.zeros(3, 3, 4, 4, 4)
+    labels[:, 0, :2], labels[:, 1, :3] = 1, 1  # TC and WT in every case, ET in none ...
+    labels[2, 2, 0] = 1  # ... but the last
+    preds = labels.clone()
+    preds[0, 1] = 0  # case 0 misses WT entirely
+    scores = task.class_scores(preds, labels)
+    assert scores.shape == (3, 3) and torch.isnan(scores[:2, 2]).all()
+    per_class = class_intervals(scores, resamples=500, confidence=0.95, digest="cd" * 32)
+    assert per_class[0][0] == pytest.approx(1.0) and per_class[1][0] == pytest.approx(2 / 3)
+    assert per_class[2][3] == 1  # ET is scored on the one case that holds it
+    metrics = {f"{wire.CLASS_PREFIX}{c}{suffix}": value for c, (score, low, high, n) in enumerate(per_class)
+               for suffix, value in (("", score), ("-low", low), ("-high", high), ("-cases", n))}
+    released = _per_class(metrics, task.class_labels())
+    assert released["WT"]["cases"] == 3 and released["WT"]["ci_low"] <= 2 / 3 <= released["WT"]["ci_high"]
+
+
 # ----- one trained version, validated at 3 sites of which one never trained it ------------------------
 @pytest.fixture(scope="module")
 def validated(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[type-arg]
@@ -69,7 +93,8 @@ def test_validate_records_every_site_with_its_interval_and_names_the_untrained_o
     assert [s["hash"] for s in result["sites"]] == [r["hash"] for r in records]
     assert all(set(r) <= {"site", "dataset_fingerprint", "trained_it", "metric", "score", "ci_low", "ci_high",
                           "confidence", "cases", "release", "epsilon_spent", "time", "code_version", "app_hash",
-                          "run_id", "version", "version_hash", "prev", "hash"} for r in records)
+                          "run_id", "per_class", "version", "version_hash", "prev", "hash"} for r in records)
+    assert all(r["per_class"] is None for r in records)  # one foreground class: the score is that class's
 
 
 def _copy(registry: Registry, tmp_path: Path) -> Registry:

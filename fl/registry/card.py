@@ -147,6 +147,12 @@ def render(card: dict[str, Any]) -> str:
         trained = {True: "yes", False: "no", None: "unknown"}[r.get("trained_it")]
         lines.append(f"| {r['site']} | {trained} | {r['cases']} | {r['score']:.3f} | [{r['ci_low']:.3f}, "
                      f"{r['ci_high']:.3f}] ({r['confidence']:.0%}) | {r['release']} | {r['time'][:10]} |")
+    per_class = [(r["site"], label, v) for r in card["validation"] for label, v in (r.get("per_class") or {}).items()]
+    if per_class:
+        lines += ["", "Per-class scores (exact releases of a multi-class task):", "",
+                  "| site | class | score | interval | cases |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {site} | {label} | {v['score']:.3f} | [{v['ci_low']:.3f}, {v['ci_high']:.3f}] | {v['cases']} |"
+                  for site, label, v in per_class]
     rel = card["release"]
     tags = "; ".join(f"{t['tag']} (gate {t['gate']}, {t['time'][:10]})" for t in rel["tags"]) or "none"
     lines += ["", f"The run config's release gate {rel['gate']}: " + (

@@ -87,6 +87,17 @@ def app_hash(grid: Grid) -> str:
     return "source-sha256:" + digest.hexdigest()
 
 
+def _per_class(metrics: dict[str, Any], labels: list[str]) -> dict[str, dict[str, float]] | None:
+    """A multi-class task's per-class scores from a reply (None for one class or a noisy release)."""
+    out = {}
+    for c, label in enumerate(labels):
+        key = f"{wire.CLASS_PREFIX}{c}"
+        if key in metrics:
+            out[label] = {"score": float(metrics[key]), "ci_low": float(metrics[f"{key}-low"]),
+                          "ci_high": float(metrics[f"{key}-high"]), "cases": int(metrics[f"{key}-cases"])}
+    return out or None
+
+
 def run_validation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -> dict[str, Any]:
     from fl.server.rounds import _instructions
 
@@ -112,6 +123,8 @@ def run_validation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
     if not res.ok and not res.failures:
         raise FederationError("validation: no node answered")
     trained = trained_fingerprints(registry, version)
+    task = vcfg.resolved_task()
+    labels = task.class_labels() if hasattr(task, "class_labels") else []
     code, app = __version__, app_hash(grid)
     sites, declined = [], dict(res.failures)
     for message in res.ok:
@@ -139,6 +152,7 @@ def run_validation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
             "code_version": code,
             "app_hash": app,
             "run_id": run_dir.name,
+            "per_class": _per_class(metrics, labels),
         })
         sites.append(record)
     summary = {"version": version.ref(), "version_hash": version.hash, "sites": sites, "declined": declined,

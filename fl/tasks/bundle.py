@@ -299,13 +299,31 @@ class BundleTask:
         from monai.metrics import compute_dice
 
         _, settings = self.key_metric()
-        preds, labels = preds.float(), labels.float()
-        present = compute_dice(preds, labels, include_background=settings["include_background"], ignore_empty=True)
-        strict = compute_dice(preds, labels, include_background=settings["include_background"], ignore_empty=False)
+        present = self.class_scores(preds, labels)
+        strict = compute_dice(preds.float(), labels.float(), include_background=settings["include_background"],
+                              ignore_empty=False)
         per_case = torch.nanmean(present, dim=1)
         empty = torch.isnan(per_case)
         per_case[empty] = strict[empty].mean(dim=1)
         return per_case.clamp(0.0, 1.0)
+
+    def class_scores(self, preds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-case, per-class Dice ``(cases, classes the key metric counts)``, NaN where the class
+        is absent from the case's labels."""
+        from monai.metrics import compute_dice
+
+        _, settings = self.key_metric()
+        return compute_dice(preds.float(), labels.float(), include_background=settings["include_background"],
+                            ignore_empty=True)
+
+    def class_labels(self) -> list[str]:
+        """The names of the classes :meth:`class_scores` counts (the bundle's label names where its
+        metadata gives them, else their indices)."""
+        _, settings = self.key_metric()
+        first = 0 if settings["include_background"] else 1
+        outputs = (self.metadata.get("network_data_format") or {}).get("outputs", {}).get("pred", {})
+        names = outputs.get("channel_def") or {}
+        return [str(names.get(str(c), f"class {c}")) for c in range(first, self.out_channels)]
 
     # --- what goes into a version's manifest -----------------------------------------------
     def provenance(self) -> dict[str, Any]:
