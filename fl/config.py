@@ -144,8 +144,10 @@ class StrategyConfig:
         _non_negative,
     )
     server_lr: float = _key(0.1, "FedAdam server learning rate (eta).", _positive)
-    server_momentum: float = _key(0.9, "FedAvgM server momentum (Hsu et al. 2019; server learning rate 1).",
+    server_momentum: float = _key(0.9, "FedAvgM server momentum (Hsu et al. 2019).",
                                   lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    server_step: float = _key(1.0, "FedAvgM server learning rate: the step along the averaged update (1: the "
+                                   "average itself, plus momentum).", _positive)
     tau: float = _key(1e-3, "FedAdam adaptivity (tau).", _positive)
     timeout: float = _key(600.0, "Seconds to wait for the nodes' replies in one round.", _positive)
     min_replies: int = _key(

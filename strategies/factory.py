@@ -62,7 +62,8 @@ def _aggregation(cfg: Config, common: dict[str, Any]) -> Strategy:
     if name == "fedadam":
         return FedAdam(**common, eta=cfg.strategy.server_lr, tau=cfg.strategy.tau)
     if name == "fedavgm":
-        return FedAvgM(**common, server_learning_rate=1.0, server_momentum=cfg.strategy.server_momentum)
+        return FedAvgM(**common, server_learning_rate=cfg.strategy.server_step,
+                       server_momentum=cfg.strategy.server_momentum)
     if name == "median":
         return FedMedian(**common)
     if name == "trimmedavg":

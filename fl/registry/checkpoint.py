@@ -71,6 +71,7 @@ def manifest_fields(
             "server_lr": cfg.strategy.server_lr if cfg.strategy.name == "fedadam" else None,
             "tau": cfg.strategy.tau if cfg.strategy.name == "fedadam" else None,
             "server_momentum": cfg.strategy.server_momentum if cfg.strategy.name == "fedavgm" else None,
+            "server_step": cfg.strategy.server_step if cfg.strategy.name == "fedavgm" else None,
             "proximal_mu": cfg.train.proximal_mu,
             "local_epochs": cfg.train.epochs,
             "local_lr": getattr(task, "lr", cfg.train.lr),
