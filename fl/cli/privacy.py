@@ -116,14 +116,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def trained_parameters(cfg: Any) -> int:
     """How many parameters DP-SGD trains under ``cfg`` (its network and ``local_dp.trainable``)."""
-    from fl.tasks.trainable import trained_names
+    from fl.tasks.trainable import trained_count
 
-    net = cfg.resolved_task().build_network()
     try:
-        names = set(trained_names(net, cfg.local_dp.trainable))
+        return trained_count(cfg.resolved_task().build_network(), cfg.local_dp.trainable)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return sum(p.numel() for n, p in net.named_parameters() if n in names)
 
 
 def client_sample_rate(cfg: Any) -> float:

@@ -101,16 +101,14 @@ def lineage(cfg: Config, pretraining: dict[str, Any] | None) -> dict[str, Any]:
     """What every version of the run records about its start: the pretraining provenance and,
     under local DP, how many parameters DP-SGD trains (a choice this network cannot honour is a
     ConfigError now, not an error on every node)."""
-    from fl.tasks.trainable import trained_names
+    from fl.tasks.trainable import trained_count
 
     trained = None
     if cfg.local_dp.enabled and getattr(cfg.resolved_task(), "kind", "") == "bundle":
-        net = cfg.resolved_task().build_network()
         try:
-            names = set(trained_names(net, cfg.local_dp.trainable))
+            trained = trained_count(cfg.resolved_task().build_network(), cfg.local_dp.trainable)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        trained = sum(p.numel() for n, p in net.named_parameters() if n in names)
     return {"pretraining": pretraining, "trained_parameters": trained}
 
 

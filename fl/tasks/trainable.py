@@ -50,3 +50,9 @@ def trained_names(net: torch.nn.Module, which: str) -> list[str]:
     if not chosen:
         raise ValueError(f"local_dp.trainable: {which!r} selects no parameter of {type(net).__name__}")
     return [n for n in names if n in chosen]
+
+
+def trained_count(net: torch.nn.Module, which: str) -> int:
+    """How many parameters (scalars) of ``net`` train under ``which`` (for the manifest and the plan)."""
+    names = set(trained_names(net, which))
+    return sum(p.numel() for n, p in net.named_parameters() if n in names)
