@@ -89,8 +89,9 @@ def evaluate_bundle(net: torch.nn.Module, task: BundleTask, cases: Cases, *, dev
         items = [post(item) for item in decollate_batch({"pred": logits, LABEL_KEY: label})]
         preds = torch.stack([_plain(i["pred"]) for i in items])
         truth = torch.stack([_plain(i[LABEL_KEY]) for i in items])
-        scores.append(task.record_scores(preds, truth).double().cpu())
-        per_class.append(task.class_scores(preds, truth).double().cpu())
+        case_scores, class_scores = task.scores(preds, truth)
+        scores.append(case_scores.double().cpu())
+        per_class.append(class_scores.double().cpu())
     net.to("cpu")
     if not scores:
         return EvalResult(loss=0.0, score=0.0, record_scores=torch.zeros(0, dtype=torch.float64))

@@ -139,14 +139,22 @@ def _write_site(folder: Path, task: Task, size: int, profile: SiteProfile, seed:
         return (*_case(task, size, profile, rs), np.eye(4))
 
     entries = write_cases(folder, (profile.train_cases, profile.val_cases), make_case)
+    _write_dataset_json(folder, task, f"oncofed-synthetic-{folder.name}",
+                        "Synthetic lesions from MONAI's generators; OncoFed's embedded default.", entries,
+                        site_profile=asdict(profile))
+
+
+def _write_dataset_json(folder: Path, task: Task, name: str, description: str,
+                        entries: dict[str, list[dict[str, str]]], **extra: object) -> None:
+    """The Decathlon-style ``dataset.json`` of synthetic cases written by :func:`write_cases`."""
     manifest = {
-        "name": f"oncofed-synthetic-{folder.name}",
-        "description": "Synthetic lesions from MONAI's generators; OncoFed's embedded default.",
+        "name": name,
+        "description": description,
         "tensorImageSize": f"{task.spatial_dims}D",
         "modality": {"0": "synthetic"},
         "labels": {"0": "background", **{str(c): f"lesion-{c}" for c in range(1, task.num_classes)}},
-        "numTraining": profile.train_cases,
-        "site_profile": asdict(profile),
+        "numTraining": len(entries["training"]),
+        **extra,
         **entries,
     }
     (folder / DATASET_JSON).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -210,16 +218,8 @@ def synthesize_public(root: str | Path, *, task: Task, cases: int, seed: int, im
 
     def write(staging: Path) -> None:
         entries = write_cases(staging, (cases, max(1, cases // 8)), make_case)
-        manifest = {
-            "name": "oncofed-public-synthetic",
-            "description": f"Public synthetic lesions from MONAI's generators (seed {seed}), for pretraining.",
-            "tensorImageSize": f"{task.spatial_dims}D",
-            "modality": {"0": "synthetic"},
-            "labels": {"0": "background", **{str(c): f"lesion-{c}" for c in range(1, task.num_classes)}},
-            "numTraining": cases,
-            **entries,
-        }
-        (staging / DATASET_JSON).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _write_dataset_json(staging, task, "oncofed-public-synthetic",
+                            f"Public synthetic lesions from MONAI's generators (seed {seed}), for pretraining.", entries)
 
     write_atomically(root, write)
     return root

@@ -50,7 +50,7 @@ def test_a_multi_class_task_releases_each_class_with_its_interval_over_the_cases
     labels[2, 2, 0] = 1  # ... but the last
     preds = labels.clone()
     preds[0, 1] = 0  # case 0 misses WT entirely
-    scores = task.class_scores(preds, labels)
+    scores = task.scores(preds, labels)[1]
     assert scores.shape == (3, 3) and torch.isnan(scores[:2, 2]).all()
     per_class = class_intervals(scores, resamples=500, confidence=0.95, digest="cd" * 32)
     assert per_class[0][0] == pytest.approx(1.0) and per_class[1][0] == pytest.approx(2 / 3)

@@ -126,16 +126,12 @@ def local_sigma(cfg: Any, root: Path, target: float, delta: float) -> float:
     """The DP-SGD noise multiplier keeping every node within ``target`` after all rounds."""
     from fl.tasks import get_task
     from nodes.data import load_local_data
-    from nodes.policy import local_event
     from nodes.synth import node_dir
 
-    sigmas = []
-    for i in range(cfg.data.nodes):
-        n = len(load_local_data(node_dir(root, i), get_task(cfg.task), use_cache=False).train)
-        per_round = local_event(n, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, noise_multiplier=1.0)
-        sigmas.append(accounting.calibrate(target_epsilon=target, sample_rate=per_round.sample_rate,
-                                           steps=per_round.steps * cfg.rounds, delta=delta))
-    return max(sigmas)
+    counts = [len(load_local_data(node_dir(root, i), get_task(cfg.task), use_cache=False).train)
+              for i in range(cfg.data.nodes)]
+    return accounting.dp_sgd_noise(counts, target_epsilon=target, delta=delta, rounds=cfg.rounds,
+                                   epochs=cfg.train.epochs, batch_size=cfg.train.batch_size)
 
 
 def _fl_run(base: Path, sets: list[str], work: Path, data: Path) -> list[str]:

@@ -100,7 +100,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     registry = Registry(args.registry)
     version = registry.get(args.ref)
     lineage = [f"{v.ref()} (round {v.manifest.get('round')}, run {v.manifest.get('run_id')})"
-               for v in registry.versions(version.name) if v.number <= version.number]
+               for v in registry.lineage(version)]
     tags = sorted(t for t, n in registry.current_tags(version.name).items() if n == version.number)
     print(json.dumps({"manifest": version.manifest, "lineage": lineage, "tags": tags,
                       "validations": registry.validations(version)}, indent=2))

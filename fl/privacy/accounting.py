@@ -58,6 +58,18 @@ def dp_sgd_event(num_examples: int, *, epochs: int, batch_size: int, noise_multi
     return GaussianEvent(noise_multiplier, q, epochs * max(1, math.ceil(num_examples / batch_size)))
 
 
+def dp_sgd_noise(counts: Sequence[int], *, target_epsilon: float, delta: float, rounds: int, epochs: int,
+                 batch_size: int) -> float:
+    """The DP-SGD noise multiplier that keeps a site of each of ``counts`` records within
+    ``target_epsilon`` after ``rounds`` rounds of :func:`dp_sgd_event` (the largest over the sites)."""
+    sigmas = []
+    for n in counts:
+        event = dp_sgd_event(n, epochs=epochs, batch_size=batch_size, noise_multiplier=1.0)
+        sigmas.append(calibrate(target_epsilon=target_epsilon, sample_rate=event.sample_rate,
+                                steps=event.steps * rounds, delta=delta))
+    return max(sigmas)
+
+
 def combined_noise_multiplier(update_multiplier: float, count_stddev: float) -> float:
     """One Gaussian mechanism equivalent to releasing the clipped update (multiplier ``z``)
     and the clipped-count (sensitivity 1, std ``s``) on the same sample: their RDP adds,

@@ -56,7 +56,8 @@ def record_level(cases: int, *, epsilon: float, delta: float, rounds: int, epoch
     """DP-SGD on one site of ``cases`` records, calibrated to ``epsilon`` over all rounds."""
     event = accounting.dp_sgd_event(cases, epochs=epochs, batch_size=batch_size, noise_multiplier=1.0)
     steps = event.steps * rounds
-    sigma = accounting.calibrate(target_epsilon=epsilon, sample_rate=event.sample_rate, steps=steps, delta=delta)
+    sigma = accounting.dp_sgd_noise([cases], target_epsilon=epsilon, delta=delta, rounds=rounds, epochs=epochs,
+                                    batch_size=batch_size)
     expected = event.sample_rate * cases
     ratio = sigma * math.sqrt(params) / (expected * math.sqrt(steps))
     return Line("record-level", f"site of {cases}", sigma, event.sample_rate, steps, sigma / expected, ratio,

@@ -42,19 +42,12 @@ COVERAGE = {
 }
 
 
-def _lineage(registry: Registry, version: Version) -> list[Version]:
-    return [v for v in registry.versions(version.name) if v.number <= version.number]
-
-
 def card_data(registry: Registry, version: Version) -> dict[str, Any]:
     registry.verify(version.name)
     m = version.manifest
-    lineage = _lineage(registry, version)
-    trained = {}
-    for v in lineage:
-        for node in v.manifest.get("nodes") or []:
-            if node.get("dataset_fingerprint"):
-                trained[node["dataset_fingerprint"]] = node.get("num_examples")
+    lineage = registry.lineage(version)
+    trained = registry.training_sites(version)
+    current = registry.current_tags(version.name)
     records = registry.validations(version)
     sites = sorted(latest_per_site(records).values(), key=lambda r: r["score"])
     validated_fps = {r["dataset_fingerprint"] for r in sites}
@@ -82,8 +75,7 @@ def card_data(registry: Registry, version: Version) -> dict[str, Any]:
         "validation": sites,
         "release": {"gate": gate.__dict__, "gate_problems": judge(gate, records),
                     "tags": [{"tag": t["tag"], "gate": t["gate"], "time": t["time"]} for t in registry.tags(version.name)
-                             if registry.current_tags(version.name).get(t["tag"]) == version.number
-                             and t["version_number"] == version.number]},
+                             if current.get(t["tag"]) == t["version_number"] == version.number]},
         "limitations": _limitations(sites, trained, validated_fps),
         "coverage": COVERAGE,
     }

@@ -180,13 +180,25 @@ class Registry:
                 recomputed = None
             if recomputed != m.get("hash"):
                 raise RegistryError(f"{where}: manifest fields were changed after commit (hash mismatch)")
-            self._verify_validations(version)
+            self.validations(version)
             parent = version.hash
         self.tags(name, versions)
         return versions
 
     # ----- validation records and release tags (fl.registry.records) ---------------------
-    def _verify_validations(self, version: Version) -> list[dict[str, Any]]:
+    def lineage(self, version: Version) -> list[Version]:
+        """``version`` and the versions before it, oldest first."""
+        return [v for v in self.versions(version.name) if v.number <= version.number]
+
+    def training_sites(self, version: Version) -> dict[str, int | None]:
+        """The keyed dataset fingerprints of the nodes that trained ``version`` or its ancestors,
+        with their example counts where the manifests hold them (a DP manifest holds none, and
+        names no node under Poisson node sampling)."""
+        return {node["dataset_fingerprint"]: node.get("num_examples") for v in self.lineage(version)
+                for node in v.manifest.get("nodes") or [] if node.get("dataset_fingerprint")}
+
+    def validations(self, version: Version) -> list[dict[str, Any]]:
+        """The version's validation records, each checked against its hash, chain and version."""
         from fl.registry import records
 
         path = version.path / records.VALIDATIONS_FILE
@@ -196,10 +208,6 @@ class Registry:
                 raise RegistryError(f"{path}: record {number} tested other weights (version hash "
                                     f"{str(record.get('version_hash'))[:12]}, not {version.hash[:12]})")
         return found
-
-    def validations(self, version: Version) -> list[dict[str, Any]]:
-        """The version's validation records, each checked against its hash, chain and version."""
-        return self._verify_validations(version)
 
     def add_validation(self, version: Version, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Append one site's validation of ``version`` (its hash recorded and chained)."""

@@ -41,12 +41,8 @@ class Candidate:
 
 def noise_for(cfg: Config, cases: list[int], epochs: int, epsilon: float, delta: float, batch_size: int) -> float:
     """The DP-SGD noise multiplier keeping every declared site within ``epsilon`` over all rounds."""
-    sigmas = []
-    for n in cases:
-        event = accounting.dp_sgd_event(n, epochs=epochs, batch_size=batch_size, noise_multiplier=1.0)
-        sigmas.append(accounting.calibrate(target_epsilon=epsilon, sample_rate=event.sample_rate,
-                                           steps=event.steps * cfg.rounds, delta=delta))
-    return max(sigmas)
+    return accounting.dp_sgd_noise(cases, target_epsilon=epsilon, delta=delta, rounds=cfg.rounds, epochs=epochs,
+                                   batch_size=batch_size)
 
 
 def proxy_sites(cfg: Config, cases: list[int], folder: Path) -> list[Any]:
@@ -95,11 +91,9 @@ def tune(cfg: Config, *, cases: list[int], epsilon: float, delta: float, epochs:
     """Search the grid on the public proxy; returns the trials and the best candidate's settings."""
     from fl.server.rounds import start_model
 
-    if getattr(cfg.resolved_task(), "kind", "") != "bundle" or cfg.task == "tabular" or cfg.bundle:
+    if cfg.bundle or cfg.task == "tabular":
         raise ConfigError("fl privacy tune: the public proxy is the synthetic generator of the catalogue's image "
                           f"tasks (seg2d, seg3d); task {cfg.task_label!r} has none")
-    if len(cases) != cfg.data.nodes:
-        raise ConfigError(f"--cases: {len(cases)} counts, but data.nodes = {cfg.data.nodes}; give one per node")
     cfg = cfg.replace(**{"local_dp.enabled": True})
     sites = proxy_sites(cfg, cases, work)
     start = start_model(cfg)[0].to_torch_state_dict()

@@ -35,6 +35,7 @@ from fl.registry import Registry, Version
 from fl.registry.checkpoint import decode_weights
 from fl.server.observer import Observer
 from fl.server.phases import exchange
+from fl.server.run_folder import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +56,6 @@ def version_config(cfg: Config, version: Version) -> Config:
     # one evaluation message per node: no aggregation-side mechanism (SecAgg+, client-level DP) takes part
     quiet = {"secagg.enabled": False, "central_dp.enabled": False}
     return from_flat({**kept, **local, **quiet, "model_name": version.name}, source=f"{version.ref()} config")
-
-
-def trained_fingerprints(registry: Registry, version: Version) -> set[str]:
-    """Keyed dataset fingerprints of the nodes that trained ``version`` or its ancestors (as far as
-    the manifests name them: a DP manifest under Poisson node sampling names none)."""
-    found: set[str] = set()
-    for v in registry.versions(version.name):
-        if v.number > version.number:
-            break
-        for node in v.manifest.get("nodes") or []:
-            if node.get("dataset_fingerprint"):
-                found.add(node["dataset_fingerprint"])
-    return found
 
 
 def app_hash(grid: Grid) -> str:
@@ -122,7 +110,7 @@ def run_validation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
     res = exchange(grid, messages, timeout=cfg.strategy.timeout, report=report)
     if not res.ok and not res.failures:
         raise FederationError("validation: no node answered")
-    trained = trained_fingerprints(registry, version)
+    trained = set(registry.training_sites(version))
     task = vcfg.resolved_task()
     labels = task.class_labels() if hasattr(task, "class_labels") else []
     code, app = __version__, app_hash(grid)
@@ -158,6 +146,6 @@ def run_validation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
     summary = {"version": version.ref(), "version_hash": version.hash, "sites": sites, "declined": declined,
                "seconds": time.perf_counter() - started}
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    atomic_write(run_dir / RESULT_FILE, (json.dumps(summary, indent=2) + "\n").encode())
     observer.on_phase(0, EVALUATE, len(res.ok), len(res.ok) + len(res.failures))
     return summary

@@ -295,29 +295,25 @@ class BundleTask:
         MONAI's MeanDice, the mean over the classes the key metric counts, a class absent from
         the case's labels left out; a case with no foreground at all scores 1 if none is
         predicted, else 0 (so every case has a score, and a sum of scores sensitivity 1)."""
+        return self.scores(preds, labels)[0]
+
+    def scores(self, preds: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`record_scores` and the per-case, per-class Dice it averages, ``(cases, classes the
+        key metric counts)`` with NaN where the class is absent from the case's labels."""
         import torch
         from monai.metrics import compute_dice
 
         _, settings = self.key_metric()
-        present = self.class_scores(preds, labels)
-        strict = compute_dice(preds.float(), labels.float(), include_background=settings["include_background"],
-                              ignore_empty=False)
+        preds, labels = preds.float(), labels.float()
+        present = compute_dice(preds, labels, include_background=settings["include_background"], ignore_empty=True)
+        strict = compute_dice(preds, labels, include_background=settings["include_background"], ignore_empty=False)
         per_case = torch.nanmean(present, dim=1)
         empty = torch.isnan(per_case)
         per_case[empty] = strict[empty].mean(dim=1)
-        return per_case.clamp(0.0, 1.0)
-
-    def class_scores(self, preds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-case, per-class Dice ``(cases, classes the key metric counts)``, NaN where the class
-        is absent from the case's labels."""
-        from monai.metrics import compute_dice
-
-        _, settings = self.key_metric()
-        return compute_dice(preds.float(), labels.float(), include_background=settings["include_background"],
-                            ignore_empty=True)
+        return per_case.clamp(0.0, 1.0), present
 
     def class_labels(self) -> list[str]:
-        """The names of the classes :meth:`class_scores` counts (the bundle's label names where its
+        """The names of the classes :meth:`scores` counts (the bundle's label names where its
         metadata gives them, else their indices)."""
         _, settings = self.key_metric()
         first = 0 if settings["include_background"] else 1
