@@ -275,6 +275,9 @@ class ValidationConfig:
                           lambda v: None if v >= 100 else "must be >= 100")
     confidence: float = _key(0.95, "Confidence level of the sites' intervals.",
                              lambda v: None if 0.5 <= v < 1 else "must be in [0.5, 1)")
+    descriptors: bool = _key(True, "Ask each site for its dataset descriptors (case counts, modality, spacing, label "
+                                   "prevalence) for the model card; each site's policy says exact, noisy (DP, charged) "
+                                   "or none (release_descriptors).")
     gate_min_score: float = _key(0.0, "Release gate: the lowest score any validating site may report; 0: none.",
                                  _non_negative)
     gate_max_gap: float = _key(0.0, "Release gate: the largest gap between the best and the worst site; 0: none.",
@@ -301,6 +304,11 @@ class NodePolicyConfig:
         "ledger), none; auto: none under a budget or local DP, exact otherwise.",
         _one_of("auto", "exact", "noisy", "none"))
     metrics_noise_multiplier: float = _key(5.0, "Noise std on a noisy metric's sum (sensitivity 1).", _positive)
+    release_descriptors: str = _key(
+        "auto", "The dataset descriptors each simulated node releases to fl validate: exact, noisy (DP, charged to "
+        "its ledger), none; auto as for metrics.", _one_of("auto", "exact", "noisy", "none"))
+    descriptors_noise_multiplier: float = _key(5.0, "Noise std over the descriptors' L2 sensitivity "
+                                                    "(sqrt(2 + labels) cases).", _positive)
 
 
 @dataclass(frozen=True)

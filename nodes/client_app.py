@@ -358,10 +358,13 @@ def _evaluate(msg: Message, context: Context) -> Message:
         ledger.entries()  # a tampered ledger stops the node here too
         return Message(content=RecordDict({wire.METRICS: MetricRecord(values)}), reply_to=msg)
     entry = None
+    # fl validate of a multi-class task also releases each class's score: under noisy, one more mechanism
+    per_class = wire.VALIDATE in config and len(task.class_labels() if hasattr(task, "class_labels") else []) > 1
     if mode == NOISY:  # written ahead: charged before the records' scores are computed
-        event = GaussianEvent(policy.metrics_noise_multiplier, 1.0, 1)
+        event = GaussianEvent(policy.metrics_noise_multiplier, 1.0, 2 if per_class else 1)
         with ledger.locked():
-            entry = charge(policy, ledger, event, num_records=len(data.train) + len(data.val), release="metrics",
+            entry = charge(policy, ledger, event, num_records=len(data.train) + len(data.val),
+                           release="metrics+classes" if per_class else "metrics",
                            server_round=int(config.get(wire.SERVER_ROUND, 0)), time=time.time())
     device = node_device(config, context)
     if getattr(task, "kind", "") == "bundle":
@@ -395,14 +398,28 @@ def _evaluate(msg: Message, context: Context) -> Message:
                                        confidence)
         values.update({wire.SCORE_LOW: low, wire.SCORE_HIGH: high})
         classes = result.class_scores
-        if entry is None and classes is not None and classes.shape[1] > 1:  # multi-class: each class's own score
-            from nodes.validation import class_intervals
+        if per_class and classes is not None:  # multi-class: each class's own score
+            from nodes.validation import class_intervals, noisy_class_scores
 
-            for c, (score, c_low, c_high, cases) in enumerate(class_intervals(
-                    classes, resamples=int(config[wire.VALIDATE]), confidence=confidence, digest=data.digest)):
-                if cases:
+            released = class_intervals(classes, resamples=int(config[wire.VALIDATE]), confidence=confidence,
+                                       digest=data.digest) if entry is None else noisy_class_scores(
+                classes, policy.metrics_noise_multiplier, SecureGaussian(), confidence)
+            for c, (score, c_low, c_high, cases) in enumerate(released):
+                if entry is not None or cases:
                     values.update({f"{wire.CLASS_PREFIX}{c}": score, f"{wire.CLASS_PREFIX}{c}-low": c_low,
                                    f"{wire.CLASS_PREFIX}{c}-high": c_high, f"{wire.CLASS_PREFIX}{c}-cases": cases})
-        content = RecordDict({wire.METRICS: MetricRecord(values), wire.NODE_INFO: ConfigRecord(
-            {wire.SITE_ID: site_id(folder), wire.DATASET_FINGERPRINT: keyed_fingerprint(folder, data.digest)})})
+        info = {wire.SITE_ID: site_id(folder), wire.DATASET_FINGERPRINT: keyed_fingerprint(folder, data.digest)}
+        records: dict[str, Any] = {wire.METRICS: MetricRecord(values)}
+        if config.get(wire.DESCRIBE):
+            from nodes.descriptors import release_for
+
+            described, why = release_for(folder, data_dir, data, policy, ledger,
+                                         dp_requested=wire.LOCAL_NOISE_MULTIPLIER in config,
+                                         server_round=int(config.get(wire.SERVER_ROUND, 0)),
+                                         tabular=getattr(task, "kind", "") != "bundle")
+            if described is None:
+                info[wire.DESCRIPTORS_DECLINED] = str(why)
+            else:
+                records[wire.DESCRIPTORS] = ConfigRecord({k: v for k, v in described.items() if v not in (None, [])})
+        content = RecordDict({**records, wire.NODE_INFO: ConfigRecord(info)})
     return Message(content=content, reply_to=msg)

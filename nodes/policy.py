@@ -59,6 +59,9 @@ class Policy:
     # or none; auto: none when the node has a budget or the server asks for DP, exact otherwise
     release_metrics: str = "auto"
     metrics_noise_multiplier: float = 5.0  # std of the noise on a released metric sum (sensitivity 1)
+    # dataset descriptors for model cards (nodes.descriptors): the same modes, auto as for metrics
+    release_descriptors: str = "auto"
+    descriptors_noise_multiplier: float = 5.0  # noise std over the descriptors' L2 sensitivity
 
     def __post_init__(self) -> None:
         checks = {
@@ -72,6 +75,9 @@ class Policy:
             "release_metrics": self.release_metrics in METRICS_MODES,
             "metrics_noise_multiplier": math.isfinite(self.metrics_noise_multiplier)
             and self.metrics_noise_multiplier > 0,
+            "release_descriptors": self.release_descriptors in METRICS_MODES,
+            "descriptors_noise_multiplier": math.isfinite(self.descriptors_noise_multiplier)
+            and self.descriptors_noise_multiplier > 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -84,8 +90,15 @@ class Policy:
 
     def metrics_mode(self, dp_requested: bool) -> str:
         """``exact``, ``noisy`` or ``none``: what this node releases besides its model."""
-        if self.release_metrics != AUTO:
-            return self.release_metrics
+        return self._mode(self.release_metrics, dp_requested)
+
+    def descriptors_mode(self, dp_requested: bool) -> str:
+        """``exact``, ``noisy`` or ``none``: the dataset descriptors this node releases (``fl validate``)."""
+        return self._mode(self.release_descriptors, dp_requested)
+
+    def _mode(self, setting: str, dp_requested: bool) -> str:
+        if setting != AUTO:
+            return setting
         return NONE if self.requires_dp or dp_requested else EXACT
 
 

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,8 @@ from fl.errors import RegistryError
 from fl.registry import Registry
 from fl.registry.card import card_data, render
 from fl.registry.release import Gate, GateFailed, promote
+from nodes.ledger import Ledger
+from nodes.policy import Policy, save_policy, state_dir
 from nodes.validation import bootstrap_interval, noisy_interval
 
 
@@ -74,6 +77,8 @@ def validated(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore
               "--set", "model_name='val'", "--set", f"registry.root='{out / 'registry'}'", "--out", str(out / "runs")]
     assert main(["run", "configs/quickstart.toml", "--set", "rounds=1", "--set", "data.nodes=2", *common]) == 0
     shutil.copytree(out / "other" / "node-2", out / "data" / "node-2")  # a hospital that never trained it
+    # ... whose policy releases its dataset descriptors with noise; the others' (auto, no budget): exact
+    save_policy(state_dir(out / "data" / "node-2"), Policy(release_descriptors="noisy"))
     assert main(["validate", "val:v1", "configs/quickstart.toml", "--set", "data.nodes=3", *common]) == 0
     return {"out": out, "registry": Registry(out / "registry")}
 
@@ -93,8 +98,35 @@ def test_validate_records_every_site_with_its_interval_and_names_the_untrained_o
     assert [s["hash"] for s in result["sites"]] == [r["hash"] for r in records]
     assert all(set(r) <= {"site", "dataset_fingerprint", "trained_it", "metric", "score", "ci_low", "ci_high",
                           "confidence", "cases", "release", "epsilon_spent", "time", "code_version", "app_hash",
-                          "run_id", "per_class", "version", "version_hash", "prev", "hash"} for r in records)
+                          "run_id", "per_class", "descriptors", "descriptors_declined", "version", "version_hash",
+                          "prev", "hash"} for r in records)
     assert all(r["per_class"] is None for r in records)  # one foreground class: the score is that class's
+
+
+def test_each_site_releases_its_dataset_descriptors_as_its_policy_says(validated: dict) -> None:  # type: ignore[type-arg]
+    import nibabel as nib
+
+    records = validated["registry"].validations(validated["registry"].get("val:v1"))
+    data = validated["out"] / "data"
+    for r in records:
+        d = r["descriptors"]
+        assert d["modality"] == ["synthetic"] and d["labels"] == ["lesion-1"] and r["descriptors_declined"] is None
+        assert d["cases_validation"] == r["cases"]
+        if r["trained_it"]:  # exact: the counts are the dataset's own
+            folder = next(f for f in data.iterdir() if Ledger.in_dir(state_dir(f)).events() == [] and
+                          len(json.loads((f / "dataset.json").read_text())["training"]) == d["cases_training"])
+            listed = json.loads((folder / "dataset.json").read_text())
+            holding = sum(bool((np.asanyarray(nib.load(folder / c["label"]).dataobj) == 1).any())
+                          for split in ("training", "validation") for c in listed[split])
+            assert d["release"] == "exact" and d["label_cases"] == [holding] and d["spacing_range"] == [1.0, 1.0]
+            assert sum(d["spacing_finest"]) == d["cases_training"] + d["cases_validation"]
+        else:  # noisy: one Gaussian mechanism, z = 5 over sensitivity sqrt(2 + 1 label), charged once
+            assert d["release"] == "noisy" and d["spacing_range"] is None
+            assert d["noise_std"] == pytest.approx(5.0 * 3 ** 0.5)
+            entries = Ledger.in_dir(state_dir(data / "node-2")).entries()
+            assert [e["release"] for e in entries] == ["descriptors"]
+            assert d["epsilon_after"] == pytest.approx(entries[0]["epsilon_after"])
+    assert all(Ledger.in_dir(state_dir(data / f"node-{i}")).events() == [] for i in (0, 1))
 
 
 def _copy(registry: Registry, tmp_path: Path) -> Registry:
@@ -161,7 +193,71 @@ def test_model_card_is_built_from_provenance_and_travels_in_the_bundle(validated
     assert any(worst["site"] in line for line in card["limitations"])
     assert any("1 of 3 validating site(s) never trained it" in line for line in card["limitations"])
     assert len(card["training_sites"]) == 2 and all(s["validated_this_version"] for s in card["training_sites"])
+    assert len(card["dataset_descriptors"]) == 3 and [d["trained_it"] for d in card["dataset_descriptors"]] == [
+        True, True, False]  # training sites first
+    assert not any("released no dataset descriptors" in line for line in card["limitations"])
     text = render(card)
+    assert "## Data" in text and "| synthetic | 1 to 1.5 (smallest 1) | 1 to 1.5 (largest 1) |" in text
+    assert f"noisy (std {5 * 3 ** 0.5:.1f} per count" in text
     assert f"| {worst['site']} |" in text and "EU AI Act Annex IV" in text and version.hash in text
     folder = export(version, "bundle", tmp_path / "export")
     assert (folder / "docs" / "MODEL_CARD.md").read_text() == text
+
+
+def test_noisy_per_class_scores_carry_the_calibrated_noise_and_cover_the_truth() -> None:
+    from fl.privacy.noise import SeededGaussian
+    from nodes.validation import noisy_class_scores
+
+    torch.manual_seed(0)
+    scores = torch.rand(400, 3)
+    scores[:100, 2] = float("nan")  # the third class is in 300 cases only
+    truth = [float(scores[~torch.isnan(scores[:, c]), c].mean()) for c in range(3)]
+    draws = [noisy_class_scores(scores, 4.0, SeededGaussian(seed), 0.95) for seed in range(400)]
+    counts = np.array([[d[c][3] for c in range(3)] for d in draws])
+    assert counts.mean(axis=0) == pytest.approx([400, 400, 300], abs=1.5)
+    assert counts.std(axis=0) == pytest.approx([4.0 * 6 ** 0.5] * 3, rel=0.12)  # z sqrt(2C), C = 3
+    covered = np.mean([[d[c][1] <= truth[c] <= d[c][2] for c in range(3)] for d in draws])
+    assert covered >= 0.95  # the interval covers the noise (and the sampling, conservatively)
+
+
+def test_a_noisy_validation_of_a_multi_class_task_releases_each_class_in_the_same_charge(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bundles import small_brats
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fl import wire
+    from fl.packing import unpack_message
+    from fl.privacy import accounting
+    from fl.tasks.bundle import BundleTask
+    from nodes.client_app import app
+    from nodes.synth_anatomy import synthesize_anatomy
+
+    task = BundleTask.load(str(small_brats(tmp_path / "brats_mri_segmentation")))
+    (site,) = synthesize_anatomy(tmp_path / "brain", nodes=1, kind="brain-mri", seed=3, scale=0.5)
+    save_policy(state_dir(site), Policy(release_metrics="noisy", metrics_noise_multiplier=3.0,
+                                        release_descriptors="none"))
+    config = ConfigRecord({wire.TASK: "seg3d", wire.BUNDLE: str(task.root), wire.BUNDLE_DIGEST: task.digest,
+                           wire.SERVER_ROUND: 0, wire.SEED: 0, wire.VALIDATE: 200, wire.CONFIDENCE: 0.95,
+                           wire.DESCRIBE: 1})
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):  # as Flower sets them for a ClientApp
+        monkeypatch.setattr(TaskIdentity, name, value)
+    msg = Message(content=RecordDict({wire.ARRAYS: ArrayRecord(task.build_network().state_dict()),
+                                      wire.CONFIG: config}), dst_node_id=7, message_type=MessageType.EVALUATE)
+    reply = unpack_message(app(msg, Context(run_id=1, node_id=7, node_config={wire.NODE_DATA_DIR: str(site),
+                                                                                 wire.NODE_PARTITION_ID: 0},
+                                            state=RecordDict(), run_config={})))
+    assert not reply.has_error(), reply.error
+    metrics = dict(reply.content[wire.METRICS])
+    assert metrics[wire.METRICS_DP] == 1.0 and wire.VAL_LOSS not in metrics
+    for c in range(3):  # every class, with a noisy case count (never an exact one)
+        assert f"{wire.CLASS_PREFIX}{c}-cases" in metrics
+        assert metrics[f"{wire.CLASS_PREFIX}{c}-low"] <= metrics[f"{wire.CLASS_PREFIX}{c}"]
+    entries = Ledger.in_dir(state_dir(site)).entries()
+    assert [e["release"] for e in entries] == ["metrics+classes"]  # score and classes: two mechanisms, one entry
+    assert entries[0]["event"] == {"noise_multiplier": 3.0, "sample_rate": 1.0, "steps": 2}
+    assert metrics[wire.EPSILON_RECORD] == pytest.approx(
+        accounting.epsilon([accounting.GaussianEvent(3.0, 1.0, 2)], 1e-5))
+    info = dict(reply.content[wire.NODE_INFO])
+    assert "releases no dataset descriptors" in info[wire.DESCRIPTORS_DECLINED]
+    assert wire.DESCRIPTORS not in reply.content.config_records

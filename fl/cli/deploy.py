@@ -73,6 +73,8 @@ def add_parsers(sub: Any, node: Any) -> None:
                         help="send updates only with this node's own share of the noise (written into the policy)")
     nstart.add_argument("--release-metrics", choices=("auto", "exact", "noisy", "none"),
                         help="what the node releases besides its model (written into the node's policy)")
+    nstart.add_argument("--release-descriptors", choices=("auto", "exact", "noisy", "none"),
+                        help="the dataset descriptors the node releases to fl validate (written into its policy)")
     nstart.add_argument("--task", help="seg2d, seg3d (default: from dataset.json)")
     nstart.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's runtime API")
     nstart.add_argument("--allow-identifiable-dicom", action="store_true")
@@ -223,7 +225,8 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     changes = {**({"epsilon": args.budget} if args.budget is not None else {}),
                **({"require_secagg": True} if args.require_secagg else {}),
                **({"require_distributed_noise": True} if args.require_distributed_noise else {}),
-               **({"release_metrics": args.release_metrics} if args.release_metrics else {})}
+               **({"release_metrics": args.release_metrics} if args.release_metrics else {}),
+               **({"release_descriptors": args.release_descriptors} if args.release_descriptors else {})}
     if changes:
         save_policy(state, dataclasses.replace(load_policy(state), **changes))
     if not load_allowlist(state):

@@ -73,6 +73,11 @@ def add_parsers(sub: Any) -> Any:
                         help="besides the model: exact metrics, noisy (DP, charged), none; auto: none under a budget")
     policy.add_argument("--metrics-noise", type=float, default=5.0,
                         help="noise std on a noisy metric's sum (its sensitivity is 1)")
+    policy.add_argument("--release-descriptors", default="auto", choices=("auto", "exact", "noisy", "none"),
+                        help="dataset descriptors for model cards (fl validate): exact, noisy (DP, charged), none; "
+                             "auto: none under a budget")
+    policy.add_argument("--descriptors-noise", type=float, default=5.0,
+                        help="noise std over the descriptors' L2 sensitivity")
     policy.set_defaults(func=cmd_node_policy)
     budget = node.add_parser("budget", help="record-level budget: spent and remaining")
     budget.add_argument("--data", required=True, help="the node's data folder")
@@ -229,7 +234,8 @@ def cmd_node_policy(args: argparse.Namespace) -> int:
                     min_noise_multiplier=args.min_noise, max_clip_norm=args.max_clip,
                     require_secagg=args.require_secagg, require_distributed_noise=args.require_distributed_noise,
                     release_metrics=args.release_metrics,
-                    metrics_noise_multiplier=args.metrics_noise)
+                    metrics_noise_multiplier=args.metrics_noise, release_descriptors=args.release_descriptors,
+                    descriptors_noise_multiplier=args.descriptors_noise)
     print(save_policy(state_dir(Path(args.data)), policy))
     return 0
 

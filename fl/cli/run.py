@@ -90,14 +90,17 @@ def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
         folder = node_dir(root, index)
         load_local_data(folder, task, use_cache=False, disk_cache=state_dir(folder) / CACHE_DIR)
     p = cfg.node_policy
-    if p.epsilon > 0 or p.require_secagg or p.require_distributed_noise or p.release_metrics != "auto":
+    if (p.epsilon > 0 or p.require_secagg or p.require_distributed_noise or p.release_metrics != "auto"
+            or p.release_descriptors != "auto"):
         # the launcher acts as every node's operator
         from nodes.policy import Policy, save_policy
 
         policy = Policy(epsilon=p.epsilon, delta=p.delta, min_noise_multiplier=p.min_noise_multiplier,
                         max_clip_norm=p.max_clip_norm, require_secagg=p.require_secagg,
                         require_distributed_noise=p.require_distributed_noise,
-                        release_metrics=p.release_metrics, metrics_noise_multiplier=p.metrics_noise_multiplier)
+                        release_metrics=p.release_metrics, metrics_noise_multiplier=p.metrics_noise_multiplier,
+                        release_descriptors=p.release_descriptors,
+                        descriptors_noise_multiplier=p.descriptors_noise_multiplier)
         for index in range(cfg.data.nodes):
             save_policy(state_dir(node_dir(root, index)), policy)
 

@@ -4,8 +4,10 @@ Everything in a card comes from the registry: the version's manifest and those o
 (task, network, strategy, rounds, privacy guarantees with their accountants, pretraining, training
 sites by keyed fingerprint), its validation records (checked against their chain and the
 version's hash first) and its release tags. Nothing is typed in by hand, so a card cannot claim
-what the provenance does not hold; where the provenance holds nothing (e.g. dataset descriptors,
-which no node releases yet), the card says so.
+what the provenance does not hold; where the provenance holds nothing (a site that released no
+dataset descriptors), the card says so. Dataset descriptors come from the sites' validation
+records (:mod:`nodes.descriptors`: exact, or counts with DP noise) and are shown as
+post-processing of those counts (:func:`describe`).
 
 Sections follow Mitchell et al. 2019 ("Model Cards for Model Reporting"); :data:`COVERAGE` names
 the items of the EU AI Act's Annex IV (technical documentation of high-risk AI systems) that a
@@ -15,8 +17,10 @@ card covers and those it leaves to the provider.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 from fl.registry.release import Gate, judge, latest_per_site
@@ -31,7 +35,8 @@ COVERAGE = {
         "1(c) versions of the software and the model (code version, hashes, lineage)",
         "2(a) development methods and steps, including the pretrained system it starts from",
         "2(b) design choices: strategy, rounds, local training, privacy mechanisms",
-        "2(d) training data: provenance by keyed fingerprint (descriptors: not released)",
+        "2(d) training data: provenance by keyed fingerprint; case counts, modality, spacing and label "
+        "prevalence where the sites' policies release them (exact or with DP noise)",
         "2(g) validation and testing: sites, metrics, intervals, dates",
         "3 performance limits: worst site, best-to-worst gap, unvalidated sites",
         "4 appropriateness of the metrics: the task's key metric, stated"],
@@ -56,6 +61,7 @@ def card_data(registry: Registry, version: Version) -> dict[str, Any]:
     intended = bundle.get("intended_use") or (
         f"Research: {m.get('task')} on images like those of the training sites. Not a medical device; not for "
         "clinical decisions without a conformity assessment.")
+    described = _descriptors(registry, version.name, trained)
     return {
         "model": {"name": version.name, "version": version.number, "hash": version.hash,
                   "weights_sha256": m.get("weights_sha256"), "created_at": m.get("created_at"),
@@ -67,8 +73,7 @@ def card_data(registry: Registry, version: Version) -> dict[str, Any]:
                      "strategy": m.get("strategy"), "secure_aggregation": m.get("secure_aggregation")},
         "training_sites": [{"dataset_fingerprint": fp, "cases": n, "validated_this_version": fp in validated_fps}
                            for fp, n in sorted(trained.items())],
-        "dataset_descriptors": "not released: no node releases case counts, modality, spacing or prevalence "
-                               "with noise yet",
+        "dataset_descriptors": described,
         "privacy": {"settings": m.get("dp"), "spent": m.get("privacy")},
         "lineage": {"versions": [v.ref() for v in lineage], "pretraining": m.get("pretraining"),
                     "resumed_from": m.get("resumed_from")},
@@ -76,12 +81,58 @@ def card_data(registry: Registry, version: Version) -> dict[str, Any]:
         "release": {"gate": gate.__dict__, "gate_problems": judge(gate, records),
                     "tags": [{"tag": t["tag"], "gate": t["gate"], "time": t["time"]} for t in registry.tags(version.name)
                              if current.get(t["tag"]) == t["version_number"] == version.number]},
-        "limitations": _limitations(sites, trained, validated_fps),
+        "limitations": _limitations(sites, trained, validated_fps, described),
         "coverage": COVERAGE,
     }
 
 
-def _limitations(sites: list[dict[str, Any]], trained: dict[str, Any], validated: set[str]) -> list[str]:
+VISIBLE_SIGMAS = 3.0  # a noisy spacing bin counts as holding cases above this many noise stds
+
+
+def describe(d: dict[str, Any], confidence: float = 0.95) -> dict[str, Any]:
+    """A reader's view of a site's released descriptors, post-processing only: the spacing span
+    from the bins that hold cases (above ``VISIBLE_SIGMAS`` noise stds for a noisy release; None
+    for an open upper end), and each label's share of the cases with a normal interval for the
+    noise (the case counts are public)."""
+    total = max(int(d["cases_training"]) + int(d["cases_validation"]), 1)
+    std = float(d.get("noise_std") or 0.0)
+    z = NormalDist().inv_cdf((1 + confidence) / 2)
+    edges = [0.0, *d["spacing_edges"], math.inf]
+
+    def span(counts: list[float] | None) -> list[float | None] | None:
+        if counts is None:
+            return None
+        shown = [i for i, c in enumerate(counts) if c > VISIBLE_SIGMAS * std]
+        if not shown:
+            return None
+        high = edges[shown[-1] + 1]
+        return [edges[shown[0]], high if math.isfinite(high) else None]
+
+    prevalence = {}
+    for name, held in zip(d["labels"], d["label_cases"], strict=True):
+        share, half = min(max(held / total, 0.0), 1.0), z * std / total
+        prevalence[name] = {"share": share, "ci_low": max(share - half, 0.0), "ci_high": min(share + half, 1.0)}
+    return {"cases_training": int(d["cases_training"]), "cases_validation": int(d["cases_validation"]),
+            "modality": d["modality"], "spacing_finest_mm": span(d.get("spacing_finest")),
+            "spacing_coarsest_mm": span(d.get("spacing_coarsest")), "spacing_range_mm": d.get("spacing_range"),
+            "label_prevalence": prevalence, "release": d["release"], "noise_std": std,
+            "epsilon_after": d.get("epsilon_after")}
+
+
+def _descriptors(registry: Registry, name: str, trained: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each site's newest released descriptors, from the validation records of any version of the
+    model (they describe the dataset, which the keyed fingerprint names, not the weights)."""
+    newest: dict[str, dict[str, Any]] = {}
+    for v in registry.versions(name):
+        for record in registry.validations(v):
+            if record.get("descriptors"):
+                newest[record["dataset_fingerprint"]] = record
+    return [{"site": r["site"], "dataset_fingerprint": fp, "trained_it": fp in trained, "time": r["time"],
+             **describe(r["descriptors"])} for fp, r in sorted(newest.items(), key=lambda kv: kv[0] not in trained)]
+
+
+def _limitations(sites: list[dict[str, Any]], trained: dict[str, Any], validated: set[str],
+                 described: list[dict[str, Any]]) -> list[str]:
     out = []
     if not sites:
         out.append("No site has validated this version (run `fl validate`).")
@@ -97,6 +148,10 @@ def _limitations(sites: list[dict[str, Any]], trained: dict[str, Any], validated
     if missing:
         out.append(f"{len(missing)} training site(s) never validated this version: "
                    + ", ".join(fp[:12] for fp in missing) + ".")
+    undescribed = [fp for fp in trained if fp not in {d["dataset_fingerprint"] for d in described}]
+    if undescribed:
+        out.append(f"{len(undescribed)} training site(s) released no dataset descriptors: "
+                   + ", ".join(fp[:12] for fp in undescribed) + ".")
     out.append("Validated on held-out cases of the sites that answered; populations, scanners and protocols "
                "outside them are untested.")
     return out
@@ -123,7 +178,30 @@ def render(card: dict[str, Any]) -> str:
     for site in card["training_sites"]:
         lines.append(f"| `{site['dataset_fingerprint'][:16]}` | {site['cases'] if site['cases'] is not None else '-'} "
                      f"| {'yes' if site['validated_this_version'] else 'no'} |")
-    lines += ["", f"Dataset descriptors: {card['dataset_descriptors']}.", "", "## Privacy", ""]
+    lines += ["", "## Data", ""]
+    described = card["dataset_descriptors"]
+    if not described:
+        lines.append("No site has released dataset descriptors (each site's `release_descriptors` policy; "
+                     "`fl validate` asks for them).")
+    else:
+        lines += ["Dataset descriptors as each site released them with `fl validate`: exact, or counts with DP noise "
+                  "(the interval covers the noise; a noisy spacing bin shows only above "
+                  f"{VISIBLE_SIGMAS:g} noise stds).", "",
+                  "| site | trained it | cases (train/val) | modality | spacing, finest axis (mm) | "
+                  "spacing, coarsest axis (mm) | cases holding each label | release |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for d in described:
+            prevalence = ", ".join(f"{label} {p['share']:.0%}" + (f" [{p['ci_low']:.0%}, {p['ci_high']:.0%}]"
+                                                                   if d["noise_std"] else "")
+                                   for label, p in d["label_prevalence"].items()) or "-"
+            release = "exact" if d["release"] == "exact" else (
+                f"noisy (std {d['noise_std']:.1f} per count" + (f", site epsilon after {d['epsilon_after']:.2f}"
+                                                               if d.get("epsilon_after") is not None else "") + ")")
+            lines.append(f"| {d['site']} | {'yes' if d['trained_it'] else 'no'} | {d['cases_training']}/"
+                         f"{d['cases_validation']} | {', '.join(d['modality']) or '-'} | "
+                         f"{_span(d['spacing_finest_mm'], d['spacing_range_mm'], 0)} | "
+                         f"{_span(d['spacing_coarsest_mm'], d['spacing_range_mm'], 1)} | {prevalence} | {release} |")
+    lines += ["", "## Privacy", ""]
     settings, spent = card["privacy"]["settings"] or {}, card["privacy"]["spent"] or {}
     lines.append(f"Client-level DP: {json.dumps(settings.get('central')) if settings.get('central') else 'none'}; "
                  f"spent: {json.dumps(spent.get('client_level'))}.")
@@ -141,9 +219,10 @@ def render(card: dict[str, Any]) -> str:
                      f"{r['ci_high']:.3f}] ({r['confidence']:.0%}) | {r['release']} | {r['time'][:10]} |")
     per_class = [(r["site"], label, v) for r in card["validation"] for label, v in (r.get("per_class") or {}).items()]
     if per_class:
-        lines += ["", "Per-class scores (exact releases of a multi-class task):", "",
+        lines += ["", "Per-class scores of a multi-class task, over the cases that hold each class (under a noisy "
+                  "release the score and the case count are DP values):", "",
                   "| site | class | score | interval | cases |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {site} | {label} | {v['score']:.3f} | [{v['ci_low']:.3f}, {v['ci_high']:.3f}] | {v['cases']} |"
+        lines += [f"| {site} | {label} | {v['score']:.3f} | [{v['ci_low']:.3f}, {v['ci_high']:.3f}] | {v['cases']:g} |"
                   for site, label, v in per_class]
     rel = card["release"]
     tags = "; ".join(f"{t['tag']} (gate {t['gate']}, {t['time'][:10]})" for t in rel["tags"]) or "none"
@@ -155,6 +234,13 @@ def render(card: dict[str, Any]) -> str:
     for source, items in card["coverage"].items():
         lines.append(f"- {source}: " + "; ".join(items) + ".")
     return "\n".join(lines) + "\n"
+
+
+def _span(bins: list[float | None] | None, exact: list[float] | None, end: int) -> str:
+    text = "-" if bins is None else (f"{bins[0]:g} to {bins[1]:g}" if bins[1] is not None else f"{bins[0]:g} or more")
+    if exact is not None:
+        text += f" (smallest {exact[0]:g})" if end == 0 else f" (largest {exact[1]:g})"
+    return text
 
 
 def write_card(registry: Registry, ref: str, out: Path) -> list[Path]:

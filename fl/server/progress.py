@@ -104,15 +104,17 @@ def validation_table(result: dict[str, Any]) -> Table:
     """One row per validating site, the worst named below (``fl validate``)."""
     sites = sorted(result["sites"], key=lambda s: s["score"])
     table = Table(title=f"{result['version']}: validation at {len(sites)} site(s)")
-    for column in ("site", "trained it", "cases", "score", "interval", "release"):
+    for column in ("site", "trained it", "cases", "score", "interval", "release", "descriptors"):
         table.add_column(column)
     for site in sites:
         trained = {True: "yes", False: "no", None: "unknown"}[site.get("trained_it")]
+        described = site.get("descriptors")
         table.add_row(site["site"], trained, str(site["cases"]), f"{site['score']:.3f} ({site['metric']})",
                       f"[{site['ci_low']:.3f}, {site['ci_high']:.3f}] at {site['confidence']:.0%}",
-                      site["release"])
+                      site["release"], described["release"] if described else
+                      f"none: {site.get('descriptors_declined') or 'not asked'}")
     for node, why in sorted(result.get("declined", {}).items()):
-        table.add_row(f"node {node}", "-", "-", "-", "-", f"no release: {why}")
+        table.add_row(f"node {node}", "-", "-", "-", "-", f"no release: {why}", "-")
     if sites:
         worst = sites[0]
         table.caption = (f"worst site: {worst['site']} ({worst['score']:.3f}); "

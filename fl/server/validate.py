@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import FedAvg
 from fl import __version__, wire
 from fl.config import Config, from_flat
 from fl.errors import ConfigError, FederationError
+from fl.packing import PackingGrid
 from fl.registry import Registry, Version
 from fl.registry.checkpoint import decode_weights
 from fl.server.observer import Observer
@@ -76,19 +77,43 @@ def app_hash(grid: Grid) -> str:
 
 
 def _per_class(metrics: dict[str, Any], labels: list[str]) -> dict[str, dict[str, float]] | None:
-    """A multi-class task's per-class scores from a reply (None for one class or a noisy release)."""
+    """A multi-class task's per-class scores from a reply (None for one class); under a noisy
+    release the scores and the case counts are the DP values."""
     out = {}
     for c, label in enumerate(labels):
         key = f"{wire.CLASS_PREFIX}{c}"
         if key in metrics:
             out[label] = {"score": float(metrics[key]), "ci_low": float(metrics[f"{key}-low"]),
-                          "ci_high": float(metrics[f"{key}-high"]), "cases": int(metrics[f"{key}-cases"])}
+                          "ci_high": float(metrics[f"{key}-high"]), "cases": round(float(metrics[f"{key}-cases"]), 1)}
     return out or None
+
+
+def _descriptors(content: Any) -> dict[str, Any] | None:
+    """A site's dataset descriptors from a reply (nodes.descriptors.release), checked for shape."""
+    if wire.DESCRIPTORS not in content.config_records:
+        return None
+    raw = dict(content[wire.DESCRIPTORS])
+    try:
+        out = {"release": str(raw["release"]), "noise_std": float(raw.get("noise_std", 0.0)),
+               "epsilon_after": float(raw["epsilon_after"]) if "epsilon_after" in raw else None,
+               "cases_training": int(raw["cases_training"]), "cases_validation": int(raw["cases_validation"]),
+               "modality": [str(v) for v in raw.get("modality", [])],
+               "labels": [str(v) for v in raw.get("labels", [])],
+               "label_cases": [float(v) for v in raw.get("label_cases", [])],
+               "spacing_edges": [float(v) for v in raw.get("spacing_edges", [])]}
+        for key in ("spacing_finest", "spacing_coarsest", "spacing_range"):
+            out[key] = [float(v) for v in raw[key]] if key in raw else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FederationError(f"validation: a site's descriptors are malformed ({exc!r})") from None
+    if len(out["labels"]) != len(out["label_cases"]):
+        raise FederationError("validation: a site's descriptors name a different number of labels than counts")
+    return out
 
 
 def run_validation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -> dict[str, Any]:
     from fl.server.rounds import _instructions
 
+    grid = PackingGrid.wrap(grid)  # contents travel as one array each way (fl.packing), as in training
     registry = Registry(cfg.registry.root)
     version = registry.get(cfg.validation.ref)
     registry.verify(version.name)  # the weights sent are the ones the chain vouches for
@@ -96,6 +121,8 @@ def run_validation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
     _, eval_cfg = _instructions(vcfg)
     eval_cfg[wire.VALIDATE] = cfg.validation.bootstrap
     eval_cfg[wire.CONFIDENCE] = cfg.validation.confidence
+    if cfg.validation.descriptors:
+        eval_cfg[wire.DESCRIBE] = 1
     arrays = decode_weights(version.weights.read_bytes())
     # every node of the federation: the strategy waits for them all, then samples them all
     strategy = FedAvg(fraction_evaluate=1.0, min_evaluate_nodes=vcfg.min_nodes, min_available_nodes=vcfg.min_nodes,
@@ -141,6 +168,8 @@ def run_validation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
             "app_hash": app,
             "run_id": run_dir.name,
             "per_class": _per_class(metrics, labels),
+            "descriptors": _descriptors(message.content),
+            "descriptors_declined": info.get(wire.DESCRIPTORS_DECLINED),
         })
         sites.append(record)
     summary = {"version": version.ref(), "version_hash": version.hash, "sites": sites, "declined": declined,
