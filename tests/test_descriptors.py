@@ -124,3 +124,28 @@ def test_a_reader_shows_only_spacing_bins_above_the_noise_and_prevalence_with_it
     organ = view["label_prevalence"]["organ"]
     assert organ["share"] == pytest.approx(0.6)
     assert organ["ci_high"] - organ["share"] == pytest.approx(1.959963984540054 * 4.0 / 100)
+
+
+def test_tabular_records_release_their_label_count_without_spacing(tmp_path: Path) -> None:
+    import torch
+
+    folder = tmp_path / "table"
+    folder.mkdir()
+    (folder / DATASET_JSON).write_text(json.dumps({"format": "tabular", "training": "./train.csv"}))
+    data = SimpleNamespace(digest="cd" * 32, train=_Records(torch.tensor([1, 0, 1, 1])),
+                           val=_Records(torch.tensor([0, 1])))
+    state = tmp_path / "state"
+    state.mkdir()
+    out, why = descriptors.release_for(state, folder, data, Policy(), Ledger.in_dir(state), dp_requested=False,
+                                       server_round=0, tabular=True)
+    assert why is None and out["release"] == "exact" and out["modality"] == ["tabular"]
+    assert out["labels"] == ["label 1"] and out["label_cases"] == [4] and out["spacing_finest"] is None
+    assert (out["cases_training"], out["cases_validation"]) == (4, 2)
+
+
+class _Records:
+    def __init__(self, labels: object) -> None:
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)  # type: ignore[arg-type]

@@ -232,3 +232,15 @@ def test_tune_refuses_a_task_without_a_public_proxy(tmp_path: Path) -> None:
     code = main(["privacy", "tune", "configs/quickstart.toml", "--set", "task='tabular'", "--min-cases", "40",
                  "--epsilon", "1", "--out", str(tmp_path / "t.toml")])
     assert code != 0 and not (tmp_path / "t.toml").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pretraining_runs_on_the_servers_gpu_and_keeps_cpu_weights(tmp_path: Path) -> None:
+    from fl.server.rounds import start_model
+
+    cfg = config.from_flat({"pretrain.source": "synthetic", "pretrain.cases": 8, "pretrain.epochs": 1,
+                            "data.image_size": 32, "train.device": "cuda", "registry.root": str(tmp_path / "r")})
+    arrays, provenance = start_model(cfg)
+    assert provenance is not None
+    assert all(t.device.type == "cpu" for t in arrays.to_torch_state_dict().values())

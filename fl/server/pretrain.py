@@ -100,6 +100,7 @@ def _train(cfg: Config, task: Any, datalist: dict[str, Any]) -> tuple[dict[str, 
     """The task's network trained on the public cases with its own loss and optimizer."""
     from nodes.bundle_train import train_bundle
     from nodes.cases import bundle_cases
+    from nodes.device import resolve
 
     task = dataclasses.replace(task, lr_override=cfg.pretrain.lr)
     torch.manual_seed(cfg.seed)
@@ -107,7 +108,8 @@ def _train(cfg: Config, task: Any, datalist: dict[str, Any]) -> tuple[dict[str, 
     cases = bundle_cases(datalist["training"], task, None, train=True)
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.pretrain.seed)
-    result = train_bundle(net, task, cases, epochs=cfg.pretrain.epochs, generator=generator)
+    device = resolve(cfg.train.device)  # the server's own device (train.device: auto takes its GPU)
+    result = train_bundle(net, task, cases, epochs=cfg.pretrain.epochs, generator=generator, device=device)
     seconds = time.perf_counter() - started
-    log.info("pretrained on %d public cases in %.1f s (loss %.4f)", len(cases), seconds, result.loss)
-    return net.state_dict(), seconds, result.loss
+    log.info("pretrained on %d public cases on %s in %.1f s (loss %.4f)", len(cases), device, seconds, result.loss)
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}, seconds, result.loss

@@ -65,6 +65,7 @@ def run_candidate(cfg: Config, sites: list[Any], start: dict[str, torch.Tensor],
                   sigma: float, seed: int) -> float:
     """One emulated federation on the proxy sites; the sites' validation score, weighted by cases."""
     from nodes.bundle_train import evaluate_bundle, train_bundle_dp
+    from nodes.device import resolve
     from nodes.dp_train import DpOptions
 
     task = dataclasses.replace(cfg.resolved_task(), lr_override=candidate.lr)
@@ -73,16 +74,17 @@ def run_candidate(cfg: Config, sites: list[Any], start: dict[str, torch.Tensor],
     net = task.build_network()
     net.load_state_dict(start)
     generator = torch.Generator().manual_seed(seed)
+    device = resolve(cfg.train.device)  # the machine running the search (auto takes its GPU)
     for _ in range(cfg.rounds):
         states, weights = [], []
         for site in sites:
             local = copy.deepcopy(net)
             train_bundle_dp(local, task, site.train, epochs=candidate.epochs, noise_multiplier=sigma,
-                            max_grad_norm=candidate.clip, options=options, generator=generator)
-            states.append(local.state_dict())
+                            max_grad_norm=candidate.clip, options=options, generator=generator, device=device)
+            states.append({k: v.detach().cpu() for k, v in local.state_dict().items()})
             weights.append(len(site.train))
         net.load_state_dict({k: sum(w * s[k] for w, s in zip(weights, states)) / sum(weights) for k in states[0]})
-    scored = [(evaluate_bundle(net, task, site.val).score, len(site.val)) for site in sites]
+    scored = [(evaluate_bundle(net, task, site.val, device=device).score, len(site.val)) for site in sites]
     return sum(s * n for s, n in scored) / sum(n for _, n in scored)
 
 
