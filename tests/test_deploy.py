@@ -393,5 +393,8 @@ def test_fl_validate_runs_through_the_deployment_with_the_same_checks(deployment
     assert len(records) == 2 and {r["trained_it"] for r in records} == {True}
     assert {r["app_hash"] for r in records} == {run["fab-hash"]}
     assert all(r["ci_low"] <= r["score"] <= r["ci_high"] for r in records)
+    # each SuperNode's dataset descriptors came back with its score (exact under its default policy)
+    assert all(r["descriptors"]["release"] == "exact" and r["descriptors"]["cases_validation"] == r["cases"]
+               for r in records)
     assert [v.number for v in registry.versions("checked")] == [1]  # validating commits no version
     registry.verify("checked")
