@@ -62,7 +62,8 @@ def declared(data_dir: Path) -> tuple[list[str], dict[int, str]]:
             raise DataError(f"{path}: labels: key {value!r} is not an integer label value") from None
         if number != 0:
             out[number] = str(name)[:MAX_NAME]
-    return [str(modality[k])[:MAX_NAME] for k in sorted(modality, key=str)], dict(sorted(out.items()))
+    order = sorted(modality, key=lambda k: (0, int(k), "") if str(k).isdigit() else (1, 0, str(k)))
+    return [str(modality[k])[:MAX_NAME] for k in order], dict(sorted(out.items()))
 
 
 def _bin(value: float) -> int:
