@@ -5,6 +5,7 @@ the tests themselves."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -31,7 +32,7 @@ from fl.registry import Registry
 from fl.tasks import get_task
 from nodes.check import check_dataset, identifying_attributes
 from nodes.ledger import Ledger
-from nodes.policy import state_dir
+from nodes.policy import load_policy, save_policy, state_dir
 from nodes.supernode import AppRefused, approve, check_fab, fab_hash_of, load_allowlist
 from nodes.synth import node_dir, synthesize
 from nodes.worker import STATUS_FILE, served_in_log
@@ -383,8 +384,15 @@ def test_fl_validate_runs_through_the_deployment_with_the_same_checks(deployment
         deploy.submit(home, APP_DIR, deploy.write_run_config(trained, tmp_path / "train.toml"), fh, timeout=600)
     check = run_config(out, 1, 2, ["model_name='checked'", "output.run_name='checked-validate'",
                                    "validation.ref='checked:v1'"])
-    with (tmp_path / "validate.log").open("w") as fh:
-        deploy.submit(home, APP_DIR, deploy.write_run_config(check, tmp_path / "validate.toml"), fh, timeout=600)
+    # hospital 0's operator releases its dataset descriptors exactly; hospital 1 keeps auto (none under its budget)
+    state = state_dir(node_dir(out / "data", 0))
+    before = load_policy(state)
+    save_policy(state, dataclasses.replace(before, release_descriptors="exact"))
+    try:
+        with (tmp_path / "validate.log").open("w") as fh:
+            deploy.submit(home, APP_DIR, deploy.write_run_config(check, tmp_path / "validate.toml"), fh, timeout=600)
+    finally:
+        save_policy(state, before)
     run = deploy.last_run(home)
     assert run["status"] == "finished:completed"
     registry = Registry(out / "registry")
@@ -393,8 +401,11 @@ def test_fl_validate_runs_through_the_deployment_with_the_same_checks(deployment
     assert len(records) == 2 and {r["trained_it"] for r in records} == {True}
     assert {r["app_hash"] for r in records} == {run["fab-hash"]}
     assert all(r["ci_low"] <= r["score"] <= r["ci_high"] for r in records)
-    # each SuperNode's dataset descriptors came back with its score (exact under its default policy)
-    assert all(r["descriptors"]["release"] == "exact" and r["descriptors"]["cases_validation"] == r["cases"]
-               for r in records)
+    # what each SuperNode's policy allows of its dataset descriptors came back with its score
+    described = [r for r in records if r["descriptors"] is not None]
+    assert len(described) == 1 and described[0]["descriptors"]["release"] == "exact"
+    assert described[0]["descriptors"]["cases_validation"] == described[0]["cases"]
+    (declined,) = [r for r in records if r["descriptors"] is None]
+    assert "releases no dataset descriptors" in declined["descriptors_declined"]
     assert [v.number for v in registry.versions("checked")] == [1]  # validating commits no version
     registry.verify("checked")
