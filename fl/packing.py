@@ -1,11 +1,12 @@
-"""A message's content travels as one array, and replies are collected promptly.
+"""A message's content travels as one object, and replies are collected promptly.
 
 Flower 1.41 moves every record and every ``Array`` of a message as an object of its own: in a
 deployment each costs one HTTPS request per hop (ServerApp to SuperLink, SuperLink to SuperNode,
 SuperNode to its ClientApp, and back), so a 2D UNet of 65 tensors took about 3 s per hop on
 localhost while its training took 1 s. OncoFed serialises a message's whole content (Flower's own
-protobuf form of the ``RecordDict``: arrays, configs and metrics, byte for byte) into one array
-before the message leaves and restores it on arrival: the server side in :class:`PackingGrid`,
+protobuf form of the ``RecordDict``: arrays, configs and metrics, byte for byte) into one bytes
+value of a config record, a single object (one array, which Flower cuts into 5 MiB chunks, when
+it is over :data:`INLINE_MAX`), before the message leaves and restores it on arrival: the server side in :class:`PackingGrid`,
 the nodes in the ClientApp's outermost mod. What the records hold, and who sees them, is
 unchanged; a reply whose packed content does not parse becomes an error reply
 (:data:`fl.wire.ERROR_MALFORMED_REPLY`) naming its node.
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fl import wire
@@ -32,6 +33,9 @@ log = logging.getLogger("flwr.oncofed.server")
 PACKED_CONTENT = "oncofed.content"
 PACKED_DATA = "oncofed.packed"
 PULL_INTERVAL_S = 0.05
+# a pack this small travels as one object (a config record's bytes value); a larger one as an
+# array, which Flower 1.41 splits into chunks of 5 MiB
+INLINE_MAX = 4 * 1024 * 1024
 SWITCH_ENV = "ONCOFED_PACK_ARRAYS"  # "0": this process sends records as Flower does (benchmarks compare)
 
 
@@ -42,14 +46,17 @@ def packing_on() -> bool:
 
 
 def pack_content(content: RecordDict) -> RecordDict:
-    """``content`` as one record holding one array: its records in Flower's protobuf form (as it
-    is when that would not save Flower any object)."""
+    """``content`` as one record: its records in Flower's protobuf form, as one bytes value of a
+    config record (one object) up to :data:`INLINE_MAX` bytes, else as one array (Flower splits
+    it into chunks); ``content`` itself when that would not save Flower any object."""
     from flwr.common.serde import recorddict_to_proto
 
     objects = sum(1 + (len(r) if isinstance(r, ArrayRecord) else 0) for r in content.values())
-    if PACKED_CONTENT in content or objects <= 2:  # packed, or nothing to gain (an evaluation's metrics)
+    if PACKED_CONTENT in content or objects <= 1:  # packed, or nothing to gain (an evaluation's metrics)
         return content
     data = recorddict_to_proto(content).SerializeToString()
+    if len(data) <= INLINE_MAX:
+        return RecordDict({PACKED_CONTENT: ConfigRecord({PACKED_DATA: data})})
     return RecordDict({PACKED_CONTENT: ArrayRecord({PACKED_DATA: Array(dtype="bytes", shape=(len(data),),
                                                                         stype=PACKED_CONTENT, data=data)})})
 
@@ -63,10 +70,14 @@ def unpack_content(content: RecordDict) -> RecordDict:
     if PACKED_CONTENT not in content:
         return content
     record = content[PACKED_CONTENT]
-    if len(content) != 1 or not isinstance(record, ArrayRecord) or list(record) != [PACKED_DATA]:
+    if len(content) != 1 or not isinstance(record, (ArrayRecord, ConfigRecord)) or list(record) != [PACKED_DATA]:
         raise ValueError(f"packed content: expected only {PACKED_CONTENT!r} holding {PACKED_DATA!r}")
+    value = record[PACKED_DATA]
+    data = value.data if isinstance(record, ArrayRecord) else value
+    if not isinstance(data, bytes):
+        raise ValueError(f"packed content: {PACKED_DATA!r} is not bytes")
     try:
-        return recorddict_from_proto(ProtoRecordDict.FromString(bytes(record[PACKED_DATA].data)))
+        return recorddict_from_proto(ProtoRecordDict.FromString(data))
     except Exception as exc:  # noqa: BLE001 - protobuf's and Flower's errors, whatever the bytes were
         raise ValueError(f"packed content: not a record dict ({type(exc).__name__})") from None
 

@@ -21,7 +21,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from fl import wire
 from fl.engine_env import OBJECT_FIRST_RETRY_S, prompt_object_pulls
-from fl.packing import PACKED_CONTENT, PACKED_DATA, PackingGrid, pack_content, unpack_content, unpack_reply
+from fl.packing import (
+    INLINE_MAX,
+    PACKED_CONTENT,
+    PACKED_DATA,
+    PackingGrid,
+    pack_content,
+    unpack_content,
+    unpack_reply,
+)
 from nodes import supernode
 from nodes.worker import WORKER_SCRIPT, write_secret
 
@@ -45,7 +53,8 @@ def test_a_packed_message_is_one_array_and_unpacks_to_the_same_records() -> None
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"lr": 0.01, "task": "seg2d"}),
                           "metrics": MetricRecord({"num-examples": 12, "train-loss": 0.5})})
     packed = pack_content(content)
-    assert list(packed) == [PACKED_CONTENT] and list(packed[PACKED_CONTENT]) == [PACKED_DATA]  # one object
+    assert list(packed) == [PACKED_CONTENT] and list(packed[PACKED_CONTENT]) == [PACKED_DATA]
+    assert isinstance(packed[PACKED_CONTENT], ConfigRecord)  # one object: no array, no chunks
     back = unpack_content(packed)
     assert list(back) == ["arrays", "config", "metrics"] and list(back["arrays"]) == list(arrays)
     for key in arrays:
@@ -55,7 +64,12 @@ def test_a_packed_message_is_one_array_and_unpacks_to_the_same_records() -> None
     assert dict(back["config"]) == {"lr": 0.01, "task": "seg2d"} and back["metrics"]["num-examples"] == 12
     assert unpack_content(content) is content and pack_content(packed) is packed
     metrics_only = RecordDict({"metrics": MetricRecord({"dice": 0.5})})
-    assert pack_content(metrics_only) is metrics_only  # an evaluation's reply: nothing to gain
+    assert pack_content(metrics_only) is metrics_only  # one record already: nothing to gain
+    # a content over INLINE_MAX travels as one array (Flower chunks it) and comes back the same
+    weights = np.arange(INLINE_MAX // 4 + 1024, dtype=np.float32)
+    big = pack_content(RecordDict({"arrays": ArrayRecord({"w": Array(weights)}), "metrics": MetricRecord({"n": 1})}))
+    assert isinstance(big[PACKED_CONTENT], ArrayRecord)
+    assert np.array_equal(unpack_content(big)["arrays"]["w"].numpy(), weights)
 
 
 def test_a_malformed_pack_is_refused_and_a_reply_carrying_one_becomes_that_nodes_error() -> None:
@@ -63,6 +77,10 @@ def test_a_malformed_pack_is_refused_and_a_reply_carrying_one_becomes_that_nodes
                                                                          stype=PACKED_CONTENT, data=b"\xff\x01a")})})
     with pytest.raises(ValueError, match="packed content: not a record dict"):
         unpack_content(broken)
+    with pytest.raises(ValueError, match="packed content: not a record dict"):
+        unpack_content(RecordDict({PACKED_CONTENT: ConfigRecord({PACKED_DATA: b"\xff\x01a"})}))
+    with pytest.raises(ValueError, match="is not bytes"):
+        unpack_content(RecordDict({PACKED_CONTENT: ConfigRecord({PACKED_DATA: "text"})}))
     packed = pack_content(RecordDict({"arrays": ArrayRecord({"a": Array(np.ones(2)), "b": Array(np.ones(3))})}))
     extra = RecordDict({**dict(packed), "more": ConfigRecord({"y": 2})})
     with pytest.raises(ValueError, match="expected only"):
