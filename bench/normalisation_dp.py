@@ -4,8 +4,9 @@ DP-SGD), on the quickstart's sites.
 
     python bench/normalisation_dp.py [--seeds 3] [--epsilons 8,1] [--rounds 5] [--threads 2]
 
-An in-process emulation of the quickstart federation: the 3 synthetic sites of ``nodes.synth``
-(seed s), FedAvg weighted by cases, record-level DP-SGD on every site with the nodes' own loop
+An in-process emulation of the quickstart federation (``fl.server.tune.emulate``, as ``fl privacy
+tune`` runs it): the 3 synthetic sites of ``nodes.synth`` (seed s), FedAvg weighted by cases,
+record-level DP-SGD on every site with the nodes' own loop
 (``nodes.bundle_train.train_bundle_dp``: Poisson sampling, per-case clipping at
 ``local_dp.max_grad_norm``, the bundle's loss and optimizer). Each site's noise is calibrated so
 that its own epsilon after all rounds is the target (delta 1e-5). Every variant gets the same
@@ -60,25 +61,13 @@ def network(variant: str) -> nn.Module:
 def federation(variant: str, sites: list, task: object, *, epsilon: float, rounds: int, epochs: int,
                clip: float, batch_size: int, seed: int) -> float:
     from fl.privacy.accounting import dp_sgd_noise
-    from nodes.bundle_train import evaluate_bundle, train_bundle_dp
+    from fl.server.tune import emulate
 
     torch.manual_seed(seed)
-    net = network(variant)
     sigmas = [dp_sgd_noise([len(s.train)], target_epsilon=epsilon, delta=1e-5, rounds=rounds, epochs=epochs,
-                           batch_size=batch_size) for s in sites]
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(rounds):
-        states, weights = [], []
-        for site, sigma in zip(sites, sigmas, strict=True):
-            local = network(variant)
-            local.load_state_dict(net.state_dict())
-            train_bundle_dp(local, task, site.train, epochs=epochs, noise_multiplier=sigma, max_grad_norm=clip,
-                            generator=generator)
-            states.append(local.state_dict())
-            weights.append(len(site.train))
-        net.load_state_dict({k: sum(w * s[k] for w, s in zip(weights, states)) / sum(weights) for k in states[0]})
-    scored = [(evaluate_bundle(net, task, s.val).score, len(s.val)) for s in sites]
-    return sum(d * n for d, n in scored) / sum(n for _, n in scored)
+                           batch_size=batch_size) for s in sites]  # each site at its own epsilon
+    return emulate(network(variant), task, sites, sigmas=sigmas, rounds=rounds, epochs=epochs, clip=clip,
+                   generator=torch.Generator().manual_seed(seed))
 
 
 def main() -> None:

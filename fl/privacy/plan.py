@@ -12,8 +12,9 @@ per step and adds up over ``T`` steps while independent noise adds up as ``sqrt(
 The verdict thresholds are anchored on ``fl bench privacy-utility`` (seg2d, 3 synthetic sites of
 17-47 cases, training from scratch, non-private Dice 0.95): record-level DP at epsilon 8 (r 4-10)
 kept Dice 0.73-0.85 (two full runs, 5 and 3 seeds), at epsilon 3 (r 8-21) 0.66-0.69, at epsilon 1
-(r 21-55) 0.32-0.33; client-level DP over 3 nodes at epsilon 8 (r 48) 0.24. The same r predicts both guarantees: what matters is how much noise each unit of signal
-carries, not which guarantee it is. Public pretraining (``pretrain.source``) is not in the figure:
+(r 21-55) 0.32-0.33; client-level DP over 3 nodes at epsilon 8 (r 48) 0.24. The same r predicts
+both guarantees: what matters is how much noise each unit of signal carries, not which guarantee
+it is. Public pretraining (``pretrain.source``) is not in the figure:
 a network that already knows the task needs less signal, and the benchmark measures by how much.
 """
 

@@ -48,7 +48,7 @@ COVERAGE = {
 
 
 def card_data(registry: Registry, version: Version) -> dict[str, Any]:
-    registry.verify(version.name)
+    versions = registry.verify(version.name)
     m = version.manifest
     lineage = registry.lineage(version)
     trained = registry.training_sites(version)
@@ -61,7 +61,7 @@ def card_data(registry: Registry, version: Version) -> dict[str, Any]:
     intended = bundle.get("intended_use") or (
         f"Research: {m.get('task')} on images like those of the training sites. Not a medical device; not for "
         "clinical decisions without a conformity assessment.")
-    described = _descriptors(registry, version.name, trained)
+    described = _descriptors(registry, versions, trained)
     return {
         "model": {"name": version.name, "version": version.number, "hash": version.hash,
                   "weights_sha256": m.get("weights_sha256"), "created_at": m.get("created_at"),
@@ -119,11 +119,11 @@ def describe(d: dict[str, Any], confidence: float = 0.95) -> dict[str, Any]:
             "epsilon_after": d.get("epsilon_after")}
 
 
-def _descriptors(registry: Registry, name: str, trained: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each site's newest released descriptors, from the validation records of any version of the
-    model (they describe the dataset, which the keyed fingerprint names, not the weights)."""
+def _descriptors(registry: Registry, versions: list[Version], trained: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each site's newest released descriptors, from the validation records of any of the model's
+    ``versions`` (they describe the dataset, which the keyed fingerprint names, not the weights)."""
     newest: dict[str, dict[str, Any]] = {}
-    for v in registry.versions(name):
+    for v in versions:
         for record in registry.validations(v):
             if record.get("descriptors"):
                 newest[record["dataset_fingerprint"]] = record

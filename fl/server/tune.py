@@ -61,10 +61,30 @@ def proxy_sites(cfg: Config, cases: list[int], folder: Path) -> list[Any]:
     return sites
 
 
+def emulate(net: torch.nn.Module, task: Any, sites: list[Any], *, sigmas: list[float], rounds: int, epochs: int,
+            clip: float, options: Any = None, generator: torch.Generator | None = None,
+            device: torch.device | None = None) -> float:
+    """A federation emulated in this process: ``rounds`` of record-level DP-SGD on every site (the
+    nodes' own loop, site i with noise multiplier ``sigmas[i]``) from ``net``, averaged by cases
+    (FedAvg); returns the sites' validation score, weighted by cases. ``net`` ends as the model."""
+    from nodes.bundle_train import evaluate_bundle, train_bundle_dp
+
+    for _ in range(rounds):
+        states, weights = [], []
+        for site, sigma in zip(sites, sigmas, strict=True):
+            local = copy.deepcopy(net)
+            train_bundle_dp(local, task, site.train, epochs=epochs, noise_multiplier=sigma, max_grad_norm=clip,
+                            options=options, generator=generator, device=device)
+            states.append({k: v.detach().cpu() for k, v in local.state_dict().items()})
+            weights.append(len(site.train))
+        net.load_state_dict({k: sum(w * s[k] for w, s in zip(weights, states)) / sum(weights) for k in states[0]})
+    scored = [(evaluate_bundle(net, task, site.val, device=device).score, len(site.val)) for site in sites]
+    return sum(s * n for s, n in scored) / sum(n for _, n in scored)
+
+
 def run_candidate(cfg: Config, sites: list[Any], start: dict[str, torch.Tensor], candidate: Candidate,
                   sigma: float, seed: int) -> float:
     """One emulated federation on the proxy sites; the sites' validation score, weighted by cases."""
-    from nodes.bundle_train import evaluate_bundle, train_bundle_dp
     from nodes.device import resolve
     from nodes.dp_train import DpOptions
 
@@ -73,19 +93,9 @@ def run_candidate(cfg: Config, sites: list[Any], start: dict[str, torch.Tensor],
                         view_augment=cfg.local_dp.view_augment, ema_decay=cfg.local_dp.ema_decay)
     net = task.build_network()
     net.load_state_dict(start)
-    generator = torch.Generator().manual_seed(seed)
-    device = resolve(cfg.train.device)  # the machine running the search (auto takes its GPU)
-    for _ in range(cfg.rounds):
-        states, weights = [], []
-        for site in sites:
-            local = copy.deepcopy(net)
-            train_bundle_dp(local, task, site.train, epochs=candidate.epochs, noise_multiplier=sigma,
-                            max_grad_norm=candidate.clip, options=options, generator=generator, device=device)
-            states.append({k: v.detach().cpu() for k, v in local.state_dict().items()})
-            weights.append(len(site.train))
-        net.load_state_dict({k: sum(w * s[k] for w, s in zip(weights, states)) / sum(weights) for k in states[0]})
-    scored = [(evaluate_bundle(net, task, site.val, device=device).score, len(site.val)) for site in sites]
-    return sum(s * n for s, n in scored) / sum(n for _, n in scored)
+    return emulate(net, task, sites, sigmas=[sigma] * len(sites), rounds=cfg.rounds, epochs=candidate.epochs,
+                   clip=candidate.clip, options=options, generator=torch.Generator().manual_seed(seed),
+                   device=resolve(cfg.train.device))  # the machine running the search (auto takes its GPU)
 
 
 def tune(cfg: Config, *, cases: list[int], epsilon: float, delta: float, epochs: list[int], lrs: list[float],

@@ -113,7 +113,7 @@ def _descriptors(content: Any) -> dict[str, Any] | None:
 def run_validation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -> dict[str, Any]:
     from fl.server.rounds import _instructions
 
-    grid = PackingGrid.wrap(grid)  # contents travel as one array each way (fl.packing), as in training
+    grid = PackingGrid.wrap(grid)  # contents travel packed each way (fl.packing), as in training
     registry = Registry(cfg.registry.root)
     version = registry.get(cfg.validation.ref)
     registry.verify(version.name)  # the weights sent are the ones the chain vouches for
