@@ -131,6 +131,8 @@ def install_app_guard(approved: Callable[[], set[str]]) -> None:
             run_id = original(**{**kwargs, "receive": recording_receive, "get_fab": checked_get_fab})
             if run_id is not None:  # a message and its content are stored: a task is waiting
                 MESSAGE_STORED.set()
+                if isinstance(sci.time, _NodeClock):
+                    sci.time.message_stored()
             return run_id
         except AppRefused as refusal:
             message = seen["message"]
@@ -148,20 +150,49 @@ FLOWER_IDLE_SLEEP_S = 3  # Flower 1.41's SuperNode, after a pull that finds no m
 FLOWER_REPLY_POLL_S = 0.5  # ... while it waits for the ClientApp's reply and its content
 REPLY_POLL_S = 0.05
 MIN_IDLE_S, MAX_IDLE_S = 0.1, 3.0
+MIN_FOLLOW_UP_S = 0.02
+
+
+FOLLOW_UP_S = (0.05, 0.05, 0.1)  # the waits before the first empty pulls after a message
 
 
 class _NodeClock:
     """Stands in for the ``time`` module inside Flower's SuperNode loop: its fixed waits become
-    this node's; every other attribute is the real module's."""
+    this node's; every other attribute is the real module's.
 
-    def __init__(self, idle: float, reply: float) -> None:
-        self.idle, self.reply = idle, reply
+    After a message the next one often follows within a fraction of a second (a SecAgg+ stage,
+    the evaluation after training), so the first empty pulls after one wait ``follow_up`` (in
+    turn) instead of ``idle``; :func:`install_app_guard` calls :meth:`message_stored`."""
+
+    def __init__(self, idle: float, reply: float, follow_up: tuple[float, ...] = FOLLOW_UP_S) -> None:
+        self.idle, self.reply, self.follow_up = idle, reply, follow_up
+        self.empty_pulls = len(follow_up)  # none since a message: start idle
+
+    def message_stored(self) -> None:
+        self.empty_pulls = 0
 
     def sleep(self, seconds: float) -> None:
-        time.sleep({FLOWER_IDLE_SLEEP_S: self.idle, FLOWER_REPLY_POLL_S: self.reply}.get(seconds, seconds))
+        if seconds == FLOWER_IDLE_SLEEP_S:
+            waits, self.empty_pulls = self.follow_up, self.empty_pulls + 1
+            time.sleep(waits[self.empty_pulls - 1] if self.empty_pulls <= len(waits) else self.idle)
+        else:
+            time.sleep(self.reply if seconds == FLOWER_REPLY_POLL_S else seconds)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
+
+
+def parse_follow_up(text: str | None) -> tuple[float, ...]:
+    """``--follow-up-pulls``: comma-separated seconds, ``none``, or None for :data:`FOLLOW_UP_S`."""
+    if text is None:
+        return FOLLOW_UP_S
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--follow-up-pulls: {text!r} is not seconds separated by commas (e.g. 0.05,0.1) "
+                          "or none") from None
 
 
 def check_poll_interval(idle: float) -> None:
@@ -179,9 +210,10 @@ def node_wait_sites() -> list[str]:
     return sites if all(site in source for site in sites) else []
 
 
-def shorten_node_waits(idle: float) -> bool:
-    """Make this process's SuperNode pull again ``idle`` s after finding no message (Flower: 3 s)
-    and check for a ClientApp's reply every :data:`REPLY_POLL_S` (Flower: 0.5 s).
+def shorten_node_waits(idle: float, follow_up: tuple[float, ...] = FOLLOW_UP_S) -> bool:
+    """Make this process's SuperNode pull again ``idle`` s after finding no message (Flower: 3 s),
+    sooner (``follow_up``) the first times after a message, and check for a ClientApp's reply
+    every :data:`REPLY_POLL_S` (Flower: 0.5 s).
 
     Flower 1.41 hard-codes both in ``flwr/supernode/start_client_internal.py``; this swaps that
     module's ``time`` for :class:`_NodeClock`. If the source no longer reads as expected (Flower
@@ -190,13 +222,16 @@ def shorten_node_waits(idle: float) -> bool:
     check_poll_interval(idle)
     import flwr.supernode.start_client_internal as sci
 
+    if any(not MIN_FOLLOW_UP_S <= wait <= idle for wait in follow_up):
+        raise ConfigError(f"--follow-up-pulls: each wait must lie between {MIN_FOLLOW_UP_S:g} s and the poll "
+                          f"interval ({idle:g} s), got {list(follow_up)}")
     if isinstance(sci.time, _NodeClock):
-        sci.time.idle = idle
+        sci.time.idle, sci.time.follow_up = idle, follow_up
         return True
     if not node_wait_sites() or not isinstance(sci.time, types.ModuleType):
         log.warning("Flower's SuperNode no longer waits as flwr 1.41 did; keeping its own polling intervals")
         return False
-    sci.time = _NodeClock(idle, REPLY_POLL_S)  # type: ignore[assignment]
+    sci.time = _NodeClock(idle, REPLY_POLL_S, follow_up)  # type: ignore[assignment]
     return True
 
 
@@ -221,11 +256,11 @@ def supernode_argv(*, superlink: str, data_dir: Path, state: Path, root_cert: Pa
 
 
 def run_supernode(argv: list[str], state: Path, *, runtime_port: int | None = None, warm: bool = True,
-                  poll_interval: float | None = None) -> int:
+                  poll_interval: float | None = None, follow_up: tuple[float, ...] = FOLLOW_UP_S) -> int:
     """Run Flower's SuperNode in this process with the app guard installed; with ``warm``, serve
     its tasks with warm workers (:mod:`nodes.worker`; ``argv`` must carry the secret). A
-    ``poll_interval`` under Flower's 3 s shortens Flower's waits (:func:`shorten_node_waits`,
-    :func:`fl.engine_env.prompt_object_pulls`); 3 s or more keeps all of Flower's own."""
+    ``poll_interval`` under Flower's 3 s shortens Flower's waits (:func:`shorten_node_waits`, with
+    ``follow_up``; :func:`fl.engine_env.prompt_object_pulls`); 3 s or more keeps all of Flower's own."""
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     from fl.engine_env import prompt_object_pulls, with_own_scripts
@@ -234,7 +269,7 @@ def run_supernode(argv: list[str], state: Path, *, runtime_port: int | None = No
         check_poll_interval(poll_interval)
     install_app_guard(lambda: load_allowlist(state))
     if poll_interval is not None and poll_interval < FLOWER_IDLE_SLEEP_S:  # 3 s or more: Flower's own waits
-        shorten_node_waits(poll_interval)
+        shorten_node_waits(poll_interval, follow_up)
         if not prompt_object_pulls():
             log.warning("Flower no longer retries object pulls as flwr 1.41 did; keeping its waits")
     with_own_scripts(os.environ)

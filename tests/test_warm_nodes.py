@@ -158,6 +158,44 @@ def test_the_node_patch_shortens_flowers_waits_and_keeps_the_others(monkeypatch:
         supernode.shorten_node_waits(0.01)
 
 
+def test_after_a_message_the_node_pulls_sooner_then_at_its_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import flwr.supernode.start_client_internal as sci
+
+    monkeypatch.setattr(sci, "time", time)
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    assert supernode.shorten_node_waits(0.25, (0.05, 0.1))
+    clock = sci.time
+    for _ in range(2):  # idle from the start: the poll interval
+        clock.sleep(3)
+    clock.message_stored()
+    for _ in range(4):
+        clock.sleep(3)
+    clock.sleep(0.5)  # waiting for the worker's reply is not an empty pull
+    # the app guard around Flower's pull tells the clock when a message was stored
+    monkeypatch.setattr(sci, "_pull_and_store_message", lambda **kwargs: 7)
+    supernode.install_app_guard(lambda: set())
+    assert sci._pull_and_store_message(receive=None, get_fab=None) == 7
+    assert supernode.MESSAGE_STORED.is_set()
+    supernode.MESSAGE_STORED.clear()
+    clock.sleep(3)
+    assert slept == [0.25, 0.25, 0.05, 0.1, 0.25, 0.25, supernode.REPLY_POLL_S, 0.05]
+    assert supernode.shorten_node_waits(0.25, ())  # none: always the interval
+    clock.message_stored()
+    clock.sleep(3)
+    assert slept[-1] == 0.25
+    with pytest.raises(supernode.ConfigError, match=r"--follow-up-pulls: each wait must lie between 0.02 s and "
+                                                    r"the poll interval \(0.25 s\), got \[0.5\]"):
+        supernode.shorten_node_waits(0.25, (0.5,))
+    assert supernode.parse_follow_up(None) == supernode.FOLLOW_UP_S
+    assert supernode.parse_follow_up("none") == ()
+    assert supernode.parse_follow_up("0.05, 0.1") == (0.05, 0.1)
+    with pytest.raises(supernode.ConfigError, match="--follow-up-pulls: '0.05;x' is not seconds"):
+        supernode.parse_follow_up("0.05;x")
+
+
 def test_object_pulls_retry_promptly_where_flower_reads_the_wait() -> None:
     from flwr.supercore.inflatable import inflatable_utils
     from flwr.superlink.grid import http_grid

@@ -308,8 +308,13 @@ def deploy_overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
         cfg = from_flat({**flat, "output.run_name": "sim"}, source=f"bench cell {cell.name}")
         simulate(cfg)
         return {**_deploy_rounds(work / "runs" / "sim"), "data_reads_after_round1": None}
+    # a cell's superexec_poll is the nodes' and the coordinator's; without one, OncoFed's defaults
+    superexec = {} if cell.get("superexec_poll") is None else {
+        "superexec_poll": float(cell.get("superexec_poll")), "coordinator_poll": float(cell.get("superexec_poll"))}
+    if cell.get("coordinator_poll") is not None:
+        superexec["coordinator_poll"] = float(cell.get("coordinator_poll"))
     options = NodeOptions(warm=bool(cell.get("warm", True)), poll_interval=float(cell.get("poll", 0.25)),
-                          superexec_poll=float(cell.get("superexec_poll", 0.05)), threads=cell.get("threads"))
+                          threads=cell.get("threads"), follow_up=cell.get("follow_up"), **superexec)
     previous = os.environ.get(SWITCH_ENV)
     os.environ[SWITCH_ENV] = "1" if cell.get("pack", True) else "0"  # the SuperLink's and nodes' environment
     try:

@@ -85,6 +85,11 @@ def add_parsers(sub: Any, node: Any) -> None:
     nstart.add_argument("--poll-interval", type=float, default=0.25,
                         help="seconds between the node's pulls when the coordinator has no message for it "
                              "(Flower's own: 3; each pull is one request to the coordinator; 0.1 to 3)")
+    nstart.add_argument("--follow-up-pulls",
+                        help="seconds before each of the first empty pulls after a message, comma-separated, "
+                             "each between 0.02 s and the poll interval (default 0.05,0.05,0.1: a SecAgg+ stage "
+                             "or the evaluation usually follows within a fraction of a second); none: always "
+                             "the poll interval")
     nstart.add_argument("--threads", type=int,
                         help="torch threads for training (default: torch's, all cores); set it when several "
                              "nodes share a machine")
@@ -140,7 +145,7 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     print(f"SuperLink on {args.host}:{args.port}; register nodes with "
           f"`fl server register NODE.pub --name NAME --state {state}`", file=sys.stderr, flush=True)
     os.chdir(state)
-    os.execve(argv[0], argv, deploy.flower_env(state / "flwr-home"))
+    os.execve(argv[0], argv, deploy.flower_env(state / "flwr-home", deploy.COORDINATOR_SUPEREXEC_POLL_S))
     return 1  # not reached
 
 
@@ -212,7 +217,7 @@ def cmd_node_check(args: argparse.Namespace) -> int:
 def cmd_node_start(args: argparse.Namespace) -> int:
     from nodes.check import check_dataset
     from nodes.policy import load_policy, save_policy, state_dir
-    from nodes.supernode import allowlist_path, load_allowlist, run_supernode, supernode_argv
+    from nodes.supernode import allowlist_path, load_allowlist, parse_follow_up, run_supernode, supernode_argv
     from nodes.worker import write_secret
 
     data = Path(args.data).resolve()
@@ -247,7 +252,8 @@ def cmd_node_start(args: argparse.Namespace) -> int:
                           root_cert=Path(args.root_cert).resolve() if args.root_cert else None,
                           auth_key=Path(args.auth_key).resolve() if args.auth_key else None,
                           port=args.port, insecure=args.insecure, secret=secret)
-    return run_supernode(argv, state, runtime_port=args.port, warm=not args.cold, poll_interval=args.poll_interval)
+    return run_supernode(argv, state, runtime_port=args.port, warm=not args.cold, poll_interval=args.poll_interval,
+                         follow_up=parse_follow_up(args.follow_up_pulls))
 
 
 def cmd_node_approve(args: argparse.Namespace) -> int:

@@ -50,11 +50,14 @@ class NodeOptions:
 
     warm: bool = True  # a warm worker per run (nodes.worker); False: a ClientApp process per message
     poll_interval: float = 0.25  # the node's wait after an empty pull (Flower: 3 s)
-    superexec_poll: float = deploy.SUPEREXEC_POLL_S  # Flower's SuperExec task poll (Flower: 1 s)
+    superexec_poll: float = deploy.SUPEREXEC_POLL_S  # a cold node's SuperExec task poll (Flower: 1 s)
+    coordinator_poll: float = deploy.COORDINATOR_SUPEREXEC_POLL_S  # the coordinator's SuperExec (Flower: 1 s)
     threads: int | None = None  # torch threads per node; None: one share of the cores; 0: torch's default
+    follow_up: str | None = None  # the waits before the first empty pulls after a message; None: the node's
 
     def args(self, nodes: int) -> list[str]:
         argv = ["--poll-interval", f"{self.poll_interval:g}"] + ([] if self.warm else ["--cold"])
+        argv += [] if self.follow_up is None else ["--follow-up-pulls", self.follow_up]
         threads = max(1, (os.cpu_count() or 1) // nodes) if self.threads is None else self.threads
         return argv + (["--threads", str(threads)] if threads else [])
 
@@ -138,7 +141,7 @@ def run_demo(out: Path, *, rounds: int = 2, nodes: int = 3, budget: float | None
     started = time.monotonic()
     with deploy.stopped_on_exit(deploy.Processes()) as procs:
         link = procs.start("superlink", deploy.superlink_argv(files, out / "coordinator", "127.0.0.1", link_port),
-                           env=deploy.flower_env(home, options.superexec_poll), cwd=out / "coordinator",
+                           env=deploy.flower_env(home, options.coordinator_poll), cwd=out / "coordinator",
                            log=out / "logs" / "superlink.log")
         deploy.wait_for_port("127.0.0.1", link_port, 60, link, out / "logs" / "superlink.log")
         fleet_port = start_gateway(procs, out, link_port)
