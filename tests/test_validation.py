@@ -261,3 +261,37 @@ def test_a_noisy_validation_of_a_multi_class_task_releases_each_class_in_the_sam
     info = dict(reply.content[wire.NODE_INFO])
     assert "releases no dataset descriptors" in info[wire.DESCRIPTORS_DECLINED]
     assert wire.DESCRIPTORS not in reply.content.config_records
+
+
+def test_a_malformed_reply_is_that_sites_failure_and_the_other_sites_are_recorded() -> None:
+    from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+    from flwr.common.serde import make_message
+
+    from fl import wire
+    from fl.server.validate import site_records
+
+    def reply(node: int, descriptors: dict | None = None, metrics: dict | None = None) -> Message:  # type: ignore[type-arg]
+        content = RecordDict({
+            wire.METRICS: MetricRecord(metrics or {wire.DICE: 0.9, wire.SCORE_LOW: 0.85, wire.SCORE_HIGH: 0.95,
+                                                   wire.NUM_EXAMPLES: 12}),
+            wire.NODE_INFO: ConfigRecord({wire.SITE_ID: f"site-{node}", wire.DATASET_FINGERPRINT: f"fp-{node}"})})
+        if descriptors is not None:
+            content[wire.DESCRIPTORS] = ConfigRecord(descriptors)
+        metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="q",
+                            group_id="", created_at=0.0, ttl=60.0, message_type="evaluate")
+        return make_message(metadata, content)
+
+    good = {"release": "exact", "cases_training": 40, "cases_validation": 12, "labels": ["lesion"],
+            "label_cases": [30.0]}
+    replies = [reply(1, good), reply(2, {**good, "label_cases": [30.0, 2.0]}), reply(3, {"release": "exact"}),
+               reply(4, metrics={wire.DICE: 0.9, wire.NUM_EXAMPLES: 12}), reply(5)]
+    records, declined = site_records(replies, trained={"fp-1"}, labels=[], confidence=0.95, provenance={"run_id": "r"})
+    assert [r["site"] for r in records] == ["site-1", "site-5"]
+    assert records[0]["trained_it"] is True and records[1]["trained_it"] is False
+    assert records[0]["descriptors"]["label_cases"] == [30.0] and records[1]["descriptors"] is None
+    assert records[0]["run_id"] == "r" and records[0]["score"] == pytest.approx(0.9)
+    assert declined == {
+        "2": "malformed reply: its descriptors name a different number of labels than counts",
+        "3": "malformed reply: its descriptors are malformed (KeyError('cases_training'))",
+        "4": "malformed reply: its metrics are malformed (KeyError('score-ci-low'))",
+    }

@@ -104,10 +104,53 @@ def _descriptors(content: Any) -> dict[str, Any] | None:
         for key in ("spacing_finest", "spacing_coarsest", "spacing_range"):
             out[key] = [float(v) for v in raw[key]] if key in raw else None
     except (KeyError, TypeError, ValueError) as exc:
-        raise FederationError(f"validation: a site's descriptors are malformed ({exc!r})") from None
+        raise ValueError(f"its descriptors are malformed ({exc!r})") from None
     if len(out["labels"]) != len(out["label_cases"]):
-        raise FederationError("validation: a site's descriptors name a different number of labels than counts")
+        raise ValueError("its descriptors name a different number of labels than counts")
     return out
+
+
+def site_records(replies: list[Any], *, trained: set[str], labels: list[str], confidence: float,
+                 provenance: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """One validation record per site from the nodes' replies, and the sites that gave none with
+    the reason; a malformed reply (only modified node code sends one) is that site's failure."""
+    records, declined = [], {}
+    for message in replies:
+        node = str(message.metadata.src_node_id)
+        metrics = dict(message.content[wire.METRICS])
+        score = wire.score(metrics)
+        if score is None or wire.NODE_INFO not in message.content.config_records:
+            declined[node] = "its policy releases no metrics"
+            continue
+        info = dict(message.content[wire.NODE_INFO])
+        fingerprint = str(info.get(wire.DATASET_FINGERPRINT, ""))
+        try:
+            descriptors = _descriptors(message.content)
+            record = {
+                "site": str(info.get(wire.SITE_ID, "")),
+                "dataset_fingerprint": fingerprint,
+                "trained_it": fingerprint in trained if trained else None,
+                "metric": next(k for k in wire.SCORES if k in metrics),
+                "score": score,
+                "ci_low": float(metrics[wire.SCORE_LOW]),
+                "ci_high": float(metrics[wire.SCORE_HIGH]),
+                "confidence": confidence,
+                "cases": int(metrics.get(wire.NUM_EXAMPLES, 0)),
+                "release": "noisy (DP)" if metrics.get(wire.METRICS_DP) == 1.0 else "exact",
+                "epsilon_spent": metrics.get(wire.EPSILON_RECORD),
+                "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                **provenance,
+                "per_class": _per_class(metrics, labels),
+                "descriptors": descriptors,
+                "descriptors_declined": info.get(wire.DESCRIPTORS_DECLINED),
+            }
+        except (KeyError, TypeError, ValueError) as exc:
+            reason = str(exc) if isinstance(exc, ValueError) else f"its metrics are malformed ({exc!r})"
+            log.warning("validation: node %s: %s", node, reason)
+            declined[node] = f"malformed reply: {reason}"
+            continue
+        records.append(record)
+    return records, declined
 
 
 def run_validation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -> dict[str, Any]:
@@ -140,38 +183,11 @@ def run_validation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
     trained = set(registry.training_sites(version))
     task = vcfg.resolved_task()
     labels = task.class_labels() if hasattr(task, "class_labels") else []
-    code, app = __version__, app_hash(grid)
-    sites, declined = [], dict(res.failures)
-    for message in res.ok:
-        metrics = dict(message.content[wire.METRICS])
-        score = wire.score(metrics)
-        node = str(message.metadata.src_node_id)
-        if score is None or wire.NODE_INFO not in message.content.config_records:
-            declined[node] = "its policy releases no metrics"
-            continue
-        info = dict(message.content[wire.NODE_INFO])
-        fingerprint = str(info.get(wire.DATASET_FINGERPRINT, ""))
-        record = registry.add_validation(version, {
-            "site": str(info.get(wire.SITE_ID, "")),
-            "dataset_fingerprint": fingerprint,
-            "trained_it": fingerprint in trained if trained else None,
-            "metric": next(k for k in wire.SCORES if k in metrics),
-            "score": score,
-            "ci_low": float(metrics[wire.SCORE_LOW]),
-            "ci_high": float(metrics[wire.SCORE_HIGH]),
-            "confidence": cfg.validation.confidence,
-            "cases": int(metrics.get(wire.NUM_EXAMPLES, 0)),
-            "release": "noisy (DP)" if metrics.get(wire.METRICS_DP) == 1.0 else "exact",
-            "epsilon_spent": metrics.get(wire.EPSILON_RECORD),
-            "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "code_version": code,
-            "app_hash": app,
-            "run_id": run_dir.name,
-            "per_class": _per_class(metrics, labels),
-            "descriptors": _descriptors(message.content),
-            "descriptors_declined": info.get(wire.DESCRIPTORS_DECLINED),
-        })
-        sites.append(record)
+    records, malformed = site_records(res.ok, trained=trained, labels=labels, confidence=cfg.validation.confidence,
+                                      provenance={"code_version": __version__, "app_hash": app_hash(grid),
+                                                  "run_id": run_dir.name})
+    declined = {**dict(res.failures), **malformed}
+    sites = [registry.add_validation(version, record) for record in records]  # written once all are read
     summary = {"version": version.ref(), "version_hash": version.hash, "sites": sites, "declined": declined,
                "seconds": time.perf_counter() - started}
     run_dir.mkdir(parents=True, exist_ok=True)
