@@ -30,7 +30,7 @@ from fl.tasks.trainable import TRAINABLE
 
 Scalar = bool | int | float | str
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "median", "trimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedexp", "median", "trimmedavg", "krum")
 
 
 def _key(default: Scalar, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
@@ -131,8 +131,8 @@ class StrategyConfig:
     """How the server samples nodes and aggregates their updates."""
 
     name: str = _key(
-        "fedavg", "Aggregation: fedavg, fedprox, fedadam, fedavgm (server momentum), or robust median, "
-                  "trimmedavg, krum.", _one_of(*STRATEGIES)
+        "fedavg", "Aggregation: fedavg, fedprox, fedadam, fedavgm (server momentum), fedexp (a server step that "
+                  "grows as the updates disagree), or robust median, trimmedavg, krum.", _one_of(*STRATEGIES)
     )
     fraction_train: float = _key(1.0, "Fraction of nodes sampled for training each round.", _fraction)
     fraction_evaluate: float = _key(
@@ -371,6 +371,11 @@ class Config:
                 "train.proximal_mu: the FedProx term is not privatised by DP-SGD; it cannot be combined "
                 "with local_dp.enabled"
             )
+        if self.central_dp.enabled and self.strategy.name == "fedexp":
+            raise ConfigError(
+                "strategy.name: fedexp takes its step from each node's update; under central DP the server sees "
+                "only their noisy sum (use fedavg or fedavgm)"
+            )
         if self.strategy.name == "fedprox" and self.train.proximal_mu <= 0:
             raise ConfigError(
                 "train.proximal_mu: strategy.name = 'fedprox' needs a proximal weight > 0 "
@@ -427,7 +432,7 @@ class Config:
     def _check_secagg(self) -> None:
         """Refuse what SecAgg+ cannot honour: anything that needs one node's update."""
         why = None
-        if self.strategy.name in ("median", "trimmedavg", "krum"):
+        if self.strategy.name in ("median", "trimmedavg", "krum", "fedexp"):
             why = f"strategy.name: {self.strategy.name} needs every update; SecAgg+ reveals only their sum"
         elif self.strategy.max_update_norm > 0:
             why = "strategy.max_update_norm: the server cannot check one update's norm under SecAgg+"

@@ -101,6 +101,7 @@ DDP_MIN_CONTRIBUTORS = "ddp-min-contributors"
 EPSILON_RECORD = "epsilon-record"  # this node's cumulative record-level epsilon after the round
 DELTA_RECORD = "delta-record"
 UPDATE_NORM_BELOW_CLIP = "update-norm-below-clip"  # 1.0/0.0, for adaptive client-side clipping
+SERVER_STEP = "server-step"  # fedexp: the round's step along the average update, in its train metrics
 METRICS_DP = "metrics-dp"  # 1.0 in an evaluate reply whose score was released with DP noise
 
 

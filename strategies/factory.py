@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import (
 from fl import wire
 from fl.config import Config
 from strategies.central_dp import CentralDP, CentralDpSettings
+from strategies.fedexp import FedExP
 
 
 def build_strategy(cfg: Config) -> Strategy:
@@ -64,6 +65,8 @@ def _aggregation(cfg: Config, common: dict[str, Any]) -> Strategy:
     if name == "fedavgm":
         return FedAvgM(**common, server_learning_rate=cfg.strategy.server_step,
                        server_momentum=cfg.strategy.server_momentum)
+    if name == "fedexp":
+        return FedExP(**common)
     if name == "median":
         return FedMedian(**common)
     if name == "trimmedavg":

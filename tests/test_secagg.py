@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("overrides, message", [
     ({"strategy.name": "median"}, "median needs every update"),
+    ({"strategy.name": "fedexp"}, "fedexp needs every update"),
     ({"strategy.max_update_norm": 5.0}, "cannot check one update's norm"),
     ({"central_dp.enabled": True}, "central_dp.clip_on: the server cannot clip"),
     ({"central_dp.enabled": True, "central_dp.clip_on": "client", "central_dp.clipping": "adaptive"},
