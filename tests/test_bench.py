@@ -185,3 +185,14 @@ def test_flower_baseline_app_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["wall_per_round_s"] > result["train_per_round_s"] > 0 and result["dice"] > 0.2
+
+
+def test_the_pooled_reference_trains_the_bundle_the_run_config_names(tmp_path: Path) -> None:
+    # a run config with its own bundle gets a pooled reference with that bundle, not the catalogue's
+    missing = tmp_path / "no-such-bundle"
+    proc = subprocess.run([sys.executable, "-m", "fl.bench.centralised", "--data", str(tmp_path), "--nodes", "1",
+                           "--rounds", "1", "--epochs", "1", "--lr", "0.01", "--batch-size", "2",
+                           "--result", str(tmp_path / "r.json"), "--bundle", str(missing)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and str(missing) in proc.stderr
+    assert not (tmp_path / "r.json").exists()

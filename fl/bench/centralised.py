@@ -3,6 +3,7 @@ one process, trained with the same loop, epochs, batch size and learning rate as
 round, ``rounds`` times; Dice on the pooled validation cases.
 
     python -m fl.bench.centralised --data DIR --nodes N --rounds R --epochs E --lr LR --batch-size B --result FILE
+                                   [--task seg2d] [--bundle DIR]
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ def main() -> None:
                        ("--batch-size", int), ("--seed", int), ("--result", str)):
         parser.add_argument(flag, type=kind, required=flag != "--seed", default=0)
     parser.add_argument("--task", default="seg2d")
+    parser.add_argument("--bundle", default="", help="the run config's bundle, if it names one")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    task = resolve_task(args.task, lr=args.lr, batch_size=args.batch_size)
+    task = resolve_task(args.task, args.bundle, lr=args.lr, batch_size=args.batch_size)
     bundle = getattr(task, "kind", "") == "bundle"
     if bundle:  # every node's cases in one list, preprocessed as each node does
         lists = [read_datalist(node_dir(args.data, i).resolve(), modality_lists=True) for i in range(args.nodes)]

@@ -237,7 +237,8 @@ def overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
         result = work / "result.json"
         command = [sys.executable, "-m", "fl.bench.centralised", "--data", str(pristine), "--nodes", str(cfg.data.nodes),
                    "--rounds", str(cfg.rounds), "--epochs", str(cfg.train.epochs), "--lr", str(cfg.train.lr),
-                   "--batch-size", str(cfg.train.batch_size), "--seed", str(seed), "--result", str(result)]
+                   "--batch-size", str(cfg.train.batch_size), "--seed", str(seed), "--result", str(result),
+                   "--task", cfg.task] + (["--bundle", str(cfg.bundle)] if cfg.bundle else [])
     else:
         raise FederationError(f"overhead: unknown engine {engine!r} (oncofed, flower, centralised)")
     command_s, peak = run_measured(command, cwd=REPO, log=work / "run.log")
