@@ -200,6 +200,12 @@ def check_poll_interval(idle: float) -> None:
         raise ConfigError(f"--poll-interval: {idle:g} s is outside {MIN_IDLE_S:g} to {MAX_IDLE_S:g} s")
 
 
+def check_follow_up(idle: float, follow_up: tuple[float, ...]) -> None:
+    if any(not MIN_FOLLOW_UP_S <= wait <= idle for wait in follow_up):
+        raise ConfigError(f"--follow-up-pulls: each wait must lie between {MIN_FOLLOW_UP_S:g} s and the poll "
+                          f"interval ({idle:g} s), got {list(follow_up)}")
+
+
 def node_wait_sites() -> list[str]:
     """The waits :func:`shorten_node_waits` rewrites, as they read in Flower's SuperNode source;
     empty if Flower changed them (then nothing is patched)."""
@@ -222,9 +228,7 @@ def shorten_node_waits(idle: float, follow_up: tuple[float, ...] = FOLLOW_UP_S) 
     check_poll_interval(idle)
     import flwr.supernode.start_client_internal as sci
 
-    if any(not MIN_FOLLOW_UP_S <= wait <= idle for wait in follow_up):
-        raise ConfigError(f"--follow-up-pulls: each wait must lie between {MIN_FOLLOW_UP_S:g} s and the poll "
-                          f"interval ({idle:g} s), got {list(follow_up)}")
+    check_follow_up(idle, follow_up)
     if isinstance(sci.time, _NodeClock):
         sci.time.idle, sci.time.follow_up = idle, follow_up
         return True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import re
 import socket
 import subprocess
 import sys
@@ -194,6 +195,22 @@ def test_after_a_message_the_node_pulls_sooner_then_at_its_interval(monkeypatch:
     assert supernode.parse_follow_up("0.05, 0.1") == (0.05, 0.1)
     with pytest.raises(supernode.ConfigError, match="--follow-up-pulls: '0.05;x' is not seconds"):
         supernode.parse_follow_up("0.05;x")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--follow-up-pulls", "0.05;x"], "--follow-up-pulls: '0.05;x' is not seconds"),
+    (["--follow-up-pulls", "0.5"], r"--follow-up-pulls: each wait must lie between 0.02 s and the poll interval"),
+    (["--poll-interval", "0.01"], "--poll-interval: 0.01 s is outside 0.1 to 3 s"),
+])
+def test_a_node_with_bad_waits_stops_before_it_writes_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                flags: list[str], message: str) -> None:
+    from fl.cli import main
+
+    data = tmp_path / "node"
+    data.mkdir()  # checked after the waits: an empty folder would be an error of its own
+    assert main(["node", "start", "--superlink", "127.0.0.1:1", "--data", str(data), "--insecure", *flags]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert list(data.iterdir()) == []  # no state folder, policy or worker secret
 
 
 def test_object_pulls_retry_promptly_where_flower_reads_the_wait() -> None:

@@ -217,12 +217,23 @@ def cmd_node_check(args: argparse.Namespace) -> int:
 def cmd_node_start(args: argparse.Namespace) -> int:
     from nodes.check import check_dataset
     from nodes.policy import load_policy, save_policy, state_dir
-    from nodes.supernode import allowlist_path, load_allowlist, parse_follow_up, run_supernode, supernode_argv
+    from nodes.supernode import (
+        allowlist_path,
+        check_follow_up,
+        check_poll_interval,
+        load_allowlist,
+        parse_follow_up,
+        run_supernode,
+        supernode_argv,
+    )
     from nodes.worker import write_secret
 
     data = Path(args.data).resolve()
     if "'" in str(data):
         raise ConfigError(f"--data: {data} contains a quote, which Flower's node config cannot carry")
+    check_poll_interval(args.poll_interval)  # the waits first: nothing is written for a node that won't start
+    follow_up = parse_follow_up(args.follow_up_pulls)
+    check_follow_up(args.poll_interval, follow_up)
     check_dataset(data, _task_for(data, args.task), allow_identifiable=args.allow_identifiable_dicom)
     state = state_dir(data)
     if args.budget is not None and not args.budget > 0:
@@ -253,7 +264,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
                           auth_key=Path(args.auth_key).resolve() if args.auth_key else None,
                           port=args.port, insecure=args.insecure, secret=secret)
     return run_supernode(argv, state, runtime_port=args.port, warm=not args.cold, poll_interval=args.poll_interval,
-                         follow_up=parse_follow_up(args.follow_up_pulls))
+                         follow_up=follow_up)
 
 
 def cmd_node_approve(args: argparse.Namespace) -> int:
