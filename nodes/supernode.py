@@ -195,12 +195,10 @@ def parse_follow_up(text: str | None) -> tuple[float, ...]:
                           "or none") from None
 
 
-def check_poll_interval(idle: float) -> None:
+def check_waits(idle: float, follow_up: tuple[float, ...] = FOLLOW_UP_S) -> None:
+    """The node's poll interval and its follow-up waits, each within its bounds."""
     if not MIN_IDLE_S <= idle <= MAX_IDLE_S:
         raise ConfigError(f"--poll-interval: {idle:g} s is outside {MIN_IDLE_S:g} to {MAX_IDLE_S:g} s")
-
-
-def check_follow_up(idle: float, follow_up: tuple[float, ...]) -> None:
     if any(not MIN_FOLLOW_UP_S <= wait <= idle for wait in follow_up):
         raise ConfigError(f"--follow-up-pulls: each wait must lie between {MIN_FOLLOW_UP_S:g} s and the poll "
                           f"interval ({idle:g} s), got {list(follow_up)}")
@@ -225,10 +223,9 @@ def shorten_node_waits(idle: float, follow_up: tuple[float, ...] = FOLLOW_UP_S) 
     module's ``time`` for :class:`_NodeClock`. If the source no longer reads as expected (Flower
     changed), nothing is patched and the node keeps Flower's waits, with a warning. Each empty pull
     is one request to the coordinator: ``idle`` bounds the load a node puts on it."""
-    check_poll_interval(idle)
+    check_waits(idle, follow_up)
     import flwr.supernode.start_client_internal as sci
 
-    check_follow_up(idle, follow_up)
     if isinstance(sci.time, _NodeClock):
         sci.time.idle, sci.time.follow_up = idle, follow_up
         return True
@@ -270,7 +267,7 @@ def run_supernode(argv: list[str], state: Path, *, runtime_port: int | None = No
     from fl.engine_env import prompt_object_pulls, with_own_scripts
 
     if poll_interval is not None:
-        check_poll_interval(poll_interval)
+        check_waits(poll_interval, follow_up)
     install_app_guard(lambda: load_allowlist(state))
     if poll_interval is not None and poll_interval < FLOWER_IDLE_SLEEP_S:  # 3 s or more: Flower's own waits
         shorten_node_waits(poll_interval, follow_up)

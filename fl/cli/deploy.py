@@ -219,8 +219,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     from nodes.policy import load_policy, save_policy, state_dir
     from nodes.supernode import (
         allowlist_path,
-        check_follow_up,
-        check_poll_interval,
+        check_waits,
         load_allowlist,
         parse_follow_up,
         run_supernode,
@@ -231,9 +230,8 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     data = Path(args.data).resolve()
     if "'" in str(data):
         raise ConfigError(f"--data: {data} contains a quote, which Flower's node config cannot carry")
-    check_poll_interval(args.poll_interval)  # the waits first: nothing is written for a node that won't start
     follow_up = parse_follow_up(args.follow_up_pulls)
-    check_follow_up(args.poll_interval, follow_up)
+    check_waits(args.poll_interval, follow_up)  # the waits first: nothing is written for a node that won't start
     check_dataset(data, _task_for(data, args.task), allow_identifiable=args.allow_identifiable_dicom)
     state = state_dir(data)
     if args.budget is not None and not args.budget > 0:
