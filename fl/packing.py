@@ -6,8 +6,8 @@ SuperNode to its ClientApp, and back), so a 2D UNet of 65 tensors took about 3 s
 localhost while its training took 1 s. OncoFed serialises a message's whole content (Flower's own
 protobuf form of the ``RecordDict``: arrays, configs and metrics, byte for byte) into one bytes
 value of a config record, a single object (one array, which Flower cuts into 5 MiB chunks, when
-it is over :data:`INLINE_MAX`), before the message leaves and restores it on arrival: the server side in :class:`PackingGrid`,
-the nodes in the ClientApp's outermost mod. What the records hold, and who sees them, is
+it is over :data:`INLINE_MAX`), before the message leaves and restores it on arrival: the server
+side in :class:`PackingGrid`, the nodes in the ClientApp's outermost mod. What the records hold, and who sees them, is
 unchanged; a reply whose packed content does not parse becomes an error reply
 (:data:`fl.wire.ERROR_MALFORMED_REPLY`) naming its node.
 

@@ -52,12 +52,14 @@ class FedExP(FedAvg):
             return average, metrics
         keys = list(average.keys())
         start = {k: self.current[k].numpy().astype(np.float64) for k in keys}
-        used = [r.content for r in replies
-                if not r.has_error() and self.arrayrecord_key in r.content.array_records]
+        # the replies and weights FedAvg averaged: every reply without an error, its one array
+        # record and the weight in its one metric record (Flower's aggregate_arrayrecords)
+        used = [r.content for r in replies if not r.has_error()]
         weights = np.array([float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in used])
         weights = weights / weights.sum()
-        spread = sum(w * sum(float(np.sum((c[self.arrayrecord_key][k].numpy() - start[k]) ** 2)) for k in keys)
-                     for w, c in zip(weights, used, strict=True))
+        received = [next(iter(c.array_records.values())) for c in used]
+        spread = sum(w * sum(float(np.sum((r[k].numpy() - start[k]) ** 2)) for k in keys)
+                     for w, r in zip(weights, received, strict=True))
         update = {k: average[k].numpy().astype(np.float64) - start[k] for k in keys}
         length = sum(float(np.sum(u ** 2)) for u in update.values())
         step = max(1.0, spread / (2.0 * (length + self.epsilon)))
