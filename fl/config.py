@@ -396,6 +396,9 @@ class Config:
                 f"strategy.min_nodes: {self.strategy.min_nodes} is more than data.nodes = "
                 f"{self.data.nodes}"
             )
+        if self.central_dp.enabled and self.central_dp.delta >= 1 / self.data.nodes:
+            raise ConfigError(f"central_dp.delta: {self.central_dp.delta:g} is not below 1/{self.data.nodes} (one over "
+                              "the nodes); with it, releasing one node's update outright would meet the guarantee")
         if self.secagg.enabled:
             self._check_secagg()
         self._check_dp_options()
@@ -448,6 +451,9 @@ class Config:
                    f"{self.central_dp.clipping_norm}; clipped coordinates would change the update")
         elif self.simulation.adversaries > 0:
             why = "simulation.adversaries: hostile virtual nodes are not modelled under SecAgg+"
+        elif self.data.nodes * wire.SECAGG_TARGET_RANGE >= wire.SECAGG_MOD_RANGE:
+            why = (f"data.nodes: a SecAgg+ sum of {self.data.nodes} updates quantised to 2^22 wraps its 2^32 field; "
+                   f"at most {wire.SECAGG_MOD_RANGE // wire.SECAGG_TARGET_RANGE - 1} nodes")
         elif self.secagg.noise == "distributed":
             why = self._distributed_noise_problem()
         if why:

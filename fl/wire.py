@@ -53,6 +53,8 @@ def score(metrics: dict[str, Any]) -> float | None:
 # node-info in a train reply
 DEVICE_NAME = "device-name"  # the hardware the node trained on, e.g. "cpu" or "cuda:0 (NVIDIA H200)"
 DATASET_FINGERPRINT = "dataset-fingerprint"  # HMAC-SHA256, under the node's own key, of its data's digest
+LEDGER_HEAD = "ledger-head"  # in every reply: the node's ledger heads (nodes.witness), which the coordinator keeps
+LEDGER_ACKS = "ledger-acks"  # in every instruction: the heads the coordinator acknowledged, by site id (JSON)
 
 # node config (deployment: `--node-config "data-dir='/data/site'"`; simulation: partition-id)
 NODE_DATA_DIR = "data-dir"
@@ -63,6 +65,11 @@ NODE_DEVICE = "device"  # optional: this node's device, over the run config's tr
 # SecAgg+ among fewer nodes lets a participant read another's update from the result (with two,
 # each subtracts its own); a round with fewer sampled or surviving contributors aggregates nothing
 SECAGG_MIN_NODES = 3
+# OncoFed's SecAgg+ settings, pinned: each node's guard refuses any other (nodes.secagg_guard). A sum of
+# n updates quantised to TARGET_RANGE stays below MOD_RANGE only for n < 1024; weights are equal
+SECAGG_TARGET_RANGE = 2**22
+SECAGG_MOD_RANGE = 2**32
+SECAGG_MAX_WEIGHT = 1.0
 
 # error reply codes a node may send instead of a result
 ERROR_DATASET_INVALID = 4001

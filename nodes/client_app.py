@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -37,17 +39,24 @@ from nodes.policy import (
     EXACT,
     NOISY,
     NONE,
+    Contribution,
     LocalDpRequest,
+    Policy,
     Refusal,
     admit,
     charge,
+    check_distributed,
+    check_threshold,
+    count_request,
     keyed_fingerprint,
     load_policy,
     local_event,
+    plan_contribution,
     state_dir,
 )
 from nodes.synth import node_dir
 from nodes.train import evaluate_local, train_local
+from nodes.witness import check_acknowledged, head
 
 log = logging.getLogger("flwr.oncofed.node")  # lands in the SuperNode's own log
 
@@ -129,6 +138,17 @@ def _secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Messag
     if not wire.is_secagg_message(msg.content):
         return call_next(msg, context)
     logging.getLogger("flwr").setLevel(logging.INFO)  # the mod logs every stage at DEBUG
+    from nodes.secagg_guard import guard_stage
+
+    try:
+        data_dir = resolve_data_dir(context)
+        policy = load_policy(node_state_dir(context, data_dir))
+    except (DataError, ConfigError) as exc:
+        return _refuse(msg, exc)
+    refused = guard_stage(msg, context, policy)  # Flower's mod checks none of what the node's secrets rest on
+    if refused is not None:
+        log.warning("node %s refused a SecAgg+ stage: %s", msg.metadata.dst_node_id, refused.error.reason)
+        return refused
 
     def train_or_raise(inner: Message, ctx: Context) -> Message:
         token = _UNDER_SECAGG.set(True)
@@ -144,11 +164,18 @@ def _secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Messag
 
 
 def _local_generator(seed: int, server_round: int, data_digest: str) -> torch.Generator:
-    """Shuffling order and random transforms for this node and round: reproducible, different across
-    nodes. Seeded by the dataset's content digest, not its folder, so that the same cases train the
-    same way wherever they lie (a run does not depend on where a hospital mounts its data)."""
+    """Shuffling order and random transforms for this node and round without DP: reproducible,
+    different across nodes. Seeded by the dataset's content digest, not its folder, so that the same
+    cases train the same way wherever they lie (a run does not depend on where a hospital mounts its data)."""
     mixed = (seed * 1_000_003 + server_round * 7919 + int(data_digest[:15], 16)) % 2**63
     return torch.Generator().manual_seed(mixed)
+
+
+def _private_generator() -> torch.Generator:
+    """Random transforms and augmented views under DP, seeded from the OS CSPRNG: a seed drawn from
+    the data (its digest) would let one added or removed case re-draw every other case's views and
+    crops, so neighbouring datasets would differ by more than the clipping norm."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
 
 
 def _refuse(msg: Message, exc: Exception) -> Message:
@@ -236,10 +263,16 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
         local_event(len(data.train), epochs=epochs, batch_size=batch_size, noise_multiplier=request.noise_multiplier)
         if request else None
     )
-    with ledger.locked():
+    run, server_round = int(msg.metadata.run_id), int(config[wire.SERVER_ROUND])
+    check_acknowledged(folder, config)
+    contribution = _contribution(policy, config, context, run, server_round, secure)
+    contributions = Ledger.contributions_in(folder)
+    with ledger.locked(), contributions.locked():  # every check first, then both entries, before training
+        client_event, client_fields = plan_contribution(policy, contributions, contribution)
         entry = admit(policy, ledger, request, event, secure=secure, num_records=len(data.train),
-                      distributed_noise=secure and wire.DDP_NOISE_MULTIPLIER in config,
-                      server_round=int(config[wire.SERVER_ROUND]), time=time.time())
+                      distributed_noise=contribution.noise_multiplier is not None,
+                      server_round=server_round, run=run, time=time.time())
+        contributions.append(client_event, **client_fields, time=time.time())
     global_state = {k: v.clone() for k, v in net.state_dict().items()}
     device = node_device(config, context)
     fedbn_path = _fedbn_path(msg, config, folder, task)
@@ -273,12 +306,12 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
         values[wire.EPSILON_RECORD] = float(entry["epsilon_after"])
         values[wire.DELTA_RECORD] = float(entry["delta"])
     fingerprint = keyed_fingerprint(folder, data.digest)
-    info = {wire.DATASET_FINGERPRINT: fingerprint, wire.DEVICE_NAME: describe(device)}
+    info = {wire.DATASET_FINGERPRINT: fingerprint, wire.DEVICE_NAME: describe(device), wire.LEDGER_HEAD: head(folder)}
     if secure:
         keys = json.loads(str(config[wire.SECAGG_ARRAY_KEYS]))
         state = net.state_dict()
         update = {k: (state[k].double() - global_state[k].double()).numpy() for k in keys}
-        if wire.DDP_NOISE_MULTIPLIER in config:
+        if contribution.noise_multiplier is not None:
             update = _with_noise_share(update, config, context)
         values.pop(wire.UPDATE_NORM_BELOW_CLIP, None)  # scalars travel unmasked: this bit would describe the update
         return Message(wire.legacy_reply(update, keys, {**values, **info}), reply_to=msg)
@@ -287,15 +320,43 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
     return Message(content=content, reply_to=msg)
 
 
+def _secagg_threshold(context: Context) -> int:
+    """The threshold t of this round's SecAgg+ set-up, from this node's own protocol state (the set-up
+    the guard admitted): the fewest contributors Flower lets an unmasked sum have."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    return int(context.state.config_records[RECORD_KEY_STATE]["threshold"])
+
+
+def _contribution(policy: Policy, config: ConfigRecord, context: Context, run: int, server_round: int,
+                  secure: bool) -> Contribution:
+    """This request's contribution as the node will make it, checked against the policy's floors for
+    SecAgg+ and distributed noise: the multiplier on the sum (z), the clipping norm and the threshold."""
+    if not secure:
+        return Contribution(run, server_round, secure=False)
+    threshold = _secagg_threshold(context)
+    check_threshold(policy, threshold)
+    if wire.DDP_NOISE_MULTIPLIER not in config:
+        return Contribution(run, server_round, secure=True)
+    if wire.CLIENT_CLIP_NORM not in config:
+        raise Refusal(wire.ERROR_POLICY, "distributed noise needs the clipping norm; the request has none")
+    z = float(config[wire.DDP_NOISE_MULTIPLIER])
+    if not (math.isfinite(z) and z > 0):
+        raise Refusal(wire.ERROR_POLICY, f"distributed noise multiplier {z!r} is not a positive number")
+    check_distributed(policy, noise_multiplier=z, clip=float(config[wire.CLIENT_CLIP_NORM]), threshold=threshold)
+    # this node's own share: std z B / sqrt(t) on sensitivity B, whoever the other contributors are
+    return Contribution(run, server_round, secure=True, noise_multiplier=z / math.sqrt(threshold))
+
+
 def _train_bundle(net: torch.nn.Module, task: Any, data: LocalData, config: ConfigRecord, context: Context,
                   request: LocalDpRequest | None, options: Any, device: torch.device, epochs: int) -> Any:
     from nodes.bundle_train import train_bundle, train_bundle_dp
 
-    generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data.digest)
     if request:
         return train_bundle_dp(net, task, data.train, epochs=epochs, noise_multiplier=request.noise_multiplier,
                                max_grad_norm=request.max_grad_norm, device=device, options=options,
-                               generator=generator)
+                               generator=_private_generator())
+    generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data.digest)
     return train_bundle(net, task, data.train, epochs=epochs, device=device, amp=bool(config.get(wire.AMP, False)),
                         proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)), generator=generator,
                         workers=node_workers(config, context, task))
@@ -313,24 +374,22 @@ def _dp_options(config: ConfigRecord) -> Any:
 
 def _with_noise_share(update: dict[str, np.ndarray], config: ConfigRecord, context: Context) -> dict[str, np.ndarray]:
     """This node's update clipped, on SecAgg+'s integer grid, plus its discrete Gaussian share
-    (:mod:`fl.privacy.distributed`). The grid and the reconstruction threshold come from this node's own
-    SecAgg+ state, not from the server's word."""
+    (:mod:`fl.privacy.distributed`), sized for exactly the threshold t of this node's own SecAgg+
+    state (the guard admitted it; Flower unmasks no sum of fewer), not for the server's word."""
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 
     from fl.privacy import distributed as distributed_dp
 
-    if wire.CLIENT_CLIP_NORM not in config:
-        raise Refusal(wire.ERROR_POLICY, "distributed noise needs the clipping norm; the request has none")
-    secagg = context.state.config_records[RECORD_KEY_STATE]
+    threshold = _secagg_threshold(context)
     contributors = int(config[wire.DDP_MIN_CONTRIBUTORS])
-    expected = max(wire.SECAGG_MIN_NODES, int(secagg["threshold"]))
-    if contributors != expected:
+    if contributors != threshold:
         raise Refusal(wire.ERROR_POLICY, f"distributed noise: the request sizes the noise for {contributors} "
-                                         f"contributors, this SecAgg+ round guarantees {expected}")
+                                         f"contributors, this SecAgg+ round's threshold is {threshold}")
+    secagg = context.state.config_records[RECORD_KEY_STATE]
     flat = np.concatenate([v.ravel() for v in update.values()])
     plan = distributed_dp.plan(clip=float(config[wire.CLIENT_CLIP_NORM]),
                                noise_multiplier=float(config[wire.DDP_NOISE_MULTIPLIER]),
-                               min_contributors=contributors, dim=flat.size,
+                               min_contributors=threshold, dim=flat.size,
                                range_=float(secagg["clipping_range"]), target_range=int(secagg["target_range"]))
     encoded = distributed_dp.encode(flat, plan, SecureGaussian())
     out, start = {}, 0
@@ -352,11 +411,40 @@ def _evaluate(msg: Message, context: Context) -> Message:
     config = msg.content[wire.CONFIG]
     folder = node_state_dir(context, data_dir)
     policy, ledger = load_policy(folder), Ledger.in_dir(folder)
+    server_round = int(config.get(wire.SERVER_ROUND, 0))
+    check_acknowledged(folder, config)
+    count_request(policy, Ledger.contributions_in(folder), run=int(msg.metadata.run_id), server_round=server_round,
+                  kind="evaluate", time=time.time())
     mode = policy.metrics_mode(wire.LOCAL_NOISE_MULTIPLIER in config)
     values: dict[str, float] = {wire.NUM_EXAMPLES: len(data.val)}
     if mode == NONE:
         ledger.entries()  # a tampered ledger stops the node here too
-        return Message(content=RecordDict({wire.METRICS: MetricRecord(values)}), reply_to=msg)
+    else:
+        values.update(_released_scores(msg, context, task, net, data, config, policy, ledger, mode, folder))
+    records: dict[str, Any] = {wire.METRICS: MetricRecord(values)}
+    info = {}
+    if wire.VALIDATE in config:  # fl validate: the site's pseudonymous identity, and its descriptors if asked
+        from nodes.validation import site_id
+
+        info = {wire.SITE_ID: site_id(folder), wire.DATASET_FINGERPRINT: keyed_fingerprint(folder, data.digest)}
+        if config.get(wire.DESCRIBE):  # the descriptors follow their own policy, whatever metrics release
+            from nodes.descriptors import release_for
+
+            described, why = release_for(folder, data_dir, data, policy, ledger,
+                                         dp_requested=wire.LOCAL_NOISE_MULTIPLIER in config,
+                                         server_round=server_round, tabular=getattr(task, "kind", "") != "bundle")
+            if described is None:
+                info[wire.DESCRIPTORS_DECLINED] = str(why)
+            else:
+                records[wire.DESCRIPTORS] = ConfigRecord({k: v for k, v in described.items() if v not in (None, [])})
+    info[wire.LEDGER_HEAD] = head(folder)  # after every charge of this request
+    return Message(content=RecordDict({**records, wire.NODE_INFO: ConfigRecord(info)}), reply_to=msg)
+
+
+def _released_scores(msg: Message, context: Context, task: Any, net: torch.nn.Module, data: LocalData,
+                     config: ConfigRecord, policy: Policy, ledger: Ledger, mode: str, folder: Path) -> dict[str, float]:
+    """The scores this node's policy releases (``exact``, or ``noisy``: charged to the ledger first),
+    with the site's interval and per-class scores when ``fl validate`` asks."""
     entry = None
     # fl validate of a multi-class task also releases each class's score: under noisy, one more mechanism
     per_class = wire.VALIDATE in config and len(task.class_labels() if hasattr(task, "class_labels") else []) > 1
@@ -365,7 +453,8 @@ def _evaluate(msg: Message, context: Context) -> Message:
         with ledger.locked():
             entry = charge(policy, ledger, event, num_records=len(data.train) + len(data.val),
                            release="metrics+classes" if per_class else "metrics",
-                           server_round=int(config.get(wire.SERVER_ROUND, 0)), time=time.time())
+                           server_round=int(config.get(wire.SERVER_ROUND, 0)), run=int(msg.metadata.run_id),
+                           time=time.time())
     device = node_device(config, context)
     if getattr(task, "kind", "") == "bundle":
         from nodes.bundle_train import evaluate_bundle
@@ -379,47 +468,41 @@ def _evaluate(msg: Message, context: Context) -> Message:
                                  amp=bool(config.get(wire.AMP, False)))
     else:
         result = evaluate_local(net, task, data.val, batch_size=int(config[wire.BATCH_SIZE]), device=device)
+    values: dict[str, float] = {}
     if entry is None:
         values.update({wire.VAL_LOSS: result.loss, task.metric: result.score})
     else:
         values[task.record_metric] = noisy_mean(result.record_scores, policy.metrics_noise_multiplier, SecureGaussian())
         values[wire.EPSILON_RECORD] = float(entry["epsilon_after"])
         values[wire.METRICS_DP] = 1.0
-    content = RecordDict({wire.METRICS: MetricRecord(values)})
-    if wire.VALIDATE in config:  # fl validate: the site's interval and its pseudonymous identity
-        from nodes.validation import bootstrap_interval, noisy_interval, site_id
+    if wire.VALIDATE in config:
+        values.update(_intervals(result, values, task, data, config, policy, noisy=entry is not None,
+                                 per_class=per_class))
+    return values
 
-        confidence = float(config[wire.CONFIDENCE])
-        if entry is None:
-            low, high = bootstrap_interval(result.record_scores, resamples=int(config[wire.VALIDATE]),
-                                           confidence=confidence, digest=data.digest)
-        else:
-            low, high = noisy_interval(values[task.record_metric], len(data.val), policy.metrics_noise_multiplier,
-                                       confidence)
-        values.update({wire.SCORE_LOW: low, wire.SCORE_HIGH: high})
-        classes = result.class_scores
-        if per_class and classes is not None:  # multi-class: each class's own score
-            from nodes.validation import class_intervals, noisy_class_scores
 
-            released = class_intervals(classes, resamples=int(config[wire.VALIDATE]), confidence=confidence,
-                                       digest=data.digest) if entry is None else noisy_class_scores(
-                classes, policy.metrics_noise_multiplier, SecureGaussian(), confidence)
-            for c, (score, c_low, c_high, cases) in enumerate(released):
-                if entry is not None or cases:
-                    values.update({f"{wire.CLASS_PREFIX}{c}": score, f"{wire.CLASS_PREFIX}{c}-low": c_low,
-                                   f"{wire.CLASS_PREFIX}{c}-high": c_high, f"{wire.CLASS_PREFIX}{c}-cases": cases})
-        info = {wire.SITE_ID: site_id(folder), wire.DATASET_FINGERPRINT: keyed_fingerprint(folder, data.digest)}
-        records: dict[str, Any] = {wire.METRICS: MetricRecord(values)}
-        if config.get(wire.DESCRIBE):
-            from nodes.descriptors import release_for
+def _intervals(result: Any, values: dict[str, float], task: Any, data: LocalData, config: ConfigRecord,
+               policy: Policy, *, noisy: bool, per_class: bool) -> dict[str, float]:
+    """``fl validate``: the site's interval around its score and, for a multi-class task, each class's."""
+    from nodes.validation import bootstrap_interval, noisy_interval
 
-            described, why = release_for(folder, data_dir, data, policy, ledger,
-                                         dp_requested=wire.LOCAL_NOISE_MULTIPLIER in config,
-                                         server_round=int(config.get(wire.SERVER_ROUND, 0)),
-                                         tabular=getattr(task, "kind", "") != "bundle")
-            if described is None:
-                info[wire.DESCRIPTORS_DECLINED] = str(why)
-            else:
-                records[wire.DESCRIPTORS] = ConfigRecord({k: v for k, v in described.items() if v not in (None, [])})
-        content = RecordDict({**records, wire.NODE_INFO: ConfigRecord(info)})
-    return Message(content=content, reply_to=msg)
+    confidence = float(config[wire.CONFIDENCE])
+    if not noisy:
+        low, high = bootstrap_interval(result.record_scores, resamples=int(config[wire.VALIDATE]),
+                                       confidence=confidence, digest=data.digest)
+    else:
+        low, high = noisy_interval(values[task.record_metric], len(data.val), policy.metrics_noise_multiplier,
+                                   confidence)
+    out = {wire.SCORE_LOW: low, wire.SCORE_HIGH: high}
+    classes = result.class_scores
+    if per_class and classes is not None:  # multi-class: each class's own score
+        from nodes.validation import class_intervals, noisy_class_scores
+
+        released = class_intervals(classes, resamples=int(config[wire.VALIDATE]), confidence=confidence,
+                                   digest=data.digest) if not noisy else noisy_class_scores(
+            classes, policy.metrics_noise_multiplier, SecureGaussian(), confidence)
+        for c, (score, c_low, c_high, cases) in enumerate(released):
+            if noisy or cases:
+                out.update({f"{wire.CLASS_PREFIX}{c}": score, f"{wire.CLASS_PREFIX}{c}-low": c_low,
+                            f"{wire.CLASS_PREFIX}{c}-high": c_high, f"{wire.CLASS_PREFIX}{c}-cases": cases})
+    return out

@@ -1,7 +1,15 @@
-"""A node's privacy ledger: every record-level spend, append-only and hash-chained.
+"""A node's privacy ledgers: append-only and hash-chained.
 
-One JSON line per local DP training: the mechanism (noise multiplier, sample rate, steps),
-the run and round that asked for it, and the cumulative epsilon after it. Each line carries
+- ``privacy-ledger.jsonl``, the record-level ledger: one JSON line per local DP training or
+  noisy release, with the mechanism (noise multiplier, sample rate, steps), the run and round that
+  asked for it, and the cumulative epsilon after it.
+- ``contributions.jsonl``, the client-level ledger: one line per contribution of this node's
+  update to a sum (plain, SecAgg+ or with its share of distributed noise), keyed by (run, round),
+  with the noise multiplier the node itself applied, and one line per evaluation request served,
+  written before the work starts. A second contribution to the same round is refused; the
+  client-level budget counts only the node's own noise, with no amplification (the coordinator
+  knows who took part).
+ Each line carries
 the SHA-256 of the previous line and its own, so an edited, reordered or truncated-in-the-
 middle ledger is detected; a corrupted ledger stops training (fail closed). The ledger lives
 on the node, beside its data, and survives restarts and new runs: spent budget only grows.
@@ -20,6 +28,7 @@ from fl.privacy import hashchain
 from fl.privacy.accounting import GaussianEvent
 
 LEDGER_FILE = "privacy-ledger.jsonl"
+CONTRIBUTIONS_FILE = "contributions.jsonl"
 
 
 class LedgerError(OncoFedError):
@@ -34,7 +43,13 @@ class Ledger:
 
     @classmethod
     def in_dir(cls, folder: str | Path) -> Ledger:
+        """The node's record-level ledger."""
         return cls(Path(folder) / LEDGER_FILE)
+
+    @classmethod
+    def contributions_in(cls, folder: str | Path) -> Ledger:
+        """The node's client-level ledger: contributions and evaluation requests."""
+        return cls(Path(folder) / CONTRIBUTIONS_FILE)
 
     def entries(self) -> list[dict[str, Any]]:
         """Every entry, after checking the whole chain."""
@@ -43,8 +58,10 @@ class Ledger:
         except hashchain.ChainError as exc:
             raise LedgerError(str(exc)) from None
 
-    def events(self) -> list[GaussianEvent]:
-        return [GaussianEvent.from_dict(e["event"]) for e in self.entries()]
+    def events(self, entries: list[dict[str, Any]] | None = None) -> list[GaussianEvent]:
+        """The mechanisms of the entries that carry one (a contribution without noise has none)."""
+        return [GaussianEvent.from_dict(e["event"]) for e in (self.entries() if entries is None else entries)
+                if e.get("event")]
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -52,6 +69,7 @@ class Ledger:
         with hashchain.locked(self.path):
             yield
 
-    def append(self, event: GaussianEvent, **fields: Any) -> dict[str, Any]:
-        """Append one spend (call inside :meth:`locked`); fsynced before returning."""
-        return hashchain.append_entry(self.path, self.entries(), {**fields, "event": event.to_dict()})
+    def append(self, event: GaussianEvent | None, **fields: Any) -> dict[str, Any]:
+        """Append one entry (call inside :meth:`locked`); fsynced before returning."""
+        return hashchain.append_entry(self.path, self.entries(),
+                                      {**fields, "event": event.to_dict() if event is not None else None})

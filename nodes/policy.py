@@ -30,6 +30,7 @@ STATE_DIR = ".oncofed"
 POLICY_FILE = "policy.toml"
 SECRET_FILE = "fingerprint.key"  # 32 random bytes, only on the node, mode 0600
 SECRET_BYTES = 32
+SECAGG_MIN_CONTRIBUTORS = 3  # fl.wire.SECAGG_MIN_NODES: a smaller sum lets a participant read another's update
 AUTO, EXACT, NOISY, NONE = "auto", "exact", "noisy", "none"
 METRICS_MODES = (AUTO, EXACT, NOISY, NONE)
 
@@ -62,6 +63,15 @@ class Policy:
     # dataset descriptors for model cards (nodes.descriptors): the same modes, auto as for metrics
     release_descriptors: str = "auto"
     descriptors_noise_multiplier: float = 5.0  # noise std over the descriptors' L2 sensitivity
+    # client-level guarantee against the coordinator, counted from this node's own noise only
+    # (distributed noise: its share, z / sqrt(t)), with no amplification; 0: no budget
+    client_epsilon: float = 0.0
+    client_delta: float = 1e-5
+    min_distributed_noise: float = 0.0  # the weakest multiplier z on the sum this node accepts
+    max_distributed_clip: float = 0.0  # the largest update clipping norm C it accepts; 0: any
+    min_contributors: int = SECAGG_MIN_CONTRIBUTORS  # the smallest SecAgg+ threshold t it accepts
+    max_contributors: int = 0  # the largest t: each node's share is sized z / sqrt(t); 0: any
+    max_evaluations_per_round: int = 1  # evaluate requests served per (run, round)
 
     def __post_init__(self) -> None:
         checks = {
@@ -78,6 +88,16 @@ class Policy:
             "release_descriptors": self.release_descriptors in METRICS_MODES,
             "descriptors_noise_multiplier": math.isfinite(self.descriptors_noise_multiplier)
             and self.descriptors_noise_multiplier > 0,
+            "client_epsilon": math.isfinite(self.client_epsilon) and self.client_epsilon >= 0,
+            "client_delta": 0 < self.client_delta < 1,
+            "min_distributed_noise": math.isfinite(self.min_distributed_noise) and self.min_distributed_noise >= 0,
+            "max_distributed_clip": math.isfinite(self.max_distributed_clip) and self.max_distributed_clip >= 0,
+            "min_contributors": isinstance(self.min_contributors, int)
+            and self.min_contributors >= SECAGG_MIN_CONTRIBUTORS,
+            "max_contributors": isinstance(self.max_contributors, int)
+            and (self.max_contributors == 0 or self.max_contributors >= self.min_contributors),
+            "max_evaluations_per_round": isinstance(self.max_evaluations_per_round, int)
+            and self.max_evaluations_per_round >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -96,10 +116,16 @@ class Policy:
         """``exact``, ``noisy`` or ``none``: the dataset descriptors this node releases (``fl validate``)."""
         return self._mode(self.release_descriptors, dp_requested)
 
+    @property
+    def distrusts_coordinator(self) -> bool:
+        """The node sends its update only masked (SecAgg+), or with its own noise in it, or counts a
+        client-level budget against the coordinator: nothing exact may travel beside it."""
+        return self.require_secagg or self.require_distributed_noise or self.client_epsilon > 0
+
     def _mode(self, setting: str, dp_requested: bool) -> str:
         if setting != AUTO:
             return setting
-        return NONE if self.requires_dp or dp_requested else EXACT
+        return NONE if self.requires_dp or dp_requested or self.distrusts_coordinator else EXACT
 
 
 def local_event(num_examples: int, *, epochs: int, batch_size: int, noise_multiplier: float) -> GaussianEvent:
@@ -125,7 +151,9 @@ def load_policy(folder: Path) -> Policy:
         raise ConfigError(f"{path}: unknown policy key {sorted(unknown)[0]!r}")
     defaults = Policy()
     for key, value in raw.items():
-        if isinstance(getattr(defaults, key), bool) != isinstance(value, bool):
+        default = getattr(defaults, key)
+        if isinstance(default, bool) != isinstance(value, bool) or (
+                type(default) is int and not (type(value) is int or (type(value) is float and value.is_integer()))):
             raise ConfigError(f"{path}: policy {key}: invalid value {value!r}")
     try:
         return Policy(**{k: type(getattr(defaults, k))(v) for k, v in raw.items()})
@@ -248,3 +276,87 @@ def charge(policy: Policy, ledger: Ledger, event: GaussianEvent, *, num_records:
             f"{policy.epsilon:g} (spent {spent:.3f}, delta {policy.delta:g})",
         )
     return ledger.append(event, epsilon_after=after, delta=policy.delta, accountant=policy.accountant, **context)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One contribution of this node's update to a sum, as the node itself applies it.
+
+    ``noise_multiplier``: the node's own noise on its update, over the update's sensitivity (its
+    share of distributed noise: ``z / sqrt(t)``); None when the update leaves without noise of its own."""
+
+    run: int
+    server_round: int
+    secure: bool
+    noise_multiplier: float | None = None
+
+
+def check_distributed(policy: Policy, *, noise_multiplier: float, clip: float, threshold: int) -> None:
+    """Refuse distributed-noise settings below this node's floors: the multiplier z on the sum, the
+    clipping norm C, and the SecAgg+ threshold t this round's share is sized for."""
+    from fl import wire
+
+    if noise_multiplier < policy.min_distributed_noise:
+        raise Refusal(wire.ERROR_POLICY, f"policy: distributed noise multiplier {noise_multiplier:g} is below this "
+                                         f"node's minimum {policy.min_distributed_noise:g}")
+    if policy.max_distributed_clip and clip > policy.max_distributed_clip:
+        raise Refusal(wire.ERROR_POLICY, f"policy: clipping norm {clip:g} exceeds this node's maximum "
+                                         f"{policy.max_distributed_clip:g} for distributed noise")
+    check_threshold(policy, threshold)
+
+
+def check_threshold(policy: Policy, threshold: int) -> None:
+    """Refuse a SecAgg+ threshold t outside this node's bounds: below ``min_contributors`` a sum of too
+    few exposes an update; above ``max_contributors`` each node's share, sized z / sqrt(t), is too
+    small should the other contributors be the coordinator's own."""
+    from fl import wire
+
+    if threshold < policy.min_contributors:
+        raise Refusal(wire.ERROR_POLICY, f"policy: SecAgg+ threshold {threshold} is below this node's minimum of "
+                                         f"{policy.min_contributors} contributors")
+    if policy.max_contributors and threshold > policy.max_contributors:
+        raise Refusal(wire.ERROR_POLICY, f"policy: SecAgg+ threshold {threshold} is above this node's maximum of "
+                                         f"{policy.max_contributors} (each share is sized z / sqrt(t))")
+
+
+def plan_contribution(policy: Policy, log: Ledger, c: Contribution) -> tuple[GaussianEvent | None, dict[str, Any]]:
+    """The client-level entry ``c`` would write, or :class:`Refusal`: a second contribution to the
+    same (run, round), a contribution without this node's own noise under a client-level budget, or
+    one past that budget. Call inside ``log.locked()``; append only once every other check passed."""
+    from fl import wire
+
+    entries = log.entries()
+    if any(e.get("kind") == "train" and e.get("run") == c.run and e.get("server_round") == c.server_round
+           for e in entries):
+        raise Refusal(wire.ERROR_POLICY, f"policy: this node already contributed to round {c.server_round} of run "
+                                         f"{c.run}; a second contribution would be a second release")
+    event = GaussianEvent(c.noise_multiplier, 1.0, 1) if c.noise_multiplier else None
+    fields: dict[str, Any] = {"kind": "train", "run": c.run, "server_round": c.server_round, "secure": c.secure,
+                              "noise_multiplier": c.noise_multiplier}
+    if event is None:
+        if policy.client_epsilon:
+            raise Refusal(wire.ERROR_POLICY, "policy: this node's client-level budget counts only its own noise; the "
+                                             "request adds none (ask for secagg.noise = 'distributed')")
+        return None, fields
+    try:
+        after = accounting.epsilon([*log.events(entries), event], policy.client_delta, policy.accountant)
+    except accounting.AccountingError as exc:
+        raise Refusal(wire.ERROR_POLICY, f"privacy accounting: {exc}") from None
+    if policy.client_epsilon and after > policy.client_epsilon:
+        raise Refusal(wire.ERROR_BUDGET, f"client-level budget: this contribution would bring epsilon against the "
+                                         f"coordinator to {after:.3f}, over the budget {policy.client_epsilon:g}")
+    return event, {**fields, "epsilon_after": after, "delta": policy.client_delta}
+
+
+def count_request(policy: Policy, log: Ledger, *, run: int, server_round: int, kind: str, **context: Any) -> None:
+    """Record one ``kind`` request of (run, round), or refuse it past the policy's cap: each
+    evaluation a coordinator asks for again may spend budget, and it may ask without end."""
+    from fl import wire
+
+    with log.locked():
+        served = sum(1 for e in log.entries()
+                     if e.get("kind") == kind and e.get("run") == run and e.get("server_round") == server_round)
+        if served >= policy.max_evaluations_per_round:
+            raise Refusal(wire.ERROR_POLICY, f"policy: {kind} of round {server_round} of run {run} was already "
+                                             f"served {served} time(s), this node's maximum")
+        log.append(None, kind=kind, run=run, server_round=server_round, **context)

@@ -61,24 +61,50 @@ class CentralAccount:
         after = self.epsilon([*self.events, self.event])
         return f"client-level epsilon would reach {after:.3f} > target {target:g}" if after > target else None
 
-    def spend(self, server_round: int, run_id: str) -> None:
-        """Journal this round's release (durably) before the model leaves the server."""
+    def spend(self, server_round: int, run_id: str, **fields: Any) -> None:
+        """Journal this round's release (durably) before the model leaves the server; under SecAgg+,
+        before the workflow starts, since the coordinator sees the unmasked sum inside it."""
         if self.event is not None:
-            self.journal.record(self.lineage, self.event, round=server_round, run_id=run_id)
+            self.journal.record(self.lineage, self.event, round=server_round, run_id=run_id, **fields)
             self.events.append(self.event)
+
+    def note(self, server_round: int, run_id: str, outcome: str) -> None:
+        """Journal how a round journaled ahead ended: released, halted (nothing unmasked), discarded
+        (unmasked, then dropped) or skipped (too few sampled). Its charge stands whatever the outcome."""
+        if self.event is not None:
+            self.journal.record(self.lineage, None, round=server_round, run_id=run_id, outcome=outcome)
+
+    def against_coordinator(self) -> dict[str, Any]:
+        """Client-level epsilon against the coordinator itself: it drew the sample and sees who runs
+        SecAgg+, so no amplification by sampling (q = 1 in every round released). Only distributed
+        noise gives one: with server noise the coordinator sees the sum before its noise."""
+        c = self.cfg
+        if not (c.secagg.enabled and c.secagg.noise == "distributed"):
+            return {"epsilon": None, "why": "the coordinator adds the noise to a sum it sees without it: no "
+                                            "guarantee against the coordinator"}
+        unamplified = [GaussianEvent(e.noise_multiplier, 1.0, e.steps) for e in self.events]
+        return {"epsilon": self.epsilon(unamplified), "delta": c.central_dp.delta, "sample_rate": 1.0,
+                "assumes": "the sum's other contributors are sites, not the coordinator's own; each node's "
+                           "contributions ledger counts its share alone (z / sqrt(t))"}
 
     def report(self) -> dict[str, Any] | None:
         if not self.events:
             return None
         c = self.cfg.central_dp
         return {"epsilon": self.epsilon(), "delta": c.delta, "accountant": c.accountant,
-                "rounds": len(self.events), "events": [e.to_dict() for e in self.events], "lineage": self.lineage}
+                "rounds": len(self.events), "events": [e.to_dict() for e in self.events], "lineage": self.lineage,
+                "against_coordinator": self.against_coordinator(),
+                "outcomes": self.journal.outcomes(self.lineage)}
 
 
-def privacy_record(central: CentralAccount, nodes: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Epsilon spent: client-level (this server's accountant) and each node's record-level (as reported)."""
-    record_level = {
-        node: {"epsilon": m[wire.EPSILON_RECORD], "delta": m.get(wire.DELTA_RECORD)}
-        for node, m in nodes.items() if wire.EPSILON_RECORD in m
-    }
+def privacy_record(central: CentralAccount, nodes: dict[str, dict[str, float]],
+                   evaluated: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+    """Epsilon spent: client-level (this server's accountant) and each node's record-level, as reported
+    after the round's last charge (a noisy evaluation after training counts too)."""
+    record_level: dict[str, dict[str, Any]] = {}
+    for replies in (nodes, evaluated or {}):
+        for node, m in replies.items():
+            if wire.EPSILON_RECORD in m and m[wire.EPSILON_RECORD] >= record_level.get(node, {}).get("epsilon", 0.0):
+                delta = m.get(wire.DELTA_RECORD, record_level.get(node, {}).get("delta"))
+                record_level[node] = {"epsilon": m[wire.EPSILON_RECORD], "delta": delta}
     return {"client_level": central.report(), "record_level": record_level}

@@ -63,6 +63,9 @@ class SecureRoundResult:
     node_ids: list[int] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
     skipped: str | None = None  # why this round aggregated nothing (too few contributors)
+    # released; halted (the workflow stopped before unmasking); discarded (unmasked, then dropped);
+    # skipped (too few nodes sampled: nothing was sent)
+    outcome: str = "released"
 
 
 class _OneRound(LegacyStrategy):  # type: ignore[misc]
@@ -103,11 +106,22 @@ class _OneRound(LegacyStrategy):  # type: ignore[misc]
         return None
 
 
-def min_contributors(sampled: int, threshold: float) -> int:
-    """The fewest contributors an unmasked sum of this round can have: SecAgg+'s reconstruction
-    threshold over ``sampled`` nodes (Flower's rule: ``max(round(threshold * n), 2)``), and never
-    fewer than OncoFed's floor of 3, which the coordinator enforces after unmasking."""
-    return max(wire.SECAGG_MIN_NODES, max(round(threshold * sampled), 2))
+def share_count(sampled: int, shares: float) -> int:
+    """How many nodes each node shares its keys with (itself included), by Flower's rule for a
+    fraction: ``round(shares * n)``, made odd below ``n``, and all ``n`` when that leaves 2 or fewer."""
+    s = round(shares * sampled)
+    if s < sampled and s % 2 == 0:
+        s += 1
+    return sampled if s <= 2 else min(s, sampled)
+
+
+def min_contributors(sampled: int, threshold: float, shares: float = 1.0) -> int:
+    """The SecAgg+ threshold t of a round of ``sampled`` nodes, given to Flower as an integer so that
+    Flower itself unmasks no sum of fewer: ``round(threshold * s)``, raised to OncoFed's floor of 3
+    and above half the share count s (a guarded node refuses ``2t <= s``: its self-mask and key
+    shares could then both be rebuilt)."""
+    s = share_count(sampled, shares)
+    return min(s, max(wire.SECAGG_MIN_NODES, round(threshold * s), s // 2 + 1))
 
 
 def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -116,16 +130,17 @@ def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
     """Sample and instruct through ``strategy``, then train and sum the updates with SecAgg+.
 
     ``distributed_noise``: the central noise multiplier z; each node adds its share for
-    :func:`min_contributors` contributors (:mod:`fl.privacy.distributed`), and a sum with fewer is
-    discarded. ``clipping_range`` is then ignored: the range must hold the noise."""
+    :func:`min_contributors` contributors (:mod:`fl.privacy.distributed`), the threshold Flower
+    enforces, so no sum of fewer is unmasked. ``clipping_range`` is then ignored: the range must hold
+    the noise."""
     messages = list(strategy.configure_train(server_round, arrays, config, grid))
     keys = list(arrays.keys())
     if len(messages) < wire.SECAGG_MIN_NODES:  # checked every round: sampling can pick fewer
         return SecureRoundResult(None, 0, skipped=f"{len(messages)} node(s) sampled, fewer than the "
-                                                  f"{wire.SECAGG_MIN_NODES} SecAgg+ needs; nothing aggregated")
-    floor = wire.SECAGG_MIN_NODES
+                                                  f"{wire.SECAGG_MIN_NODES} SecAgg+ needs; nothing aggregated",
+                                 outcome="skipped")
+    floor = min_contributors(len(messages), threshold, shares)
     if distributed_noise is not None:
-        floor = min_contributors(len(messages), threshold)
         clip = float(messages[0].content[wire.CONFIG][wire.CLIENT_CLIP_NORM])
         clipping_range = clipping_range_for(clip, distributed_noise, floor)
     instructions = {}
@@ -145,18 +160,22 @@ def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
                             config=ServerConfig(num_rounds=1), strategy=shim, client_manager=SimpleClientManager())
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
     context.state.array_records[MAIN_PARAMS_RECORD] = arrays
-    workflow = SecAggPlusWorkflow(num_shares=shares if shares < 1 else len(messages),
-                                  reconstruction_threshold=threshold, max_weight=1.0,
-                                  clipping_range=clipping_range, timeout=timeout)
+    # the share count as the fraction that gives exactly share_count(), the threshold as the integer t:
+    # Flower's nodes then refuse, and its workflow halts, before any sum of fewer than t is unmasked
+    workflow = SecAggPlusWorkflow(num_shares=share_count(len(messages), shares) / len(messages),
+                                  reconstruction_threshold=floor, max_weight=wire.SECAGG_MAX_WEIGHT,
+                                  clipping_range=clipping_range, quantization_range=wire.SECAGG_TARGET_RANGE,
+                                  modulus_range=wire.SECAGG_MOD_RANGE, timeout=timeout)
     workflow(grid, context)
     failures = {f"#{i}": str(f) for i, f in enumerate(shim.failures)}
     if shim.aggregate is None:
-        return SecureRoundResult(None, 0, failures=failures or {"secagg": "secure aggregation halted"})
+        return SecureRoundResult(None, 0, failures=failures or {"secagg": "secure aggregation halted"},
+                                 outcome="halted")
     n = len(shim.results)
     if n < floor:  # dropouts left too few: their sum would expose them, or carry too little noise
         return SecureRoundResult(None, 0, failures=failures,
                                  skipped=f"{n} contributor(s) survived, fewer than the {floor} this round "
-                                         "needs; their sum is discarded")
+                                         "needs; their sum is discarded", outcome="discarded")
     update_sum = {k: np.asarray(a, dtype=np.float64) * n for k, a in zip(keys, shim.aggregate, strict=True)}
     metrics = [dict(res.metrics) for _, res in shim.results]
     nodes = [proxy.node_id for proxy, _ in shim.results]
@@ -172,6 +191,7 @@ class SecureTrainResult:
     scalars: dict[str, dict[str, Any]]  # by node: the scalars it sent beside its masked update
     failures: dict[str, str]
     skipped: str | None
+    outcome: str  # SecureRoundResult.outcome
 
 
 def secure_train(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, train_cfg: ConfigRecord,
@@ -192,7 +212,7 @@ def secure_train(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
 
     def done(new: ArrayRecord | None) -> SecureTrainResult:
         scalars = {str(n): m for n, m in zip(result.node_ids, result.metrics, strict=True)}
-        return SecureTrainResult(new, train_agg, scalars, dict(result.failures), result.skipped)
+        return SecureTrainResult(new, train_agg, scalars, dict(result.failures), result.skipped, result.outcome)
 
     if isinstance(strategy, CentralDP):
         if distributed:  # the nodes' noise is in the sum; a discarded sum releases nothing new

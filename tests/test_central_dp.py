@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import math
 from unittest.mock import MagicMock
 
@@ -24,7 +26,8 @@ SHAPES = {"w": (30, 40), "b": (40,), "s": ()}
 
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    # a fresh run for every test: a node serves one contribution per (run, round)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = secrets.randbits(48), 1, 0
 
 
 def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:

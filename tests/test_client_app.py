@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import shutil
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from nodes.client_app import app, resolve_data_dir
 
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    # a fresh run for every test: a node serves one contribution per (run, round)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = secrets.randbits(48), 1, 0
 
 
 def _message(kind: str) -> Message:
@@ -40,7 +43,7 @@ def test_train_reply_carries_only_weights_count_and_aggregate_metrics(tiny_feder
     assert not reply.has_error() and list(reply.content) == [PACKED_CONTENT]  # one array on the wire
     reply.content = unpack_content(reply.content)
     assert set(reply.content.keys()) == {wire.ARRAYS, wire.METRICS, wire.NODE_INFO}
-    assert set(reply.content[wire.NODE_INFO].keys()) == {wire.DATASET_FINGERPRINT, wire.DEVICE_NAME}
+    assert set(reply.content[wire.NODE_INFO].keys()) == {wire.DATASET_FINGERPRINT, wire.DEVICE_NAME, wire.LEDGER_HEAD}
     assert reply.content[wire.NODE_INFO][wire.DEVICE_NAME] == ("cpu" if not torch.cuda.is_available()
                                                                else f"cuda:0 ({torch.cuda.get_device_name(0)})")
     assert len(reply.content[wire.NODE_INFO][wire.DATASET_FINGERPRINT]) == 64
@@ -51,8 +54,9 @@ def test_train_reply_carries_only_weights_count_and_aggregate_metrics(tiny_feder
 
 
 def test_evaluate_reply_carries_only_aggregate_metrics(tiny_federation: Path) -> None:
-    reply = app(_message(MessageType.EVALUATE), _context({wire.NODE_DATA_DIR: str(tiny_federation / "node-0")}))
-    assert set(reply.content.keys()) == {wire.METRICS}
+    reply = unpack_message(app(_message(MessageType.EVALUATE), _context({wire.NODE_DATA_DIR: str(tiny_federation / "node-0")})))
+    assert set(reply.content.keys()) == {wire.METRICS, wire.NODE_INFO}
+    assert set(reply.content[wire.NODE_INFO].keys()) == {wire.LEDGER_HEAD}  # counts and keyed MACs, no data
     metrics = dict(reply.content[wire.METRICS])
     assert set(metrics) == {wire.NUM_EXAMPLES, wire.VAL_LOSS, wire.DICE}
     assert 0.0 <= metrics[wire.DICE] <= 1.0
@@ -103,7 +107,7 @@ def test_a_node_with_a_budget_releases_no_metrics_by_default(tiny_federation: Pa
     assert not train.has_error(), train.error
     assert set(dict(train.content[wire.METRICS])) == {wire.NUM_EXAMPLES, wire.EPSILON_RECORD, wire.DELTA_RECORD}
     spent = len(Ledger.in_dir(state_dir(site)).entries())
-    evaluation = app(_dp_message(MessageType.EVALUATE), context)
+    evaluation = unpack_message(app(_dp_message(MessageType.EVALUATE), context))
     assert set(dict(evaluation.content[wire.METRICS])) == {wire.NUM_EXAMPLES}
     assert len(Ledger.in_dir(state_dir(site)).entries()) == spent
 
@@ -116,7 +120,7 @@ def test_noisy_metrics_are_charged_before_they_leave(tiny_federation: Path, tmp_
     site = _site_with_policy(tiny_federation, tmp_path, epsilon=50.0, release_metrics="noisy",
                              metrics_noise_multiplier=4.0)
     context = _context({wire.NODE_DATA_DIR: str(site)})
-    reply = app(_dp_message(MessageType.EVALUATE), context)
+    reply = unpack_message(app(_dp_message(MessageType.EVALUATE), context))
     metrics = dict(reply.content[wire.METRICS])
     assert set(metrics) == {wire.NUM_EXAMPLES, wire.DICE, wire.EPSILON_RECORD, wire.METRICS_DP}  # no exact loss
     assert 0.0 <= metrics[wire.DICE] <= 1.0
@@ -130,7 +134,9 @@ def test_noisy_metrics_are_charged_before_they_leave(tiny_federation: Path, tmp_
     from nodes.policy import Policy, save_policy
 
     save_policy(state_dir(site), Policy(epsilon=expected * 1.01, release_metrics="noisy", metrics_noise_multiplier=4.0))
-    refused = app(_dp_message(MessageType.EVALUATE), context)
+    later = _dp_message(MessageType.EVALUATE)
+    later.content[wire.CONFIG][wire.SERVER_ROUND] = 2  # round 1's evaluation was served: a repeat is refused
+    refused = app(later, context)
     assert refused.has_error() and refused.error.code == wire.ERROR_BUDGET
     assert len(Ledger.in_dir(state_dir(site)).entries()) == 1
 

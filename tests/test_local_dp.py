@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import json
 import shutil
 import subprocess
@@ -161,7 +163,8 @@ def test_policy_violations_are_refused(tmp_path: Path, policy: Policy, request_,
 
 
 def test_client_app_refuses_past_budget_and_says_why(tiny_federation: Path, tmp_path: Path) -> None:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    # a fresh run for every test: a node serves one contribution per (run, round)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = secrets.randbits(48), 1, 0
     node = tmp_path / "site"
     shutil.copytree(tiny_federation / "node-0", node, ignore=shutil.ignore_patterns(".oncofed"))
     n_train = len(load_local_data(node, TASK).train)
@@ -179,6 +182,7 @@ def test_client_app_refuses_past_budget_and_says_why(tiny_federation: Path, tmp_
     first = ask()
     assert not first.has_error()
     assert first.content[wire.METRICS][wire.EPSILON_RECORD] == pytest.approx(accounting.epsilon([one_round], 1e-5))
+    config[wire.SERVER_ROUND] = 2  # the next round (a second request for round 1 is refused as a replay)
     second = ask()
     assert second.has_error() and second.error.code == wire.ERROR_BUDGET
     assert "privacy budget" in second.error.reason and str(node) not in second.error.reason

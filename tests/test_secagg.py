@@ -3,6 +3,8 @@ produces is the one plain equal-weight FedAvg produces, to within quantisation e
 
 from __future__ import annotations
 
+import secrets
+
 import json
 import tomllib
 from pathlib import Path
@@ -119,25 +121,27 @@ def test_instruction_shaped_like_secagg_outside_the_protocol_is_refused(tmp_path
     from nodes.policy import Policy, save_policy, state_dir
     ARRAY_KEYS = wire.SECAGG_ARRAY_KEYS
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    # a fresh run for every test: a node serves one contribution per (run, round)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = secrets.randbits(48), 1, 0
     synthesize(tmp_path / "data", nodes=1, task=get_task("seg2d"), image_size=32)
     node = node_dir(tmp_path / "data", 0)
     arrays = initial_arrays(config.from_flat({"data.image_size": 32}))
     keys = list(arrays.keys())
     settings = {wire.TASK: "seg2d", wire.EPOCHS: 1, wire.LR: 0.01, wire.BATCH_SIZE: 8, wire.SEED: 0,
                 wire.SERVER_ROUND: 1, ARRAY_KEYS: json.dumps(keys)}
-    fitins = FitIns(ndarrays_to_parameters([arrays[k].numpy() for k in keys]), settings)
     context = Context(run_id=1, node_id=7, node_config={wire.NODE_DATA_DIR: str(node)}, state=RecordDict(),
                       run_config={})
 
-    def ask() -> Message:
+    def ask(server_round: int) -> Message:
+        fitins = FitIns(ndarrays_to_parameters([arrays[k].numpy() for k in keys]),
+                        {**settings, wire.SERVER_ROUND: server_round})
         msg = Message(content=fitins_to_recorddict(fitins, keep_input=True), dst_node_id=7,
                       message_type=MessageType.TRAIN)
         return app(msg, context)
 
-    assert not ask().has_error()  # the default policy: a plain update, as without SecAgg+
+    assert not ask(1).has_error()  # the default policy: a plain update, as without SecAgg+
     save_policy(state_dir(node), Policy(require_secagg=True))
-    reply = ask()
+    reply = ask(2)
     assert reply.has_error() and reply.error.code == wire.ERROR_POLICY
     assert "secure aggregation" in reply.error.reason
     plain = Message(content=RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(dict(settings))}),

@@ -46,14 +46,24 @@ class ReleaseJournal:
             raise JournalError(f"{exc}; the client-level privacy history cannot be trusted") from None
 
     def events(self, lineage: str) -> list[GaussianEvent]:
-        return [GaussianEvent.from_dict(e["event"]) for e in self.entries(lineage)]
+        return [GaussianEvent.from_dict(e["event"]) for e in self.entries(lineage) if e.get("event")]
 
-    def record(self, lineage: str, event: GaussianEvent, **fields: Any) -> None:
-        """Append one release of ``lineage``; durable when this returns."""
+    def outcomes(self, lineage: str) -> dict[str, int]:
+        """How the journaled rounds of ``lineage`` ended (released, halted, discarded, skipped), counted."""
+        counts: dict[str, int] = {}
+        for entry in self.entries(lineage):
+            if "outcome" in entry:
+                counts[entry["outcome"]] = counts.get(entry["outcome"], 0) + 1
+        return counts
+
+    def record(self, lineage: str, event: GaussianEvent | None, **fields: Any) -> None:
+        """Append one release of ``lineage`` (or, with no event, a note on how a journaled round
+        ended); durable when this returns."""
         with hashchain.locked(self.path):
             try:
                 entries = hashchain.read_chain(self.path, "release journal")
             except hashchain.ChainError as exc:
                 raise JournalError(str(exc)) from None
-            hashchain.append_entry(self.path, entries, {**fields, "lineage": lineage, "event": event.to_dict(),
+            hashchain.append_entry(self.path, entries, {**fields, "lineage": lineage,
+                                                        "event": event.to_dict() if event is not None else None,
                                                         "time": time.time()})

@@ -129,15 +129,24 @@ def _dp_view(cfg: Config, record: dict[str, Any], node_info: dict[str, dict[str,
       update norms): the coordinator's run folder keeps them;
     - the evaluation aggregate only when every node that reported a score released it with
       DP noise;
-    - the privacy accounting: client-level history and each node's record-level epsilon (the
-      largest one only, under Poisson sampling).
+    - the privacy accounting: client-level history and each node's record-level epsilon; under
+      Poisson sampling only what does not depend on who took part: the per-round mechanism (public
+      configuration) and the number of rounds, from which the bound for a node that trained in every
+      round follows for its case count (each node's own ledger holds its exact figure).
     """
     poisson = cfg.central_dp.enabled and cfg.central_dp.sampling == "poisson" and cfg.central_dp.sample_rate < 1
     evaluate = record.get("evaluate", {})
     record_level = privacy.get("record_level") or {}
     if poisson and record_level:
-        worst = max(record_level.values(), key=lambda r: r.get("epsilon") or 0.0)
-        record_level = {"max_over_nodes": worst}
+        d = cfg.local_dp
+        record_level = {
+            "per_node": "withheld under Poisson node sampling (it would show who took part); each node's ledger "
+                        "holds its own",
+            "bound": {"rounds": int(record["round"]), "noise_multiplier": d.noise_multiplier,
+                      "max_grad_norm": d.max_grad_norm, "epochs": cfg.train.epochs,
+                      "meaning": "each node's epsilon is at most that of this DP-SGD mechanism over its own cases, "
+                                 "run in every one of these rounds (fl privacy estimate)"},
+        }
     trained = sorted(record.get("train", {}).get("nodes", {}))
     return {
         "release": "dp: public configuration and DP releases only; details in the coordinator's run folder",

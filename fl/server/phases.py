@@ -33,6 +33,7 @@ class PhaseResult:
     failures: dict[str, str] = field(default_factory=dict)
     codes: dict[str, int] = field(default_factory=dict)
     secure: dict[str, dict[str, Any]] = field(default_factory=dict)  # SecAgg+ round: scalars by node
+    outcome: str | None = None  # SecAgg+ round: released, halted, discarded or skipped
 
     @property
     def replied(self) -> int:
@@ -46,7 +47,7 @@ class PhaseResult:
 
     def node_info(self) -> dict[str, dict[str, str]]:
         """Each replying node's keyed dataset fingerprint and device (strings; nothing about its data)."""
-        keys = (wire.DATASET_FINGERPRINT, wire.DEVICE_NAME)
+        keys = (wire.DATASET_FINGERPRINT, wire.DEVICE_NAME, wire.LEDGER_HEAD)
         out: dict[str, dict[str, str]] = {}
         for m in self.ok:
             if wire.NODE_INFO in m.content.config_records:
@@ -63,7 +64,7 @@ def secure_phase(grid: Grid, strategy: Any, server_round: int, arrays: ArrayReco
     result = secure_train(grid, strategy, server_round, arrays, train_cfg, cfg)
     if result.skipped:
         log.warning("round %d: %s", server_round, result.skipped)
-    res = PhaseResult(failures=dict(result.failures))
+    res = PhaseResult(failures=dict(result.failures), outcome=result.outcome)
     res.secure = result.scalars
     return res, result.arrays, result.train_aggregate
 

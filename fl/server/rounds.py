@@ -30,6 +30,7 @@ from fl.registry.mlflow_mirror import MlflowMirror
 from fl.server.observer import Observer
 from fl.server.phases import PhaseResult, exchange, secure_phase
 from fl.server.run_folder import RunFolder
+from fl.server.witness import LedgerWitness
 from strategies import build_strategy
 from strategies.central_account import CentralAccount, privacy_record
 from strategies.state import encode_state, restore_state
@@ -134,6 +135,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
     mirror = MlflowMirror(cfg.registry.mlflow_uri) if cfg.registry.mlflow_uri else None
     folder = RunFolder.create(run_dir, cfg)
     train_cfg, eval_cfg = _instructions(cfg)
+    witness = LedgerWitness.of(cfg.registry.root)  # the nodes' ledger heads, sent back with every instruction
     last_round = first_round + cfg.rounds - 1
     observer.on_start(cfg.rounds)
 
@@ -144,8 +146,10 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         return exchange(grid, messages, timeout=cfg.strategy.timeout, report=report)
 
     def evaluate(server_round: int) -> tuple[dict[str, Any], dict[str, str]]:
-        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(eval_cfg)), grid)
+        instructions = ConfigRecord({**dict(eval_cfg), wire.LEDGER_ACKS: witness.acks()})
+        messages = strategy.configure_evaluate(server_round, arrays, instructions, grid)
         res = phase(server_round, EVALUATE, messages)
+        witness.update(info[wire.LEDGER_HEAD] for info in res.node_info().values() if wire.LEDGER_HEAD in info)
         # nodes whose policy releases no metrics reply with their count only; a weighted mean
         # over every reply would pull the score towards 0
         scored = [m for m in res.ok if wire.score(dict(m.content[wire.METRICS])) is not None]
@@ -156,17 +160,22 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         return {"aggregate": aggregate, "nodes": res.per_node(), "dp_released": dp_released}, res.failures
 
     def train(server_round: int) -> tuple[PhaseResult, ArrayRecord | None, dict[str, float] | None]:
+        instructions = ConfigRecord({**dict(train_cfg), wire.LEDGER_ACKS: witness.acks()})
         if cfg.secagg.enabled:
             observer.on_phase(server_round, TRAIN, 0, 0)
-            res, new_arrays, train_agg = secure_phase(grid, strategy, server_round, arrays, train_cfg, cfg)
+            # journaled ahead: the coordinator sees the unmasked sum inside the workflow, whatever follows
+            central.spend(server_round, run_dir.name, stage="before secure aggregation")
+            res, new_arrays, train_agg = secure_phase(grid, strategy, server_round, arrays, instructions, cfg)
+            central.note(server_round, run_dir.name, str(res.outcome))
         else:
-            messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_cfg)), grid)
+            messages = strategy.configure_train(server_round, arrays, instructions, grid)
             res = phase(server_round, TRAIN, messages)
             res.ok, rejected = validate(res.ok, arrays, cfg.strategy.max_update_norm)
             res.failures.update({node: f"rejected, {why}" for node, why in rejected.items()})
             new_arrays, train_agg = None, None  # aggregated once the replies are known to suffice
         for node, why in res.failures.items():
             log.warning("round %d: node %s did not train (%s)", server_round, node, why)
+        witness.update(info[wire.LEDGER_HEAD] for info in res.node_info().values() if wire.LEDGER_HEAD in info)
         return res, new_arrays, train_agg
 
     def finish_round(record: dict[str, Any]) -> None:
@@ -198,7 +207,8 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         if new_arrays is None:
             raise FederationError(f"round {server_round}: no node was sampled")
         arrays = same_dtypes(new_arrays, arrays)
-        central.spend(server_round, run_dir.name)  # journaled before the model leaves for evaluation
+        if not cfg.secagg.enabled:  # journaled before the model leaves for evaluation
+            central.spend(server_round, run_dir.name)
         ev, eval_failures = evaluate(server_round)
         if os.environ.get(CRASH_AFTER_RELEASE) == str(server_round):  # fault injection for the resume tests
             os.killpg(os.getpgid(0), signal.SIGKILL)
@@ -208,7 +218,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
             "train": {"aggregate": dict(train_agg or {}), "nodes": trained},
             "evaluate": ev,
             "failures": _round_failures(server_round, res, getattr(strategy, "excluded", {}), eval_failures),
-            "privacy": privacy_record(central, trained),
+            "privacy": privacy_record(central, trained, ev["nodes"]),
         }
         t_commit = time.perf_counter()
         version = registry.commit(

@@ -37,6 +37,7 @@ from fl.registry.checkpoint import decode_weights
 from fl.server.observer import Observer
 from fl.server.phases import exchange
 from fl.server.run_folder import atomic_write
+from fl.server.witness import LedgerWitness
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,11 @@ def site_records(replies: list[Any], *, trained: set[str], labels: list[str], co
         score = wire.score(metrics)
         if score is None or wire.NODE_INFO not in message.content.config_records:
             declined[node] = "its policy releases no metrics"
+            if wire.DESCRIPTORS in message.content.config_records:  # released (and maybe charged) all the same
+                try:
+                    declined[node] += f"; its descriptors: {json.dumps(_descriptors(message.content))}"
+                except ValueError as exc:
+                    declined[node] += f"; malformed descriptors: {exc}"
             continue
         info = dict(message.content[wire.NODE_INFO])
         fingerprint = str(info.get(wire.DATASET_FINGERPRINT, ""))
@@ -166,6 +172,8 @@ def run_validation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
     eval_cfg[wire.CONFIDENCE] = cfg.validation.confidence
     if cfg.validation.descriptors:
         eval_cfg[wire.DESCRIBE] = 1
+    witness = LedgerWitness.of(cfg.registry.root)
+    eval_cfg[wire.LEDGER_ACKS] = witness.acks()
     arrays = decode_weights(version.weights.read_bytes())
     # every node of the federation: the strategy waits for them all, then samples them all
     strategy = FedAvg(fraction_evaluate=1.0, min_evaluate_nodes=vcfg.min_nodes, min_available_nodes=vcfg.min_nodes,
@@ -178,6 +186,7 @@ def run_validation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         observer.on_phase(0, EVALUATE, done, total)
 
     res = exchange(grid, messages, timeout=cfg.strategy.timeout, report=report)
+    witness.update(info[wire.LEDGER_HEAD] for info in res.node_info().values() if wire.LEDGER_HEAD in info)
     if not res.ok and not res.failures:
         raise FederationError("validation: no node answered")
     trained = set(registry.training_sites(version))
