@@ -309,6 +309,17 @@ class NodePolicyConfig:
         "its ledger), none; auto as for metrics.", _one_of("auto", "exact", "noisy", "none"))
     descriptors_noise_multiplier: float = _key(5.0, "Noise std over the descriptors' L2 sensitivity "
                                                     "(sqrt(2 + labels) cases).", _positive)
+    client_epsilon: float = _key(0.0, "Each simulated node's client-level budget against the coordinator, counting "
+                                      "its own share of distributed noise only (z / sqrt(t)); 0: none.", _non_negative)
+    client_delta: float = _key(1e-5, "Delta of that client-level budget.", _delta)
+    min_distributed_noise: float = _key(0.0, "Weakest distributed-noise multiplier z on the sum a node accepts.",
+                                        _non_negative)
+    max_distributed_clip: float = _key(0.0, "Largest update clipping norm a node accepts under distributed noise; "
+                                            "0: any.", _non_negative)
+    min_contributors: int = _key(3, "Smallest SecAgg+ threshold t a node accepts (at least 3).", _non_negative)
+    max_contributors: int = _key(0, "Largest SecAgg+ threshold t a node accepts (its share is sized z / sqrt(t)); "
+                                    "0: any.", _non_negative)
+    max_evaluations_per_round: int = _key(1, "Evaluation requests a node serves per run and round.", _positive)
 
 
 @dataclass(frozen=True)

@@ -345,7 +345,7 @@ def _contribution(policy: Policy, config: ConfigRecord, context: Context, run: i
         raise Refusal(wire.ERROR_POLICY, f"distributed noise multiplier {z!r} is not a positive number")
     check_distributed(policy, noise_multiplier=z, clip=float(config[wire.CLIENT_CLIP_NORM]), threshold=threshold)
     # this node's own share: std z B / sqrt(t) on sensitivity B, whoever the other contributors are
-    return Contribution(run, server_round, secure=True, noise_multiplier=z / math.sqrt(threshold))
+    return Contribution(run, server_round, secure=True, noise_multiplier=z / math.sqrt(threshold), sum_noise=z)
 
 
 def _train_bundle(net: torch.nn.Module, task: Any, data: LocalData, config: ConfigRecord, context: Context,

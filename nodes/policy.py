@@ -289,6 +289,7 @@ class Contribution:
     server_round: int
     secure: bool
     noise_multiplier: float | None = None
+    sum_noise: float | None = None  # the multiplier z on the whole sum, were every other contributor a site
 
 
 def check_distributed(policy: Policy, *, noise_multiplier: float, clip: float, threshold: int) -> None:
@@ -332,7 +333,7 @@ def plan_contribution(policy: Policy, log: Ledger, c: Contribution) -> tuple[Gau
                                          f"{c.run}; a second contribution would be a second release")
     event = GaussianEvent(c.noise_multiplier, 1.0, 1) if c.noise_multiplier else None
     fields: dict[str, Any] = {"kind": "train", "run": c.run, "server_round": c.server_round, "secure": c.secure,
-                              "noise_multiplier": c.noise_multiplier}
+                              "noise_multiplier": c.noise_multiplier, "sum_noise_multiplier": c.sum_noise}
     if event is None:
         if policy.client_epsilon:
             raise Refusal(wire.ERROR_POLICY, "policy: this node's client-level budget counts only its own noise; the "

@@ -84,8 +84,10 @@ class CentralAccount:
                                             "guarantee against the coordinator"}
         unamplified = [GaussianEvent(e.noise_multiplier, 1.0, e.steps) for e in self.events]
         return {"epsilon": self.epsilon(unamplified), "delta": c.central_dp.delta, "sample_rate": 1.0,
-                "assumes": "the sum's other contributors are sites, not the coordinator's own; each node's "
-                           "contributions ledger counts its share alone (z / sqrt(t))"}
+                "meaning": "a node that contributed to every round released so far; one that joined fewer has "
+                           "less, and who joined is not published. Assumes the sum's other contributors are sites, "
+                           "not the coordinator's own: each node's contributions ledger also counts its share "
+                           "alone, z / sqrt(t) (fl node budget)"}
 
     def report(self) -> dict[str, Any] | None:
         if not self.events:

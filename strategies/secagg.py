@@ -68,6 +68,22 @@ class SecureRoundResult:
     outcome: str = "released"
 
 
+class _Recording(PackingGrid):
+    """The packing grid, keeping each node's last error reply: Flower's workflow drops the node from
+    the round and says only that it halted."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        self.errors: dict[str, str] = {}
+
+    def pull_messages(self, message_ids: Any) -> Any:
+        replies = list(super().pull_messages(message_ids))
+        for reply in replies:
+            if reply.has_error():
+                self.errors[str(reply.metadata.src_node_id)] = f"error {reply.error.code}: {reply.error.reason}"
+        return replies
+
+
 class _OneRound(LegacyStrategy):  # type: ignore[misc]
     """Hands the SecAgg+ workflow the instructions OncoFed's strategy wrote and keeps the
     unmasked aggregate it gives back."""
@@ -153,7 +169,7 @@ def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
         global_arrays = message.content[wire.ARRAYS]
         instructions[message.metadata.dst_node_id] = FitIns(
             ndarrays_to_parameters([global_arrays[k].numpy() for k in keys]), node_config)
-    grid = PackingGrid.wrap(grid)
+    grid = _Recording(grid.inner if isinstance(grid, PackingGrid) else grid)
     shim = _OneRound(instructions, grid)
     context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
                                     run_config={}),
@@ -167,9 +183,9 @@ def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
                                   clipping_range=clipping_range, quantization_range=wire.SECAGG_TARGET_RANGE,
                                   modulus_range=wire.SECAGG_MOD_RANGE, timeout=timeout)
     workflow(grid, context)
-    failures = {f"#{i}": str(f) for i, f in enumerate(shim.failures)}
+    failures = dict(grid.errors)  # each node's own reason (a refusal names what it refused)
     if shim.aggregate is None:
-        return SecureRoundResult(None, 0, failures=failures or {"secagg": "secure aggregation halted"},
+        return SecureRoundResult(None, 0, failures={**failures, "secagg": "secure aggregation halted"},
                                  outcome="halted")
     n = len(shim.results)
     if n < floor:  # dropouts left too few: their sum would expose them, or carry too little noise

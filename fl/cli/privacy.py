@@ -78,8 +78,22 @@ def add_parsers(sub: Any) -> Any:
                              "auto: none under a budget")
     policy.add_argument("--descriptors-noise", type=float, default=5.0,
                         help="noise std over the descriptors' L2 sensitivity")
+    policy.add_argument("--client-epsilon", type=float, default=0.0,
+                        help="client-level budget against the coordinator, counting this node's own share of "
+                             "distributed noise only (0: none; set, the node sends no update without its own noise)")
+    policy.add_argument("--client-delta", type=float, default=1e-5)
+    policy.add_argument("--min-distributed-noise", type=float, default=0.0,
+                        help="weakest distributed-noise multiplier z on the sum accepted")
+    policy.add_argument("--max-distributed-clip", type=float, default=0.0,
+                        help="largest update clipping norm accepted under distributed noise (0: any)")
+    policy.add_argument("--min-contributors", type=int, default=3,
+                        help="smallest SecAgg+ threshold t accepted (at least 3)")
+    policy.add_argument("--max-contributors", type=int, default=0,
+                        help="largest SecAgg+ threshold t accepted: each share is sized z / sqrt(t) (0: any)")
+    policy.add_argument("--max-evaluations", type=int, default=1,
+                        help="evaluation requests served per run and round")
     policy.set_defaults(func=cmd_node_policy)
-    budget = node.add_parser("budget", help="record-level budget: spent and remaining")
+    budget = node.add_parser("budget", help="record-level and client-level budgets: spent and remaining")
     budget.add_argument("--data", required=True, help="the node's data folder")
     budget.add_argument("--json", action="store_true")
     budget.set_defaults(func=cmd_node_budget)
@@ -235,7 +249,10 @@ def cmd_node_policy(args: argparse.Namespace) -> int:
                     require_secagg=args.require_secagg, require_distributed_noise=args.require_distributed_noise,
                     release_metrics=args.release_metrics,
                     metrics_noise_multiplier=args.metrics_noise, release_descriptors=args.release_descriptors,
-                    descriptors_noise_multiplier=args.descriptors_noise)
+                    descriptors_noise_multiplier=args.descriptors_noise, client_epsilon=args.client_epsilon,
+                    client_delta=args.client_delta, min_distributed_noise=args.min_distributed_noise,
+                    max_distributed_clip=args.max_distributed_clip, min_contributors=args.min_contributors,
+                    max_contributors=args.max_contributors, max_evaluations_per_round=args.max_evaluations)
     print(save_policy(state_dir(Path(args.data)), policy))
     return 0
 
@@ -244,19 +261,41 @@ def budget_report(data_dir: Path) -> dict[str, Any]:
     from nodes.ledger import Ledger
     from nodes.policy import load_policy, state_dir
 
+    from nodes.witness import last_match
+
     folder = state_dir(data_dir)
     policy, entries = load_policy(folder), Ledger.in_dir(folder).entries()
     events = [accounting.GaussianEvent.from_dict(e["event"]) for e in entries]
     spent = accounting.epsilon(events, policy.delta, policy.accountant)
     return {
         "budget_epsilon": policy.epsilon or None, "delta": policy.delta, "accountant": policy.accountant,
-        "require_secagg": policy.require_secagg,
+        "require_secagg": policy.require_secagg, "client_level": _client_level(folder, policy),
+        "witness": last_match(folder),
         "spent_epsilon": spent, "remaining_epsilon": max(policy.epsilon - spent, 0.0) if policy.epsilon else None,
         "trainings": sum(1 for e in entries if e.get("release", "training") == "training"),
         "metric_releases": sum(1 for e in entries if e.get("release") == "metrics"),
         "ledger": [{"seq": e["seq"], "round": e.get("server_round"), "release": e.get("release", "training"),
                     "epsilon_after": e.get("epsilon_after"), **e["event"]} for e in entries],
     }
+
+
+def _client_level(folder: Path, policy: Any) -> dict[str, Any]:
+    """The contributions ledger: how often this node's update went into a sum, and epsilon against
+    the coordinator (no amplification): counting its own share only, and with every contributor a site."""
+    from nodes.ledger import Ledger
+
+    entries = Ledger.contributions_in(folder).entries()
+    trains = [e for e in entries if e.get("kind") == "train"]
+    own = [accounting.GaussianEvent.from_dict(e["event"]) for e in trains if e.get("event")]
+    peers = [accounting.GaussianEvent(float(e["sum_noise_multiplier"]), 1.0, 1) for e in trains
+             if e.get("sum_noise_multiplier")]
+    delta = policy.client_delta
+    return {"contributions": len(trains), "with_own_noise": len(own),
+            "evaluations": sum(1 for e in entries if e.get("kind") == "evaluate"),
+            "budget_epsilon": policy.client_epsilon or None, "delta": delta,
+            "epsilon_own_share": accounting.epsilon(own, delta, policy.accountant) if own else 0.0,
+            "epsilon_honest_peers": accounting.epsilon(peers, delta, policy.accountant) if peers else 0.0,
+            "unnoised": len(trains) - len(own)}
 
 
 def cmd_node_budget(args: argparse.Namespace) -> int:
@@ -271,6 +310,21 @@ def cmd_node_budget(args: argparse.Namespace) -> int:
           f"{report['metric_releases']} noisy metric release(s); remaining: {remaining}")
     if report["require_secagg"]:
         print("updates leave this node only masked by SecAgg+ (policy require_secagg)")
+    c = report["client_level"]
+    cap = "none set" if c["budget_epsilon"] is None else f"{c['budget_epsilon']:g}"
+    print(f"client level (against the coordinator, no amplification): {c['contributions']} contribution(s), "
+          f"{c['unnoised']} without this node's own noise; epsilon {c['epsilon_own_share']:.3f} counting its own "
+          f"share alone, {c['epsilon_honest_peers']:.3f} were every other contributor a site; budget {cap} at "
+          f"delta {c['delta']:g}; {c['evaluations']} evaluation(s) served")
+    witness = report["witness"]
+    if witness is None:
+        print("ledger witness: the coordinator has not acknowledged these ledgers yet")
+    else:
+        import datetime as dt
+
+        when = dt.datetime.fromtimestamp(witness["matched_at"], dt.timezone.utc).isoformat(timespec="seconds")
+        print(f"ledger witness: last matched the coordinator's acknowledged heads at {when} "
+              f"({witness.get('record', 0)} record-level, {witness.get('contributions', 0)} client-level entries)")
     for row in report["ledger"]:
         print(f"  #{row['seq']}: round {row['round']}, {row['release']}, noise {row['noise_multiplier']:g}, "
               f"q {row['sample_rate']:.4f}, {row['steps']} steps -> epsilon {row['epsilon_after']:.3f}")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fl.errors import DataError
+from fl.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from fl.config import Config
@@ -90,17 +90,15 @@ def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
         folder = node_dir(root, index)
         load_local_data(folder, task, use_cache=False, disk_cache=state_dir(folder) / CACHE_DIR)
     p = cfg.node_policy
-    if (p.epsilon > 0 or p.require_secagg or p.require_distributed_noise or p.release_metrics != "auto"
-            or p.release_descriptors != "auto"):
-        # the launcher acts as every node's operator
+    if p != type(p)():  # any setting off its default: the launcher acts as every node's operator
+        from dataclasses import asdict
+
         from nodes.policy import Policy, save_policy
 
-        policy = Policy(epsilon=p.epsilon, delta=p.delta, min_noise_multiplier=p.min_noise_multiplier,
-                        max_clip_norm=p.max_clip_norm, require_secagg=p.require_secagg,
-                        require_distributed_noise=p.require_distributed_noise,
-                        release_metrics=p.release_metrics, metrics_noise_multiplier=p.metrics_noise_multiplier,
-                        release_descriptors=p.release_descriptors,
-                        descriptors_noise_multiplier=p.descriptors_noise_multiplier)
+        try:
+            policy = Policy(**asdict(p))  # the same fields, by name
+        except ConfigError as exc:
+            raise ConfigError(f"node_policy: {exc}") from None
         for index in range(cfg.data.nodes):
             save_policy(state_dir(node_dir(root, index)), policy)
 
