@@ -293,3 +293,27 @@ def test_point5_three_nodes_one_dropout_unmasks_nothing(sites: Path, tmp_path: P
     assert unmasked_sums(grid, 2) == 0
     journal = _journal(tmp_path)
     assert sum(1 for e in journal if e.get("event")) == 1 and journal[-1]["outcome"] == "halted"
+
+
+def test_point5_a_resumed_round_is_charged_again(sites: Path, tmp_path: Path) -> None:
+    """The coordinator dies after round 2's sum was unmasked, before its commit; --resume re-runs round 2
+    with identical updates. Both releases are journaled, and each node charged both contributions."""
+    folders = _federation(sites, tmp_path, 3)
+    grids = [InProcessGrid(folders)]
+    _run(grids[0], _cfg(tmp_path, 3), tmp_path, "first")
+
+    def die_at_evaluation(msg: Message) -> Message:
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            raise KeyboardInterrupt("coordinator killed between release and commit")
+        return msg
+
+    grids.append(InProcessGrid(folders, tamper=die_at_evaluation))
+    with pytest.raises(KeyboardInterrupt):
+        _run(grids[1], _cfg(tmp_path, 3, **{"registry.resume": True}), tmp_path, "crashed")
+    grids.append(InProcessGrid(folders))
+    summary = _run(grids[2], _cfg(tmp_path, 3, **{"registry.resume": True}), tmp_path, "resumed")
+    assert summary["last_round"] == 2
+    seen = sum(unmasked_sums(g, 3) for g in grids)
+    assert seen == 3 and summary["privacy"]["client_level"]["rounds"] == 3  # every sum seen is accounted
+    for folder in folders.values():
+        assert len(_contributions(folder)) == 3
