@@ -289,8 +289,8 @@ class ValidationConfig:
 class NodePolicyConfig:
     """A privacy policy `fl run` writes into every simulated node (deployed nodes set their own)."""
 
-    epsilon: float = _key(0.0, "Record-level budget of each simulated node; 0 (with the requirements false and "
-                               "release_metrics auto) leaves the nodes' policies as they are.",
+    epsilon: float = _key(0.0, "Record-level budget of each simulated node; 0 (with no other budget, requirement, "
+                               "release mode or distributed-noise bound set) leaves the nodes' policies as they are.",
                           _non_negative)
     delta: float = _key(1e-5, "Record-level delta of that budget.", _delta)
     min_noise_multiplier: float = _key(0.0, "Weakest DP-SGD noise a node accepts.", _non_negative)
@@ -316,10 +316,22 @@ class NodePolicyConfig:
                                         _non_negative)
     max_distributed_clip: float = _key(0.0, "Largest update clipping norm a node accepts under distributed noise; "
                                             "0: any.", _non_negative)
-    min_contributors: int = _key(3, "Smallest SecAgg+ threshold t a node accepts (at least 3).", _non_negative)
+    min_contributors: int = _key(3, "Smallest SecAgg+ threshold t a node accepts (at least 3).",
+                                 lambda v: None if v >= wire.SECAGG_MIN_NODES else f"must be >= {wire.SECAGG_MIN_NODES}")
     max_contributors: int = _key(0, "Largest SecAgg+ threshold t a node accepts (its share is sized z / sqrt(t)); "
                                     "0: any.", _non_negative)
     max_evaluations_per_round: int = _key(1, "Evaluation requests a node serves per run and round.", _positive)
+
+    @property
+    def sets_a_policy(self) -> bool:
+        """Whether `fl run` writes these settings into every simulated node: a budget, a requirement, a
+        release mode or a distributed-noise bound is set (the others only accompany one)."""
+        d = type(self)()
+        return (self.epsilon > 0 or self.client_epsilon > 0 or self.require_secagg or self.require_distributed_noise
+                or self.release_metrics != d.release_metrics or self.release_descriptors != d.release_descriptors
+                or self.min_distributed_noise > 0 or self.max_distributed_clip > 0
+                or self.min_contributors != d.min_contributors or self.max_contributors > 0
+                or self.max_evaluations_per_round != d.max_evaluations_per_round)
 
 
 @dataclass(frozen=True)

@@ -265,7 +265,7 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
     )
     run, server_round = int(msg.metadata.run_id), int(config[wire.SERVER_ROUND])
     check_acknowledged(folder, config)
-    contribution = _contribution(policy, config, context, run, server_round, secure)
+    contribution = _contribution(policy, config, context, run, server_round, secure, net)
     contributions = Ledger.contributions_in(folder)
     with ledger.locked(), contributions.locked():  # every check first, then both entries, before training
         client_event, client_fields = plan_contribution(policy, contributions, contribution)
@@ -312,7 +312,7 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
         state = net.state_dict()
         update = {k: (state[k].double() - global_state[k].double()).numpy() for k in keys}
         if contribution.noise_multiplier is not None:
-            update = _with_noise_share(update, config, context)
+            update = _with_noise_share(update, config, context, net)
         values.pop(wire.UPDATE_NORM_BELOW_CLIP, None)  # scalars travel unmasked: this bit would describe the update
         return Message(wire.legacy_reply(update, keys, {**values, **info}), reply_to=msg)
     content = RecordDict({wire.ARRAYS: ArrayRecord(net.state_dict()), wire.METRICS: MetricRecord(values),
@@ -329,23 +329,50 @@ def _secagg_threshold(context: Context) -> int:
 
 
 def _contribution(policy: Policy, config: ConfigRecord, context: Context, run: int, server_round: int,
-                  secure: bool) -> Contribution:
-    """This request's contribution as the node will make it, checked against the policy's floors for
-    SecAgg+ and distributed noise: the multiplier on the sum (z), the clipping norm and the threshold."""
+                  secure: bool, net: torch.nn.Module) -> Contribution:
+    """This request's contribution as the node will make it, checked before anything is written: the
+    policy's floors for SecAgg+ and distributed noise (the multiplier on the sum z, the clipping norm,
+    the threshold), and an encoding the node can honour on this round's SecAgg+ grid."""
     if not secure:
         return Contribution(run, server_round, secure=False)
     threshold = _secagg_threshold(context)
     check_threshold(policy, threshold)
     if wire.DDP_NOISE_MULTIPLIER not in config:
         return Contribution(run, server_round, secure=True)
-    if wire.CLIENT_CLIP_NORM not in config:
-        raise Refusal(wire.ERROR_POLICY, "distributed noise needs the clipping norm; the request has none")
-    z = float(config[wire.DDP_NOISE_MULTIPLIER])
-    if not (math.isfinite(z) and z > 0):
-        raise Refusal(wire.ERROR_POLICY, f"distributed noise multiplier {z!r} is not a positive number")
-    check_distributed(policy, noise_multiplier=z, clip=float(config[wire.CLIENT_CLIP_NORM]), threshold=threshold)
+    if wire.CLIENT_CLIP_NORM not in config or wire.DDP_MIN_CONTRIBUTORS not in config:
+        raise Refusal(wire.ERROR_POLICY, "distributed noise needs the clipping norm and the contributor count; "
+                                         "the request lacks one")
+    z, clip = float(config[wire.DDP_NOISE_MULTIPLIER]), float(config[wire.CLIENT_CLIP_NORM])
+    check_distributed(policy, noise_multiplier=z, clip=clip, threshold=threshold)
+    _noise_plan(config, context, net)  # a setting the node cannot honour is refused now, not after the charge
     # this node's own share: std z B / sqrt(t) on sensitivity B, whoever the other contributors are
     return Contribution(run, server_round, secure=True, noise_multiplier=z / math.sqrt(threshold), sum_noise=z)
+
+
+def _noise_plan(config: ConfigRecord, context: Context, net: torch.nn.Module) -> Any:
+    """The distributed-noise encoding of this round (:func:`fl.privacy.distributed.plan`), sized for
+    exactly the threshold t of this node's own SecAgg+ state (the guard admitted it; Flower unmasks
+    no sum of fewer), not for the server's word; a :class:`Refusal` naming what cannot be honoured."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    from fl.privacy import distributed as distributed_dp
+
+    threshold = _secagg_threshold(context)
+    contributors = int(config[wire.DDP_MIN_CONTRIBUTORS])
+    if contributors != threshold:
+        raise Refusal(wire.ERROR_POLICY, f"distributed noise: the request sizes the noise for {contributors} "
+                                         f"contributors, this SecAgg+ round's threshold is {threshold}")
+    secagg = context.state.config_records[RECORD_KEY_STATE]
+    state = net.state_dict()
+    try:
+        keys = json.loads(str(config[wire.SECAGG_ARRAY_KEYS]))
+        dim = sum(state[k].numel() for k in keys)
+        return distributed_dp.plan(clip=float(config[wire.CLIENT_CLIP_NORM]),
+                                   noise_multiplier=float(config[wire.DDP_NOISE_MULTIPLIER]),
+                                   min_contributors=threshold, dim=dim, range_=float(secagg["clipping_range"]),
+                                   target_range=int(secagg["target_range"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise Refusal(wire.ERROR_POLICY, str(exc) if isinstance(exc, ValueError) else f"distributed noise: {exc!r}") from None
 
 
 def _train_bundle(net: torch.nn.Module, task: Any, data: LocalData, config: ConfigRecord, context: Context,
@@ -372,25 +399,14 @@ def _dp_options(config: ConfigRecord) -> Any:
                      ema_decay=float(config.get(wire.LOCAL_EMA_DECAY, 0.0)))
 
 
-def _with_noise_share(update: dict[str, np.ndarray], config: ConfigRecord, context: Context) -> dict[str, np.ndarray]:
+def _with_noise_share(update: dict[str, np.ndarray], config: ConfigRecord, context: Context,
+                      net: torch.nn.Module) -> dict[str, np.ndarray]:
     """This node's update clipped, on SecAgg+'s integer grid, plus its discrete Gaussian share
-    (:mod:`fl.privacy.distributed`), sized for exactly the threshold t of this node's own SecAgg+
-    state (the guard admitted it; Flower unmasks no sum of fewer), not for the server's word."""
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
-
+    (:mod:`fl.privacy.distributed`), by the plan :func:`_contribution` checked before the charge."""
     from fl.privacy import distributed as distributed_dp
 
-    threshold = _secagg_threshold(context)
-    contributors = int(config[wire.DDP_MIN_CONTRIBUTORS])
-    if contributors != threshold:
-        raise Refusal(wire.ERROR_POLICY, f"distributed noise: the request sizes the noise for {contributors} "
-                                         f"contributors, this SecAgg+ round's threshold is {threshold}")
-    secagg = context.state.config_records[RECORD_KEY_STATE]
+    plan = _noise_plan(config, context, net)
     flat = np.concatenate([v.ravel() for v in update.values()])
-    plan = distributed_dp.plan(clip=float(config[wire.CLIENT_CLIP_NORM]),
-                               noise_multiplier=float(config[wire.DDP_NOISE_MULTIPLIER]),
-                               min_contributors=threshold, dim=flat.size,
-                               range_=float(secagg["clipping_range"]), target_range=int(secagg["target_range"]))
     encoded = distributed_dp.encode(flat, plan, SecureGaussian())
     out, start = {}, 0
     for key, value in update.items():

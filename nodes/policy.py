@@ -21,6 +21,7 @@ from typing import Any
 
 import tomli_w
 
+from fl import wire
 from fl.errors import ConfigError
 from fl.privacy import accounting
 from fl.privacy.accounting import GaussianEvent
@@ -30,7 +31,6 @@ STATE_DIR = ".oncofed"
 POLICY_FILE = "policy.toml"
 SECRET_FILE = "fingerprint.key"  # 32 random bytes, only on the node, mode 0600
 SECRET_BYTES = 32
-SECAGG_MIN_CONTRIBUTORS = 3  # fl.wire.SECAGG_MIN_NODES: a smaller sum lets a participant read another's update
 AUTO, EXACT, NOISY, NONE = "auto", "exact", "noisy", "none"
 METRICS_MODES = (AUTO, EXACT, NOISY, NONE)
 
@@ -69,7 +69,7 @@ class Policy:
     client_delta: float = 1e-5
     min_distributed_noise: float = 0.0  # the weakest multiplier z on the sum this node accepts
     max_distributed_clip: float = 0.0  # the largest update clipping norm C it accepts; 0: any
-    min_contributors: int = SECAGG_MIN_CONTRIBUTORS  # the smallest SecAgg+ threshold t it accepts
+    min_contributors: int = wire.SECAGG_MIN_NODES  # the smallest SecAgg+ threshold t it accepts
     max_contributors: int = 0  # the largest t: each node's share is sized z / sqrt(t); 0: any
     max_evaluations_per_round: int = 1  # evaluate requests served per (run, round)
 
@@ -93,7 +93,7 @@ class Policy:
             "min_distributed_noise": math.isfinite(self.min_distributed_noise) and self.min_distributed_noise >= 0,
             "max_distributed_clip": math.isfinite(self.max_distributed_clip) and self.max_distributed_clip >= 0,
             "min_contributors": isinstance(self.min_contributors, int)
-            and self.min_contributors >= SECAGG_MIN_CONTRIBUTORS,
+            and self.min_contributors >= wire.SECAGG_MIN_NODES,
             "max_contributors": isinstance(self.max_contributors, int)
             and (self.max_contributors == 0 or self.max_contributors >= self.min_contributors),
             "max_evaluations_per_round": isinstance(self.max_evaluations_per_round, int)
@@ -225,8 +225,6 @@ def admit(
     ledger entry (None for a non-DP request the policy allows); raises :class:`Refusal`
     otherwise. Call inside ``ledger.locked()``.
     """
-    from fl import wire
-
     if policy.require_secagg and not secure:
         raise Refusal(wire.ERROR_POLICY, "policy: this node sends its update only under secure aggregation "
                                          "(SecAgg+); the server asked for it in the clear")
@@ -255,8 +253,6 @@ def charge(policy: Policy, ledger: Ledger, event: GaussianEvent, *, num_records:
            **context: Any) -> dict[str, Any]:
     """Record ``event`` in the ledger if the budget allows it, else raise :class:`Refusal`.
     Every release a node makes (training, metrics) passes here. Call inside ``ledger.locked()``."""
-    from fl import wire
-
     if num_records and policy.delta >= 1 / num_records:
         raise Refusal(
             wire.ERROR_POLICY,
@@ -295,8 +291,9 @@ class Contribution:
 def check_distributed(policy: Policy, *, noise_multiplier: float, clip: float, threshold: int) -> None:
     """Refuse distributed-noise settings below this node's floors: the multiplier z on the sum, the
     clipping norm C, and the SecAgg+ threshold t this round's share is sized for."""
-    from fl import wire
-
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0 and math.isfinite(clip) and clip > 0):
+        raise Refusal(wire.ERROR_POLICY, f"distributed noise multiplier {noise_multiplier!r} and clipping norm "
+                                         f"{clip!r} must be positive numbers")
     if noise_multiplier < policy.min_distributed_noise:
         raise Refusal(wire.ERROR_POLICY, f"policy: distributed noise multiplier {noise_multiplier:g} is below this "
                                          f"node's minimum {policy.min_distributed_noise:g}")
@@ -310,8 +307,6 @@ def check_threshold(policy: Policy, threshold: int) -> None:
     """Refuse a SecAgg+ threshold t outside this node's bounds: below ``min_contributors`` a sum of too
     few exposes an update; above ``max_contributors`` each node's share, sized z / sqrt(t), is too
     small should the other contributors be the coordinator's own."""
-    from fl import wire
-
     if threshold < policy.min_contributors:
         raise Refusal(wire.ERROR_POLICY, f"policy: SecAgg+ threshold {threshold} is below this node's minimum of "
                                          f"{policy.min_contributors} contributors")
@@ -324,13 +319,12 @@ def plan_contribution(policy: Policy, log: Ledger, c: Contribution) -> tuple[Gau
     """The client-level entry ``c`` would write, or :class:`Refusal`: a second contribution to the
     same (run, round), a contribution without this node's own noise under a client-level budget, or
     one past that budget. Call inside ``log.locked()``; append only once every other check passed."""
-    from fl import wire
-
     entries = log.entries()
-    if any(e.get("kind") == "train" and e.get("run") == c.run and e.get("server_round") == c.server_round
-           for e in entries):
-        raise Refusal(wire.ERROR_POLICY, f"policy: this node already contributed to round {c.server_round} of run "
-                                         f"{c.run}; a second contribution would be a second release")
+    last = _last_round(entries, "train", c.run)
+    if last is not None and c.server_round <= last:
+        raise Refusal(wire.ERROR_POLICY, f"policy: this node already contributed to round {last} of run {c.run}; "
+                                         f"round {c.server_round} again would be a second release (a run's rounds "
+                                         "only move forward)")
     event = GaussianEvent(c.noise_multiplier, 1.0, 1) if c.noise_multiplier else None
     fields: dict[str, Any] = {"kind": "train", "run": c.run, "server_round": c.server_round, "secure": c.secure,
                               "noise_multiplier": c.noise_multiplier, "sum_noise_multiplier": c.sum_noise}
@@ -352,12 +346,21 @@ def plan_contribution(policy: Policy, log: Ledger, c: Contribution) -> tuple[Gau
 def count_request(policy: Policy, log: Ledger, *, run: int, server_round: int, kind: str, **context: Any) -> None:
     """Record one ``kind`` request of (run, round), or refuse it past the policy's cap: each
     evaluation a coordinator asks for again may spend budget, and it may ask without end."""
-    from fl import wire
-
     with log.locked():
-        served = sum(1 for e in log.entries()
+        entries = log.entries()
+        last = _last_round(entries, kind, run)
+        if last is not None and server_round < last:
+            raise Refusal(wire.ERROR_POLICY, f"policy: {kind} of round {server_round} of run {run} comes after "
+                                             f"round {last}'s; a run's rounds only move forward")
+        served = sum(1 for e in entries
                      if e.get("kind") == kind and e.get("run") == run and e.get("server_round") == server_round)
         if served >= policy.max_evaluations_per_round:
             raise Refusal(wire.ERROR_POLICY, f"policy: {kind} of round {server_round} of run {run} was already "
                                              f"served {served} time(s), this node's maximum")
         log.append(None, kind=kind, run=run, server_round=server_round, **context)
+
+
+def _last_round(entries: list[dict[str, Any]], kind: str, run: int) -> int | None:
+    """The newest round of ``run`` this node served a ``kind`` request for, or None."""
+    rounds = [int(e["server_round"]) for e in entries if e.get("kind") == kind and e.get("run") == run]
+    return max(rounds) if rounds else None

@@ -42,6 +42,9 @@ def guard_stage(msg: Message, context: Context, policy: Policy) -> Message | Non
         _check(msg, context, policy)
     except Refusal as refusal:
         return Message(Error(code=refusal.code, reason=refusal.reason), reply_to=msg)
+    except (KeyError, TypeError, ValueError) as exc:  # a stage message of the wrong shape: refused all the same
+        return Message(Error(code=wire.ERROR_POLICY, reason=f"secure aggregation: malformed stage message ({exc!r})"),
+                       reply_to=msg)
     return None
 
 
@@ -81,7 +84,7 @@ def _check(msg: Message, context: Context, policy: Policy) -> None:
     elif stage in memory["done"]:
         raise _refuse(f"a second {stage!r} in round {msg.metadata.group_id}")
     elif stage == Stage.SHARE_KEYS:
-        peers = [int(k) for k in configs if k != Key.STAGE]
+        peers = [int(k) for k in configs if k != Key.STAGE]  # a key that is no node id: ValueError, refused
         if not memory["t"] <= len(peers) <= memory["s"]:
             raise _refuse(f"{len(peers)} neighbours, outside [t, s] = [{memory['t']}, {memory['s']}]")
         memory["neighbours"] = peers
@@ -107,7 +110,7 @@ def _check_setup(configs: ConfigRecord, policy: Policy) -> dict[str, Any]:
         raise _refuse("set-up without integer sample, share and threshold counts")
     pinned = {Key.TARGET_RANGE: TARGET_RANGE, Key.MOD_RANGE: MOD_RANGE, Key.MAX_WEIGHT: MAX_WEIGHT}
     for key, value in pinned.items():
-        if configs.get(key) != value:
+        if type(configs.get(key)) is not type(value) or configs.get(key) != value:
             raise _refuse(f"{key} {configs.get(key)!r}, OncoFed pins {value!r}")
     clipping = configs.get(Key.CLIPPING_RANGE)
     if not (isinstance(clipping, float) and 0 < clipping < float("inf")):

@@ -6,7 +6,7 @@ would be forgotten. So every reply carries this node's ledger heads, for the rec
 and the client-level one, each as the entry count and an HMAC, under the node's own key, of the
 newest entry's hash (the bare hash would let anyone test guesses of an entry's content). The
 coordinator keeps the newest head it saw from each site (by the site's pseudonymous id) and sends
-all of them back with every instruction. A node whose ledger is shorter than the head acknowledged
+each node its own back with every instruction. A node whose ledger is shorter than the head acknowledged
 for it, or holds another entry at that place, refuses to serve: its operator must put back the
 ledger it replaced. The coordinator can only make a node stricter this way, never looser: a head it
 invents or inflates makes the node refuse; one it withholds leaves the node as it would be alone.
@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 from flwr.app import ConfigRecord
 
 from fl import wire
+from fl.files import atomic_write
 from nodes.ledger import Ledger
 from nodes.policy import Refusal, node_secret
 from nodes.validation import site_id
@@ -81,7 +81,7 @@ def check_acknowledged(folder: Path, config: ConfigRecord) -> None:
 
 def _acknowledged(mine: Any, name: str) -> tuple[int, str]:
     value = mine.get(name) if isinstance(mine, dict) else None
-    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], int) and value[0] >= 0
+    if not (isinstance(value, list) and len(value) == 2 and type(value[0]) is int and value[0] >= 0
             and isinstance(value[1], str)):
         raise Refusal(wire.ERROR_LEDGER, f"the coordinator's acknowledgement of the {name} ledger is malformed; "
                                          "refusing to serve")
@@ -89,10 +89,8 @@ def _acknowledged(mine: Any, name: str) -> tuple[int, str]:
 
 
 def _record_match(folder: Path, matched: dict[str, int]) -> None:
-    path = folder / WITNESS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"matched_at": time.time(), **matched}), encoding="utf-8")
-    os.replace(tmp, path)
+    """``witness.json``, replaced whole (:func:`fl.files.atomic_write`: a private temporary name per writer)."""
+    atomic_write(folder / WITNESS_FILE, json.dumps({"matched_at": time.time(), **matched}).encode())
 
 
 def last_match(folder: Path) -> dict[str, Any] | None:

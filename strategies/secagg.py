@@ -20,6 +20,7 @@ cost precision and, under DP, let one node's influence pass the clipping norm.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,7 +143,8 @@ def min_contributors(sampled: int, threshold: float, shares: float = 1.0) -> int
 
 def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                  *, shares: float, threshold: float, clipping_range: float, timeout: float,
-                 distributed_noise: float | None = None) -> SecureRoundResult:
+                 distributed_noise: float | None = None, acks: Callable[[int], str] | None = None,
+                 ) -> SecureRoundResult:
     """Sample and instruct through ``strategy``, then train and sum the updates with SecAgg+.
 
     ``distributed_noise``: the central noise multiplier z; each node adds its share for
@@ -166,6 +168,8 @@ def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
         if distributed_noise is not None:
             node_config[wire.DDP_NOISE_MULTIPLIER] = distributed_noise
             node_config[wire.DDP_MIN_CONTRIBUTORS] = floor
+        if acks is not None:  # the node's own acknowledged ledger head (fl.server.witness)
+            node_config[wire.LEDGER_ACKS] = acks(message.metadata.dst_node_id)
         global_arrays = message.content[wire.ARRAYS]
         instructions[message.metadata.dst_node_id] = FitIns(
             ndarrays_to_parameters([global_arrays[k].numpy() for k in keys]), node_config)
@@ -211,7 +215,7 @@ class SecureTrainResult:
 
 
 def secure_train(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, train_cfg: ConfigRecord,
-                 cfg: Config) -> SecureTrainResult:
+                 cfg: Config, acks: Callable[[int], str] | None = None) -> SecureTrainResult:
     """One training round under SecAgg+: only the sum of the updates reaches this process.
 
     Under central DP the sum gets the round's noise (:meth:`CentralDP.release`), unless the nodes
@@ -222,7 +226,7 @@ def secure_train(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
     clipping_range = c.clipping_range or (cfg.central_dp.clipping_norm if cfg.central_dp.enabled else 8.0)
     result = secure_round(grid, strategy, server_round, arrays, ConfigRecord(dict(train_cfg)), shares=c.shares,
                           threshold=c.threshold, clipping_range=clipping_range, timeout=cfg.strategy.timeout,
-                          distributed_noise=cfg.central_dp.noise_multiplier if distributed else None)
+                          distributed_noise=cfg.central_dp.noise_multiplier if distributed else None, acks=acks)
     losses = [m[wire.TRAIN_LOSS] for m in result.metrics if wire.TRAIN_LOSS in m]
     train_agg = {wire.TRAIN_LOSS: sum(losses) / len(losses)} if losses else None
 

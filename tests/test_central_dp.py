@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import secrets
-
 import math
+import secrets
 from unittest.mock import MagicMock
 
 import numpy as np

@@ -94,7 +94,6 @@ def test_honest_round_accounts_each_nodes_own_share(sites: Path, tmp_path: Path)
 
 def test_point1_a_node_refuses_noise_below_its_floor(sites: Path, tmp_path: Path) -> None:
     folders = _federation(sites, tmp_path, 3, min_distributed_noise=2.0)
-    replies: list[str] = []
 
     def weaken(msg: Message) -> Message:
         if "fitins.config" in msg.content.config_records:  # the masking stage: the training instruction
@@ -132,6 +131,7 @@ def _stage_reply(folder: Path, stage: dict[str, Any], context: Context | None = 
     ({}, _setup(3, 3, 3, **{Key.MOD_RANGE: 2}), "mod_range 2, OncoFed pins"),
     ({}, _setup(3, 3, 3, **{Key.TARGET_RANGE: 2**10}), "target_range 1024, OncoFed pins"),
     ({}, _setup(1024, 1024, 700), "overflow the 2^32 field"),  # point 10: the field wraps at 1,024
+    ({}, _setup(3, 3, 3, **{Key.TARGET_RANGE: float(2**22)}), "OncoFed pins"),  # the right value, wrong type
 ])
 def test_point2_3_10_the_guard_refuses_a_setup_it_cannot_trust(sites: Path, tmp_path: Path, policy: dict[str, Any],
                                                                stage: dict[str, Any], reason: str) -> None:
@@ -165,6 +165,7 @@ def test_point3_unmasking_a_node_as_both_active_and_dead_is_refused(sites: Path,
     with pytest.raises(FederationError):
         _run(grid, _cfg(tmp_path, 3), tmp_path)
     assert 1 in asked and unmasked_sums(grid, 3) == 0  # node 1 gave neither share: no sum, no node's update
+    assert any("listed both active and dead" in r for r in error_reasons(grid))
     journal = _journal(tmp_path)  # the round was journaled before the workflow began, and how it ended
     assert sum(1 for e in journal if e.get("event")) == 1 and journal[-1]["outcome"] == "halted"
 
@@ -317,3 +318,31 @@ def test_point5_a_resumed_round_is_charged_again(sites: Path, tmp_path: Path) ->
     assert seen == 3 and summary["privacy"]["client_level"]["rounds"] == 3  # every sum seen is accounted
     for folder in folders.values():
         assert len(_contributions(folder)) == 3
+
+
+def test_a_setting_the_node_cannot_honour_is_refused_before_anything_is_charged(sites: Path, tmp_path: Path) -> None:
+    """A SecAgg+ range too narrow for the noise: every node refuses at masking, before its write-ahead
+    entries, so the round's slot is not burned and no budget is spent on nothing."""
+    folders = _federation(sites, tmp_path, 3, epsilon=50.0)
+
+    def narrow(msg: Message) -> Message:
+        if _stage(msg) == Stage.SETUP:
+            msg.content.config_records[RECORD_KEY_CONFIGS][Key.CLIPPING_RANGE] = 2.0**-10
+        return msg
+
+    grid = InProcessGrid(folders, tamper=narrow)
+    with pytest.raises(FederationError):
+        _run(grid, _cfg(tmp_path, 3, **{"local_dp.enabled": True}), tmp_path)
+    assert sum("cannot hold a clipped coordinate" in r for r in error_reasons(grid)) == 3
+    for folder in folders.values():
+        assert _contributions(folder) == [] and Ledger.in_dir(state_dir(folder)).entries() == []
+
+
+def test_a_share_keys_stage_naming_no_node_is_refused(sites: Path, tmp_path: Path) -> None:
+    folders = _federation(sites, tmp_path, 1)
+    context = Context(run_id=1, node_id=1, node_config={wire.NODE_DATA_DIR: str(folders[1])}, state=RecordDict(),
+                      run_config={})
+    assert not _stage_reply(folders[1], _setup(3, 3, 3), context).has_error()
+    reply = _stage_reply(folders[1], {Key.STAGE: Stage.SHARE_KEYS, "abc": [b"k", b"k"], "1": [b"a", b"b"],
+                                      "2": [b"c", b"d"]}, context)
+    assert reply.has_error() and "malformed stage message" in reply.error.reason

@@ -65,8 +65,8 @@ def test_point8_views_and_crops_under_dp_are_not_seeded_from_the_data(tiny_feder
 
     monkeypatch.setattr(bundle_train, "train_bundle_dp", capture)
     site = _site(tiny_federation, tmp_path)
-    from nodes.data import load_local_data
     from fl.tasks import get_task
+    from nodes.data import load_local_data
 
     digest = load_local_data(site, get_task("seg2d")).digest
     for r in (1, 2):
@@ -98,6 +98,9 @@ def test_point10_a_repeated_evaluation_is_refused_not_charged_again(tiny_federat
         assert again.has_error() and again.error.code == wire.ERROR_POLICY
         assert "already served 1 time(s)" in again.error.reason
     assert len(Ledger.in_dir(state_dir(site)).entries()) == 1  # charged once
+    earlier = _ask(site, MessageType.EVALUATE, 2, context)  # nor an earlier round: a run's rounds move forward
+    assert earlier.has_error() and "rounds only move forward" in earlier.error.reason
+    assert len(Ledger.in_dir(state_dir(site)).entries()) == 1
 
 
 def test_point10_descriptors_follow_their_own_policy_when_metrics_are_none(tiny_federation: Path,
@@ -121,17 +124,17 @@ def test_point11_a_ledger_restored_from_an_older_copy_is_refused(tiny_federation
     backup = tmp_path / "backup"
     shutil.copytree(state_dir(site), backup)  # last week's backup of the state folder
     witness = LedgerWitness.of(tmp_path / "reg")
-    second = _ask(site, MessageType.TRAIN, 2, **{**DP, wire.LEDGER_ACKS: witness.acks()})
-    witness.update([str(second.content[wire.NODE_INFO][wire.LEDGER_HEAD])])  # the coordinator acknowledges it
+    second = _ask(site, MessageType.TRAIN, 2, **{**DP, wire.LEDGER_ACKS: witness.acks_for(7)})
+    witness.update([("7", str(second.content[wire.NODE_INFO][wire.LEDGER_HEAD]))])  # the coordinator keeps it
     assert _head(second)["record"][0] == 2
     shutil.rmtree(state_dir(site))
     shutil.copytree(backup, state_dir(site))  # the node restored: a shorter chain that still verifies
     assert len(Ledger.in_dir(state_dir(site)).entries()) == 1
-    refused = _ask(site, MessageType.TRAIN, 3, **{**DP, wire.LEDGER_ACKS: witness.acks()})
+    refused = _ask(site, MessageType.TRAIN, 3, **{**DP, wire.LEDGER_ACKS: witness.acks_for(7)})
     assert refused.has_error() and refused.error.code == wire.ERROR_LEDGER
     assert "holds 1 entries, fewer than the 2 the coordinator acknowledged" in refused.error.reason
     assert len(Ledger.in_dir(state_dir(site)).entries()) == 1  # nothing spent
-    evaluation = _ask(site, MessageType.EVALUATE, 3, **{wire.LEDGER_ACKS: witness.acks()})
+    evaluation = _ask(site, MessageType.EVALUATE, 3, **{wire.LEDGER_ACKS: witness.acks_for(7)})
     assert evaluation.has_error() and evaluation.error.code == wire.ERROR_LEDGER
 
 
@@ -156,9 +159,13 @@ def test_point11_a_lying_coordinator_can_only_make_a_node_stricter(tiny_federati
     assert not _ask(site, MessageType.TRAIN, 3).has_error()  # no acknowledgement: the node as it would be alone
 
 
-def test_the_coordinator_keeps_only_newer_heads(tmp_path: Path) -> None:
+def test_the_coordinator_keeps_only_newer_heads_and_tells_each_node_its_own(tmp_path: Path) -> None:
     witness = LedgerWitness.of(tmp_path)
-    witness.update([json.dumps({"site": "a", "record": [2, "x"], "contributions": [3, "y"]}), "garbage"])
-    witness.update([json.dumps({"site": "a", "record": [1, "w"], "contributions": [3, "y"]})])  # restored node
+    witness.update([("1", json.dumps({"site": "a", "record": [2, "x"], "contributions": [3, "y"]})),
+                    ("2", json.dumps({"site": "b", "record": [1, "v"], "contributions": [1, "u"]})),
+                    ("3", "garbage"), ("3", json.dumps({"site": "c", "record": [-1, ""], "contributions": [0, ""]}))])
+    witness.update([("1", json.dumps({"site": "a", "record": [1, "w"], "contributions": [3, "y"]}))])  # restored
     again = LedgerWitness.of(tmp_path)
-    assert json.loads(again.acks()) == {"a": {"record": [2, "x"], "contributions": [3, "y"]}}
+    assert json.loads(again.acks_for(1)) == {"a": {"record": [2, "x"], "contributions": [3, "y"]}}
+    assert json.loads(again.acks_for(2)) == {"b": {"record": [1, "v"], "contributions": [1, "u"]}}  # not a's
+    assert json.loads(again.acks_for(3)) == {} and json.loads(again.acks_for(9)) == {}

@@ -3,9 +3,8 @@ produces is the one plain equal-weight FedAvg produces, to within quantisation e
 
 from __future__ import annotations
 
-import secrets
-
 import json
+import secrets
 import tomllib
 from pathlib import Path
 

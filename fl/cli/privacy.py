@@ -260,7 +260,6 @@ def cmd_node_policy(args: argparse.Namespace) -> int:
 def budget_report(data_dir: Path) -> dict[str, Any]:
     from nodes.ledger import Ledger
     from nodes.policy import load_policy, state_dir
-
     from nodes.witness import last_match
 
     folder = state_dir(data_dir)
@@ -286,7 +285,7 @@ def _client_level(folder: Path, policy: Any) -> dict[str, Any]:
 
     entries = Ledger.contributions_in(folder).entries()
     trains = [e for e in entries if e.get("kind") == "train"]
-    own = [accounting.GaussianEvent.from_dict(e["event"]) for e in trains if e.get("event")]
+    own = Ledger.contributions_in(folder).events(trains)
     peers = [accounting.GaussianEvent(float(e["sum_noise_multiplier"]), 1.0, 1) for e in trains
              if e.get("sum_noise_multiplier")]
     delta = policy.client_delta

@@ -90,7 +90,7 @@ def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
         folder = node_dir(root, index)
         load_local_data(folder, task, use_cache=False, disk_cache=state_dir(folder) / CACHE_DIR)
     p = cfg.node_policy
-    if p != type(p)():  # any setting off its default: the launcher acts as every node's operator
+    if p.sets_a_policy:  # the launcher acts as every node's operator
         from dataclasses import asdict
 
         from nodes.policy import Policy, save_policy

@@ -144,8 +144,9 @@ def _dp_view(cfg: Config, record: dict[str, Any], node_info: dict[str, dict[str,
                         "holds its own",
             "bound": {"rounds": int(record["round"]), "noise_multiplier": d.noise_multiplier,
                       "max_grad_norm": d.max_grad_norm, "epochs": cfg.train.epochs,
-                      "meaning": "each node's epsilon is at most that of this DP-SGD mechanism over its own cases, "
-                                 "run in every one of these rounds (fl privacy estimate)"},
+                      "meaning": "this run's training spends on a node at most this DP-SGD mechanism over its own "
+                                 "cases in every one of these rounds (fl privacy estimate); its noisy metrics and "
+                                 "descriptors, and earlier runs, add to its total, which its own ledger holds"},
         }
     trained = sorted(record.get("train", {}).get("nodes", {}))
     return {

@@ -59,9 +59,11 @@ class PhaseResult:
 
 
 def secure_phase(grid: Grid, strategy: Any, server_round: int, arrays: ArrayRecord, train_cfg: ConfigRecord,
-                 cfg: Config) -> tuple[PhaseResult, ArrayRecord | None, dict[str, float] | None]:
-    """One training round under SecAgg+ (:func:`strategies.secagg.secure_train`), as a phase."""
-    result = secure_train(grid, strategy, server_round, arrays, train_cfg, cfg)
+                 cfg: Config, acks: Callable[[int], str] | None = None,
+                 ) -> tuple[PhaseResult, ArrayRecord | None, dict[str, float] | None]:
+    """One training round under SecAgg+ (:func:`strategies.secagg.secure_train`), as a phase; ``acks``
+    gives each node's acknowledged ledger head."""
+    result = secure_train(grid, strategy, server_round, arrays, train_cfg, cfg, acks=acks)
     if result.skipped:
         log.warning("round %d: %s", server_round, result.skipped)
     res = PhaseResult(failures=dict(result.failures), outcome=result.outcome)

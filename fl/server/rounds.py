@@ -146,10 +146,9 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         return exchange(grid, messages, timeout=cfg.strategy.timeout, report=report)
 
     def evaluate(server_round: int) -> tuple[dict[str, Any], dict[str, str]]:
-        instructions = ConfigRecord({**dict(eval_cfg), wire.LEDGER_ACKS: witness.acks()})
-        messages = strategy.configure_evaluate(server_round, arrays, instructions, grid)
-        res = phase(server_round, EVALUATE, messages)
-        witness.update(info[wire.LEDGER_HEAD] for info in res.node_info().values() if wire.LEDGER_HEAD in info)
+        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(eval_cfg)), grid)
+        res = phase(server_round, EVALUATE, witness.with_acks(messages))
+        witness.observe(res.node_info())
         # nodes whose policy releases no metrics reply with their count only; a weighted mean
         # over every reply would pull the score towards 0
         scored = [m for m in res.ok if wire.score(dict(m.content[wire.METRICS])) is not None]
@@ -160,22 +159,23 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         return {"aggregate": aggregate, "nodes": res.per_node(), "dp_released": dp_released}, res.failures
 
     def train(server_round: int) -> tuple[PhaseResult, ArrayRecord | None, dict[str, float] | None]:
-        instructions = ConfigRecord({**dict(train_cfg), wire.LEDGER_ACKS: witness.acks()})
+        instructions = ConfigRecord(dict(train_cfg))
         if cfg.secagg.enabled:
             observer.on_phase(server_round, TRAIN, 0, 0)
             # journaled ahead: the coordinator sees the unmasked sum inside the workflow, whatever follows
             central.spend(server_round, run_dir.name, stage="before secure aggregation")
-            res, new_arrays, train_agg = secure_phase(grid, strategy, server_round, arrays, instructions, cfg)
+            res, new_arrays, train_agg = secure_phase(grid, strategy, server_round, arrays, instructions, cfg,
+                                                      acks=witness.acks_for)
             central.note(server_round, run_dir.name, str(res.outcome))
         else:
             messages = strategy.configure_train(server_round, arrays, instructions, grid)
-            res = phase(server_round, TRAIN, messages)
+            res = phase(server_round, TRAIN, witness.with_acks(messages))
             res.ok, rejected = validate(res.ok, arrays, cfg.strategy.max_update_norm)
             res.failures.update({node: f"rejected, {why}" for node, why in rejected.items()})
             new_arrays, train_agg = None, None  # aggregated once the replies are known to suffice
         for node, why in res.failures.items():
             log.warning("round %d: node %s did not train (%s)", server_round, node, why)
-        witness.update(info[wire.LEDGER_HEAD] for info in res.node_info().values() if wire.LEDGER_HEAD in info)
+        witness.observe(res.node_info())
         return res, new_arrays, train_agg
 
     def finish_round(record: dict[str, Any]) -> None:

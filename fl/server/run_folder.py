@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +19,7 @@ import tomli_w
 
 from fl.config import Config
 from fl.errors import ConfigError
+from fl.files import atomic_write  # noqa: F401  (re-exported: the server's writers import it from here)
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -62,20 +62,6 @@ def _write_events(folder: Path, records: queue.Queue[Any]) -> None:
             writer.flush()
     finally:
         writer.close()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary sibling, fsync and rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def nested(cfg: Config) -> dict[str, Any]:

@@ -173,20 +173,19 @@ def run_validation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
     if cfg.validation.descriptors:
         eval_cfg[wire.DESCRIBE] = 1
     witness = LedgerWitness.of(cfg.registry.root)
-    eval_cfg[wire.LEDGER_ACKS] = witness.acks()
     arrays = decode_weights(version.weights.read_bytes())
     # every node of the federation: the strategy waits for them all, then samples them all
     strategy = FedAvg(fraction_evaluate=1.0, min_evaluate_nodes=vcfg.min_nodes, min_available_nodes=vcfg.min_nodes,
                       weighted_by_key=wire.NUM_EXAMPLES, arrayrecord_key=wire.ARRAYS, configrecord_key=wire.CONFIG)
     observer.on_start(1)
     started = time.perf_counter()
-    messages = strategy.configure_evaluate(0, arrays, ConfigRecord(dict(eval_cfg)), grid)
+    messages = witness.with_acks(strategy.configure_evaluate(0, arrays, ConfigRecord(dict(eval_cfg)), grid))
 
     def report(done: int, total: int) -> None:
         observer.on_phase(0, EVALUATE, done, total)
 
     res = exchange(grid, messages, timeout=cfg.strategy.timeout, report=report)
-    witness.update(info[wire.LEDGER_HEAD] for info in res.node_info().values() if wire.LEDGER_HEAD in info)
+    witness.observe(res.node_info())
     if not res.ok and not res.failures:
         raise FederationError("validation: no node answered")
     trained = set(registry.training_sites(version))
