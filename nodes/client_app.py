@@ -371,8 +371,10 @@ def _noise_plan(config: ConfigRecord, context: Context, net: torch.nn.Module) ->
                                    noise_multiplier=float(config[wire.DDP_NOISE_MULTIPLIER]),
                                    min_contributors=threshold, dim=dim, range_=float(secagg["clipping_range"]),
                                    target_range=int(secagg["target_range"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise Refusal(wire.ERROR_POLICY, str(exc) if isinstance(exc, ValueError) else f"distributed noise: {exc!r}") from None
+    except ValueError as exc:  # plan() names what it cannot honour
+        raise Refusal(wire.ERROR_POLICY, str(exc)) from None
+    except (KeyError, TypeError) as exc:
+        raise Refusal(wire.ERROR_POLICY, f"distributed noise: malformed request ({exc!r})") from None
 
 
 def _train_bundle(net: torch.nn.Module, task: Any, data: LocalData, config: ConfigRecord, context: Context,

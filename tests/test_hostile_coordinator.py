@@ -90,6 +90,14 @@ def test_honest_round_accounts_each_nodes_own_share(sites: Path, tmp_path: Path)
         (entry,) = _contributions(folder)
         assert entry["noise_multiplier"] == pytest.approx(Z / math.sqrt(3))
         assert entry["event"] == {"noise_multiplier": pytest.approx(Z / math.sqrt(3)), "sample_rate": 1.0, "steps": 1}
+    from fl.cli.privacy import budget_report
+
+    client = budget_report(folders[1])["client_level"]  # what `fl node budget` shows the operator
+    own = accounting.epsilon([accounting.GaussianEvent(Z / math.sqrt(3), 1.0, 1)], 1e-5)
+    peers = accounting.epsilon([accounting.GaussianEvent(Z, 1.0, 1)], 1e-5)
+    assert client["contributions"] == 1 and client["unnoised"] == 0 and client["evaluations"] == 1
+    assert client["epsilon_own_share"] == pytest.approx(own) and client["epsilon_honest_peers"] == pytest.approx(peers)
+    assert budget_report(folders[1])["witness"]["contributions"] == 1  # the evaluation carried round 1's head
 
 
 def test_point1_a_node_refuses_noise_below_its_floor(sites: Path, tmp_path: Path) -> None:

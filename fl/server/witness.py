@@ -74,15 +74,15 @@ class LedgerWitness:
 
     def with_acks(self, messages: Iterable[Any]) -> list[Any]:
         """``messages`` with each one's config carrying its node's acknowledged head (a copy per message)."""
-        from flwr.app import ConfigRecord
+        from flwr.app import ConfigRecord, RecordDict
 
         from fl import wire
 
         out = list(messages)
-        for message in out:
-            config = dict(message.content[wire.CONFIG])
-            message.content[wire.CONFIG] = ConfigRecord({**config, wire.LEDGER_ACKS:
-                                                         self.acks_for(message.metadata.dst_node_id)})
+        for message in out:  # strategies may hand every message the same content: each gets its own
+            ack = self.acks_for(message.metadata.dst_node_id)
+            config = ConfigRecord({**dict(message.content[wire.CONFIG]), wire.LEDGER_ACKS: ack})
+            message.content = RecordDict({**dict(message.content.items()), wire.CONFIG: config})
         return out
 
     def observe(self, node_info: dict[str, dict[str, str]]) -> None:
