@@ -343,7 +343,7 @@ def _contribution(policy: Policy, config: ConfigRecord, context: Context, run: i
         raise Refusal(wire.ERROR_POLICY, "distributed noise needs the clipping norm and the contributor count; "
                                          "the request lacks one")
     z, clip = float(config[wire.DDP_NOISE_MULTIPLIER]), float(config[wire.CLIENT_CLIP_NORM])
-    check_distributed(policy, noise_multiplier=z, clip=clip, threshold=threshold)
+    check_distributed(policy, noise_multiplier=z, clip=clip)
     _noise_plan(config, context, net)  # a setting the node cannot honour is refused now, not after the charge
     # this node's own share: std z B / sqrt(t) on sensitivity B, whoever the other contributors are
     return Contribution(run, server_round, secure=True, noise_multiplier=z / math.sqrt(threshold), sum_noise=z)

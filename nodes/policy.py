@@ -288,9 +288,9 @@ class Contribution:
     sum_noise: float | None = None  # the multiplier z on the whole sum, were every other contributor a site
 
 
-def check_distributed(policy: Policy, *, noise_multiplier: float, clip: float, threshold: int) -> None:
-    """Refuse distributed-noise settings below this node's floors: the multiplier z on the sum, the
-    clipping norm C, and the SecAgg+ threshold t this round's share is sized for."""
+def check_distributed(policy: Policy, *, noise_multiplier: float, clip: float) -> None:
+    """Refuse distributed-noise settings below this node's floors: the multiplier z on the sum and the
+    clipping norm C (the threshold t is :func:`check_threshold`'s, asked of every SecAgg+ contribution)."""
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0 and math.isfinite(clip) and clip > 0):
         raise Refusal(wire.ERROR_POLICY, f"distributed noise multiplier {noise_multiplier!r} and clipping norm "
                                          f"{clip!r} must be positive numbers")
@@ -300,7 +300,6 @@ def check_distributed(policy: Policy, *, noise_multiplier: float, clip: float, t
     if policy.max_distributed_clip and clip > policy.max_distributed_clip:
         raise Refusal(wire.ERROR_POLICY, f"policy: clipping norm {clip:g} exceeds this node's maximum "
                                          f"{policy.max_distributed_clip:g} for distributed noise")
-    check_threshold(policy, threshold)
 
 
 def check_threshold(policy: Policy, threshold: int) -> None:
