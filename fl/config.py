@@ -230,6 +230,14 @@ class SecAggConfig:
         "server", "Under central DP, who adds the noise: server (to the unmasked sum, which the coordinator "
         "sees without noise), or distributed (each node adds a discrete Gaussian share before masking).",
         _one_of("server", "distributed"))
+    protocol: str = _key(
+        "flower", "flower: Flower's SecAgg+ (holds against a coordinator that follows the protocol); malicious: "
+        "OncoFed's stages with roster-signed keys, ChaCha20 masks, neighbourhoods from a public seed and a signed "
+        "consistency round (holds against one that deviates; every node needs a site key and the pinned roster).",
+        _one_of("flower", "malicious"))
+    colluders: int = _key(1, "Malicious protocol: roster sites that may collude with the coordinator; the threshold "
+                             "is raised so that 2t > s + colluders (each node checks its own policy's count).",
+                          lambda v: None if v >= 0 else "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -321,6 +329,12 @@ class NodePolicyConfig:
     max_contributors: int = _key(0, "Largest SecAgg+ threshold t a node accepts (its share is sized z / sqrt(t)); "
                                     "0: any.", _non_negative)
     max_evaluations_per_round: int = _key(1, "Evaluation requests a node serves per run and round.", _positive)
+    secagg_protocol: str = _key("any", "any, or malicious: each simulated node sends its update only under "
+                                       "OncoFed's malicious-secure aggregation (secagg.protocol = malicious).",
+                                _one_of("any", "malicious"))
+    colluding_sites: int = _key(1, "Roster sites each simulated node assumes may collude with the coordinator "
+                                   "(malicious protocol: it accepts t only with 2t > s + this).",
+                                lambda v: None if v >= 0 else "must be >= 0")
 
     @property
     def sets_a_policy(self) -> bool:
@@ -331,7 +345,8 @@ class NodePolicyConfig:
                 or self.release_metrics != d.release_metrics or self.release_descriptors != d.release_descriptors
                 or self.min_distributed_noise > 0 or self.max_distributed_clip > 0
                 or self.min_contributors != d.min_contributors or self.max_contributors > 0
-                or self.max_evaluations_per_round != d.max_evaluations_per_round)
+                or self.max_evaluations_per_round != d.max_evaluations_per_round
+                or self.secagg_protocol != d.secagg_protocol or self.colluding_sites != d.colluding_sites)
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,16 @@ SERVER_STEP = "server-step"  # fedexp: the round's step along the average update
 METRICS_DP = "metrics-dp"  # 1.0 in an evaluate reply whose score was released with DP noise
 
 
+# ----- OncoFed's malicious-secure aggregation (secagg.protocol = "malicious") ----------------------
+SECURE_SUM = "oncofed-secure-sum"  # the ConfigRecord of each of its stage messages
+SECURE_SUM_STAGES = ("advertise", "share-keys", "collect", "consistency", "unmask")
+SECURE_SUM_MASKED = "masked"  # the ArrayRecord of a collect reply: one uint32 vector, "vector"
+
+
+def is_secure_sum_message(content: RecordDict) -> bool:
+    return SECURE_SUM in content.config_records
+
+
 # ----- SecAgg+ (Flower's legacy FitIns / FitRes shapes, as secaggplus_mod expects them) -----------
 SECAGG_ARRAY_KEYS = "secagg-array-keys"  # in the instruction's config: array names, in travel order
 
@@ -143,3 +153,12 @@ def legacy_reply(update: dict[str, np.ndarray], keys: list[str], metrics: dict[s
 
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([update[k] for k in keys]), 1, dict(metrics))
     return fitres_to_recorddict(fitres, keep_input=False)
+
+
+def legacy_reply_parts(content: RecordDict) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """The update (in travel order) and the scalars of a :func:`legacy_reply`."""
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import recorddict_to_fitres
+
+    fitres = recorddict_to_fitres(content, keep_input=True)
+    return parameters_to_ndarrays(fitres.parameters), dict(fitres.metrics)

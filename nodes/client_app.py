@@ -61,9 +61,9 @@ from nodes.witness import check_acknowledged, head
 log = logging.getLogger("flwr.oncofed.node")  # lands in the SuperNode's own log
 
 app = ClientApp(mods=[packed_content_mod])  # a message's content travels as one array (fl.packing)
-# True only while Flower's secaggplus_mod runs this node's training (its masking stage): the
-# one path where the update leaves masked, whatever the server's message looks like
-_UNDER_SECAGG: contextvars.ContextVar[bool] = contextvars.ContextVar("oncofed_under_secagg", default=False)
+# "flower" while Flower's secaggplus_mod runs this node's training (its masking stage), "malicious"
+# while OncoFed's collect stage does (nodes.secure_sum): the paths where the update leaves masked
+_UNDER_SECAGG: contextvars.ContextVar[str] = contextvars.ContextVar("oncofed_under_secagg", default="")
 
 
 def resolve_data_dir(context: Context) -> Path:
@@ -133,29 +133,41 @@ def _prepare(content: RecordDict, context: Context) -> tuple[Task, torch.nn.Modu
 
 
 def _secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
-    """Route SecAgg+ stages through Flower's ``secaggplus_mod`` (it masks the update this
-    node's ``train`` returns); every other instruction goes straight to ``train``."""
-    if not wire.is_secagg_message(msg.content):
+    """Route secure-aggregation stages: Flower's SecAgg+ through the guard and ``secaggplus_mod`` (it
+    masks the update this node's ``train`` returns), OncoFed's malicious-secure stages through
+    :mod:`nodes.secure_sum`; every other instruction goes straight to ``train``."""
+    flower, ours = wire.is_secagg_message(msg.content), wire.is_secure_sum_message(msg.content)
+    if not (flower or ours):
         return call_next(msg, context)
     logging.getLogger("flwr").setLevel(logging.INFO)  # the mod logs every stage at DEBUG
     from nodes.secagg_guard import guard_stage
 
     try:
         data_dir = resolve_data_dir(context)
-        policy = load_policy(node_state_dir(context, data_dir))
+        folder = node_state_dir(context, data_dir)
+        policy = load_policy(folder)
     except (DataError, ConfigError) as exc:
         return _refuse(msg, exc)
+    protocol = "malicious" if ours else "flower"
+
+    def train_under_secagg(inner: Message, ctx: Context) -> Message:
+        token = _UNDER_SECAGG.set(protocol)
+        try:
+            return call_next(inner, ctx)
+        finally:
+            _UNDER_SECAGG.reset(token)
+
+    if ours:
+        from nodes import secure_sum
+
+        return secure_sum.handle(msg, context, policy, folder, lambda inner: train_under_secagg(inner, context))
     refused = guard_stage(msg, context, policy)  # Flower's mod checks none of what the node's secrets rest on
     if refused is not None:
         log.warning("node %s refused a SecAgg+ stage: %s", msg.metadata.dst_node_id, refused.error.reason)
         return refused
 
     def train_or_raise(inner: Message, ctx: Context) -> Message:
-        token = _UNDER_SECAGG.set(True)
-        try:
-            reply = call_next(inner, ctx)
-        finally:
-            _UNDER_SECAGG.reset(token)
+        reply = train_under_secagg(inner, ctx)
         if reply.has_error():  # the mod cannot mask an error: fail the stage with its reason
             raise RuntimeError(f"error {reply.error.code}: {reply.error.reason}")
         return reply
@@ -235,12 +247,14 @@ def _guarded(msg: Message, work: Any) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Check the request against this node's policy and budget, train, reply weights and metrics
     (under SecAgg+: the update alone, for ``secaggplus_mod`` to mask)."""
-    content, secure = msg.content, wire.legacy_instruction(msg.content)
-    if secure is not None:
-        weights, secure_config = secure
+    content, legacy, protocol = msg.content, wire.legacy_instruction(msg.content), _UNDER_SECAGG.get()
+    if legacy is not None:
+        weights, secure_config = legacy
         content = RecordDict({wire.ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()}),
                               wire.CONFIG: secure_config})
-    return _guarded(msg, lambda: _train(msg, content, context, secure is not None and _UNDER_SECAGG.get()))
+    # masked only on the two paths that mask it, whatever the server's message looks like
+    secure = (protocol == "flower" and legacy is not None) or (protocol == "malicious" and legacy is None)
+    return _guarded(msg, lambda: _train(msg, content, context, secure))
 
 
 def _train(msg: Message, content: RecordDict, context: Context, secure: bool) -> Message:
@@ -320,12 +334,18 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
     return Message(content=content, reply_to=msg)
 
 
-def _secagg_threshold(context: Context) -> int:
-    """The threshold t of this round's SecAgg+ set-up, from this node's own protocol state (the set-up
-    the guard admitted): the fewest contributors Flower lets an unmasked sum have."""
+def _secure_setup(context: Context) -> tuple[int, float, int]:
+    """This round's threshold t, clipping range and quantisation range, from this node's own protocol
+    state (the set-up the guard admitted, or the one every roster site signed): t is the fewest
+    contributors a sum may have when it is unmasked."""
+    if _UNDER_SECAGG.get() == "malicious":
+        from nodes.secure_sum import threshold_and_range
+
+        return threshold_and_range(context)
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 
-    return int(context.state.config_records[RECORD_KEY_STATE]["threshold"])
+    state = context.state.config_records[RECORD_KEY_STATE]
+    return int(state["threshold"]), float(state["clipping_range"]), int(state["target_range"])
 
 
 def _contribution(policy: Policy, config: ConfigRecord, context: Context, run: int, server_round: int,
@@ -335,7 +355,7 @@ def _contribution(policy: Policy, config: ConfigRecord, context: Context, run: i
     the threshold), and an encoding the node can honour on this round's SecAgg+ grid."""
     if not secure:
         return Contribution(run, server_round, secure=False)
-    threshold = _secagg_threshold(context)
+    threshold = _secure_setup(context)[0]
     check_threshold(policy, threshold)
     if wire.DDP_NOISE_MULTIPLIER not in config:
         return Contribution(run, server_round, secure=True)
@@ -353,24 +373,20 @@ def _noise_plan(config: ConfigRecord, context: Context, net: torch.nn.Module) ->
     """The distributed-noise encoding of this round (:func:`fl.privacy.distributed.plan`), sized for
     exactly the threshold t of this node's own SecAgg+ state (the guard admitted it; Flower unmasks
     no sum of fewer), not for the server's word; a :class:`Refusal` naming what cannot be honoured."""
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
-
     from fl.privacy import distributed as distributed_dp
 
-    threshold = _secagg_threshold(context)
+    threshold, range_, target_range = _secure_setup(context)
     contributors = int(config[wire.DDP_MIN_CONTRIBUTORS])
     if contributors != threshold:
         raise Refusal(wire.ERROR_POLICY, f"distributed noise: the request sizes the noise for {contributors} "
                                          f"contributors, this SecAgg+ round's threshold is {threshold}")
-    secagg = context.state.config_records[RECORD_KEY_STATE]
     state = net.state_dict()
     try:
         keys = json.loads(str(config[wire.SECAGG_ARRAY_KEYS]))
         dim = sum(state[k].numel() for k in keys)
         return distributed_dp.plan(clip=float(config[wire.CLIENT_CLIP_NORM]),
                                    noise_multiplier=float(config[wire.DDP_NOISE_MULTIPLIER]),
-                                   min_contributors=threshold, dim=dim, range_=float(secagg["clipping_range"]),
-                                   target_range=int(secagg["target_range"]))
+                                   min_contributors=threshold, dim=dim, range_=range_, target_range=target_range)
     except ValueError as exc:  # plan() names what it cannot honour
         raise Refusal(wire.ERROR_POLICY, str(exc)) from None
     except (KeyError, TypeError) as exc:

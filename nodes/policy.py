@@ -33,6 +33,7 @@ SECRET_FILE = "fingerprint.key"  # 32 random bytes, only on the node, mode 0600
 SECRET_BYTES = 32
 AUTO, EXACT, NOISY, NONE = "auto", "exact", "noisy", "none"
 METRICS_MODES = (AUTO, EXACT, NOISY, NONE)
+SECAGG_PROTOCOLS = ("any", "malicious")
 
 
 class Refusal(Exception):
@@ -72,6 +73,12 @@ class Policy:
     min_contributors: int = wire.SECAGG_MIN_NODES  # the smallest SecAgg+ threshold t it accepts
     max_contributors: int = 0  # the largest t: each node's share is sized z / sqrt(t); 0: any
     max_evaluations_per_round: int = 1  # evaluate requests served per (run, round)
+    # which secure aggregation this node takes part in: any (Flower's SecAgg+, honest-but-curious
+    # coordinator, or OncoFed's malicious-secure stages), or malicious only
+    secagg_protocol: str = "any"
+    # malicious-secure stages: how many roster sites may collude with the coordinator; the node
+    # accepts a threshold t only with 2t > s + colluding_sites (s: the neighbourhood's size)
+    colluding_sites: int = 1
 
     def __post_init__(self) -> None:
         checks = {
@@ -98,6 +105,9 @@ class Policy:
             and (self.max_contributors == 0 or self.max_contributors >= self.min_contributors),
             "max_evaluations_per_round": isinstance(self.max_evaluations_per_round, int)
             and self.max_evaluations_per_round >= 1,
+            "secagg_protocol": self.secagg_protocol in SECAGG_PROTOCOLS,
+            "colluding_sites": isinstance(self.colluding_sites, int) and not isinstance(self.colluding_sites, bool)
+            and self.colluding_sites >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -120,7 +130,8 @@ class Policy:
     def distrusts_coordinator(self) -> bool:
         """The node sends its update only masked (SecAgg+), or with its own noise in it, or counts a
         client-level budget against the coordinator: nothing exact may travel beside it."""
-        return self.require_secagg or self.require_distributed_noise or self.client_epsilon > 0
+        return (self.require_secagg or self.require_distributed_noise or self.client_epsilon > 0
+                or self.secagg_protocol == "malicious")
 
     def _mode(self, setting: str, dp_requested: bool) -> str:
         if setting != AUTO:
@@ -225,7 +236,7 @@ def admit(
     ledger entry (None for a non-DP request the policy allows); raises :class:`Refusal`
     otherwise. Call inside ``ledger.locked()``.
     """
-    if policy.require_secagg and not secure:
+    if (policy.require_secagg or policy.secagg_protocol == "malicious") and not secure:
         raise Refusal(wire.ERROR_POLICY, "policy: this node sends its update only under secure aggregation "
                                          "(SecAgg+); the server asked for it in the clear")
     if policy.require_distributed_noise and not distributed_noise:

@@ -76,6 +76,9 @@ def _check(msg: Message, context: Context, policy: Policy) -> None:
     me, group = int(msg.metadata.dst_node_id), f"{msg.metadata.run_id}:{msg.metadata.group_id}"
     memory = _memory(context)
     if stage == Stage.SETUP:
+        if policy.secagg_protocol == "malicious":
+            raise _refuse("this node's policy takes part only in OncoFed's malicious-secure aggregation "
+                          "(secagg.protocol = 'malicious'), not in Flower's SecAgg+")
         if memory.get("group") == group:
             raise _refuse(f"a second set-up for round {msg.metadata.group_id}; one per round")
         memory = {"group": group, **_check_setup(configs, policy), "done": []}

@@ -69,7 +69,7 @@ class SecureRoundResult:
     outcome: str = "released"
 
 
-class _Recording(PackingGrid):
+class RecordingGrid(PackingGrid):
     """The packing grid, keeping each node's last error reply: Flower's workflow drops the node from
     the round and says only that it halted."""
 
@@ -173,7 +173,7 @@ def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
         global_arrays = message.content[wire.ARRAYS]
         instructions[message.metadata.dst_node_id] = FitIns(
             ndarrays_to_parameters([global_arrays[k].numpy() for k in keys]), node_config)
-    grid = _Recording(grid.inner if isinstance(grid, PackingGrid) else grid)
+    grid = RecordingGrid(grid.inner if isinstance(grid, PackingGrid) else grid)
     shim = _OneRound(instructions, grid)
     context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
                                     run_config={}),
@@ -224,9 +224,17 @@ def secure_train(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
     c = cfg.secagg
     distributed = c.noise == "distributed"
     clipping_range = c.clipping_range or (cfg.central_dp.clipping_norm if cfg.central_dp.enabled else 8.0)
-    result = secure_round(grid, strategy, server_round, arrays, ConfigRecord(dict(train_cfg)), shares=c.shares,
-                          threshold=c.threshold, clipping_range=clipping_range, timeout=cfg.strategy.timeout,
-                          distributed_noise=cfg.central_dp.noise_multiplier if distributed else None, acks=acks)
+    noise = cfg.central_dp.noise_multiplier if distributed else None
+    if c.protocol == "malicious":
+        from strategies.secure_sum import malicious_round
+
+        result = malicious_round(grid, strategy, server_round, arrays, ConfigRecord(dict(train_cfg)), shares=c.shares,
+                                 threshold=c.threshold, colluders=c.colluders, clipping_range=clipping_range,
+                                 timeout=cfg.strategy.timeout, distributed_noise=noise, acks=acks)
+    else:
+        result = secure_round(grid, strategy, server_round, arrays, ConfigRecord(dict(train_cfg)), shares=c.shares,
+                              threshold=c.threshold, clipping_range=clipping_range, timeout=cfg.strategy.timeout,
+                              distributed_noise=noise, acks=acks)
     losses = [m[wire.TRAIN_LOSS] for m in result.metrics if wire.TRAIN_LOSS in m]
     train_agg = {wire.TRAIN_LOSS: sum(losses) / len(losses)} if losses else None
 

@@ -71,6 +71,11 @@ def test_secure_sum_equals_plain_fedavg(tmp_path: Path) -> None:
     assert moved > 1e-3  # the round did change the model
     worst = max(float((plain[k] - secure[k]).abs().max()) for k in plain)
     assert worst < 1e-4, worst  # quantisation step 16 / 2**22 = 3.8e-6 per node
+    # OncoFed's malicious-secure stages on the Simulation Engine: fl run makes each virtual node's site
+    # key and pins one roster; the same model, to within quantisation
+    malicious = _run(tmp_path, "malicious", "--set", "secagg.enabled=true", "--set", "secagg.protocol='malicious'")
+    worst = max(float((plain[k] - malicious[k]).abs().max()) for k in plain)
+    assert worst < 1e-4, worst
 
     line = json.loads((tmp_path / "runs" / "secure" / "metrics.jsonl").read_text().splitlines()[-1])
     assert len(line["train"]["nodes"]) == 3 and line["failures"] == {}

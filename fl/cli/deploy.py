@@ -99,6 +99,20 @@ def add_parsers(sub: Any, node: Any) -> None:
     approve.add_argument("--data", required=True, help="the node's data folder")
     approve.add_argument("--note", default="", help="free text kept beside the hash")
     approve.set_defaults(func=cmd_node_approve)
+    roster = node.add_parser("roster", help="the consortium roster (malicious-secure aggregation): this site's "
+                                            "signing key and the pinned list of sites").add_subparsers(
+        dest="roster_command", required=True)
+    rkey = roster.add_parser("key", help="make this site's signing key (kept on the node) and print its roster line")
+    rkey.add_argument("--data", required=True, help="the node's data folder")
+    rkey.add_argument("--site", required=True, help="this site's name on the consortium's roster")
+    rkey.set_defaults(func=cmd_roster_key)
+    rpin = roster.add_parser("pin", help="check the consortium's roster file and pin it on this node")
+    rpin.add_argument("file", help="the roster (JSON: consortium, sites [{site, key}]), received out of band")
+    rpin.add_argument("--data", required=True, help="the node's data folder")
+    rpin.set_defaults(func=cmd_roster_pin)
+    rshow = roster.add_parser("show", help="the pinned roster, its digest and this site's name on it")
+    rshow.add_argument("--data", required=True, help="the node's data folder")
+    rshow.set_defaults(func=cmd_roster_show)
 
     app = sub.add_parser("app", help="the Flower app bundle").add_subparsers(dest="app_command", required=True)
     ahash = app.add_parser("hash", help="SHA-256 of the app bundle (FAB) nodes will receive for this folder")
@@ -273,6 +287,45 @@ def cmd_node_approve(args: argparse.Namespace) -> int:
     if not data.is_dir():
         raise DataError(f"--data: {data} is not a folder")
     print(approve(state_dir(data.resolve()), args.hash, args.note))
+    return 0
+
+
+def _node_state(data: str) -> Path:
+    from nodes.policy import state_dir
+
+    folder = Path(data)
+    if not folder.is_dir():
+        raise DataError(f"--data: {folder} is not a folder")
+    return state_dir(folder.resolve())
+
+
+def cmd_roster_key(args: argparse.Namespace) -> int:
+    from nodes.roster import SITE_NAME, create_site_key
+
+    if not SITE_NAME.match(args.site):
+        raise ConfigError(f"--site: {args.site!r} is no site name (letters, digits, '.', '_', '-'; at most 64)")
+    public = create_site_key(_node_state(args.data))
+    print(json.dumps({"site": args.site, "key": public.hex()}))  # the line the consortium adds to its roster
+    return 0
+
+
+def cmd_roster_pin(args: argparse.Namespace) -> int:
+    from nodes.roster import pin_roster
+
+    roster = pin_roster(_node_state(args.data), Path(args.file))
+    print(f"pinned {len(roster.sites)} sites of {roster.consortium}; roster digest {roster.digest} "
+          "(compare it with every other site's before the first round)")
+    return 0
+
+
+def cmd_roster_show(args: argparse.Namespace) -> int:
+    from nodes.roster import load_roster, own_site
+
+    folder = _node_state(args.data)
+    roster = load_roster(folder)
+    site, _ = own_site(folder, roster)
+    print(json.dumps({"consortium": roster.consortium, "digest": roster.digest, "this_site": site,
+                      "sites": {k: v.hex() for k, v in sorted(roster.sites.items())}}, indent=2))
     return 0
 
 

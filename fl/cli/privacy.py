@@ -92,6 +92,12 @@ def add_parsers(sub: Any) -> Any:
                         help="largest SecAgg+ threshold t accepted: each share is sized z / sqrt(t) (0: any)")
     policy.add_argument("--max-evaluations", type=int, default=1,
                         help="evaluation requests served per run and round")
+    policy.add_argument("--secagg-protocol", default="any", choices=("any", "malicious"),
+                        help="malicious: send updates only under OncoFed's malicious-secure aggregation (needs the "
+                             "site key and the pinned roster: `fl node roster`)")
+    policy.add_argument("--colluding-sites", type=int, default=1,
+                        help="roster sites assumed to collude with the coordinator: the malicious protocol's "
+                             "threshold t must satisfy 2t > s + this")
     policy.set_defaults(func=cmd_node_policy)
     budget = node.add_parser("budget", help="record-level and client-level budgets: spent and remaining")
     budget.add_argument("--data", required=True, help="the node's data folder")
@@ -252,7 +258,8 @@ def cmd_node_policy(args: argparse.Namespace) -> int:
                     descriptors_noise_multiplier=args.descriptors_noise, client_epsilon=args.client_epsilon,
                     client_delta=args.client_delta, min_distributed_noise=args.min_distributed_noise,
                     max_distributed_clip=args.max_distributed_clip, min_contributors=args.min_contributors,
-                    max_contributors=args.max_contributors, max_evaluations_per_round=args.max_evaluations)
+                    max_contributors=args.max_contributors, max_evaluations_per_round=args.max_evaluations,
+                    secagg_protocol=args.secagg_protocol, colluding_sites=args.colluding_sites)
     print(save_policy(state_dir(Path(args.data)), policy))
     return 0
 

@@ -89,6 +89,12 @@ def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
     for index in range(cfg.data.nodes):  # every case checked, and preprocessed into the node's own cache
         folder = node_dir(root, index)
         load_local_data(folder, task, use_cache=False, disk_cache=state_dir(folder) / CACHE_DIR)
+    if cfg.secagg.enabled and cfg.secagg.protocol == "malicious":  # each virtual node's site key, one roster
+        from nodes.roster import pin_local_consortium
+
+        roster = pin_local_consortium([state_dir(node_dir(root, i)) for i in range(cfg.data.nodes)])
+        say(f"malicious-secure aggregation: {len(roster.sites)} site keys and roster {roster.digest[:16]}... "
+            "pinned on the simulated nodes")
     p = cfg.node_policy
     if p.sets_a_policy:  # the launcher acts as every node's operator
         from dataclasses import asdict
