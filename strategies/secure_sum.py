@@ -35,7 +35,7 @@ from fl import wire
 from fl.packing import PackingGrid
 from fl.privacy import secure_sum as crypto
 from fl.privacy.distributed import clipping_range as clipping_range_for
-from strategies.secagg import SecureRoundResult, RecordingGrid, share_count
+from strategies.secagg import RecordingGrid, SecureRoundResult, share_count
 
 
 def malicious_threshold(sampled: int, threshold: float, shares: float, colluders: int) -> int:

@@ -183,7 +183,11 @@ def _flower_isolate(grid: InProcessGrid, victim: int, peers: list[int], real_key
                     instruction: tuple[dict[str, np.ndarray], ConfigRecord]) -> np.ndarray:
     """Play every peer of ``victim`` with keys the coordinator holds: the victim's update."""
     from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-    from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
+        decrypt,
+        encrypt,
+        generate_shared_key,
+    )
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
     from flwr.common.secure_aggregation.secaggplus_utils import (
         share_keys_plaintext_concat,
@@ -253,10 +257,9 @@ def attack_fake_peers(folders: list[Path], protocol: str) -> Outcome:
         return _score(out, recovered, trained)
     # the Sybils run OncoFed's own node code, with site keys the coordinator made and a roster of its own
     from fl.files import atomic_write
+    from fl.privacy.secure_sum import public_bytes
     from nodes.policy import state_dir
     from nodes.roster import ROSTER_FILE, create_site_key, roster_text, site_key
-
-    from fl.privacy.secure_sum import public_bytes
 
     sybils = [folders[0].parent / f"sybil-{i}" for i in range(2)]
     sites = {"site-0": public_bytes(site_key(state_dir(folders[0])))}  # the Sybils accept the victim
@@ -364,7 +367,12 @@ def _roster_digest(folder: Path) -> str:
 def _flower_split_views(grid: InProcessGrid, instruction: tuple[dict[str, np.ndarray], ConfigRecord]) -> np.ndarray:
     from flwr.common import bytes_to_ndarray
     from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+    from flwr.common.secure_aggregation.secaggplus_constants import (
+        RECORD_KEY_CONFIGS,
+        RECORD_KEY_STATE,
+        Key,
+        Stage,
+    )
 
     nodes = [1, 2, 3, 4, 5]
     keys = _flower_setup(grid, nodes, n=5, s=5, t=3)  # 2t > s: the guard admits it
