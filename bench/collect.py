@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ["privacy-utility", "privacy-utility-200", "real-tabular", "privacy-audit", "overhead", "deploy", "dp-cost", "strategies", "scale"]
+ORDER = ["privacy-utility", "privacy-utility-200", "real-tabular", "privacy-audit", "overhead", "deploy", "dp-cost", "strategies", "scale", "secagg-protocols"]
 INTRO = """# Benchmarks
 
 Every table and plot below comes from one command, `fl bench NAME` (a suite in

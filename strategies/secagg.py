@@ -13,6 +13,10 @@ round from OncoFed's own loop:
 - the workflow unmasks the sum; :func:`secure_round` returns the summed update, and the
   caller adds central DP noise to that sum or applies the mean update.
 
+With ``secagg.protocol = "malicious"`` :func:`secure_train` runs OncoFed's malicious-secure stages
+instead (:mod:`strategies.secure_sum`: roster-signed keys, a consistency round), with the same
+sampling, quantisation, equal weights and DP handling of the sum.
+
 Equal weights: SecAgg+ quantises ``weight * update``, and example-count weights would both
 cost precision and, under DP, let one node's influence pass the clipping norm.
 """

@@ -298,14 +298,18 @@ def deploy_overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
     from fl.packing import SWITCH_ENV
     from fl.server.simulation import simulate
     from fl.tasks import get_task
-    from nodes.synth import synthesize
+    from nodes.policy import state_dir
+    from nodes.roster import pin_local_consortium
+    from nodes.synth import node_dir, synthesize
 
     rounds = int(suite.settings.get("rounds", 3))
     sets = list(suite.settings["set"]) + list(cell.get("set", [])) + [f"seed={seed}"]
     work = _fresh(out / "work" / f"{cell.name}--seed{seed}")
+    nodes = int(cell.get("nodes", 3))
     if cell.get("engine") == "simulation":
-        synthesize(work / "data", nodes=3, task=get_task("seg2d"))
-        flat = run_config(work, rounds, 3, sets)
+        synthesize(work / "data", nodes=nodes, task=get_task("seg2d"))
+        pin_local_consortium([state_dir(node_dir(work / "data", i)) for i in range(nodes)])
+        flat = run_config(work, rounds, nodes, sets)
         cfg = from_flat({**flat, "output.run_name": "sim"}, source=f"bench cell {cell.name}")
         simulate(cfg)
         return {**_deploy_rounds(work / "runs" / "sim"), "data_reads_after_round1": None}
@@ -319,7 +323,7 @@ def deploy_overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
     previous = os.environ.get(SWITCH_ENV)
     os.environ[SWITCH_ENV] = "1" if cell.get("pack", True) else "0"  # the SuperLink's and nodes' environment
     try:
-        summary = run_demo(work, rounds=rounds, budget=None, overrides=sets, say=lambda _: None, options=options)
+        summary = run_demo(work, rounds=rounds, nodes=nodes, budget=None, overrides=sets, say=lambda _: None, options=options)
     finally:
         if previous is None:
             os.environ.pop(SWITCH_ENV, None)

@@ -26,6 +26,7 @@ from fl.registry import Registry
 from fl.tasks import get_task
 from nodes.ledger import Ledger
 from nodes.policy import state_dir
+from nodes.roster import pin_local_consortium
 from nodes.supernode import approve, fab_hash_of
 from nodes.synth import node_dir, synthesize
 
@@ -114,7 +115,8 @@ def run_config(out: Path, rounds: int, nodes: int, overrides: list[str]) -> dict
 
 
 def prepare(out: Path, nodes: int) -> tuple[certs_mod.CertFiles, str]:
-    """Certificates, data, and each node's approval of this checkout's app (its FAB hash)."""
+    """Certificates, data, each node's approval of this checkout's app (its FAB hash), and each
+    node's site key with one consortium roster pinned on all (``secagg.protocol = "malicious"``)."""
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: exists and is not empty; the demo writes a fresh folder")
     names = node_names(nodes)
@@ -123,6 +125,7 @@ def prepare(out: Path, nodes: int) -> tuple[certs_mod.CertFiles, str]:
     fab = fab_hash_of(app_dir())
     for i in range(nodes):
         approve(state_dir(node_dir(out / "data", i)), fab, note="fl demo deploy")
+    pin_local_consortium([state_dir(node_dir(out / "data", i)) for i in range(nodes)], consortium="fl demo deploy")
     return files, fab
 
 
