@@ -52,8 +52,9 @@ def _size(content) -> int:  # noqa: ANN001 - a RecordDict
 
 def _traffic(root: Path, nodes: int, protocol: str) -> tuple[float, float, float, int]:
     """(kB received, kB sent per node, seconds, contributors) for one honest round."""
-    from fl.server.rounds import _instructions, initial_arrays
     from flwr.app import ConfigRecord
+
+    from fl.server.rounds import _instructions, initial_arrays
     from strategies.factory import build_strategy
     from strategies.secagg import secure_train
 
