@@ -299,7 +299,7 @@ def deploy_overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
     from fl.server.simulation import simulate
     from fl.tasks import get_task
     from nodes.policy import state_dir
-    from nodes.roster import pin_local_consortium
+    from nodes.roster import MIN_SITES, pin_local_consortium
     from nodes.synth import node_dir, synthesize
 
     rounds = int(suite.settings.get("rounds", 3))
@@ -308,7 +308,8 @@ def deploy_overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
     nodes = int(cell.get("nodes", 3))
     if cell.get("engine") == "simulation":
         synthesize(work / "data", nodes=nodes, task=get_task("seg2d"))
-        pin_local_consortium([state_dir(node_dir(work / "data", i)) for i in range(nodes)])
+        if nodes >= MIN_SITES:
+            pin_local_consortium([state_dir(node_dir(work / "data", i)) for i in range(nodes)])
         flat = run_config(work, rounds, nodes, sets)
         cfg = from_flat({**flat, "output.run_name": "sim"}, source=f"bench cell {cell.name}")
         simulate(cfg)

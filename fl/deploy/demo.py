@@ -26,7 +26,7 @@ from fl.registry import Registry
 from fl.tasks import get_task
 from nodes.ledger import Ledger
 from nodes.policy import state_dir
-from nodes.roster import pin_local_consortium
+from nodes.roster import MIN_SITES, pin_local_consortium
 from nodes.supernode import approve, fab_hash_of
 from nodes.synth import node_dir, synthesize
 
@@ -116,7 +116,8 @@ def run_config(out: Path, rounds: int, nodes: int, overrides: list[str]) -> dict
 
 def prepare(out: Path, nodes: int) -> tuple[certs_mod.CertFiles, str]:
     """Certificates, data, each node's approval of this checkout's app (its FAB hash), and each
-    node's site key with one consortium roster pinned on all (``secagg.protocol = "malicious"``)."""
+    node's site key with one consortium roster pinned on all (``secagg.protocol = "malicious"``;
+    3 nodes or more)."""
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: exists and is not empty; the demo writes a fresh folder")
     names = node_names(nodes)
@@ -125,7 +126,8 @@ def prepare(out: Path, nodes: int) -> tuple[certs_mod.CertFiles, str]:
     fab = fab_hash_of(app_dir())
     for i in range(nodes):
         approve(state_dir(node_dir(out / "data", i)), fab, note="fl demo deploy")
-    pin_local_consortium([state_dir(node_dir(out / "data", i)) for i in range(nodes)], consortium="fl demo deploy")
+    if nodes >= MIN_SITES:  # secure aggregation needs 3 sites; a smaller federation gets no roster
+        pin_local_consortium([state_dir(node_dir(out / "data", i)) for i in range(nodes)], consortium="fl demo deploy")
     return files, fab
 
 
