@@ -406,7 +406,7 @@ def _flower_split_views(grid: InProcessGrid, instruction: tuple[dict[str, np.nda
     return _flower_unmask_vector(masked[1], seed, None, 1, pairs, keys[1][0])
 
 
-def _malicious(grid: InProcessGrid, cfg: Any) -> Any:
+def _malicious(grid: InProcessGrid, cfg: Any, timeout: float = 60.0) -> Any:
     from fl.server.rounds import _instructions, initial_arrays
     from strategies.factory import build_strategy
     from strategies.secure_sum import malicious_round
@@ -415,7 +415,7 @@ def _malicious(grid: InProcessGrid, cfg: Any) -> Any:
     config = ConfigRecord(dict(_instructions(cfg)[0]))
     return malicious_round(grid, build_strategy(cfg), 1, arrays, config, shares=cfg.secagg.shares,
                            threshold=cfg.secagg.threshold, colluders=cfg.secagg.colluders, clipping_range=CLIP,
-                           timeout=60.0)
+                           timeout=timeout)
 
 
 # ----- mask brute force ---------------------------------------------------------------------------
