@@ -17,11 +17,15 @@ guarantee rests on against its policy, its pinned roster (:mod:`nodes.roster`) a
 3. ``collect``: each ciphertext must come from a neighbour and authenticate; at least t - 1 of
    them. The node trains and sends its update quantised and masked (ChaCha20 masks under 256-bit
    keys: its self mask, and one per neighbour that sent it shares).
-4. ``consistency``: the survivors the coordinator names must include this node and at least t
-   nodes of the round; the node signs that set, once per round.
-5. ``unmask``: at least t distinct roster sites, all survivors, must have signed the very set this
-   node signed. Only then does it reveal, for each neighbour that shared with it, the share of its
-   self-mask seed if it survived, or of its mask key if it did not: never both, once per round.
+4. ``consistency``: the survivors the coordinator names must include this node and at least t of
+   its neighbours, and every surviving neighbour must be one it masked with (it sent this node
+   shares); the node signs that set with the round's seed, once per round. Every stage after
+   advertise must be addressed to the node id it advertised under.
+5. ``unmask``: at least t distinct roster sites, all survivors, and more than half of the round's
+   sites plus the c colluding ones, must have signed the very set this node signed: two different
+   sets can then not both be signed, since an honest node signs once. Only then does it reveal,
+   for each neighbour that shared with it, the share of its self-mask seed if it survived, or of
+   its mask key if it did not: never both, once per round.
 
 A refusal is an error reply naming what was wrong; a refused stage reveals nothing.
 """
@@ -87,8 +91,9 @@ def _remember(context: Context, memory: dict[str, Any]) -> None:
 
 def _ints(record: ConfigRecord, key: str) -> list[int]:
     values = record[key]
-    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise _refuse(f"'{key}' is not a list of node ids")
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64
+                                               for v in values):
+        raise _refuse(f"'{key}' is not a list of node ids (unsigned 64-bit integers)")
     if len(set(values)) != len(values):
         raise _refuse(f"'{key}' repeats a node id")
     return list(values)
@@ -114,6 +119,8 @@ def _stage(msg: Message, context: Context, policy: Policy, folder: Path, train: 
         memory, reply = _advertise(record, policy, folder, run, int(group), me)
     elif memory.get("run") != run or memory.get("group") != group:
         raise _refuse(f"stage {stage!r} for round {group} without this round's advertisement")
+    elif memory["me"] != me:
+        raise _refuse(f"stage {stage!r} addressed to node {me}; this node advertised as node {memory['me']}")
     elif stage in memory["done"]:
         raise _refuse(f"a second {stage!r} in round {group}")
     elif len(memory["done"]) >= 4 or stage != wire.SECURE_SUM_STAGES[len(memory["done"]) + 1]:
@@ -166,7 +173,7 @@ def _advertise(record: ConfigRecord, policy: Policy, folder: Path, run: int, ser
     sk_mask, pk_mask = crypto.new_x25519()
     fields = _advert_fields(run, server_round, me, site, roster.digest, n, s, t, c, clip, pk_enc, pk_mask)
     signature = crypto.sign(key, "advertise", fields)
-    memory = {"run": run, "group": str(server_round), "round": server_round, "n": n, "s": s, "t": t, "c": c,
+    memory = {"run": run, "group": str(server_round), "round": server_round, "me": me, "n": n, "s": s, "t": t, "c": c,
               "clip": clip, "target": wire.SECAGG_TARGET_RANGE, "site": site, "roster": roster.digest,
               "sk_enc": sk_enc.hex(), "sk_mask": sk_mask.hex(), "seed": crypto.new_x25519()[0].hex(),
               "pk_enc": pk_enc.hex(), "pk_mask": pk_mask.hex(), "done": []}
@@ -218,6 +225,13 @@ def _share_keys(record: ConfigRecord, memory: dict[str, Any], folder: Path, me: 
     seed = crypto.graph_seed(memory["run"], memory["round"],
                              {n: {"signature": bytes.fromhex(a["signature"])} for n, a in adverts.items()})
     neighbours = crypto.neighbourhoods(seed, sorted(adverts), memory["s"])[me]
+    for v in neighbours:  # a peer's unusable mask key fails here, not after training (and a charge)
+        if v != me:
+            try:
+                crypto.agree(bytes.fromhex(memory["sk_mask"]), bytes.fromhex(adverts[v]["pk_mask"]), b"check")
+            except crypto.ProtocolError:
+                raise _refuse(f"node {v} (site {adverts[v]['site']!r}) advertised an unusable mask key") from None
+    memory["graph"] = seed.hex()
     seed_shares = crypto.split(bytes.fromhex(memory["seed"]), memory["t"], len(neighbours))
     key_shares = crypto.split(bytes.fromhex(memory["sk_mask"]), memory["t"], len(neighbours))
     dsts, ctxts = [], []
@@ -227,7 +241,7 @@ def _share_keys(record: ConfigRecord, memory: dict[str, Any], folder: Path, me: 
             continue
         key = crypto.agree(bytes.fromhex(memory["sk_enc"]), bytes.fromhex(adverts[holder]["pk_enc"]),
                            crypto.context(memory["run"], memory["round"], "share-key", min(me, holder), max(me, holder)))
-        aad = crypto.context(memory["run"], memory["round"], "shares", me, holder)
+        aad = crypto.context(memory["run"], memory["round"], "shares", memory["graph"], me, holder)
         dsts.append(holder)
         ctxts.append(crypto.seal(key, seed_shares[x] + key_shares[x], aad))
     memory["adverts"] = {str(n): a for n, a in adverts.items()}
@@ -251,7 +265,7 @@ def _collect(msg: Message, record: ConfigRecord, memory: dict[str, Any], context
         advert = memory["adverts"][str(src)]
         key = crypto.agree(bytes.fromhex(memory["sk_enc"]), bytes.fromhex(advert["pk_enc"]),
                            crypto.context(memory["run"], memory["round"], "share-key", min(me, src), max(me, src)))
-        plain = crypto.open_sealed(key, ciphertext, crypto.context(memory["run"], memory["round"], "shares", src, me))
+        plain = crypto.open_sealed(key, ciphertext, crypto.context(memory["run"], memory["round"], "shares", memory["graph"], src, me))
         if len(plain) != 2 * crypto.SHARE_BYTES:
             raise _refuse(f"the shares from node {src} have the wrong length")
         held[str(src)] = [plain[:crypto.SHARE_BYTES].hex(), plain[crypto.SHARE_BYTES:].hex()]
@@ -283,7 +297,8 @@ def _collect(msg: Message, record: ConfigRecord, memory: dict[str, Any], context
 # ----- 4. consistency -----------------------------------------------------------------------------
 
 def _survivor_fields(memory: dict[str, Any], survivors: list[int]) -> dict[str, Any]:
-    return {"run": memory["run"], "round": memory["round"], "roster": memory["roster"], "survivors": sorted(survivors)}
+    return {"run": memory["run"], "round": memory["round"], "roster": memory["roster"], "graph": memory["graph"],
+            "survivors": sorted(survivors)}
 
 
 def _consistency(record: ConfigRecord, memory: dict[str, Any], folder: Path, me: int) -> RecordDict:
@@ -294,6 +309,13 @@ def _consistency(record: ConfigRecord, memory: dict[str, Any], folder: Path, me:
         raise _refuse("survivors that did not advertise in this round")
     if len(survivors) < memory["t"]:
         raise _refuse(f"{len(survivors)} survivors, fewer than the threshold {memory['t']}")
+    near = set(survivors) & set(memory["neighbours"])
+    unmasked = sorted(near - set(memory["srcs"]) - {me})
+    if unmasked:  # Bonawitz's U3 within U2: else a peer's key could be revealed while its mask hides nothing
+        raise _refuse(f"survivor(s) {unmasked} are neighbours that sent this node no shares, so its update carries "
+                      "no mask shared with them")
+    if len(near) < memory["t"]:
+        raise _refuse(f"{len(near)} of this node's neighbours survive, fewer than the threshold {memory['t']}")
     _, key = own_site(folder, load_roster(folder))
     memory["survivors"] = sorted(survivors)
     return RecordDict({wire.SECURE_SUM: ConfigRecord(
@@ -320,6 +342,9 @@ def _unmask(record: ConfigRecord, memory: dict[str, Any], me: int) -> RecordDict
     if len(valid) < memory["t"]:
         raise _refuse(f"{len(valid)} roster site(s) signed this set of {len(survivors)} survivors, fewer than the "
                       f"threshold {memory['t']}: the coordinator may be telling nodes different survivor sets")
+    if 2 * len(valid) <= len(memory["adverts"]) + memory["c"]:  # two sets so signed share an honest signer
+        raise _refuse(f"{len(valid)} roster site(s) signed this set, not more than half of the round's "
+                      f"{len(memory['adverts'])} plus {memory['c']} colluding: another set could be signed as well")
     self_mask_of, self_mask_shares, key_of, key_shares = [], [], [], []
     for node in sorted({me, *memory["srcs"]}):
         seed_share, key_share = memory["own"] if node == me else memory["held"][str(node)]

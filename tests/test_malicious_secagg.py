@@ -234,6 +234,29 @@ def test_inconsistent_views(sites: list[Path], tmp_path: Path) -> None:
     assert all("the round assumes 0 colluding site(s); this node's policy assumes 1" in r for r in weak.refusals)
 
 
+def test_a_node_masked_with_few_peers_refuses_a_set_that_drops_them(sites: list[Path], tmp_path: Path) -> None:
+    """Four sites, threshold 3: the coordinator withholds site 2's shares from node 1 (it masks with 3 and 4
+    only), then names 3 dropped. Unmasking {1, 2, 4} would reveal 3's mask key and 1's self mask, with 4
+    colluding: node 1's update alone. Node 1 refuses to sign, and nobody unmasks."""
+    folders = _fresh(sites, tmp_path)
+
+    def isolate(msg: Message) -> Message:
+        record = msg.content.config_records.get(wire.SECURE_SUM)
+        if record is not None and record["stage"] == "collect" and msg.metadata.dst_node_id == 1:
+            kept = [(u, c) for u, c in zip(record["srcs"], record["ctxts"], strict=True) if u != 2]
+            record["srcs"], record["ctxts"] = [u for u, _ in kept], [c for _, c in kept]
+        if record is not None and record["stage"] in ("consistency", "unmask"):
+            record["survivors"] = [1, 2, 4]
+        return msg
+
+    grid = InProcessGrid({i + 1: f for i, f in enumerate(folders[:4])}, tamper=isolate)
+    result = _round(grid, _cfg(folders[0].parent, 4))
+    reasons = error_reasons(grid)
+    assert result.update_sum is None
+    assert any("survivor(s) [2] are neighbours that sent this node no shares" in r for r in reasons)
+    assert sum("fewer than the threshold 3" in r for r in reasons) == 2  # nodes 2 and 4 at unmask: 2 signers
+
+
 def test_mask_brute_force() -> None:
     flower = attacks.attack_mask_brute_force(attacks.FLOWER, window=2**11)
     assert flower.found  # the fold is the seed: the whole mask, and the update, follow

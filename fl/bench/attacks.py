@@ -342,7 +342,10 @@ def attack_inconsistent_views(folders: list[Path], protocol: str, *, colluders: 
                 if stage is not None and stage["stage"] == "consistency" and not reply.has_error():
                     signed[int(sent.metadata.dst_node_id)] = reply.content.config_records[wire.SECURE_SUM]["signature"]
             same_view = [u for u in signed if (u in told_dropped) == (node in told_dropped) and u != 5]
-            fields = {"run": grid.run.run_id, "round": 1, "roster": _roster_digest(folders[0]),
+            from nodes.secure_sum import _memory
+
+            graph = _memory(grid.contexts[5])["graph"]  # the colluding site's node knows the round's seed
+            fields = {"run": grid.run.run_id, "round": 1, "roster": _roster_digest(folders[0]), "graph": graph,
                       "survivors": sorted(survivors)}
             forged = crypto.sign(colluder_key, "survivors", fields)  # the colluder signs every view
             record["survivors"] = survivors
