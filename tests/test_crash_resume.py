@@ -29,7 +29,7 @@ def _command(tmp: Path, name: str, rounds: int, *extra: str) -> list[str]:
             "--set", f"output.run_name={name}", *extra]
 
 
-@pytest.mark.parametrize("kill_after", [1, 3])
+@pytest.mark.parametrize("kill_after", [2])  # one kill mid-run (1 and 3 ran the same path; CI time)
 def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_chain_and_epsilon(tmp_path: Path, kill_after: int) -> None:
     registry = Registry(tmp_path / "reg")
     proc = subprocess.Popen(_command(tmp_path, "first", ROUNDS), start_new_session=True,
