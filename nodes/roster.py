@@ -25,6 +25,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fl import wire
 from fl.errors import ConfigError
 from fl.files import atomic_write
 from fl.privacy.secure_sum import public_bytes
@@ -32,7 +33,7 @@ from fl.privacy.secure_sum import public_bytes
 KEY_FILE = "site-key.pem"
 ROSTER_FILE = "roster.json"
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-MIN_SITES = 3
+MIN_SITES = wire.SECAGG_MIN_NODES  # a roster serves secure aggregation, which needs this many sites
 
 
 @dataclass(frozen=True)
@@ -170,3 +171,14 @@ def pin_local_consortium(folders: list[Path], consortium: str = "local simulatio
     for folder in folders:
         atomic_write(folder / ROSTER_FILE, text.encode())
     return parse_roster(text, "local consortium")
+
+
+def pin_local_federation(data_root: Path, nodes: int, consortium: str = "local simulation") -> Roster | None:
+    """:func:`pin_local_consortium` for the ``nodes`` node folders under ``data_root``; None (nothing
+    pinned) for a federation too small for secure aggregation."""
+    from nodes.policy import state_dir
+    from nodes.synth import node_dir
+
+    if nodes < MIN_SITES:
+        return None
+    return pin_local_consortium([state_dir(node_dir(data_root, i)) for i in range(nodes)], consortium)

@@ -239,15 +239,24 @@ def _share_keys(record: ConfigRecord, memory: dict[str, Any], folder: Path, me: 
         if holder == me:
             memory["own"] = [seed_shares[x].hex(), key_shares[x].hex()]
             continue
-        key = crypto.agree(bytes.fromhex(memory["sk_enc"]), bytes.fromhex(adverts[holder]["pk_enc"]),
-                           crypto.context(memory["run"], memory["round"], "share-key", min(me, holder), max(me, holder)))
-        aad = crypto.context(memory["run"], memory["round"], "shares", memory["graph"], me, holder)
+        key = _share_key(memory, me, holder, adverts[holder]["pk_enc"])
         dsts.append(holder)
-        ctxts.append(crypto.seal(key, seed_shares[x] + key_shares[x], aad))
+        ctxts.append(crypto.seal(key, seed_shares[x] + key_shares[x], _shares_aad(memory, me, holder)))
     memory["adverts"] = {str(n): a for n, a in adverts.items()}
     memory["roster_keys"] = {a["site"]: roster.sites[a["site"]].hex() for a in adverts.values()}
     memory["neighbours"] = neighbours
     return RecordDict({wire.SECURE_SUM: ConfigRecord({"dsts": dsts, "ctxts": ctxts})})
+
+
+def _share_key(memory: dict[str, Any], me: int, peer: int, peer_pk_enc: str) -> bytes:
+    """The AES-GCM key this node and ``peer`` share for the round's share ciphertexts (either direction)."""
+    return crypto.agree(bytes.fromhex(memory["sk_enc"]), bytes.fromhex(peer_pk_enc),
+                        crypto.context(memory["run"], memory["round"], "share-key", min(me, peer), max(me, peer)))
+
+
+def _shares_aad(memory: dict[str, Any], src: int, dst: int) -> bytes:
+    """What a share ciphertext from ``src`` to ``dst`` is bound to: run, round, the round's seed, the pair."""
+    return crypto.context(memory["run"], memory["round"], "shares", memory["graph"], src, dst)
 
 
 # ----- 3. collect: train, quantise, mask ---------------------------------------------------------
@@ -262,10 +271,8 @@ def _collect(msg: Message, record: ConfigRecord, memory: dict[str, Any], context
         raise _refuse(f"{len(sources) + 1} contributors with this node, fewer than the threshold {memory['t']}")
     held = {}
     for src, ciphertext in zip(sources, ctxts, strict=True):
-        advert = memory["adverts"][str(src)]
-        key = crypto.agree(bytes.fromhex(memory["sk_enc"]), bytes.fromhex(advert["pk_enc"]),
-                           crypto.context(memory["run"], memory["round"], "share-key", min(me, src), max(me, src)))
-        plain = crypto.open_sealed(key, ciphertext, crypto.context(memory["run"], memory["round"], "shares", memory["graph"], src, me))
+        key = _share_key(memory, me, src, memory["adverts"][str(src)]["pk_enc"])
+        plain = crypto.open_sealed(key, ciphertext, _shares_aad(memory, src, me))
         if len(plain) != 2 * crypto.SHARE_BYTES:
             raise _refuse(f"the shares from node {src} have the wrong length")
         held[str(src)] = [plain[:crypto.SHARE_BYTES].hex(), plain[crypto.SHARE_BYTES:].hex()]

@@ -298,9 +298,8 @@ def deploy_overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
     from fl.packing import SWITCH_ENV
     from fl.server.simulation import simulate
     from fl.tasks import get_task
-    from nodes.policy import state_dir
-    from nodes.roster import MIN_SITES, pin_local_consortium
-    from nodes.synth import node_dir, synthesize
+    from nodes.roster import pin_local_federation
+    from nodes.synth import synthesize
 
     rounds = int(suite.settings.get("rounds", 3))
     sets = list(suite.settings["set"]) + list(cell.get("set", [])) + [f"seed={seed}"]
@@ -308,8 +307,7 @@ def deploy_overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
     nodes = int(cell.get("nodes", 3))
     if cell.get("engine") == "simulation":
         synthesize(work / "data", nodes=nodes, task=get_task("seg2d"))
-        if nodes >= MIN_SITES:
-            pin_local_consortium([state_dir(node_dir(work / "data", i)) for i in range(nodes)])
+        pin_local_federation(work / "data", nodes)
         flat = run_config(work, rounds, nodes, sets)
         cfg = from_flat({**flat, "output.run_name": "sim"}, source=f"bench cell {cell.name}")
         simulate(cfg)
@@ -324,7 +322,8 @@ def deploy_overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
     previous = os.environ.get(SWITCH_ENV)
     os.environ[SWITCH_ENV] = "1" if cell.get("pack", True) else "0"  # the SuperLink's and nodes' environment
     try:
-        summary = run_demo(work, rounds=rounds, nodes=nodes, budget=None, overrides=sets, say=lambda _: None, options=options)
+        summary = run_demo(work, rounds=rounds, nodes=nodes, budget=None, overrides=sets, say=lambda _: None,
+                           options=options)
     finally:
         if previous is None:
             os.environ.pop(SWITCH_ENV, None)

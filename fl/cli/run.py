@@ -90,9 +90,10 @@ def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
         folder = node_dir(root, index)
         load_local_data(folder, task, use_cache=False, disk_cache=state_dir(folder) / CACHE_DIR)
     if cfg.secagg.enabled and cfg.secagg.protocol == "malicious":  # each virtual node's site key, one roster
-        from nodes.roster import pin_local_consortium
+        from nodes.roster import pin_local_federation
 
-        roster = pin_local_consortium([state_dir(node_dir(root, i)) for i in range(cfg.data.nodes)])
+        roster = pin_local_federation(root, cfg.data.nodes)  # secure aggregation's config needs 3 nodes or more
+        assert roster is not None
         say(f"malicious-secure aggregation: {len(roster.sites)} site keys and roster {roster.digest[:16]}... "
             "pinned on the simulated nodes")
     p = cfg.node_policy

@@ -26,7 +26,7 @@ from fl.registry import Registry
 from fl.tasks import get_task
 from nodes.ledger import Ledger
 from nodes.policy import state_dir
-from nodes.roster import MIN_SITES, pin_local_consortium
+from nodes.roster import pin_local_federation
 from nodes.supernode import approve, fab_hash_of
 from nodes.synth import node_dir, synthesize
 
@@ -126,8 +126,7 @@ def prepare(out: Path, nodes: int) -> tuple[certs_mod.CertFiles, str]:
     fab = fab_hash_of(app_dir())
     for i in range(nodes):
         approve(state_dir(node_dir(out / "data", i)), fab, note="fl demo deploy")
-    if nodes >= MIN_SITES:  # secure aggregation needs 3 sites; a smaller federation gets no roster
-        pin_local_consortium([state_dir(node_dir(out / "data", i)) for i in range(nodes)], consortium="fl demo deploy")
+    pin_local_federation(out / "data", nodes, consortium="fl demo deploy")
     return files, fab
 
 
