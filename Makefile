@@ -7,7 +7,7 @@ VENV   ?= .venv
 STAMP  := $(VENV)/.oncofed-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: run test setup clean
+.PHONY: run test setup clean docs
 
 run: $(STAMP)
 	$(VENV)/bin/fl run configs/quickstart.toml
@@ -16,6 +16,12 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest
 
 setup: $(STAMP)
+
+# The documentation site: regenerate docs/reference/cli.md and config.md from the code, then build
+# site/ with MkDocs Material (--strict: a broken link or anchor fails the build).
+docs: $(STAMP)
+	$(VENV)/bin/python -m fl.cli.reference --write
+	$(VENV)/bin/mkdocs build --strict
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
