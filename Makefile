@@ -21,7 +21,7 @@ setup: $(STAMP)
 # site/ with MkDocs Material (--strict: a broken link or anchor fails the build).
 docs: $(STAMP)
 	$(VENV)/bin/python -m fl.cli.reference --write
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

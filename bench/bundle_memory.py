@@ -30,16 +30,16 @@ from pathlib import Path
 started = time.perf_counter()
 import torch
 torch.set_num_threads(2)
-from fl.tasks.bundle import BundleTask
-from nodes.bundle_train import train_bundle
-from nodes.data import load_local_data
+from fl.learn import TrainSettings
+from fl.learn.bundle import BundleTask
+from fl.learn.data import load_local_data
 task = BundleTask.load(sys.argv[1])
 data = load_local_data(sys.argv[2], task, use_cache=False, disk_cache=Path(sys.argv[3]))
 loaded = time.perf_counter() - started
 load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 torch.manual_seed(0)
 net = task.build_network()
-result = train_bundle(net, task, data.train, epochs=1, generator=torch.Generator().manual_seed(0))
+result = task.train(net, data.train, TrainSettings(epochs=1, generator=torch.Generator().manual_seed(0)))
 print(json.dumps({"start_seconds": loaded, "peak_rss_mb_at_start": load_peak, "train_seconds": result.seconds,
                   "steps": result.steps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 '''
@@ -49,7 +49,7 @@ def write_volumes(folder: Path, cases: int, size: tuple[int, int, int]) -> None:
     import nibabel as nib
     import numpy as np
 
-    from nodes.synth_anatomy import Scanner, _affine, ct_case
+    from fl.learn.synth_anatomy import Scanner, _affine, ct_case
 
     scanner = Scanner(spacing=(0.8, 0.8, 2.5), flip=(False, False, False), size_xy=(size[0], size[0] + 1),
                       size_z=(size[2], size[2] + 1), noise=15.0, gain=1.0, prevalence=0.6, train_cases=cases,

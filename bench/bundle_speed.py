@@ -5,7 +5,7 @@
 ``DIR`` is one node's folder (a Decathlon ``dataset.json``). Both sides train a freshly built
 network from the same seed for the same epochs over the node's training cases:
 
-- OncoFed: :func:`nodes.bundle_train.train_bundle`, cases read from its on-disk cache (warmed
+- OncoFed: :func:`fl.learn.bundle_train.train_bundle`, cases read from its on-disk cache (warmed
   first, untimed), as a node in its second round;
 - the bundle: its ``train#trainer`` (MONAI's ignite ``SupervisedTrainer``) with the node's
   training cases as ``train#dataset#data``, built first (its ``CacheDataset`` preprocesses,
@@ -38,9 +38,9 @@ def main() -> int:
 
     import torch
 
-    from fl.tasks.bundle import BundleTask
-    from nodes.bundle_train import train_bundle
-    from nodes.data import load_local_data, read_datalist
+    from fl.learn import TrainSettings
+    from fl.learn.bundle import BundleTask
+    from fl.learn.data import load_local_data, read_datalist
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,9 +53,9 @@ def main() -> int:
 
     torch.manual_seed(0)
     net = task.build_network()
-    ours = train_bundle(net, task, data.train, epochs=args.epochs, generator=torch.Generator().manual_seed(0))
+    ours = task.train(net, data.train, TrainSettings(epochs=args.epochs, generator=torch.Generator().manual_seed(0)))
 
-    from fl.tasks.bundle import _quiet_monai
+    from fl.learn.bundle import _quiet_monai
 
     items = [{k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in case.items()}
              for case in read_datalist(data_dir, modality_lists=True)["training"]]

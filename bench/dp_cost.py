@@ -25,15 +25,15 @@ def _cell(task_name: str, dp: bool, steps: int, threads: int) -> dict[str, float
     import torch
     from opacus import GradSampleModule
 
+    from fl.learn import TabularTask, get_task
+    from fl.learn.dp_train import NoiseInjectedDPOptimizer
     from fl.privacy.noise import SecureGaussian
-    from fl.tasks import get_task
-    from nodes.dp_train import NoiseInjectedDPOptimizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     task = get_task(task_name)
     batch = BATCH[task_name]
-    if task.kind == "tabular":
+    if isinstance(task, TabularTask):
         images = torch.randn(batch, task.features)
         labels = (images[:, 0] > 0).to(torch.uint8)
     else:

@@ -5,9 +5,9 @@ DP-SGD), on the quickstart's sites.
     python bench/normalisation_dp.py [--seeds 3] [--epsilons 8,1] [--rounds 5] [--threads 2]
 
 An in-process emulation of the quickstart federation (``fl.server.tune.emulate``, as ``fl privacy
-tune`` runs it): the 3 synthetic sites of ``nodes.synth`` (seed s), FedAvg weighted by cases,
+tune`` runs it): the 3 synthetic sites of ``fl.learn.synth`` (seed s), FedAvg weighted by cases,
 record-level DP-SGD on every site with the nodes' own loop
-(``nodes.bundle_train.train_bundle_dp``: Poisson sampling, per-case clipping at
+(``fl.learn.bundle_train.train_bundle_dp``: Poisson sampling, per-case clipping at
 ``local_dp.max_grad_norm``, the bundle's loss and optimizer). Each site's noise is calibrated so
 that its own epsilon after all rounds is the target (delta 1e-5). Every variant gets the same
 data, seed and noise calibration; only the network's normalisation differs (the seg2d bundle's
@@ -79,9 +79,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from fl.config import Config
-    from fl.tasks import get_task, resolve_task
-    from nodes.data import load_local_data
-    from nodes.synth import synthesize
+    from fl.learn import get_task, resolve_task
+    from fl.learn.data import load_local_data
+    from fl.learn.synth import synthesize
 
     cfg = Config()  # the quickstart's training settings are the defaults
     task = resolve_task("seg2d", lr=cfg.train.lr, batch_size=cfg.train.batch_size, private=True)

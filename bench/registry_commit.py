@@ -20,14 +20,12 @@ import torch
 from flwr.serverapp.strategy import FedAdam
 
 from fl.config import Config
+from fl.learn import TASK_NAMES, TrainSettings, get_task, resolve_task
+from fl.learn.data import load_local_data
+from fl.learn.synth import synthesize
 from fl.registry import Registry
 from fl.registry.checkpoint import encode_weights, manifest_fields
 from fl.server.rounds import initial_arrays
-from fl.tasks import TASK_NAMES, get_task, resolve_task
-from nodes.bundle_train import train_bundle
-from nodes.data import load_local_data
-from nodes.synth import synthesize
-from nodes.train import train_local
 from strategies.state import encode_state
 
 
@@ -59,9 +57,7 @@ def epoch_seconds(task_name: str, root: Path) -> float:
     net = task.build_network()
 
     def epoch() -> float:
-        if getattr(task, "kind", "") == "bundle":
-            return train_bundle(net, task, data.train, epochs=1).seconds
-        return train_local(net, task, data.train, epochs=1, lr=0.01, batch_size=8).seconds
+        return task.train(net, data.train, TrainSettings(epochs=1)).seconds
 
     epoch()  # warm-up
     return epoch()

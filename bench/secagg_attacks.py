@@ -45,9 +45,9 @@ def _attack_table(root: Path) -> list[str]:
 
 
 def _size(content) -> int:  # noqa: ANN001 - a RecordDict
-    from flwr.common.serde import recorddict_to_proto
+    from fl.flower_compat.serde import recorddict_size
 
-    return recorddict_to_proto(content).ByteSize()
+    return recorddict_size(content)
 
 
 def _traffic(root: Path, nodes: int, protocol: str) -> tuple[float, float, float, int]:

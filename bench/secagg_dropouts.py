@@ -21,14 +21,14 @@ import fl.engine_env  # noqa: F401  (before Flower is imported)
 from fl import config
 from fl.bench.inprocess import InProcessGrid, unmasked_sums
 from fl.errors import FederationError
+from fl.learn import get_task
+from fl.learn.synth import node_dir, synthesize
 from fl.privacy import hashchain
 from fl.privacy.journal import ReleaseJournal
 from fl.registry.checkpoint import decode_weights
 from fl.server.observer import LogObserver
 from fl.server.rounds import initial_arrays, run_federation
-from fl.tasks import get_task
-from nodes.synth import node_dir, synthesize
-from strategies.secagg import min_contributors
+from strategies.secure_round import min_contributors
 
 Z, CLIP = 2.0, 1.0
 CASES = ("none", "drop-one-before-masking", "drop-two-before-masking", "crash-while-masking", "silent-at-unmask")
@@ -36,9 +36,9 @@ CASES = ("none", "drop-one-before-masking", "drop-two-before-masking", "crash-wh
 
 def _tamper(case: str, nodes: int):  # noqa: ANN202 - a Tamper
     from flwr.app import Error
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
     from fl import wire
+    from fl.flower_compat.secagg import RECORD_KEY_CONFIGS, Key, Stage
 
     def inject(msg):  # noqa: ANN001, ANN202
         node = msg.metadata.dst_node_id

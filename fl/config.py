@@ -25,8 +25,8 @@ from typing import Any
 
 from fl import wire
 from fl.errors import ConfigError
-from fl.tasks import TASK_NAMES
-from fl.tasks.trainable import TRAINABLE
+from fl.learn import TASK_NAMES
+from fl.learn.trainable import TRAINABLE
 
 Scalar = bool | int | float | str
 
@@ -267,7 +267,7 @@ class PretrainConfig:
 
     source: str = _key(
         "", "Public data the server pretrains the initial model on: empty (none), synthetic (the public synthetic "
-        "generator, nodes/synth.py: its parameters are in the code) or a folder with a dataset.json of public cases.")
+        "generator, fl/learn/synth.py: its parameters are in the code) or a folder with a dataset.json of public cases.")
     cases: int = _key(128, "Training cases the synthetic source generates.", _positive)
     epochs: int = _key(10, "Pretraining epochs over the public cases.", _positive)
     lr: float = _key(1e-2, "Pretraining learning rate (the task's optimizer).", _positive)
@@ -456,14 +456,20 @@ class Config:
         if self.pretrain.source == "synthetic" and self.bundle:
             raise ConfigError("pretrain.source: the public synthetic generator makes the catalogue tasks' images; "
                               "for a bundle, name a folder of public cases (a dataset.json)")
+
+    def check_resources(self) -> None:
+        """What the config names outside itself exists and is what it should be: the bundle (found,
+        parsed, every component there; converted for DP-SGD under local DP) and the public cases of
+        ``pretrain.source``. Building a config never touches the file system; the command line and
+        the ServerApp call this once, where a config enters, so a bad path is a clear error there
+        rather than on every node."""
         if self.pretrain.source not in ("", "synthetic") and not (Path(self.pretrain.source) / "dataset.json").is_file():
             raise ConfigError(f"pretrain.source: {self.pretrain.source!r} is neither 'synthetic' nor a folder with a "
                               "dataset.json of public cases")
+        if self.bundle:
+            self.resolved_task()
 
     def _check_bundle(self) -> None:
-        from fl.tasks.bundle import BundleTask
-
-        BundleTask.load(self.bundle, private=self.local_dp.enabled)  # a clear error now, not on every node
         if self.train.workers < -1:
             raise ConfigError(f"train.workers: must be -1 (auto) or >= 0, got {self.train.workers}")
         if self.data.synthesize and self.data.synthetic == "task":
@@ -514,7 +520,7 @@ class Config:
 
     @functools.cached_property
     def _task(self) -> Any:  # found and parsed once per config (a bundle's files are read then)
-        from fl.tasks import resolve_task
+        from fl.learn import resolve_task
 
         return resolve_task(self.task, self.bundle, private=self.local_dp.enabled, lr=self.train.lr,
                             batch_size=self.train.batch_size)
@@ -539,7 +545,8 @@ class Config:
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
     def replace(self, **flat: Scalar) -> Config:
-        """A copy with some dotted keys changed, validated like a loaded file."""
+        """A copy with some dotted keys changed, validated like a loaded file (its resources are
+        not looked at again: :meth:`check_resources`)."""
         return from_flat({**self.to_flat(), **flat}, source="override")
 
 
@@ -666,7 +673,12 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Confi
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
     flat = flatten(table, str(path))
     flat.update(parse_override(item) for item in overrides)
-    return from_flat(flat, source=str(path))
+    cfg = from_flat(flat, source=str(path))
+    try:
+        cfg.check_resources()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return cfg
 
 
 def _toml_literal(value: Scalar) -> str:
@@ -678,7 +690,7 @@ def _toml_literal(value: Scalar) -> str:
 
 
 def reference_markdown() -> str:
-    """The config reference as a Markdown table (kept in the README; a test checks it)."""
+    """The config reference as a Markdown table (docs/reference/config.md; a test keeps it current)."""
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for spec in KEYS:
         rows.append(

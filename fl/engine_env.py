@@ -38,15 +38,9 @@ def prompt_object_pulls(first_retry: float = OBJECT_FIRST_RETRY_S) -> bool:
     In a deployment a message becomes visible before its content: the ServerApp pushes the
     message, then its arrays; a SuperNode stores the message, then pulls the arrays; so the
     first pull of the content often finds nothing and Flower waits a whole second (then two) on
-    every hop, every message. Flower takes the wait from the keyword defaults of
-    ``pull_objects`` and ``pull_and_inflate_object_from_tree``
-    (``flwr/supercore/inflatable/inflatable_utils.py``); this sets them. False, and nothing
-    changed, if Flower no longer has them (tests check that it does)."""
-    from flwr.supercore.inflatable import inflatable_utils
+    every hop, every message. The patch (Flower's keyword defaults, rewritten process-wide) is
+    :func:`fl.flower_compat.engine.prompt_object_pulls`; False, and nothing changed, if Flower
+    no longer has them (``tests/test_flower_compat.py`` checks that it does)."""
+    from fl.flower_compat.engine import prompt_object_pulls as patch_object_pulls
 
-    functions = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
-    if not all("initial_backoff" in (f.__kwdefaults__ or {}) for f in functions):
-        return False
-    for function in functions:
-        function.__kwdefaults__["initial_backoff"] = first_retry  # type: ignore[index]
-    return True
+    return patch_object_pulls(first_retry)

@@ -49,12 +49,12 @@ def pack_content(content: RecordDict) -> RecordDict:
     """``content`` as one record: its records in Flower's protobuf form, as one bytes value of a
     config record (one object) up to :data:`INLINE_MAX` bytes, else as one array (Flower splits
     it into chunks); ``content`` itself when that would not save Flower any object."""
-    from flwr.common.serde import recorddict_to_proto
+    from fl.flower_compat.serde import recorddict_to_bytes
 
     objects = sum(1 + (len(r) if isinstance(r, ArrayRecord) else 0) for r in content.values())
     if PACKED_CONTENT in content or objects <= 1:  # packed, or nothing to gain (an evaluation's metrics)
         return content
-    data = recorddict_to_proto(content).SerializeToString()
+    data = recorddict_to_bytes(content)
     if len(data) <= INLINE_MAX:
         return RecordDict({PACKED_CONTENT: ConfigRecord({PACKED_DATA: data})})
     return RecordDict({PACKED_CONTENT: ArrayRecord({PACKED_DATA: Array(dtype="bytes", shape=(len(data),),
@@ -64,8 +64,7 @@ def pack_content(content: RecordDict) -> RecordDict:
 def unpack_content(content: RecordDict) -> RecordDict:
     """The records :func:`pack_content` packed (``content`` itself if it is not packed); a
     malformed pack is a ValueError."""
-    from flwr.common.serde import recorddict_from_proto
-    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+    from fl.flower_compat.serde import recorddict_from_bytes
 
     if PACKED_CONTENT not in content:
         return content
@@ -77,7 +76,7 @@ def unpack_content(content: RecordDict) -> RecordDict:
     if not isinstance(data, bytes):
         raise ValueError(f"packed content: {PACKED_DATA!r} is not bytes")
     try:
-        return recorddict_from_proto(ProtoRecordDict.FromString(data))
+        return recorddict_from_bytes(data)
     except Exception as exc:  # noqa: BLE001 - protobuf's and Flower's errors, whatever the bytes were
         raise ValueError(f"packed content: not a record dict ({type(exc).__name__})") from None
 
@@ -98,13 +97,13 @@ def unpack_message(message: Message) -> Message:
 def unpack_reply(reply: Message) -> Message:
     """A node's reply unpacked, or an error reply naming what was wrong (one malformed reply
     cannot stop a round: the round records it as that node's failure)."""
-    from flwr.common.serde import make_message
+    from fl.flower_compat.serde import error_reply_with_metadata
 
     try:
         return unpack_message(reply)
     except ValueError as exc:
         log.warning("node %s: %s", reply.metadata.src_node_id, exc)
-        return make_message(metadata=reply.metadata, error=Error(code=wire.ERROR_MALFORMED_REPLY, reason=str(exc)))
+        return error_reply_with_metadata(reply.metadata, Error(code=wire.ERROR_MALFORMED_REPLY, reason=str(exc)))
 
 
 def packed_content_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:

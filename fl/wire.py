@@ -9,6 +9,7 @@ Flower is imported inside the functions, so the constants stay cheap to import.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -94,10 +95,25 @@ DESCRIBE = "describe"  # in a validation instruction: 1 asks each site for its d
 DESCRIPTORS = "descriptors"  # a ConfigRecord in a validation reply: nodes.descriptors' release
 DESCRIPTORS_DECLINED = "descriptors-declined"  # in node-info: why a site released no descriptors
 CLASS_PREFIX = "class-"  # a validation reply's per-class Dice of a multi-class task: class-<i>[-low|-high|-cases]
-LOCAL_TRAINABLE = "local-dp-trainable"  # fl.tasks.trainable: which parameters DP-SGD trains
+LOCAL_TRAINABLE = "local-dp-trainable"  # fl.learn.trainable: which parameters DP-SGD trains
 LOCAL_VIEWS = "local-dp-views"  # augmentation multiplicity
 LOCAL_VIEW_AUGMENT = "local-dp-view-augment"
 LOCAL_EMA_DECAY = "local-dp-ema-decay"
+# A train instruction's local-DP keys, each once for both sides: (wire key, ``local_dp`` config key and
+# DP-SGD option of the same name, its type, what a node assumes when the server sends none)
+LOCAL_DP_OPTIONS = ((LOCAL_TRAINABLE, "trainable", str, "all"), (LOCAL_VIEWS, "views", int, 1),
+                    (LOCAL_VIEW_AUGMENT, "view_augment", str, "flips"), (LOCAL_EMA_DECAY, "ema_decay", float, 0.0))
+
+
+def local_dp_instruction(section: Any) -> dict[str, Any]:
+    """What the server sends of its ``local_dp`` config section: the mechanism and its options."""
+    mechanism = {LOCAL_NOISE_MULTIPLIER: section.noise_multiplier, LOCAL_MAX_GRAD_NORM: section.max_grad_norm}
+    return {**mechanism, **{key: getattr(section, name) for key, name, _, _ in LOCAL_DP_OPTIONS}}
+
+
+def local_dp_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The DP-SGD options a node reads from a train instruction, by name (defaults where absent)."""
+    return {name: kind(config.get(key, default)) for key, name, kind, default in LOCAL_DP_OPTIONS}
 # central DP with client-side clipping: the node clips its update to this norm
 CLIENT_CLIP_NORM = "central-dp-clip-norm"
 # distributed noise under SecAgg+: the node adds its share of z C noise for this many contributors
@@ -128,7 +144,7 @@ SECAGG_ARRAY_KEYS = "secagg-array-keys"  # in the instruction's config: array na
 
 def is_secagg_message(content: RecordDict) -> bool:
     """A SecAgg+ stage message (setup, share keys, collect masked vectors, unmask)."""
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+    from fl.flower_compat.secagg import RECORD_KEY_CONFIGS
 
     return RECORD_KEY_CONFIGS in content.config_records
 
@@ -149,7 +165,8 @@ def legacy_instruction(content: RecordDict) -> tuple[dict[str, np.ndarray], Conf
 def legacy_reply(update: dict[str, np.ndarray], keys: list[str], metrics: dict[str, Any]) -> RecordDict:
     """A FitRes for ``secaggplus_mod``: the update (weight 1) and the node's scalar metrics."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    from fl.flower_compat.legacy import fitres_to_recorddict
 
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([update[k] for k in keys]), 1, dict(metrics))
     return fitres_to_recorddict(fitres, keep_input=False)
@@ -158,7 +175,8 @@ def legacy_reply(update: dict[str, np.ndarray], keys: list[str], metrics: dict[s
 def legacy_reply_parts(content: RecordDict) -> tuple[list[np.ndarray], dict[str, Any]]:
     """The update (in travel order) and the scalars of a :func:`legacy_reply`."""
     from flwr.common import parameters_to_ndarrays
-    from flwr.compat.common.recorddict_compat import recorddict_to_fitres
+
+    from fl.flower_compat.legacy import recorddict_to_fitres
 
     fitres = recorddict_to_fitres(content, keep_input=True)
     return parameters_to_ndarrays(fitres.parameters), dict(fitres.metrics)

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from fl.errors import DataError
-from fl.tasks import IMAGE_KEY, LABEL_KEY, Task
-from nodes.data import SPLITS, image_loader, load_local_data, read_datalist
+from fl.learn import IMAGE_KEY, LABEL_KEY, Task
+from fl.learn.cases import image_loader
+from fl.learn.data import SPLITS, load_local_data, read_datalist
 from nodes.policy import keyed_fingerprint, state_dir
 
 # Attributes of PS3.15 Table E.1-1 that identify a patient, a person or an institution, with

@@ -25,15 +25,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from fl import wire
+from fl import schema, wire
 from fl.errors import ConfigError, DataError
+from fl.learn import PrivateSettings, Task, TrainSettings, resolve_task
+from fl.learn.data import CACHE_DIR, LocalData, load_local_data
+from fl.learn.device import describe
+from fl.learn.synth import node_dir
 from fl.packing import packed_content_mod
-from fl.privacy.accounting import GaussianEvent
+from fl.privacy.accounting import GaussianEvent, local_event
 from fl.privacy.clipping import clip
 from fl.privacy.noise import SecureGaussian, noisy_mean
-from fl.tasks import Task, resolve_task
-from nodes.data import CACHE_DIR, LocalData, load_local_data
-from nodes.device import describe
 from nodes.ledger import Ledger, LedgerError
 from nodes.policy import (
     EXACT,
@@ -50,12 +51,9 @@ from nodes.policy import (
     count_request,
     keyed_fingerprint,
     load_policy,
-    local_event,
     plan_contribution,
     state_dir,
 )
-from nodes.synth import node_dir
-from nodes.train import evaluate_local, train_local
 from nodes.witness import check_acknowledged, head
 
 log = logging.getLogger("flwr.oncofed.node")  # lands in the SuperNode's own log
@@ -78,7 +76,7 @@ def resolve_data_dir(context: Context) -> Path:
 
 def node_device(config: ConfigRecord, context: Context) -> torch.device:
     """This node's own ``device`` setting, else the run's ``train.device``, else auto."""
-    from nodes import device
+    from fl.learn import device
 
     spec = context.node_config.get(wire.NODE_DEVICE, config.get(wire.DEVICE, device.AUTO))
     return device.resolve(str(spec))
@@ -108,7 +106,7 @@ def node_workers(config: ConfigRecord, context: Context, task: Any) -> int:
         return asked
     if wire.NODE_PARTITION_ID in context.node_config:
         return 0
-    return max(0, min(int(getattr(task, "loader_workers", 0)), (os.cpu_count() or 1) - 1))
+    return max(0, min(task.loader_workers, (os.cpu_count() or 1) - 1))
 
 
 def _fedbn_path(msg: Message, config: ConfigRecord, folder: Path, task: Any) -> Path | None:
@@ -117,7 +115,7 @@ def _fedbn_path(msg: Message, config: ConfigRecord, folder: Path, task: Any) -> 
 
     if config.get(wire.BATCHNORM, "fedavg") != "local":
         return None
-    return fedbn.local_path(folder, f"{msg.metadata.run_id}:{getattr(task, 'digest', task.name)}")
+    return fedbn.local_path(folder, f"{msg.metadata.run_id}:{task.digest}")
 
 
 def _prepare(content: RecordDict, context: Context) -> tuple[Task, torch.nn.Module, LocalData, Path]:
@@ -195,6 +193,9 @@ def _refuse(msg: Message, exc: Exception) -> Message:
         log.error("node %s: %s", msg.metadata.dst_node_id, exc)
     else:
         log.exception("node %s: local task failed", msg.metadata.dst_node_id)
+    if isinstance(exc, schema.NewerFormatError):  # before DataError: it is one too
+        return Message(Error(code=wire.ERROR_TRAINING_FAILED, reason="a file in this node's state was written by a "
+                             "newer OncoFed; the node refuses until its operator upgrades it"), reply_to=msg)
     code = wire.ERROR_DATASET_INVALID if isinstance(exc, DataError) else wire.ERROR_TRAINING_FAILED
     reason = {
         DataError: "local dataset failed validation; details are in the node's log",
@@ -235,6 +236,8 @@ def _guarded(msg: Message, work: Any) -> Message:
                     msg.content[wire.CONFIG].get(wire.SERVER_ROUND) if wire.CONFIG in msg.content.config_records
                     else "?", refusal.reason)
         return Message(Error(code=refusal.code, reason=refusal.reason), reply_to=msg)
+    except schema.NewerFormatError as exc:  # a newer ledger too: not a broken checksum
+        return _refuse(msg, exc)
     except LedgerError as exc:
         log.error("node %s: %s", msg.metadata.dst_node_id, exc)
         return Message(Error(code=wire.ERROR_LEDGER, reason="privacy ledger failed its checksum; node refuses to train"),
@@ -263,30 +266,17 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
     folder = node_state_dir(context, data_dir)
     policy, ledger = load_policy(folder), Ledger.in_dir(folder)
     request = _local_dp_request(config)
-    bundle = getattr(task, "kind", "") == "bundle"
     options = _dp_options(config) if request else None
     if options is not None and options != type(options)():
-        if not bundle:
-            raise ConfigError(f"local DP options {options} are for image tasks, not {task.name}")
-        from fl.tasks.trainable import trained_names
-
-        trained_names(net, options.trainable)  # a choice this network cannot honour fails before any spend
+        task.check_private_options(options, net)  # a choice this task cannot honour fails before any spend
     epochs = int(config[wire.EPOCHS])
-    batch_size = task.batch_size if bundle else int(config[wire.BATCH_SIZE])  # type: ignore[attr-defined]
+    batch_size = task.batch_size
     event = (
         local_event(len(data.train), epochs=epochs, batch_size=batch_size, noise_multiplier=request.noise_multiplier)
         if request else None
     )
-    run, server_round = int(msg.metadata.run_id), int(config[wire.SERVER_ROUND])
-    check_acknowledged(folder, config)
-    contribution = _contribution(policy, config, context, run, server_round, secure, net)
-    contributions = Ledger.contributions_in(folder)
-    with ledger.locked(), contributions.locked():  # every check first, then both entries, before training
-        client_event, client_fields = plan_contribution(policy, contributions, contribution)
-        entry = admit(policy, ledger, request, event, secure=secure, num_records=len(data.train),
-                      distributed_noise=contribution.noise_multiplier is not None,
-                      server_round=server_round, run=run, time=time.time())
-        contributions.append(client_event, **client_fields, time=time.time())
+    contribution, entry = _admit_training(msg, config, context, folder, policy, ledger, request, event,
+                                          num_records=len(data.train), secure=secure, net=net)
     global_state = {k: v.clone() for k, v in net.state_dict().items()}
     device = node_device(config, context)
     fedbn_path = _fedbn_path(msg, config, folder, task)
@@ -294,24 +284,44 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
         from nodes import fedbn
 
         fedbn.swap_in(net, fedbn_path)
-    if bundle:
-        result = _train_bundle(net, task, data, config, context, request, options, device, epochs)
-    elif request:
-        # imported here: Opacus takes 1.4 s to import (python -X importtime), which every
-        # virtual node and every deployed ClientApp process paid, DP or not
-        from nodes.dp_train import train_local_dp
-
-        result = train_local_dp(net, task, data.train, noise_multiplier=request.noise_multiplier,
-                                max_grad_norm=request.max_grad_norm, epochs=epochs, lr=float(config[wire.LR]),
-                                batch_size=batch_size, device=device)
-    else:
-        generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data.digest)
-        result = train_local(net, task, data.train, proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
-                             generator=generator, amp=bool(config.get(wire.AMP, False)), epochs=epochs,
-                             lr=float(config[wire.LR]), batch_size=batch_size, device=device)
+    result = _local_training(net, task, data, config, context, request, options, device, epochs)
     if fedbn_path is not None:
         fedbn.keep_and_hide(net, global_state, fedbn_path)
-    values: dict[str, float] = {wire.NUM_EXAMPLES: len(data.train)}
+    values = _train_metrics(result, config, policy, request, entry, net, global_state, num_examples=len(data.train))
+    fingerprint = keyed_fingerprint(folder, data.digest)
+    info = {wire.DATASET_FINGERPRINT: fingerprint, wire.DEVICE_NAME: describe(device), wire.LEDGER_HEAD: head(folder)}
+    if secure:
+        return _masked_reply(msg, net, global_state, values, info, config, context, contribution)
+    content = RecordDict({wire.ARRAYS: ArrayRecord(net.state_dict()), wire.METRICS: MetricRecord(values),
+                          wire.NODE_INFO: ConfigRecord(info)})
+    return Message(content=content, reply_to=msg)
+
+
+def _admit_training(msg: Message, config: ConfigRecord, context: Context, folder: Path, policy: Policy,
+                    ledger: Ledger, request: LocalDpRequest | None, event: Any, *, num_records: int, secure: bool,
+                    net: torch.nn.Module) -> tuple[Contribution, dict[str, Any] | None]:
+    """Every check of the request (acknowledged ledger heads, contribution, budgets), then both ledger
+    entries, before any training: (this node's contribution, its record-level ledger entry or None)."""
+    run, server_round = int(msg.metadata.run_id), int(config[wire.SERVER_ROUND])
+    check_acknowledged(folder, config)
+    contribution = _contribution(policy, config, context, run, server_round, secure, net)
+    contributions = Ledger.contributions_in(folder)
+    with ledger.locked(), contributions.locked():  # every check first, then both entries, before training
+        client_event, client_fields = plan_contribution(policy, contributions, contribution)
+        entry = admit(policy, ledger, request, event, secure=secure, num_records=num_records,
+                      distributed_noise=contribution.noise_multiplier is not None,
+                      server_round=server_round, run=run, time=time.time())
+        contributions.append(client_event, **client_fields, time=time.time())
+    return contribution, entry
+
+
+def _train_metrics(result: Any, config: ConfigRecord, policy: Policy, request: LocalDpRequest | None,
+                   entry: dict[str, Any] | None, net: torch.nn.Module, global_state: dict[str, torch.Tensor], *,
+                   num_examples: int) -> dict[str, float]:
+    """The reply's metrics: the example count; the loss and timing where the policy releases exact
+    metrics; whether the update was below the clipping norm (client-side clipping: ``net`` is
+    clipped here); the record-level budget spent."""
+    values: dict[str, float] = {wire.NUM_EXAMPLES: num_examples}
     if policy.metrics_mode(request is not None) == EXACT:  # otherwise the loss and timing stay here
         values.update({wire.TRAIN_LOSS: result.loss, wire.TRAIN_SECONDS: result.seconds})
     if wire.CLIENT_CLIP_NORM in config:
@@ -319,19 +329,20 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
     if entry is not None:
         values[wire.EPSILON_RECORD] = float(entry["epsilon_after"])
         values[wire.DELTA_RECORD] = float(entry["delta"])
-    fingerprint = keyed_fingerprint(folder, data.digest)
-    info = {wire.DATASET_FINGERPRINT: fingerprint, wire.DEVICE_NAME: describe(device), wire.LEDGER_HEAD: head(folder)}
-    if secure:
-        keys = json.loads(str(config[wire.SECAGG_ARRAY_KEYS]))
-        state = net.state_dict()
-        update = {k: (state[k].double() - global_state[k].double()).numpy() for k in keys}
-        if contribution.noise_multiplier is not None:
-            update = _with_noise_share(update, config, context, net)
-        values.pop(wire.UPDATE_NORM_BELOW_CLIP, None)  # scalars travel unmasked: this bit would describe the update
-        return Message(wire.legacy_reply(update, keys, {**values, **info}), reply_to=msg)
-    content = RecordDict({wire.ARRAYS: ArrayRecord(net.state_dict()), wire.METRICS: MetricRecord(values),
-                          wire.NODE_INFO: ConfigRecord(info)})
-    return Message(content=content, reply_to=msg)
+    return values
+
+
+def _masked_reply(msg: Message, net: torch.nn.Module, global_state: dict[str, torch.Tensor], values: dict[str, float],
+                  info: dict[str, Any], config: ConfigRecord, context: Context, contribution: Contribution) -> Message:
+    """The reply under secure aggregation: the update alone (with this node's share of the noise under
+    distributed noise) for the masking stage, and its scalars."""
+    keys = json.loads(str(config[wire.SECAGG_ARRAY_KEYS]))
+    state = net.state_dict()
+    update = {k: (state[k].double() - global_state[k].double()).numpy() for k in keys}
+    if contribution.noise_multiplier is not None:
+        update = _with_noise_share(update, config, context, net)
+    values.pop(wire.UPDATE_NORM_BELOW_CLIP, None)  # scalars travel unmasked: this bit would describe the update
+    return Message(wire.legacy_reply(update, keys, {**values, **info}), reply_to=msg)
 
 
 def _secure_setup(context: Context) -> tuple[int, float, int]:
@@ -342,7 +353,7 @@ def _secure_setup(context: Context) -> tuple[int, float, int]:
         from nodes.secure_sum import threshold_and_range
 
         return threshold_and_range(context)
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+    from fl.flower_compat.secagg import RECORD_KEY_STATE
 
     state = context.state.config_records[RECORD_KEY_STATE]
     return int(state["threshold"]), float(state["clipping_range"]), int(state["target_range"])
@@ -393,28 +404,27 @@ def _noise_plan(config: ConfigRecord, context: Context, net: torch.nn.Module) ->
         raise Refusal(wire.ERROR_POLICY, f"distributed noise: malformed request ({exc!r})") from None
 
 
-def _train_bundle(net: torch.nn.Module, task: Any, data: LocalData, config: ConfigRecord, context: Context,
-                  request: LocalDpRequest | None, options: Any, device: torch.device, epochs: int) -> Any:
-    from nodes.bundle_train import train_bundle, train_bundle_dp
-
+def _local_training(net: torch.nn.Module, task: Task, data: LocalData, config: ConfigRecord, context: Context,
+                    request: LocalDpRequest | None, options: Any, device: torch.device, epochs: int) -> Any:
+    """Train ``net`` on this node's training cases: DP-SGD when the request asks for it (sampling
+    from a fresh generator, noise from the node's CSPRNG), else the task's plain training."""
     if request:
-        return train_bundle_dp(net, task, data.train, epochs=epochs, noise_multiplier=request.noise_multiplier,
-                               max_grad_norm=request.max_grad_norm, device=device, options=options,
-                               generator=_private_generator())
+        return task.train_private(net, data.train, PrivateSettings(
+            epochs=epochs, noise_multiplier=request.noise_multiplier, max_grad_norm=request.max_grad_norm,
+            device=device, options=options, generator=_private_generator()))
     generator = _local_generator(int(config[wire.SEED]), int(config[wire.SERVER_ROUND]), data.digest)
-    return train_bundle(net, task, data.train, epochs=epochs, device=device, amp=bool(config.get(wire.AMP, False)),
-                        proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)), generator=generator,
-                        workers=node_workers(config, context, task))
+    return task.train(net, data.train, TrainSettings(
+        epochs=epochs, device=device, amp=bool(config.get(wire.AMP, False)),
+        proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)), generator=generator,
+        workers=node_workers(config, context, task)))
 
 
 def _dp_options(config: ConfigRecord) -> Any:
     """The run's DP-SGD options (trained parameters, views, weight average); a server that sends
     none gets the plain mechanism."""
-    from nodes.dp_train import DpOptions
+    from fl.learn.dp_train import DpOptions
 
-    return DpOptions(trainable=str(config.get(wire.LOCAL_TRAINABLE, "all")), views=int(config.get(wire.LOCAL_VIEWS, 1)),
-                     view_augment=str(config.get(wire.LOCAL_VIEW_AUGMENT, "flips")),
-                     ema_decay=float(config.get(wire.LOCAL_EMA_DECAY, 0.0)))
+    return DpOptions(**wire.local_dp_options(config))
 
 
 def _with_noise_share(update: dict[str, np.ndarray], config: ConfigRecord, context: Context,
@@ -456,23 +466,41 @@ def _evaluate(msg: Message, context: Context) -> Message:
     else:
         values.update(_released_scores(msg, context, task, net, data, config, policy, ledger, mode, folder))
     records: dict[str, Any] = {wire.METRICS: MetricRecord(values)}
-    info = {}
+    info: dict[str, Any] = {}
     if wire.VALIDATE in config:  # fl validate: the site's pseudonymous identity, and its descriptors if asked
-        from nodes.validation import site_id
-
-        info = {wire.SITE_ID: site_id(folder), wire.DATASET_FINGERPRINT: keyed_fingerprint(folder, data.digest)}
-        if config.get(wire.DESCRIBE):  # the descriptors follow their own policy, whatever metrics release
-            from nodes.descriptors import release_for
-
-            described, why = release_for(folder, data_dir, data, policy, ledger,
-                                         dp_requested=wire.LOCAL_NOISE_MULTIPLIER in config,
-                                         server_round=server_round, tabular=getattr(task, "kind", "") != "bundle")
-            if described is None:
-                info[wire.DESCRIPTORS_DECLINED] = str(why)
-            else:
-                records[wire.DESCRIPTORS] = ConfigRecord({k: v for k, v in described.items() if v not in (None, [])})
+        info, described = _validation(folder, data_dir, data, task, policy, ledger, config, server_round)
+        if described is not None:
+            records[wire.DESCRIPTORS] = described
     info[wire.LEDGER_HEAD] = head(folder)  # after every charge of this request
     return Message(content=RecordDict({**records, wire.NODE_INFO: ConfigRecord(info)}), reply_to=msg)
+
+
+def _validation(folder: Path, data_dir: Path, data: LocalData, task: Any, policy: Policy, ledger: Ledger,
+                config: ConfigRecord, server_round: int) -> tuple[dict[str, Any], ConfigRecord | None]:
+    """``fl validate`` (federated validation of a version) at this site: its pseudonymous identity and
+    dataset fingerprint, and its descriptors when asked; (node info, the descriptors record or None).
+    The site's interval and per-class scores travel with the released scores (:func:`_intervals`)."""
+    from nodes.site_scores import site_id
+
+    info = {wire.SITE_ID: site_id(folder), wire.DATASET_FINGERPRINT: keyed_fingerprint(folder, data.digest)}
+    if not config.get(wire.DESCRIBE):
+        return info, None
+    return info, _descriptors(info, folder, data_dir, data, task, policy, ledger, config, server_round)
+
+
+def _descriptors(info: dict[str, Any], folder: Path, data_dir: Path, data: LocalData, task: Any, policy: Policy,
+                 ledger: Ledger, config: ConfigRecord, server_round: int) -> ConfigRecord | None:
+    """The dataset descriptors this site releases under their own policy, whatever metrics release
+    (charged to the ledger when noisy); None, with the reason in ``info``, when it declines."""
+    from nodes.descriptors import release_for
+
+    described, why = release_for(folder, data_dir, data, policy, ledger,
+                                 dp_requested=wire.LOCAL_NOISE_MULTIPLIER in config,
+                                 server_round=server_round, labels=lambda: task.record_labels(data))
+    if described is None:
+        info[wire.DESCRIPTORS_DECLINED] = str(why)
+        return None
+    return ConfigRecord({k: v for k, v in described.items() if v not in (None, [])})
 
 
 def _released_scores(msg: Message, context: Context, task: Any, net: torch.nn.Module, data: LocalData,
@@ -481,27 +509,45 @@ def _released_scores(msg: Message, context: Context, task: Any, net: torch.nn.Mo
     with the site's interval and per-class scores when ``fl validate`` asks."""
     entry = None
     # fl validate of a multi-class task also releases each class's score: under noisy, one more mechanism
-    per_class = wire.VALIDATE in config and len(task.class_labels() if hasattr(task, "class_labels") else []) > 1
+    per_class = wire.VALIDATE in config and len(task.class_labels()) > 1
     if mode == NOISY:  # written ahead: charged before the records' scores are computed
-        event = GaussianEvent(policy.metrics_noise_multiplier, 1.0, 2 if per_class else 1)
-        with ledger.locked():
-            entry = charge(policy, ledger, event, num_records=len(data.train) + len(data.val),
-                           release="metrics+classes" if per_class else "metrics",
-                           server_round=int(config.get(wire.SERVER_ROUND, 0)), run=int(msg.metadata.run_id),
-                           time=time.time())
+        entry = _charge_metrics(msg, config, policy, ledger, data, per_class=per_class)
+    result = _score(msg, context, task, net, data, config, folder)
+    values = _release_metrics(result, task, policy, entry)
+    if wire.VALIDATE in config:
+        values.update(_intervals(result, values, task, data, config, policy, noisy=entry is not None,
+                                 per_class=per_class))
+    return values
+
+
+def _charge_metrics(msg: Message, config: ConfigRecord, policy: Policy, ledger: Ledger, data: LocalData, *,
+                    per_class: bool) -> dict[str, Any]:
+    """The noisy release's charge, written to the ledger before any score is computed: one Gaussian
+    mechanism on the metrics, one more on the per-class scores; the ledger entry."""
+    event = GaussianEvent(policy.metrics_noise_multiplier, 1.0, 2 if per_class else 1)
+    with ledger.locked():
+        return charge(policy, ledger, event, num_records=len(data.train) + len(data.val),
+                      release="metrics+classes" if per_class else "metrics",
+                      server_round=int(config.get(wire.SERVER_ROUND, 0)), run=int(msg.metadata.run_id),
+                      time=time.time())
+
+
+def _score(msg: Message, context: Context, task: Any, net: torch.nn.Module, data: LocalData, config: ConfigRecord,
+           folder: Path) -> Any:
+    """The global model (with this node's own BatchNorm layers under FedBN) on the held-out cases."""
     device = node_device(config, context)
-    if getattr(task, "kind", "") == "bundle":
-        from nodes.bundle_train import evaluate_bundle
+    fedbn_path = _fedbn_path(msg, config, folder, task)
+    if fedbn_path is not None:
+        from nodes import fedbn
 
-        fedbn_path = _fedbn_path(msg, config, folder, task)
-        if fedbn_path is not None:
-            from nodes import fedbn
+        fedbn.swap_in(net, fedbn_path)
+    return task.evaluate(net, data.val, device=device, workers=node_workers(config, context, task),
+                         amp=bool(config.get(wire.AMP, False)))
 
-            fedbn.swap_in(net, fedbn_path)
-        result = evaluate_bundle(net, task, data.val, device=device, workers=node_workers(config, context, task),
-                                 amp=bool(config.get(wire.AMP, False)))
-    else:
-        result = evaluate_local(net, task, data.val, batch_size=int(config[wire.BATCH_SIZE]), device=device)
+
+def _release_metrics(result: Any, task: Any, policy: Policy, entry: dict[str, Any] | None) -> dict[str, float]:
+    """What leaves the node: the exact loss and score, or (``entry``: the charge made for it) the mean
+    record score with DP noise, the record-level epsilon after it and the DP flag."""
     values: dict[str, float] = {}
     if entry is None:
         values.update({wire.VAL_LOSS: result.loss, task.metric: result.score})
@@ -509,16 +555,13 @@ def _released_scores(msg: Message, context: Context, task: Any, net: torch.nn.Mo
         values[task.record_metric] = noisy_mean(result.record_scores, policy.metrics_noise_multiplier, SecureGaussian())
         values[wire.EPSILON_RECORD] = float(entry["epsilon_after"])
         values[wire.METRICS_DP] = 1.0
-    if wire.VALIDATE in config:
-        values.update(_intervals(result, values, task, data, config, policy, noisy=entry is not None,
-                                 per_class=per_class))
     return values
 
 
 def _intervals(result: Any, values: dict[str, float], task: Any, data: LocalData, config: ConfigRecord,
                policy: Policy, *, noisy: bool, per_class: bool) -> dict[str, float]:
     """``fl validate``: the site's interval around its score and, for a multi-class task, each class's."""
-    from nodes.validation import bootstrap_interval, noisy_interval
+    from nodes.site_scores import bootstrap_interval, noisy_interval
 
     confidence = float(config[wire.CONFIDENCE])
     if not noisy:
@@ -530,7 +573,7 @@ def _intervals(result: Any, values: dict[str, float], task: Any, data: LocalData
     out = {wire.SCORE_LOW: low, wire.SCORE_HIGH: high}
     classes = result.class_scores
     if per_class and classes is not None:  # multi-class: each class's own score
-        from nodes.validation import class_intervals, noisy_class_scores
+        from nodes.site_scores import class_intervals, noisy_class_scores
 
         released = class_intervals(classes, resamples=int(config[wire.VALIDATE]), confidence=confidence,
                                    digest=data.digest) if not noisy else noisy_class_scores(

@@ -32,8 +32,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from fl import schema
 from fl.errors import DataError
-from nodes.synth import DATASET_JSON
+from fl.learn.synth import DATASET_JSON
 
 SPACING_EDGES = (0.0, 0.5, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, math.inf)  # mm, public
 CACHE_FILE = "descriptors.json"  # in the node's state folder
@@ -81,7 +82,7 @@ def _read_case(label_path: Path) -> tuple[tuple[float, ...], np.ndarray]:
         spatial = min(3, len(image.shape))
         return tuple(round(float(z), 4) for z in image.header.get_zooms()[:spatial]), \
             np.unique(np.asanyarray(image.dataobj))
-    from nodes.data import image_loader
+    from fl.learn.cases import image_loader
 
     image = image_loader()(str(label_path))
     spacing = tuple(round(float(z), 4) for z in np.asarray(getattr(image, "pixdim", [1.0] * 3)).ravel()[:3])
@@ -90,7 +91,7 @@ def _read_case(label_path: Path) -> tuple[tuple[float, ...], np.ndarray]:
 
 def count(data_dir: Path, tabular_labels: Callable[[], np.ndarray] | None = None) -> dict[str, Any]:
     """The exact counts of this node's cases (training and validation together), on the node only."""
-    from nodes.data import SPLITS, read_datalist
+    from fl.learn.data import SPLITS, read_datalist
 
     modality, labels = declared(data_dir)
     finest, coarsest = [0] * (len(SPACING_EDGES) - 1), [0] * (len(SPACING_EDGES) - 1)
@@ -147,6 +148,8 @@ def cached(state: Path, key: str) -> dict[str, Any] | None:
         entries = json.loads((state / CACHE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    if isinstance(entries, dict):
+        schema.check("descriptors-cache", entries, state / CACHE_FILE)
     entry = entries.get(key) if isinstance(entries, dict) else None
     return entry if isinstance(entry, dict) else None
 
@@ -160,6 +163,8 @@ def keep(state: Path, key: str, value: dict[str, Any]) -> None:
         entries = entries if isinstance(entries, dict) else {}
     except (OSError, ValueError):
         entries = {}
+    schema.check("descriptors-cache", entries, path)  # never rewrite a newer OncoFed's file in the old format
+    entries.update(schema.stamp("descriptors-cache"))
     entries[key] = value
     tmp = path.with_name(f".{CACHE_FILE}.tmp")
     tmp.write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
@@ -171,10 +176,12 @@ def cache_key(digest: str, mode: str, noise_multiplier: float) -> str:
 
 
 def release_for(state: Path, data_dir: Path, data: Any, policy: Any, ledger: Any, *, dp_requested: bool,
-                server_round: int, tabular: bool) -> tuple[dict[str, Any] | None, str | None]:
+                server_round: int, labels: Callable[[], np.ndarray | None]) -> tuple[dict[str, Any] | None, str | None]:
     """This node's descriptors as its policy allows, with the reason when it releases none. A
     noisy release is charged (written ahead) before any case is read; a budget or policy refusal
-    declines the descriptors alone."""
+    declines the descriptors alone. ``labels``: the records' labels where they are a table's
+    column (the task's :meth:`~fl.learn.task.Task.record_labels`), else None (label maps in the
+    node's files)."""
     import time
 
     from fl.privacy.accounting import GaussianEvent
@@ -198,10 +205,9 @@ def release_for(state: Path, data_dir: Path, data: Any, policy: Any, ledger: Any
         except Refusal as refusal:
             return None, refusal.reason
         out["epsilon_after"] = float(entry["epsilon_after"])
-    labels = (lambda: np.concatenate([data.train.labels.numpy().ravel(), data.val.labels.numpy().ravel()])) \
-        if tabular else None
+    column = labels()
     source = SecureGaussian()
-    out.update(release(count(data_dir, labels), cases=(len(data.train), len(data.val)),
+    out.update(release(count(data_dir, None if column is None else lambda: column), cases=(len(data.train), len(data.val)),
                        noise_multiplier=z if mode == NOISY else None,
                        noise=lambda n, std: source.gaussian((n,), std).numpy()))
     keep(state, key, out)

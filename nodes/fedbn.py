@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from fl import schema
+
 FOLDER = "fedbn"
 
 
@@ -33,9 +35,12 @@ def local_path(state_dir: Path, run_key: str) -> Path:
 
 def swap_in(net: torch.nn.Module, path: Path) -> None:
     """Load this node's own BatchNorm layers into ``net`` (none yet: keep the global ones)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if path.is_file():
+        with safe_open(str(path), framework="pt") as handle:
+            schema.check_metadata("fedbn", handle.metadata(), path)
         net.load_state_dict(load_file(path), strict=False)
 
 
@@ -48,6 +53,7 @@ def keep_and_hide(net: torch.nn.Module, global_state: dict[str, torch.Tensor], p
     state = net.state_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({k: state[k].detach().clone().contiguous() for k in keys}, str(tmp))
+    save_file({k: state[k].detach().clone().contiguous() for k in keys}, str(tmp),
+              metadata={schema.METADATA_KEY: str(schema.version("fedbn"))})
     tmp.replace(path)
     net.load_state_dict({k: global_state[k] for k in keys}, strict=False)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fl import schema
 from fl.errors import OncoFedError
 from fl.privacy import hashchain
 from fl.privacy.accounting import GaussianEvent
@@ -51,10 +52,18 @@ class Ledger:
         """The node's client-level ledger: contributions and evaluation requests."""
         return cls(Path(folder) / CONTRIBUTIONS_FILE)
 
+    @property
+    def kind(self) -> str:
+        """The ledger's format (:mod:`fl.schema`): record-level or client-level."""
+        return "contributions" if self.path.name == CONTRIBUTIONS_FILE else "privacy-ledger"
+
     def entries(self) -> list[dict[str, Any]]:
-        """Every entry, after checking the whole chain."""
+        """Every entry, after checking the whole chain and each entry's schema version."""
+        def version(entry: dict[str, Any], number: int) -> None:
+            schema.check(self.kind, entry, f"{self.path}: line {number}", error=LedgerError)
+
         try:
-            return hashchain.read_chain(self.path, "privacy ledger")
+            return hashchain.read_chain(self.path, "privacy ledger", check=version)
         except hashchain.ChainError as exc:
             raise LedgerError(str(exc)) from None
 
@@ -72,4 +81,5 @@ class Ledger:
     def append(self, event: GaussianEvent | None, **fields: Any) -> dict[str, Any]:
         """Append one entry (call inside :meth:`locked`); fsynced before returning."""
         return hashchain.append_entry(self.path, self.entries(),
-                                      {**fields, "event": event.to_dict() if event is not None else None})
+                                      {**fields, "event": event.to_dict() if event is not None else None,
+                                       **schema.stamp(self.kind)})

@@ -21,7 +21,7 @@ from typing import Any
 
 import tomli_w
 
-from fl import wire
+from fl import schema, wire
 from fl.errors import ConfigError
 from fl.privacy import accounting
 from fl.privacy.accounting import GaussianEvent
@@ -139,12 +139,6 @@ class Policy:
         return NONE if self.requires_dp or dp_requested or self.distrusts_coordinator else EXACT
 
 
-def local_event(num_examples: int, *, epochs: int, batch_size: int, noise_multiplier: float) -> GaussianEvent:
-    """The mechanism one call of :func:`nodes.dp_train.train_local_dp` applies to the node's records."""
-    return accounting.dp_sgd_event(num_examples, epochs=epochs, batch_size=batch_size,
-                                   noise_multiplier=noise_multiplier)
-
-
 def state_dir(data_dir: Path) -> Path:
     return data_dir / STATE_DIR
 
@@ -157,6 +151,8 @@ def load_policy(folder: Path) -> Policy:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: unreadable policy ({exc})") from None
+    schema.check("policy", raw, path, error=ConfigError)
+    raw.pop(schema.KEY, None)
     unknown = set(raw) - set(Policy.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"{path}: unknown policy key {sorted(unknown)[0]!r}")
@@ -209,8 +205,9 @@ def keyed_fingerprint(folder: Path, digest: str) -> str:
 def save_policy(folder: Path, policy: Policy) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / POLICY_FILE
+    schema.refuse_newer_file("policy", path, tomllib.loads, error=ConfigError)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(tomli_w.dumps(asdict(policy)), encoding="utf-8")
+    tmp.write_text(tomli_w.dumps({**schema.stamp("policy"), **asdict(policy)}), encoding="utf-8")
     tmp.replace(path)
     return path
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fl import wire
+from fl import schema, wire
 from fl.errors import ConfigError
 from fl.files import atomic_write
 from fl.privacy.secure_sum import public_bytes
@@ -59,6 +59,8 @@ def parse_roster(text: str, source: str) -> Roster:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{source}: not JSON ({exc})") from None
+    if isinstance(raw, dict):
+        schema.check("roster", raw, source, error=ConfigError)
     if not isinstance(raw, dict) or not isinstance(raw.get("consortium"), str) or not raw["consortium"].strip():
         raise ConfigError(f"{source}: 'consortium' must name the consortium")
     entries = raw.get("sites")
@@ -90,7 +92,7 @@ def parse_roster(text: str, source: str) -> Roster:
 
 def roster_text(consortium: str, sites: dict[str, bytes]) -> str:
     """A roster file's text (what a consortium distributes)."""
-    return json.dumps({"consortium": consortium,
+    return json.dumps({**schema.stamp("roster"), "consortium": consortium,
                        "sites": [{"site": k, "key": v.hex()} for k, v in sorted(sites.items())]}, indent=2) + "\n"
 
 
@@ -139,6 +141,7 @@ def pin_roster(folder: Path, source: Path) -> Roster:
     mine = public_bytes(site_key(folder))
     if roster.site_of(mine) is None:
         raise ConfigError(f"{source}: this site's public key {mine.hex()} is not on the roster")
+    schema.refuse_newer_file("roster", folder / ROSTER_FILE, json.loads, error=ConfigError)
     atomic_write(folder / ROSTER_FILE, roster_text(roster.consortium, roster.sites).encode())
     return roster
 
@@ -176,8 +179,8 @@ def pin_local_consortium(folders: list[Path], consortium: str = "local simulatio
 def pin_local_federation(data_root: Path, nodes: int, consortium: str = "local simulation") -> Roster | None:
     """:func:`pin_local_consortium` for the ``nodes`` node folders under ``data_root``; None (nothing
     pinned) for a federation too small for secure aggregation."""
+    from fl.learn.synth import node_dir
     from nodes.policy import state_dir
-    from nodes.synth import node_dir
 
     if nodes < MIN_SITES:
         return None

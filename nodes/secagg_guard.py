@@ -27,9 +27,9 @@ import json
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Error, Message
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from fl import wire
+from fl.flower_compat.secagg import RECORD_KEY_CONFIGS, Key, Stage
 from nodes.policy import Policy, Refusal, check_threshold
 
 GUARD_STATE = "oncofed_secagg_guard"  # this guard's memory in the node's context, apart from the mod's

@@ -11,27 +11,32 @@ ClientApp process and never touches the data: the node answers with error
 :data:`fl.wire.ERROR_APP_NOT_APPROVED` instead.
 
 Flower 1.41's SuperNode offers no hook for this, so :func:`install_app_guard` wraps its
-private ``_pull_and_store_message`` (the package pins ``flwr<1.42``; tests exercise the wrap
-against a live SuperLink).
+private ``_pull_and_store_message`` (in :mod:`fl.flower_compat.supernode`; the package pins
+Flower exactly, ``tests/test_flower_compat.py`` checks what the wrap relies on, and tests
+exercise it against a live SuperLink).
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import os
 import re
-import sys
 import threading
-import time
-import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from fl import wire
 from fl.errors import ConfigError
+from fl.flower_compat.supernode import (  # node_wait_sites: re-exported for the node's tests
+    FLOWER_IDLE_SLEEP_S,
+    build_fab,
+    install_fab_guard,
+    node_wait_sites,  # noqa: F401
+    run_supernode_cli,
+)
+from fl.flower_compat.supernode import shorten_node_waits as compat_shorten_node_waits
+from nodes.app_check import AppRefused, check_fab
 
 log = logging.getLogger("flwr.oncofed.node")
 
@@ -40,10 +45,6 @@ _HASH = re.compile(r"^[0-9a-f]{64}$")
 
 
 MESSAGE_STORED = threading.Event()  # set each time this process's SuperNode stores a message
-
-
-class AppRefused(Exception):
-    """The FAB of a run is not one this node's operator approved."""
 
 
 def allowlist_path(state: Path) -> Path:
@@ -84,102 +85,26 @@ def approve(state: Path, fab_hash: str, note: str = "") -> Path:
 
 def fab_hash_of(app_dir: Path) -> str:
     """SHA-256 of the FAB Flower builds from ``app_dir``: the hash a node sees for a run of it."""
-    from flwr.cli.build import build_fab_from_disk
-
     try:
-        return hashlib.sha256(build_fab_from_disk(app_dir)).hexdigest()
+        return hashlib.sha256(build_fab(app_dir)).hexdigest()
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{app_dir}: cannot build a Flower app bundle ({exc})") from None
 
 
-def check_fab(content: bytes, announced_hash: str, approved: set[str]) -> str:
-    """The FAB's hash if it matches what the SuperLink announced and is approved; else refuse."""
-    digest = hashlib.sha256(content).hexdigest()
-    if digest != announced_hash:
-        raise AppRefused(f"app content hashes to {digest[:12]}, not the announced {announced_hash[:12]}: tampered")
-    if digest not in approved:
-        raise AppRefused(f"app {digest} is not approved by this node's operator")
-    return digest
-
-
 def install_app_guard(approved: Callable[[], set[str]]) -> None:
     """Make this process's SuperNode refuse runs whose FAB is not in ``approved()`` (read
-    afresh for every new run, so approving needs no restart)."""
-    import flwr.supernode.start_client_internal as sci
-    from flwr.app import Error, Message
-
-    original = sci._pull_and_store_message
-    if getattr(original, "__oncofed_guard__", False):
-        return
-
-    def guarded(**kwargs: Any) -> int | None:
-        seen: dict[str, Any] = {}
-        receive, get_fab = kwargs["receive"], kwargs["get_fab"]
-
-        def recording_receive() -> Any:
-            got = receive()
-            if got is not None:
-                seen["message"] = got[0]
-            return got
-
-        def checked_get_fab(fab_hash: str, run_id: int) -> Any:
-            fab = get_fab(fab_hash, run_id)
-            check_fab(fab.content, fab_hash, approved())
-            return fab
-
-        try:
-            run_id = original(**{**kwargs, "receive": recording_receive, "get_fab": checked_get_fab})
-            if run_id is not None:  # a message and its content are stored: a task is waiting
-                MESSAGE_STORED.set()
-                if isinstance(sci.time, _NodeClock):
-                    sci.time.message_stored()
-            return run_id
-        except AppRefused as refusal:
-            message = seen["message"]
-            log.error("run %s refused: %s", message.metadata.run_id, refusal)
-            reply = Message(Error(code=wire.ERROR_APP_NOT_APPROVED, reason=f"node refused the app: {refusal}"),
-                            reply_to=message)
-            sci._insert_message(reply, kwargs["state"], kwargs["object_store"])
-            return int(message.metadata.run_id)
-
-    guarded.__oncofed_guard__ = True  # type: ignore[attr-defined]
-    sci._pull_and_store_message = guarded
+    afresh for every new run, so approving needs no restart); see
+    :func:`fl.flower_compat.supernode.install_fab_guard`."""
+    install_fab_guard(lambda content, fab_hash: check_fab(content, fab_hash, approved()), AppRefused,
+                      wire.ERROR_APP_NOT_APPROVED, MESSAGE_STORED.set)
 
 
-FLOWER_IDLE_SLEEP_S = 3  # Flower 1.41's SuperNode, after a pull that finds no message
-FLOWER_REPLY_POLL_S = 0.5  # ... while it waits for the ClientApp's reply and its content
 REPLY_POLL_S = 0.05
 MIN_IDLE_S, MAX_IDLE_S = 0.1, 3.0
 MIN_FOLLOW_UP_S = 0.02
 
 
 FOLLOW_UP_S = (0.05, 0.05, 0.1)  # the waits before the first empty pulls after a message
-
-
-class _NodeClock:
-    """Stands in for the ``time`` module inside Flower's SuperNode loop: its fixed waits become
-    this node's; every other attribute is the real module's.
-
-    After a message the next one often follows within a fraction of a second (a SecAgg+ stage,
-    the evaluation after training), so the first empty pulls after one wait ``follow_up`` (in
-    turn) instead of ``idle``; :func:`install_app_guard` calls :meth:`message_stored`."""
-
-    def __init__(self, idle: float, reply: float, follow_up: tuple[float, ...] = FOLLOW_UP_S) -> None:
-        self.idle, self.reply, self.follow_up = idle, reply, follow_up
-        self.empty_pulls = len(follow_up)  # none since a message: start idle
-
-    def message_stored(self) -> None:
-        self.empty_pulls = 0
-
-    def sleep(self, seconds: float) -> None:
-        if seconds == FLOWER_IDLE_SLEEP_S:
-            waits, self.empty_pulls = self.follow_up, self.empty_pulls + 1
-            time.sleep(waits[self.empty_pulls - 1] if self.empty_pulls <= len(waits) else self.idle)
-        else:
-            time.sleep(self.reply if seconds == FLOWER_REPLY_POLL_S else seconds)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
 
 
 def parse_follow_up(text: str | None) -> tuple[float, ...]:
@@ -204,35 +129,20 @@ def check_waits(idle: float, follow_up: tuple[float, ...] = FOLLOW_UP_S) -> None
                           f"interval ({idle:g} s), got {list(follow_up)}")
 
 
-def node_wait_sites() -> list[str]:
-    """The waits :func:`shorten_node_waits` rewrites, as they read in Flower's SuperNode source;
-    empty if Flower changed them (then nothing is patched)."""
-    import flwr.supernode.start_client_internal as sci
-
-    source = inspect.getsource(sci)
-    sites = [f"time.sleep({FLOWER_IDLE_SLEEP_S})", f"time.sleep({FLOWER_REPLY_POLL_S})"]
-    return sites if all(site in source for site in sites) else []
-
-
 def shorten_node_waits(idle: float, follow_up: tuple[float, ...] = FOLLOW_UP_S) -> bool:
     """Make this process's SuperNode pull again ``idle`` s after finding no message (Flower: 3 s),
     sooner (``follow_up``) the first times after a message, and check for a ClientApp's reply
     every :data:`REPLY_POLL_S` (Flower: 0.5 s).
 
-    Flower 1.41 hard-codes both in ``flwr/supernode/start_client_internal.py``; this swaps that
-    module's ``time`` for :class:`_NodeClock`. If the source no longer reads as expected (Flower
-    changed), nothing is patched and the node keeps Flower's waits, with a warning. Each empty pull
-    is one request to the coordinator: ``idle`` bounds the load a node puts on it."""
+    Flower 1.41 hard-codes both waits in its SuperNode loop; :mod:`fl.flower_compat.supernode`
+    replaces them (its docstring says how, and what happens when Flower changes). If Flower's
+    source no longer reads as expected, nothing is patched and the node keeps Flower's waits,
+    with a warning. Each empty pull is one request to the coordinator: ``idle`` bounds the load
+    a node puts on it."""
     check_waits(idle, follow_up)
-    import flwr.supernode.start_client_internal as sci
-
-    if isinstance(sci.time, _NodeClock):
-        sci.time.idle, sci.time.follow_up = idle, follow_up
-        return True
-    if not node_wait_sites() or not isinstance(sci.time, types.ModuleType):
+    if not compat_shorten_node_waits(idle, REPLY_POLL_S, follow_up):
         log.warning("Flower's SuperNode no longer waits as flwr 1.41 did; keeping its own polling intervals")
         return False
-    sci.time = _NodeClock(idle, REPLY_POLL_S, follow_up)  # type: ignore[assignment]
     return True
 
 
@@ -262,8 +172,6 @@ def run_supernode(argv: list[str], state: Path, *, runtime_port: int | None = No
     its tasks with warm workers (:mod:`nodes.worker`; ``argv`` must carry the secret). A
     ``poll_interval`` under Flower's 3 s shortens Flower's waits (:func:`shorten_node_waits`, with
     ``follow_up``; :func:`fl.engine_env.prompt_object_pulls`); 3 s or more keeps all of Flower's own."""
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
     from fl.engine_env import prompt_object_pulls, with_own_scripts
 
     if poll_interval is not None:
@@ -280,6 +188,5 @@ def run_supernode(argv: list[str], state: Path, *, runtime_port: int | None = No
         secret = Path(argv[argv.index("--superexec-auth-secret-file") + 1])
         start_dispatcher(f"127.0.0.1:{runtime_port}", secret, state, lambda: load_allowlist(state),
                          allowlist_path(state), wake=MESSAGE_STORED)
-    sys.argv = argv
-    flower_supernode()
+    run_supernode_cli(argv)
     return 0

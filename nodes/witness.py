@@ -26,11 +26,11 @@ from typing import Any
 
 from flwr.app import ConfigRecord
 
-from fl import wire
+from fl import schema, wire
 from fl.files import atomic_write
 from nodes.ledger import Ledger
 from nodes.policy import Refusal, node_secret
-from nodes.validation import site_id
+from nodes.site_scores import site_id
 
 WITNESS_FILE = "witness.json"
 _LEDGERS = {"record": Ledger.in_dir, "contributions": Ledger.contributions_in}
@@ -90,7 +90,9 @@ def _acknowledged(mine: Any, name: str) -> tuple[int, str]:
 
 def _record_match(folder: Path, matched: dict[str, int]) -> None:
     """``witness.json``, replaced whole (:func:`fl.files.atomic_write`: a private temporary name per writer)."""
-    atomic_write(folder / WITNESS_FILE, json.dumps({"matched_at": time.time(), **matched}).encode())
+    schema.refuse_newer_file("node-witness", folder / WITNESS_FILE, json.loads)
+    atomic_write(folder / WITNESS_FILE, json.dumps({"matched_at": time.time(), **matched,
+                                                    **schema.stamp("node-witness")}).encode())
 
 
 def last_match(folder: Path) -> dict[str, Any] | None:
@@ -100,4 +102,8 @@ def last_match(folder: Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    return data if isinstance(data, dict) and math.isfinite(float(data.get("matched_at", math.nan))) else None
+    if not isinstance(data, dict):
+        return None
+    schema.check("node-witness", data, path)
+    data.pop(schema.KEY, None)
+    return data if math.isfinite(float(data.get("matched_at", math.nan))) else None

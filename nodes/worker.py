@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from fl import wire
-from nodes.supernode import AppRefused, check_fab
+from nodes.app_check import AppRefused, check_fab
 
 log = logging.getLogger("flwr.oncofed.node")
 
@@ -59,7 +59,6 @@ STATUS_FILE = "worker.json"
 TASK_POLL_S = 1.0  # a fallback: the SuperNode wakes the dispatcher when it stores a message
 SPARE_AFTER_IDLE_S = 5.0  # start the next run's worker only once the node has had no task this long
 RETIRE_AFTER_IDLE_S = 1800.0  # a run's worker (and the cases it holds in memory) ends after this long idle
-_ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 
 
 def write_secret(state: Path) -> Path:
@@ -204,35 +203,22 @@ class Dispatcher:
         tmp.replace(path)
 
     # ----- the runtime API ----------------------------------------------------------------
-    def _acquire_client(self) -> Any:
-        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
-        from flwr.supercore.retry import make_simple_http_retry_invoker
-        from flwr.supercore.runtime import RuntimeHttpClient
-
-        return RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=True, root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
-                          SuperExecAuthHttpInterceptor(master_secret=self.secret, protected_methods=frozenset({_ACQUIRE}))],
-            retry_invoker=make_simple_http_retry_invoker())
-
     def serve_forever(self) -> None:
-        from flwr.proto.runtime_pb2 import AcquireTaskRequest
-        from flwr.supercore.constant import TaskType
+        from fl.flower_compat.runtime import acquire_client, acquire_client_app_task
 
-        client = self._acquire_client()
+        client = acquire_client(self.address, self.secret)
         self._keep_spare()
         last_task = time.monotonic()
         try:
             while not self.stopping.is_set():
                 try:
-                    res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value],
-                                                                agentapp_fab_hashes=[]))
+                    token = acquire_client_app_task(client)
                 except Exception as exc:  # noqa: BLE001 - the SuperNode is starting or stopping
                     log.debug("runtime API not answering: %s", exc)
                     time.sleep(0.5)
                     continue
-                if res.HasField("task") and res.token:
-                    self.serve_task(res.token)
+                if token is not None:
+                    self.serve_task(token)
                     last_task = time.monotonic()
                 else:
                     idle = time.monotonic() - last_task
@@ -249,23 +235,23 @@ class Dispatcher:
     def serve_task(self, token: str) -> Served | None:
         """Serve one task as Flower's ClientApp process would, with a warm worker."""
         from flwr.app import Error, Message
-        from flwr.common.constant import SubStatus
-        from flwr.common.serde import context_to_proto, message_to_proto
-        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-        from flwr.supercore.retry import make_simple_http_retry_invoker
-        from flwr.supercore.runtime import RuntimeHttpClient
-        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-        client = RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=True, root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                          RuntimeTokenHttpInterceptor(token)],
-            retry_invoker=make_simple_http_retry_invoker())
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
-        heartbeat.start()
+        from fl.flower_compat.runtime import (
+            TASK_COMPLETED,
+            TASK_FAILED,
+            pull_task_input,
+            push_message,
+            push_task_output,
+            start_heartbeat,
+            stop_heartbeat,
+            task_client,
+        )
+        from fl.flower_compat.serde import context_to_bytes, message_to_bytes
+
+        client = task_client(self.address, token)
+        heartbeat = start_heartbeat(client)
         context = None
-        status, details = SubStatus.FAILED, "the node could not serve the task"
+        status, details = TASK_FAILED, "the node could not serve the task"
         served = None
         try:
             message, context, run, fab = pull_task_input(client)
@@ -284,13 +270,12 @@ class Dispatcher:
                 job = {"fab": fab.content, "fab_hash": digest, "fab_id": run.fab_id, "fab_version": run.fab_version,
                        "run_id": run.run_id, "node_id": context.node_id, "task_id": _task_id(),
                        "message_id": message.metadata.message_id,
-                       "message": message_to_proto(message).SerializeToString(),
-                       "context": context_to_proto(context).SerializeToString()}
+                       "message": message_to_bytes(message), "context": context_to_bytes(context)}
                 reply, context, served = self._call(worker, job, message, context, run.run_id, kind)
                 self._status(worker_pid=self.active.pid if self.active else None, run_id=run.run_id, busy=None)
             push_message(client, reply, context)
             if served.outcome == "ok":
-                status, details = SubStatus.COMPLETED, ""
+                status, details = TASK_COMPLETED, ""
             else:
                 details = served.outcome
             log.info(SERVED_LOG, served.run_id, served.message_type, served.worker_pid, served.seconds,
@@ -302,16 +287,14 @@ class Dispatcher:
         finally:
             with contextlib.suppress(Exception):
                 push_task_output(client=client, context=context, sub_status=status, details=details)
-            if heartbeat.is_running:
-                heartbeat.stop()
+            stop_heartbeat(heartbeat)
             client.close()
 
     def _call(self, worker: WorkerProcess, job: dict[str, Any], message: Any, context: Any, run_id: int,
               kind: str) -> tuple[Any, Any, Served]:
         from flwr.app import Error, Message
-        from flwr.common.serde import context_from_proto, message_from_proto
-        from flwr.proto.message_pb2 import Context as ProtoContext
-        from flwr.proto.message_pb2 import Message as ProtoMessage
+
+        from fl.flower_compat.serde import context_from_bytes, message_from_bytes
 
         started = time.perf_counter()
         try:
@@ -333,8 +316,8 @@ class Dispatcher:
             log.error("run %s: the worker did not load the app: %s", run_id, reason)
             reply = Message(Error(code=code, reason=f"node could not load the app: {reason}"), reply_to=message)
             return reply, context, Served(run_id, kind, worker.pid, time.perf_counter() - started, 0, "app refused")
-        reply = message_from_proto(ProtoMessage.FromString(answer["reply"]))
-        context = context_from_proto(ProtoContext.FromString(answer["context"]))
+        reply = message_from_bytes(answer["reply"])
+        context = context_from_bytes(answer["context"])
         outcome = "ok" if not answer["failed"] else f"ClientApp raised {answer['failed']}"
         return reply, context, Served(run_id, kind, worker.pid, float(answer["seconds"]), int(answer["data_files_read"]),
                                       outcome)
@@ -347,9 +330,9 @@ class Dispatcher:
 
 
 def _task_id() -> int:
-    from flwr.supercore.task_identity import TaskIdentity
+    from fl.flower_compat.task import task_id
 
-    return int(TaskIdentity.task_id)
+    return task_id()
 
 
 def start_dispatcher(runtime_address: str, secret_file: Path, state: Path, approved: Callable[[], set[str]],

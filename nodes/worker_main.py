@@ -18,6 +18,7 @@ the next.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import sys
@@ -31,6 +32,19 @@ if __name__ == "__main__":  # the script's own folder must not shadow the app's 
 
 TORCH_DEFAULT_SEED = 67280421310721  # torch's global seed in a fresh process
 log = logging.getLogger("flwr.oncofed.node")
+FLOWER_COMPAT = Path(__file__).resolve().parents[1] / "fl" / "flower_compat" / "clientapp_process.py"
+
+
+def flower_compat() -> Any:
+    """:mod:`fl.flower_compat.clientapp_process` (every non-public piece of Flower this process
+    uses), loaded by path under a name of its own: importing it as ``fl.flower_compat...`` would
+    import the installed ``fl`` before the app bundle's. It imports only the standard library and
+    Flower."""
+    spec = importlib.util.spec_from_file_location("oncofed_worker_flower_compat", FLOWER_COMPAT)
+    assert spec is not None and spec.loader is not None, FLOWER_COMPAT
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def approved(allowlist: Path) -> set[str]:
@@ -85,8 +99,9 @@ def preload() -> None:
 
 
 class Worker:
-    def __init__(self, allowlist: Path) -> None:
+    def __init__(self, allowlist: Path, flower: Any = None) -> None:
         self.allowlist = allowlist
+        self.flower = flower if flower is not None else flower_compat()
         self.app: Any = None
         self.fab_hash: str | None = None
         self.run_id: int | None = None
@@ -94,17 +109,12 @@ class Worker:
 
     def load(self, job: dict[str, Any]) -> None:
         """Check, install and import the job's app (once per worker)."""
-        from flwr.cli.install import install_from_fab
-        from flwr.clientapp.utils import get_load_client_app_fn
-
         digest = hashlib.sha256(job["fab"]).hexdigest()
         if digest != job["fab_hash"]:
             raise PermissionError(f"app content hashes to {digest[:12]}, not the announced {job['fab_hash'][:12]}")
         if digest not in approved(self.allowlist):
             raise PermissionError(f"app {digest} is not approved by this node's operator")
-        install_from_fab(job["fab"], skip_prompt=True)
-        self.app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
-            job["fab_id"], job["fab_version"], digest)
+        self.app = self.flower.install_and_load_client_app(job["fab"], job["fab_id"], job["fab_version"], digest)
         self.fab_hash, self.run_id = digest, job["run_id"]
 
     def serve(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -113,23 +123,13 @@ class Worker:
         import numpy as np
         import torch
         from flwr.app import Error, Message
-        from flwr.common.constant import ErrorCode
-        from flwr.common.serde import (
-            context_from_proto,
-            context_to_proto,
-            message_from_proto,
-            message_to_proto,
-        )
-        from flwr.proto.message_pb2 import Context as ProtoContext
-        from flwr.proto.message_pb2 import Message as ProtoMessage
-        from flwr.supercore.task_identity import TaskIdentity
 
+        flower = self.flower
         if self.app is not None and (job["fab_hash"] != self.fab_hash or job["run_id"] != self.run_id):
             return {"restart": f"this worker serves run {self.run_id}"}
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = job["task_id"], job["run_id"], job["node_id"]
-        message = message_from_proto(ProtoMessage.FromString(job["message"]))
-        message.metadata.__dict__["_message_id"] = job["message_id"]
-        context = context_from_proto(ProtoContext.FromString(job["context"]))
+        flower.set_task_identity(job["task_id"], job["run_id"], job["node_id"])
+        message = flower.message_from_bytes(job["message"], job["message_id"])
+        context = flower.context_from_bytes(job["context"])
         # each message starts from the random state a fresh process would have
         torch.manual_seed(TORCH_DEFAULT_SEED)
         np.random.seed(None)
@@ -150,22 +150,20 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - reported to the coordinator as Flower reports it
             log.exception("ClientApp raised an exception")
             failed = f"{type(exc)}:<'{exc}'>"
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=failed), reply_to=message)
+            reply = Message(Error(code=flower.CLIENT_APP_RAISED_EXCEPTION, reason=failed), reply_to=message)
         reads = self.reads.stop()
-        return {"reply": message_to_proto(reply).SerializeToString(),
-                "context": context_to_proto(context).SerializeToString(), "failed": failed,
+        return {"reply": flower.message_to_bytes(reply), "context": flower.context_to_bytes(context), "failed": failed,
                 "seconds": time.perf_counter() - started, "data_files_read": reads}
 
 
 def main() -> None:
     fd, allowlist = int(sys.argv[1]), Path(sys.argv[2])
     conn = Connection(fd)
-    from flwr.supercore.app_utils import start_parent_process_monitor
-
-    start_parent_process_monitor(os.getppid())
+    flower = flower_compat()
+    flower.monitor_parent(os.getppid())
     preload()
     conn.send({"ready": os.getpid()})
-    worker = Worker(allowlist)
+    worker = Worker(allowlist, flower)
     while True:
         try:
             job = conn.recv()

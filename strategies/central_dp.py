@@ -32,9 +32,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fl import wire
+from fl.flower_compat.strategy import aggregate_metricrecords
 from fl.privacy.accounting import GaussianEvent, combined_noise_multiplier
 from fl.privacy.clipping import clip
 from fl.privacy.noise import NoiseSource, SecureGaussian

@@ -7,6 +7,7 @@ so that early rounds don't sample only the nodes that connected first.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from flwr.serverapp.strategy import (
@@ -45,13 +46,11 @@ def build_strategy(cfg: Config) -> Strategy:
 
 
 def central_dp_settings(cfg: Config) -> CentralDpSettings:
-    """The client-level DP settings of ``cfg`` (its federation size is ``data.nodes``)."""
-    c = cfg.central_dp
-    return CentralDpSettings(
-        noise_multiplier=c.noise_multiplier, clipping_norm=c.clipping_norm, num_nodes=cfg.data.nodes,
-        clipping=c.clipping, clip_on=c.clip_on, sampling=c.sampling, sample_rate=c.sample_rate,
-        target_quantile=c.target_quantile, clip_lr=c.clip_lr, count_stddev=c.count_stddev,
-    )
+    """The client-level DP settings of ``cfg``: the ``central_dp`` section's keys by name (every
+    setting but the federation's size, which is ``data.nodes``, is one of them)."""
+    wanted = {f.name for f in dataclasses.fields(CentralDpSettings)} - {"num_nodes"}
+    return CentralDpSettings(**{k: v for k, v in dataclasses.asdict(cfg.central_dp).items() if k in wanted},
+                             num_nodes=cfg.data.nodes)
 
 
 def _aggregation(cfg: Config, common: dict[str, Any]) -> Strategy:

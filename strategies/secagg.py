@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,53 +40,22 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.server import LegacyContext, ServerConfig
-from flwr.server.client_manager import ClientManager, SimpleClientManager
-from flwr.server.client_proxy import ClientProxy
-from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server import ClientManager, LegacyContext, ServerConfig, SimpleClientManager
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl import wire
 from fl.config import Config
+from fl.flower_compat.legacy import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, ClientProxy, GridClientProxy
+from fl.flower_compat.legacy import WorkflowKey as Key
 from fl.packing import PackingGrid
 from fl.privacy.distributed import clipping_range as clipping_range_for
 from strategies.central_dp import CentralDP
+from strategies.secure_round import RecordingGrid, SecureRoundResult, min_contributors, share_count
+from strategies.secure_sum import malicious_round
 from strategies.updates import apply_update
-
-
-@dataclass
-class SecureRoundResult:
-    """What one SecAgg+ round reveals: the sum of the updates and who contributed."""
-
-    update_sum: dict[str, np.ndarray] | None
-    contributors: int
-    metrics: list[dict[str, Any]] = field(default_factory=list)  # per-node scalars (loss, epsilon)
-    node_ids: list[int] = field(default_factory=list)
-    failures: dict[str, str] = field(default_factory=dict)
-    skipped: str | None = None  # why this round aggregated nothing (too few contributors)
-    # released; halted (the workflow stopped before unmasking); discarded (unmasked, then dropped);
-    # skipped (too few nodes sampled: nothing was sent)
-    outcome: str = "released"
-
-
-class RecordingGrid(PackingGrid):
-    """The packing grid, keeping each node's last error reply: Flower's workflow drops the node from
-    the round and says only that it halted."""
-
-    def __init__(self, grid: Grid) -> None:
-        super().__init__(grid)
-        self.errors: dict[str, str] = {}
-
-    def pull_messages(self, message_ids: Any) -> Any:
-        replies = list(super().pull_messages(message_ids))
-        for reply in replies:
-            if reply.has_error():
-                self.errors[str(reply.metadata.src_node_id)] = f"error {reply.error.code}: {reply.error.reason}"
-        return replies
 
 
 class _OneRound(LegacyStrategy):  # type: ignore[misc]
@@ -125,24 +94,6 @@ class _OneRound(LegacyStrategy):  # type: ignore[misc]
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         return None
-
-
-def share_count(sampled: int, shares: float) -> int:
-    """How many nodes each node shares its keys with (itself included), by Flower's rule for a
-    fraction: ``round(shares * n)``, made odd below ``n``, and all ``n`` when that leaves 2 or fewer."""
-    s = round(shares * sampled)
-    if s < sampled and s % 2 == 0:
-        s += 1
-    return sampled if s <= 2 else min(s, sampled)
-
-
-def min_contributors(sampled: int, threshold: float, shares: float = 1.0) -> int:
-    """The SecAgg+ threshold t of a round of ``sampled`` nodes, given to Flower as an integer so that
-    Flower itself unmasks no sum of fewer: ``round(threshold * s)``, raised to OncoFed's floor of 3
-    and above half the share count s (a guarded node refuses ``2t <= s``: its self-mask and key
-    shares could then both be rebuilt)."""
-    s = share_count(sampled, shares)
-    return min(s, max(wire.SECAGG_MIN_NODES, round(threshold * s), s // 2 + 1))
 
 
 def secure_round(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -230,8 +181,6 @@ def secure_train(grid: Grid, strategy: Strategy, server_round: int, arrays: Arra
     clipping_range = c.clipping_range or (cfg.central_dp.clipping_norm if cfg.central_dp.enabled else 8.0)
     noise = cfg.central_dp.noise_multiplier if distributed else None
     if c.protocol == "malicious":
-        from strategies.secure_sum import malicious_round
-
         result = malicious_round(grid, strategy, server_round, arrays, ConfigRecord(dict(train_cfg)), shares=c.shares,
                                  threshold=c.threshold, colluders=c.colluders, clipping_range=clipping_range,
                                  timeout=cfg.strategy.timeout, distributed_noise=noise, acks=acks)

@@ -16,8 +16,11 @@ from flwr.serverapp.strategy import Strategy
 from safetensors.numpy import load as load_numpy
 from safetensors.numpy import save as save_numpy
 
-MOMENTS = ("m_t", "v_t")
-MOMENTUM = "momentum_vector"  # FedAvgM's server momentum: a list of arrays, in the model's array order
+from fl import schema
+from fl.flower_compat.strategy import OPTIMIZER_MOMENTS, SERVER_MOMENTUM
+
+MOMENTS = OPTIMIZER_MOMENTS  # FedOpt's moments ("m_t", "v_t"): dicts by array name (fl.flower_compat.strategy)
+MOMENTUM = SERVER_MOMENTUM  # FedAvgM's server momentum: a list of arrays, in the model's array order
 
 
 CLIP_NORM = "central_dp/clip_norm"
@@ -68,14 +71,17 @@ def import_state(strategy: Strategy, arrays: dict[str, np.ndarray]) -> None:
 
 def encode_state(strategy: Strategy) -> bytes:
     """Strategy moments plus the server's Python RNG state (Flower samples nodes with it)."""
-    metadata = {RANDOM_STATE: json.dumps(random.getstate())}
+    metadata = {RANDOM_STATE: json.dumps(random.getstate()),
+                schema.METADATA_KEY: str(schema.version("strategy-state"))}
     return save_numpy(export_state(strategy), metadata=metadata)
 
 
-def restore_state(strategy: Strategy, data: bytes) -> None:
-    import_state(strategy, dict(load_numpy(data)))
+def restore_state(strategy: Strategy, data: bytes, source: object = "the version's state.safetensors") -> None:
+    """Put back what :func:`encode_state` wrote; ``source`` names the file in errors."""
     header_len = int.from_bytes(data[:8], "little")  # safetensors: u64 length, then JSON header
-    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
+    schema.check_metadata("strategy-state", metadata, source)
+    import_state(strategy, dict(load_numpy(data)))
     if RANDOM_STATE in metadata:
         version, internal, gauss = json.loads(metadata[RANDOM_STATE])
         random.setstate((version, tuple(internal), gauss))

@@ -138,7 +138,7 @@ def _events(folder: Path) -> dict[str, list[tuple[int, float]]]:
 def tabular_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-round tabular federation on the real Breast Cancer Wisconsin split (4 hospitals)."""
     from fl.cli import main
-    from nodes.tabular import write_federation
+    from fl.learn.tabular import write_federation
 
     tmp = tmp_path_factory.mktemp("tab")
     write_federation(tmp / "data", nodes=4, seed=0)
@@ -150,12 +150,14 @@ def tabular_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "runs" / "tab"
 
 
+@pytest.mark.federation
 def test_tabular_federation_learns_real_data(tabular_run: Path) -> None:
     summary = json.loads((tabular_run / "summary.json").read_text())
     assert summary["metric"] == "auc"
     assert summary["final_metrics"]["auc"] > 0.9 > summary["initial_metrics"]["auc"] + 0.2
 
 
+@pytest.mark.federation
 def test_tensorboard_events_match_metrics(tabular_run: Path) -> None:
     events = _events(tabular_run / "tensorboard")
     lines = [json.loads(line) for line in (tabular_run / "metrics.jsonl").read_text().splitlines()]
@@ -164,6 +166,7 @@ def test_tensorboard_events_match_metrics(tabular_run: Path) -> None:
     assert len([tag for tag in events if tag.startswith("nodes/auc/")]) == 4
 
 
+@pytest.mark.federation
 def test_report_draws_the_curves(tabular_run: Path, tmp_path: Path) -> None:
     from fl.cli import main
 
@@ -172,10 +175,11 @@ def test_report_draws_the_curves(tabular_run: Path, tmp_path: Path) -> None:
     assert main(["report", str(tmp_path)]) == 2  # not a run folder: one-line error
 
 
+@pytest.mark.federation
 def test_flower_baseline_app_runs(tmp_path: Path) -> None:
     """The overhead suite's yardstick still runs against this Flower version."""
-    from fl.tasks import get_task
-    from nodes.synth import synthesize
+    from fl.learn import get_task
+    from fl.learn.synth import synthesize
 
     synthesize(tmp_path / "data", nodes=2, task=get_task("seg2d"), image_size=32)
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "baselines" / "flower_app.py"), "--data",
@@ -187,6 +191,7 @@ def test_flower_baseline_app_runs(tmp_path: Path) -> None:
     assert result["wall_per_round_s"] > result["train_per_round_s"] > 0 and result["dice"] > 0.2
 
 
+@pytest.mark.federation
 def test_the_pooled_reference_trains_the_bundle_the_run_config_names(tmp_path: Path) -> None:
     # a run config with its own bundle gets a pooled reference with that bundle, not the catalogue's
     missing = tmp_path / "no-such-bundle"

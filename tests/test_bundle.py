@@ -17,18 +17,18 @@ from bundles import small_brats, small_spleen
 from fl import config
 from fl.cli import main
 from fl.errors import ConfigError, DataError
-from fl.registry import Registry
-from fl.tasks.bundle import BundleTask
-from nodes import fedbn
-from nodes.bundle_train import (
+from fl.learn.bundle import BundleTask
+from fl.learn.bundle_train import (
     evaluate_bundle,
     onehot_outside,
     per_case_gradients,
     train_bundle,
     train_bundle_dp,
 )
-from nodes.data import clear_cache, load_local_data
-from nodes.synth_anatomy import synthesize_anatomy
+from fl.learn.data import clear_cache, load_local_data
+from fl.learn.synth_anatomy import synthesize_anatomy
+from fl.registry import Registry
+from nodes import fedbn
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +92,13 @@ def test_broken_bundles_are_refused_naming_the_file_and_the_id(work: Path, splee
         BundleTask.load(str(spleen.root), digest="0" * 64)
     with pytest.raises(ConfigError, match="not a MONAI bundle folder"):
         BundleTask.load(str(work / "nowhere"))
+    pure = config.from_flat({"bundle": str(work / "nowhere"), "data.synthetic": "ct"})  # builds: no file read
     with pytest.raises(ConfigError, match="not a MONAI bundle folder"):
-        config.from_flat({"bundle": str(work / "nowhere"), "data.synthetic": "ct"})
+        pure.check_resources()  # where a config enters: the command line, the ServerApp
+    run_toml = work / "nowhere.toml"
+    run_toml.write_text(f'bundle = "{work / "nowhere"}"\n[data]\nsynthetic = "ct"\n')
+    with pytest.raises(ConfigError, match=r"nowhere\.toml: bundle: .*not a MONAI bundle folder"):
+        config.load(run_toml)
     with pytest.raises(ConfigError, match="data.synthetic"):
         config.from_flat({"bundle": str(spleen.root)})
 
@@ -259,6 +264,7 @@ def federated(work: Path, spleen: BundleTask, ct_sites: list[Path]) -> Path:
     return work
 
 
+@pytest.mark.federation
 def test_federated_rounds_commit_versions_naming_the_bundle(federated: Path, spleen: BundleTask) -> None:
     summary = json.loads((federated / "runs" / "spleen" / "summary.json").read_text())
     assert summary["task"] == "bundle:spleen_ct_segmentation"
@@ -270,6 +276,7 @@ def test_federated_rounds_commit_versions_naming_the_bundle(federated: Path, spl
     assert len(m["nodes"]) == 2 and all(n["num_examples"] > 0 for n in m["nodes"])
 
 
+@pytest.mark.federation
 @pytest.mark.filterwarnings("ignore:parsing config_file")  # MONAI's notice that bundles are code: this one is ours
 @pytest.mark.filterwarnings("ignore:.*Orientationd.__init__.labels")
 def test_the_export_is_a_bundle_monai_loads_and_runs(federated: Path, ct_sites: list[Path]) -> None:
@@ -306,6 +313,7 @@ def test_the_export_is_a_bundle_monai_loads_and_runs(federated: Path, ct_sites: 
     assert set(np.unique(prediction)) <= {0, 1, 2}
 
 
+@pytest.mark.federation
 def test_under_local_dp_a_bundle_trains_and_the_manifest_names_the_conversion(work: Path, spleen: BundleTask,
                                                                               ct_sites: list[Path]) -> None:
     sites = work / "dp-sites"
@@ -329,6 +337,7 @@ def test_under_local_dp_a_bundle_trains_and_the_manifest_names_the_conversion(wo
     private.load_state_dict(load_file(version.weights))  # the converted network's weights
 
 
+@pytest.mark.federation
 def test_fedbn_keeps_batchnorm_on_the_nodes_in_a_federated_run(work: Path, spleen: BundleTask,
                                                               ct_sites: list[Path]) -> None:
     sites = work / "fedbn-sites"

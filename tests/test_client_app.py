@@ -153,9 +153,27 @@ def test_a_tampered_ledger_stops_evaluation_too(tiny_federation: Path, tmp_path:
     assert reply.has_error() and reply.error.code == wire.ERROR_LEDGER
 
 
+def test_a_ledger_from_a_newer_oncofed_is_refused_as_such_not_as_tampered(tiny_federation: Path,
+                                                                          tmp_path: Path) -> None:
+    import json
+
+    from nodes.ledger import Ledger
+    from nodes.policy import state_dir
+
+    site = _site_with_policy(tiny_federation, tmp_path, epsilon=50.0)
+    context = _context({wire.NODE_DATA_DIR: str(site)})
+    assert not app(_dp_message(MessageType.TRAIN), context).has_error()
+    path = Ledger.in_dir(state_dir(site)).path
+    entry = json.loads(path.read_text().splitlines()[0])
+    path.write_text(json.dumps({**entry, "schema": 99}) + "\n")  # as a later release would write it
+    reply = app(_dp_message(MessageType.EVALUATE), context)
+    assert reply.has_error() and reply.error.code == wire.ERROR_TRAINING_FAILED
+    assert "newer OncoFed" in reply.error.reason and str(site) not in reply.error.reason  # no path leaves
+
+
 def test_a_deployed_node_trains_no_bundle_from_outside_its_approved_app(tiny_federation: Path, tmp_path: Path,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
-    from fl.tasks.bundle import bundle_digest
+    from fl.learn.bundle import bundle_digest
 
     elsewhere = tmp_path / "seg2d"
     shutil.copytree(Path(__file__).resolve().parents[1] / "configs" / "bundles" / "seg2d", elsewhere)

@@ -70,13 +70,54 @@ def test_flower_app_config_holds_every_key_with_a_valid_value() -> None:
     app_config = pyproject["tool"]["flwr"]["app"]["config"]
     assert set(app_config) == {spec.key for spec in config.KEYS}
     config.from_flat(app_config, source="pyproject.toml")
+    # one source: `flwr run .` with no run config trains what `fl run` does with an empty file
+    differs = {k: (v, config.Config().to_flat()[k]) for k, v in app_config.items() if config.Config().to_flat()[k] != v}
+    assert not differs, f"pyproject.toml [tool.flwr.app.config] differs from fl.config's defaults: {differs}"
 
 
-def test_readme_documents_every_key() -> None:
-    readme = (REPO / "README.md").read_text()
-    assert config.reference_markdown() in readme, "README's config reference is stale: paste `fl config keys`"
+def test_docs_document_every_key() -> None:
+    page = (REPO / "docs" / "reference" / "config.md").read_text()
+    assert config.reference_markdown() in page, "docs/reference/config.md is stale: run python -m fl.cli.reference --write"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path: Path) -> None:
     config.load(path)
+
+
+def test_sections_map_by_name_onto_the_node_policy_and_the_central_dp_settings() -> None:
+    """Config sections reach the node's Policy and the strategy's DP settings key by name: a field
+    added on one side without the other fails here, not silently in a run."""
+    import dataclasses
+
+    from nodes.policy import Policy
+    from strategies.central_dp import CentralDpSettings
+    from strategies.factory import central_dp_settings
+
+    # every node_policy key is a Policy field (`fl run` writes Policy(**asdict(cfg.node_policy)))
+    assert {f.name for f in dataclasses.fields(config.NodePolicyConfig)} <= {f.name for f in dataclasses.fields(Policy)}
+    settings = {f.name for f in dataclasses.fields(CentralDpSettings)} - {"num_nodes"}
+    assert settings <= {f.name for f in dataclasses.fields(config.CentralDpConfig)}
+    cfg = config.Config().replace(**{"central_dp.enabled": True, "central_dp.noise_multiplier": 0.7,
+                                     "central_dp.clip_lr": 0.3, "data.nodes": 4})
+    built = central_dp_settings(cfg)
+    assert (built.noise_multiplier, built.clip_lr, built.num_nodes) == (0.7, 0.3, 4)
+
+
+def test_local_dp_keys_reach_the_node_by_name() -> None:
+    """The server's local_dp section and the node's DP-SGD options are the same names, mapped once (fl.wire)."""
+    import dataclasses
+
+    from fl import wire
+    from fl.learn.dp_train import DpOptions
+
+    options = {f.name for f in dataclasses.fields(DpOptions)}
+    assert options == {name for _, name, _, _ in wire.LOCAL_DP_OPTIONS}
+    assert options <= {f.name for f in dataclasses.fields(config.LocalDpConfig)}
+    cfg = config.Config().replace(**{"local_dp.enabled": True, "local_dp.trainable": "decoder", "local_dp.views": 3,
+                                     "local_dp.ema_decay": 0.9})
+    sent = wire.local_dp_instruction(cfg.local_dp)
+    got = DpOptions(**wire.local_dp_options(sent))
+    assert got == DpOptions(trainable="decoder", views=3, view_augment=cfg.local_dp.view_augment, ema_decay=0.9)
+    assert DpOptions(**wire.local_dp_options({})) == DpOptions()  # a server that sends none: the plain mechanism
+    assert sent[wire.LOCAL_NOISE_MULTIPLIER] == cfg.local_dp.noise_multiplier

@@ -1,4 +1,9 @@
-"""`kill -9` of a running federation, then --resume: no version lost or duplicated, no budget forgotten."""
+"""`kill -9` of a running federation, then --resume: no version lost or duplicated, no budget forgotten.
+
+A kill at an exact point of the round loop comes through the server's observer: run as a script,
+this module is the test's own launcher of ``fl``, the same command with the progress observer
+wrapped in :class:`KillAfterRelease`.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,56 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import fl.engine_env  # noqa: F401  (before Flower is imported)
 from fl.config import Config
 from fl.privacy import accounting
 from fl.privacy.journal import ReleaseJournal
 from fl.registry import Registry
-from fl.server.rounds import CRASH_AFTER_RELEASE
+from fl.server.rounds import EVALUATE  # the phase that sends the round's model out
 from strategies.factory import central_dp_settings
 
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 4
 
 
-def _command(tmp: Path, name: str, rounds: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "fl.cli", "run", str(REPO / "configs" / "dp-central.toml"),
+class KillAfterRelease:
+    """An observer that passes everything on to ``inner`` and kills this process group (the server
+    and every engine process it started) once every node answered round ``server_round``'s
+    evaluation: the round's model left the server, its version is not committed yet."""
+
+    def __init__(self, server_round: int, inner: Any) -> None:
+        self.server_round, self.inner = server_round, inner
+
+    def on_start(self, rounds: int) -> None:
+        self.inner.on_start(rounds)
+
+    def on_phase(self, server_round: int, phase: str, done: int, total: int) -> None:
+        self.inner.on_phase(server_round, phase, done, total)
+        if (server_round, phase, done) == (self.server_round, EVALUATE, total):
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        self.inner.on_round(record)
+
+
+def _launch(kill_after_release: int, argv: list[str]) -> int:
+    """``fl *argv``, its server's observer wrapped in :class:`KillAfterRelease`."""
+    from fl.cli import main
+    from fl.server import simulation
+
+    simulate = simulation.simulate
+    simulation.simulate = lambda cfg, observer=None: simulate(cfg, KillAfterRelease(kill_after_release, observer))
+    return main(argv)
+
+
+def _command(tmp: Path, name: str, rounds: int, *extra: str, kill_after_release: int | None = None) -> list[str]:
+    launcher = (["-m", "fl.cli"] if kill_after_release is None
+                else [str(Path(__file__).resolve()), str(kill_after_release)])
+    return [sys.executable, *launcher, "run", str(REPO / "configs" / "dp-central.toml"),
             "--out", str(tmp / "runs"), "--set", f'data.root="{tmp / "data"}"', "--set", "data.nodes=2",
             "--set", "data.image_size=32", "--set", f"rounds={rounds}", "--set", f'registry.root="{tmp / "reg"}"',
             "--set", f"output.run_name={name}", *extra]
@@ -67,8 +106,8 @@ def _epsilon(releases: int) -> float:
 def test_a_release_between_evaluation_and_commit_is_counted_after_resume(tmp_path: Path) -> None:
     """Round 2's model went out for evaluation, then the server died before committing it: the
     resumed run's client-level history holds that release as well as the rounds it commits."""
-    crashed = subprocess.run(_command(tmp_path, "first", 3), env={**os.environ, CRASH_AFTER_RELEASE: "2"},
-                             start_new_session=True, capture_output=True, text=True)
+    crashed = subprocess.run(_command(tmp_path, "first", 3, kill_after_release=2), start_new_session=True,
+                             capture_output=True, text=True)
     assert crashed.returncode == -signal.SIGKILL
     registry = Registry(tmp_path / "reg")
     assert [v.manifest["round"] for v in registry.verify("dp-central")] == [1]
@@ -79,3 +118,7 @@ def test_a_release_between_evaluation_and_commit_is_counted_after_resume(tmp_pat
     assert last["round"] == 3
     assert last["privacy"]["client_level"]["rounds"] == 4  # rounds 1, 2 (lost commit), 2 again, 3
     assert last["privacy"]["client_level"]["epsilon"] == pytest.approx(_epsilon(4))
+
+
+if __name__ == "__main__":  # the launcher: python tests/test_crash_resume.py ROUND fl-arguments...
+    sys.exit(_launch(int(sys.argv[1]), sys.argv[2:]))

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from fl.errors import DataError
-from fl.tasks import get_task
-from nodes.data import clear_cache, load_local_data
+from fl.learn import get_task
+from fl.learn.data import clear_cache, load_local_data
 
 TASK = get_task("seg2d")
 

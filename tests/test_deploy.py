@@ -28,13 +28,13 @@ from fl.deploy import processes as deploy
 from fl.deploy.certs import create, node_key_pair
 from fl.deploy.demo import APP_DIR, node_names, prepare, run_config, start_gateway, start_node, wait_online
 from fl.errors import ConfigError, DataError, FederationError
+from fl.learn import get_task
+from fl.learn.synth import node_dir, synthesize
 from fl.registry import Registry
-from fl.tasks import get_task
 from nodes.check import check_dataset, identifying_attributes
 from nodes.ledger import Ledger
 from nodes.policy import load_policy, save_policy, state_dir
 from nodes.supernode import AppRefused, approve, check_fab, fab_hash_of, load_allowlist
-from nodes.synth import node_dir, synthesize
 from nodes.worker import STATUS_FILE, served_in_log
 
 

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from fl.errors import DataError
+from fl.learn import get_task
+from fl.learn.synth import DATASET_JSON, write_cases
 from fl.registry.card import describe
 from nodes import descriptors
 from nodes.ledger import Ledger
 from nodes.policy import Policy
-from nodes.synth import DATASET_JSON, write_cases
 
 # (finest, coarsest) spacing in mm and the label values each case holds
 CASES = [((0.7, 0.7, 5.0), {1}), ((0.9, 0.9, 2.5), {1, 2}), ((1.2, 1.2, 1.2), set()), ((0.7, 0.7, 5.0), {2})]
@@ -80,13 +81,13 @@ def test_a_noisy_release_is_charged_once_then_served_again_unchanged(site: Path,
     ledger = Ledger.in_dir(state)
     policy = Policy(delta=1e-3, release_descriptors="noisy", descriptors_noise_multiplier=3.0)
     first, why = descriptors.release_for(state, site, _data(), policy, ledger, dp_requested=False, server_round=0,
-                                         tabular=False)
+                                         labels=lambda: None)
     assert why is None and first["release"] == "noisy" and first["noise_std"] == pytest.approx(3.0 * 2.0)
     events = ledger.events()
     assert len(events) == 1 and events[0].noise_multiplier == 3.0
     assert ledger.entries()[0]["release"] == "descriptors" and first["epsilon_after"] > 0
     again, _ = descriptors.release_for(state, site, _data(), policy, ledger, dp_requested=False, server_round=1,
-                                       tabular=False)
+                                       labels=lambda: None)
     assert again == first and len(ledger.events()) == 1  # post-processing of the kept release: no new charge
 
 
@@ -94,7 +95,7 @@ def test_descriptors_are_declined_by_policy_budget_or_delta_without_a_charge(sit
     state = tmp_path / "state"
     state.mkdir()
     ledger = Ledger.in_dir(state)
-    cases = dict(dp_requested=False, server_round=0, tabular=False)
+    cases = dict(dp_requested=False, server_round=0, labels=lambda: None)
     out, why = descriptors.release_for(state, site, _data(), Policy(epsilon=5.0), ledger, **cases)
     assert out is None and "releases no dataset descriptors" in why  # auto under a budget: none
     poor = Policy(epsilon=0.1, delta=1e-3, release_descriptors="noisy")
@@ -137,7 +138,8 @@ def test_tabular_records_release_their_label_count_without_spacing(tmp_path: Pat
     state = tmp_path / "state"
     state.mkdir()
     out, why = descriptors.release_for(state, folder, data, Policy(), Ledger.in_dir(state), dp_requested=False,
-                                       server_round=0, tabular=True)
+                                       server_round=0,
+                                       labels=lambda: get_task("tabular").record_labels(data))
     assert why is None and out["release"] == "exact" and out["modality"] == ["tabular"]
     assert out["labels"] == ["label 1"] and out["label_cases"] == [4] and out["spacing_finest"] is None
     assert (out["cases_training"], out["cases_validation"]) == (4, 2)

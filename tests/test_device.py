@@ -10,10 +10,10 @@ import torch
 
 from fl import config
 from fl.errors import ConfigError
+from fl.learn import device
+from fl.learn.bundle_train import evaluate_bundle, train_bundle
+from fl.learn.data import load_local_data
 from fl.server.rounds import initial_arrays
-from nodes import device
-from nodes.bundle_train import evaluate_bundle, train_bundle
-from nodes.data import load_local_data
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -63,7 +63,7 @@ def test_training_on_cuda_learns_and_returns_the_model_to_the_cpu(tiny_federatio
 @pytest.mark.gpu
 @gpu
 def test_dp_sgd_on_cuda_matches_the_cpu_accounting(tiny_federation: Path) -> None:
-    from nodes.bundle_train import train_bundle_dp
+    from fl.learn.bundle_train import train_bundle_dp
 
     task, net, data = _net_and_data(tiny_federation, private=True)
     result = train_bundle_dp(net, task, data.train, epochs=1, noise_multiplier=1.0, max_grad_norm=1.0,

@@ -12,8 +12,8 @@ import torch
 from monai.data import PersistentDataset
 
 from fl.errors import DataError
-from fl.tasks import get_task
-from nodes.data import clear_cache, load_local_data
+from fl.learn import get_task
+from fl.learn.data import clear_cache, load_local_data
 
 
 def _site(tiny_federation: Path, tmp_path: Path) -> Path:

@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 
 from fl import config
 from fl.errors import ConfigError
+from fl.learn import get_task
+from fl.learn.synth import synthesize
 from fl.privacy import accounting
 from fl.privacy import distributed as distributed_dp
 from fl.privacy.noise import SecureGaussian
 from fl.server.rounds import initial_arrays
-from fl.tasks import get_task
-from nodes.synth import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 DIM, TARGET = 52_000, 2**22  # the seg2d network's size; SecAgg+'s default quantisation range

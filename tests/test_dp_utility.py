@@ -17,13 +17,13 @@ from torch import nn
 
 from fl import config
 from fl.errors import ConfigError
+from fl.learn import resolve_task
+from fl.learn.bundle_train import _case_batch, case_views, evaluate_bundle, train_bundle_dp
+from fl.learn.data import load_local_data
+from fl.learn.dp_train import DpOptions, WeightAverage
+from fl.learn.trainable import trained_names
 from fl.privacy.noise import SeededGaussian
 from fl.privacy.plan import CARRIES, client_line, plan
-from fl.tasks import resolve_task
-from fl.tasks.trainable import trained_names
-from nodes.bundle_train import _case_batch, case_views, evaluate_bundle, train_bundle_dp
-from nodes.data import load_local_data
-from nodes.dp_train import DpOptions, WeightAverage
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def _flips_and_turns() -> list:
 
 def test_views_average_before_clipping_so_one_case_moves_the_update_by_at_most_the_clip(site: tuple) -> None:
     """With no noise to speak of and one case sampled, the step is the clipped mean over its views."""
-    from nodes.bundle_train import onehot_outside, per_case_gradients
+    from fl.learn.bundle_train import onehot_outside, per_case_gradients
 
     task, data = site
     torch.manual_seed(0)
@@ -154,7 +154,7 @@ def test_manifest_names_the_pretraining_and_the_trained_parameters(tmp_path: Pat
     from fl.server.rounds import lineage
 
     cfg = config.from_flat({"local_dp.enabled": True, "local_dp.trainable": "decoder+bias", "local_dp.views": 2})
-    origin = {"source": "synthetic (nodes.synth.synthesize_public)", "public_dataset_sha256": "ab" * 32}
+    origin = {"source": "synthetic (fl.learn.synth.synthesize_public)", "public_dataset_sha256": "ab" * 32}
     fields = manifest_fields(cfg, run_id="r", record={"round": 1}, node_info={}, resumed_from=None,
                              lineage=lineage(cfg, origin))
     assert fields["pretraining"] == origin
@@ -174,7 +174,7 @@ def test_manifest_names_the_pretraining_and_the_trained_parameters(tmp_path: Pat
 ])
 def test_dp_options_a_run_cannot_honour_are_config_errors(flat: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
-        config.from_flat(flat)
+        config.from_flat(flat).check_resources()  # the public cases' folder is looked at where a config enters
 
 
 # ----- plan and warning ------------------------------------------------------------------------------

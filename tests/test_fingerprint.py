@@ -8,8 +8,8 @@ import shutil
 import stat
 from pathlib import Path
 
-from fl.tasks import get_task
-from nodes.data import load_local_data
+from fl.learn import get_task
+from fl.learn.data import load_local_data
 from nodes.policy import SECRET_FILE, keyed_fingerprint, node_secret, state_dir
 
 

@@ -18,15 +18,15 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fl import config, wire
 from fl.bench.inprocess import InProcessGrid, error_reasons, unmasked_sums
 from fl.errors import ConfigError, FederationError
+from fl.learn import get_task
+from fl.learn.synth import node_dir, synthesize
 from fl.privacy import accounting
 from fl.privacy.journal import ReleaseJournal
 from fl.server.observer import LogObserver
 from fl.server.rounds import run_federation
-from fl.tasks import get_task
 from nodes.client_app import app
 from nodes.ledger import Ledger
 from nodes.policy import Policy, save_policy, state_dir
-from nodes.synth import node_dir, synthesize
 
 Z = 2.0
 

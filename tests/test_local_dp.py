@@ -18,15 +18,16 @@ from opacus import GradSampleModule
 from fl import wire
 from fl.config import Config
 from fl.errors import ConfigError
+from fl.learn import get_task, resolve_task
+from fl.learn.bundle_train import evaluate_bundle, train_bundle_dp
+from fl.learn.data import load_local_data
+from fl.learn.dp_train import NoiseInjectedDPOptimizer
 from fl.packing import unpack_message
 from fl.privacy import accounting
+from fl.privacy.accounting import local_event
 from fl.privacy.noise import SeededGaussian
 from fl.server.rounds import initial_arrays
-from fl.tasks import get_task, resolve_task
-from nodes.bundle_train import evaluate_bundle, train_bundle_dp
 from nodes.client_app import app
-from nodes.data import load_local_data
-from nodes.dp_train import NoiseInjectedDPOptimizer
 from nodes.ledger import Ledger, LedgerError
 from nodes.policy import (
     LocalDpRequest,
@@ -34,7 +35,6 @@ from nodes.policy import (
     Refusal,
     admit,
     load_policy,
-    local_event,
     save_policy,
     state_dir,
 )
@@ -87,7 +87,7 @@ def test_dp_sgd_still_learns_the_node_task(tiny_federation: Path) -> None:
 
 
 def test_every_catalogue_task_trains_under_dp_sgd(tmp_path: Path) -> None:
-    from nodes.synth import synthesize
+    from fl.learn.synth import synthesize
 
     folder = synthesize(tmp_path / "d3", nodes=1, task=get_task("seg3d"), seed=0, image_size=32)[0]
     task = resolve_task("seg3d", private=True, lr=0.01, batch_size=4)

@@ -55,7 +55,7 @@ def test_point8_views_and_crops_under_dp_are_not_seeded_from_the_data(tiny_feder
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Seeded from the data's digest, one added or removed case re-draws every other case's views
     (neighbouring datasets then differ by more than C in the clipped sum)."""
-    import nodes.bundle_train as bundle_train
+    import fl.learn.bundle_train as bundle_train
 
     seeds: list[int] = []
 
@@ -65,8 +65,8 @@ def test_point8_views_and_crops_under_dp_are_not_seeded_from_the_data(tiny_feder
 
     monkeypatch.setattr(bundle_train, "train_bundle_dp", capture)
     site = _site(tiny_federation, tmp_path)
-    from fl.tasks import get_task
-    from nodes.data import load_local_data
+    from fl.learn import get_task
+    from fl.learn.data import load_local_data
 
     digest = load_local_data(site, get_task("seg2d")).digest
     for r in (1, 2):
@@ -139,7 +139,7 @@ def test_point11_a_ledger_restored_from_an_older_copy_is_refused(tiny_federation
 
 
 def test_point11_a_lying_coordinator_can_only_make_a_node_stricter(tiny_federation: Path, tmp_path: Path) -> None:
-    from nodes.validation import site_id
+    from nodes.site_scores import site_id
     from nodes.witness import last_match
 
     site = _site(tiny_federation, tmp_path)

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from fl import config
 from fl.cli import main
 from fl.errors import ConfigError
+from fl.learn import get_task
+from fl.learn.synth import node_dir, synthesize
 from fl.server.rounds import initial_arrays
-from fl.tasks import get_task
-from nodes.synth import node_dir, synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from fl import config
 from fl.cli import main
+from fl.learn import get_task
 from fl.registry import Registry
-from fl.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
 

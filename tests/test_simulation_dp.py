@@ -10,13 +10,14 @@ import pytest
 from fl import wire
 from fl.cli import main
 from fl.config import Config
+from fl.learn import get_task
+from fl.learn.data import load_local_data
+from fl.learn.synth import synthesize
 from fl.privacy import accounting
+from fl.privacy.accounting import local_event
 from fl.registry import Registry
-from fl.tasks import get_task
-from nodes.data import load_local_data
 from nodes.ledger import Ledger
-from nodes.policy import Policy, local_event, save_policy, state_dir
-from nodes.synth import synthesize
+from nodes.policy import Policy, save_policy, state_dir
 from strategies.central_account import CentralAccount
 from strategies.factory import central_dp_settings
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from fl.errors import DataError
-from fl.tasks import get_task
-from nodes.data import load_local_data
-from nodes.synth import synthesize
+from fl.learn import get_task
+from fl.learn.data import load_local_data
+from fl.learn.synth import synthesize
 
 
 def _stats(folder: Path) -> dict[str, float]:

@@ -12,7 +12,7 @@ import pytest
 
 from fl.cli import main
 from fl.errors import DataError
-from nodes.synth_anatomy import synthesize_anatomy
+from fl.learn.synth_anatomy import synthesize_anatomy
 
 
 def _cases(site: Path) -> list[tuple[nib.Nifti1Image, np.ndarray]]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fl.errors import DataError
-from nodes.tabular import RANGES, load, write_federation
+from fl.learn.tabular import RANGES, load, write_federation
 
 
 def test_one_record_more_or_less_changes_no_other_record(tmp_path: Path) -> None:

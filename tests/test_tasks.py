@@ -5,9 +5,9 @@ import torch
 from opacus.validators import ModuleValidator
 
 from fl.errors import ConfigError
-from fl.tasks import CATALOGUE, get_task, resolve_task
+from fl.learn import CATALOGUE, ImageSpec, get_task, resolve_task
 
-SEGMENTATION = [name for name, task in CATALOGUE.items() if task.kind == "segmentation"]
+SEGMENTATION = [name for name, task in CATALOGUE.items() if isinstance(task, ImageSpec)]
 
 
 @pytest.mark.parametrize("name", SEGMENTATION)
@@ -73,8 +73,8 @@ def test_tabular_auc_against_sklearn() -> None:
 def test_breast_cancer_split_keeps_every_record_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from sklearn.datasets import load_breast_cancer
 
-    from nodes.data import load_local_data
-    from nodes.tabular import write_federation
+    from fl.learn.data import load_local_data
+    from fl.learn.tabular import write_federation
 
     folders = write_federation(tmp_path / "bc", nodes=4, seed=1, alpha=0.5)
     data = [load_local_data(f, get_task("tabular"), use_cache=False) for f in folders]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from fl.tasks import resolve_task
-from nodes.bundle_train import evaluate_bundle, train_bundle
-from nodes.data import load_local_data
+from fl.learn import resolve_task
+from fl.learn.bundle_train import evaluate_bundle, train_bundle
+from fl.learn.data import load_local_data
 
 TASK = resolve_task("seg2d", lr=0.01, batch_size=8)
 

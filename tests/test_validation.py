@@ -17,7 +17,7 @@ from fl.registry.card import card_data, render
 from fl.registry.release import Gate, GateFailed, promote
 from nodes.ledger import Ledger
 from nodes.policy import Policy, save_policy, state_dir
-from nodes.validation import bootstrap_interval, noisy_interval
+from nodes.site_scores import bootstrap_interval, noisy_interval
 
 
 # ----- the node's intervals -------------------------------------------------------------------------
@@ -42,9 +42,9 @@ def test_noisy_interval_uses_public_quantities_only() -> None:
 
 def test_a_multi_class_task_releases_each_class_with_its_interval_over_the_cases_that_hold_it() -> None:
     from fl import wire
+    from fl.learn.bundle import BundleTask
     from fl.server.validate import _per_class
-    from fl.tasks.bundle import BundleTask
-    from nodes.validation import class_intervals
+    from nodes.site_scores import class_intervals
 
     task = BundleTask.load("configs/bundles/brats_mri_segmentation")
     assert task.class_labels() == ["TC", "WT", "ET"]
@@ -67,8 +67,8 @@ def test_a_multi_class_task_releases_each_class_with_its_interval_over_the_cases
 # ----- one trained version, validated at 3 sites of which one never trained it ------------------------
 @pytest.fixture(scope="module")
 def validated(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[type-arg]
-    from fl.tasks import get_task
-    from nodes.synth import synthesize
+    from fl.learn import get_task
+    from fl.learn.synth import synthesize
 
     out = tmp_path_factory.mktemp("validation")
     synthesize(out / "data", nodes=2, task=get_task("seg2d"), seed=3, image_size=32)
@@ -99,7 +99,7 @@ def test_validate_records_every_site_with_its_interval_and_names_the_untrained_o
     assert all(set(r) <= {"site", "dataset_fingerprint", "trained_it", "metric", "score", "ci_low", "ci_high",
                           "confidence", "cases", "release", "epsilon_spent", "time", "code_version", "app_hash",
                           "run_id", "per_class", "descriptors", "descriptors_declined", "version", "version_hash",
-                          "prev", "hash"} for r in records)
+                          "prev", "hash", "schema"} for r in records)
     assert all(r["per_class"] is None for r in records)  # one foreground class: the score is that class's
 
 
@@ -206,7 +206,7 @@ def test_model_card_is_built_from_provenance_and_travels_in_the_bundle(validated
 
 def test_noisy_per_class_scores_carry_the_calibrated_noise_and_cover_the_truth() -> None:
     from fl.privacy.noise import SeededGaussian
-    from nodes.validation import noisy_class_scores
+    from nodes.site_scores import noisy_class_scores
 
     torch.manual_seed(0)
     scores = torch.rand(400, 3)
@@ -227,11 +227,11 @@ def test_a_noisy_validation_of_a_multi_class_task_releases_each_class_in_the_sam
     from flwr.supercore.task_identity import TaskIdentity
 
     from fl import wire
+    from fl.learn.bundle import BundleTask
+    from fl.learn.synth_anatomy import synthesize_anatomy
     from fl.packing import unpack_message
     from fl.privacy import accounting
-    from fl.tasks.bundle import BundleTask
     from nodes.client_app import app
-    from nodes.synth_anatomy import synthesize_anatomy
 
     task = BundleTask.load(str(small_brats(tmp_path / "brats_mri_segmentation")))
     (site,) = synthesize_anatomy(tmp_path / "brain", nodes=1, kind="brain-mri", seed=3, scale=0.5)

@@ -3,8 +3,8 @@ is: a ClientApp with ``@app.train`` / ``@app.evaluate`` over a DataLoader, a Ser
 calls ``FedAvg.start``, run with Flower's Simulation Engine. No OncoFed round loop, validation,
 registry, progress or privacy: the yardstick for OncoFed's own overhead (``fl bench overhead``).
 
-Only the task is shared with OncoFed: the network and loss (the seg2d bundle, ``fl.tasks``) and
-the data reading (``nodes.data.load_local_data``: the same MONAI reader, preprocessing and
+Only the task is shared with OncoFed: the network and loss (the seg2d bundle, ``fl.learn``) and
+the data reading (``fl.learn.data.load_local_data``: the same MONAI reader, preprocessing and
 on-disk cache of each case), so both train the same model on identical tensors.
 
     python bench/baselines/flower_app.py --data DIR --nodes 3 --rounds 5 --epochs 2 --lr 0.01 \
@@ -33,10 +33,10 @@ from monai.data import DataLoader  # noqa: E402
 from monai.networks.utils import one_hot  # noqa: E402
 
 # the quickstart imports its task module (model, data, train/test) at the top, as OncoFed does
-from fl.tasks import resolve_task  # noqa: E402
-from nodes.data import CACHE_DIR, load_local_data  # noqa: E402
+from fl.learn import resolve_task  # noqa: E402
+from fl.learn.data import CACHE_DIR, load_local_data  # noqa: E402
+from fl.learn.synth import node_dir  # noqa: E402
 from nodes.policy import state_dir  # noqa: E402
-from nodes.synth import node_dir  # noqa: E402
 
 TASK = resolve_task("seg2d")
 

@@ -55,10 +55,10 @@ class Outcome:
 
 def federation(root: Path, sites: int, *, image_size: int = 32) -> list[Path]:
     """``sites`` seg2d hospitals with site keys and one pinned roster, in ``root``."""
-    from fl.tasks import get_task
+    from fl.learn import get_task
+    from fl.learn.synth import node_dir, synthesize
     from nodes.policy import state_dir
     from nodes.roster import pin_local_consortium
-    from nodes.synth import node_dir, synthesize
 
     if not root.exists():
         synthesize(root, nodes=sites, task=get_task("seg2d"), seed=5, image_size=image_size)
@@ -121,13 +121,13 @@ def _send(grid: InProcessGrid, node: int, content: RecordDict, group: str = "1")
 # ----- Flower's SecAgg+, driven stage by stage by a deviating coordinator ---------------------------
 
 def _flower_stage(stage: str, **configs: Any) -> RecordDict:
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+    from fl.flower_compat.secagg import RECORD_KEY_CONFIGS, Key
 
     return RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: stage, **configs})})
 
 
 def _flower_setup(grid: InProcessGrid, nodes: list[int], n: int, s: int, t: int) -> dict[int, tuple[bytes, bytes]]:
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+    from fl.flower_compat.secagg import RECORD_KEY_CONFIGS, Key, Stage
 
     keys = {}
     for node in nodes:
@@ -145,8 +145,9 @@ def _flower_setup(grid: InProcessGrid, nodes: list[int], n: int, s: int, t: int)
 def _flower_collect(grid: InProcessGrid, node: int, srcs: list[int], ctxts: list[bytes],
                     instruction: tuple[dict[str, np.ndarray], ConfigRecord]) -> Message:
     from flwr.common import FitIns, ndarrays_to_parameters
-    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
-    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+
+    from fl.flower_compat.legacy import fitins_to_recorddict
+    from fl.flower_compat.secagg import Key, Stage
 
     weights, config = instruction
     keys = json.loads(str(config[wire.SECAGG_ARRAY_KEYS]))
@@ -159,11 +160,14 @@ def _flower_collect(grid: InProcessGrid, node: int, srcs: list[int], ctxts: list
 def _flower_unmask_vector(masked: list[np.ndarray], seed: bytes, own_mask_key: bytes | None, victim: int,
                           peer_mask_keys: dict[int, Any], victim_pk1: bytes) -> np.ndarray:
     """The victim's update from its masked vector, its self-mask seed and every pairwise mask."""
-    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
-    from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_extract
-    from flwr.common.secure_aggregation.quantization import dequantize
-    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+    from fl.flower_compat.secagg_crypto import (
+        bytes_to_private_key,
+        bytes_to_public_key,
+        dequantize,
+        factor_extract,
+        generate_shared_key,
+        pseudo_rand_gen,
+    )
 
     shapes = [a.shape for a in masked]
     modulus = wire.SECAGG_MOD_RANGE
@@ -182,22 +186,18 @@ def _flower_unmask_vector(masked: list[np.ndarray], seed: bytes, own_mask_key: b
 def _flower_isolate(grid: InProcessGrid, victim: int, peers: list[int], real_keys: dict[int, tuple[bytes, bytes]],
                     instruction: tuple[dict[str, np.ndarray], ConfigRecord]) -> np.ndarray:
     """Play every peer of ``victim`` with keys the coordinator holds: the victim's update."""
-    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-    from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
+    from fl.flower_compat.secagg import RECORD_KEY_CONFIGS, Key, Stage
+    from fl.flower_compat.secagg_crypto import (
+        bytes_to_public_key,
+        combine_shares,
         decrypt,
         encrypt,
-        generate_shared_key,
-    )
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-    from flwr.common.secure_aggregation.secaggplus_utils import (
-        share_keys_plaintext_concat,
-        share_keys_plaintext_separate,
-    )
-    from flwr.supercore.primitives.asymmetric import (
-        bytes_to_public_key,
         generate_key_pairs,
+        generate_shared_key,
         private_key_to_bytes,
         public_key_to_bytes,
+        share_keys_plaintext_concat,
+        share_keys_plaintext_separate,
     )
 
     mine = {p: (generate_key_pairs(), generate_key_pairs()) for p in peers}  # the coordinator's own pairs
@@ -369,13 +369,9 @@ def _roster_digest(folder: Path) -> str:
 
 def _flower_split_views(grid: InProcessGrid, instruction: tuple[dict[str, np.ndarray], ConfigRecord]) -> np.ndarray:
     from flwr.common import bytes_to_ndarray
-    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-    from flwr.common.secure_aggregation.secaggplus_constants import (
-        RECORD_KEY_CONFIGS,
-        RECORD_KEY_STATE,
-        Key,
-        Stage,
-    )
+
+    from fl.flower_compat.secagg import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+    from fl.flower_compat.secagg_crypto import combine_shares
 
     nodes = [1, 2, 3, 4, 5]
     keys = _flower_setup(grid, nodes, n=5, s=5, t=3)  # 2t > s: the guard admits it
@@ -437,8 +433,7 @@ def attack_mask_brute_force(protocol: str, *, window: int = 2**14, dim: int = 40
     right when ``y - m'`` falls in ``[0, 2^22]`` on 64 coordinates (a wrong one passes with probability
     2^-640). The window of 32-bit seeds searched holds the true XOR fold of the secret at a random place;
     under Flower that fold is the whole seed, under OncoFed it is not a seed at all."""
-    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-
+    from fl.flower_compat.secagg_crypto import pseudo_rand_gen
     from fl.privacy import secure_sum as crypto
 
     secret = secrets.token_bytes(32)

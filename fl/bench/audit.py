@@ -109,7 +109,7 @@ def canary_losses(run_dir: Path, task_name: str, images: np.ndarray, labels: np.
     import torch
     from safetensors.torch import load_file
 
-    from fl.tasks import IMAGE_KEY, LABEL_KEY, get_task
+    from fl.learn import IMAGE_KEY, LABEL_KEY, get_task
 
     task = get_task(task_name)
     net = task.build_network()

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fl import wire
+from fl.flower_compat.secagg import RECORD_KEY_CONFIGS, Key, Stage
+from fl.flower_compat.serde import copy_recorddict, set_metadata
+from fl.flower_compat.task import empty_run, set_task_identity
 from fl.packing import unpack_message
 
 Tamper = Callable[[Message], Message | Error | None]
@@ -33,10 +34,8 @@ class InProcessGrid(Grid):
     """The nodes ``node_id -> data folder`` served in this process (see the module's text)."""
 
     def __init__(self, folders: dict[int, Path], tamper: Tamper | None = None, run_id: int | None = None) -> None:
-        from flwr.supercore.task_identity import TaskIdentity
-
-        self._run = Run.create_empty(run_id if run_id is not None else secrets.randbits(48))
-        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = self._run.run_id, 1, 0
+        self._run = empty_run(run_id if run_id is not None else secrets.randbits(48))
+        set_task_identity(task_id=1, run_id=self._run.run_id, node_id=0)
         self.contexts = {nid: Context(run_id=self._run.run_id, node_id=nid,
                                       node_config={wire.NODE_DATA_DIR: str(folder)}, state=RecordDict(),
                                       run_config={}) for nid, folder in folders.items()}
@@ -66,13 +65,11 @@ class InProcessGrid(Grid):
         ids = []
         for message in messages:
             mid = uuid.uuid4().hex
-            message.metadata.__dict__["_message_id"] = mid
-            message.metadata.__dict__["_run_id"] = self._run.run_id
+            set_metadata(message.metadata, message_id=mid, run_id=self._run.run_id)
             ids.append(mid)
             delivered = Message(_copied(unpack_message(message).content), message.metadata.dst_node_id,
                                 message.metadata.message_type, group_id=message.metadata.group_id)
-            delivered.metadata.__dict__["_message_id"] = mid
-            delivered.metadata.__dict__["_run_id"] = self._run.run_id
+            set_metadata(delivered.metadata, message_id=mid, run_id=self._run.run_id)
             outcome = self.tamper(delivered) if self.tamper is not None else delivered
             if outcome is None:
                 continue
@@ -82,8 +79,7 @@ class InProcessGrid(Grid):
             else:
                 self.delivered.append(outcome)
                 reply = _served(app, outcome, self.contexts[outcome.metadata.dst_node_id])
-            reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
-            reply.metadata.__dict__["_reply_to_message_id"] = mid
+            set_metadata(reply.metadata, src_node_id=message.metadata.dst_node_id, reply_to_message_id=mid)
             if unmask:
                 self._unmask_round.setdefault(delivered.metadata.group_id, []).append(not reply.has_error())
             self.answers.append((delivered, reply))
@@ -113,9 +109,7 @@ def error_reasons(grid: InProcessGrid) -> list[str]:
 def _copied(content: RecordDict) -> RecordDict:
     """The content as a node receives it: a copy (the workflow shares one record among messages, and
     Flower's mod edits what it receives), through Flower's own serialisation."""
-    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-
-    return recorddict_from_proto(recorddict_to_proto(content))
+    return copy_recorddict(content)
 
 
 def _is_unmask(message: Message) -> bool:

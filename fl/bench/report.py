@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fl import schema
 from fl.errors import ConfigError
 from fl.server.run_folder import METRICS_FILE
 
@@ -25,6 +26,7 @@ def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
             rounds.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
+        schema.check("run-metrics", rounds[-1], f"{path}:{number}", error=ConfigError)
     if not rounds:
         raise ConfigError(f"{path}: holds no round")
     return rounds

@@ -81,9 +81,9 @@ def run_measured(command: list[str], *, cwd: Path, log: Path, timeout: float = 3
 
 def prepare_data(suite: Suite, nodes: int, task: str, seed: int, out: Path) -> Path:
     """The suite's pristine federation for ``seed`` (made once, copied per cell)."""
-    from fl.tasks import get_task
-    from nodes.synth import synthesize
-    from nodes.tabular import write_federation
+    from fl.learn import get_task
+    from fl.learn.synth import synthesize
+    from fl.learn.tabular import write_federation
 
     source = suite.settings.get("data", "synthetic")
     pristine = out / "data" / f"{task}-{source}-{nodes}-{suite.settings.get('train_cases', 0)}-seed{seed}"
@@ -124,9 +124,9 @@ def dp_overrides(cfg: Any, root: Path, dp: str | None, epsilon: float | None, de
 
 def local_sigma(cfg: Any, root: Path, target: float, delta: float) -> float:
     """The DP-SGD noise multiplier keeping every node within ``target`` after all rounds."""
-    from fl.tasks import get_task
-    from nodes.data import load_local_data
-    from nodes.synth import node_dir
+    from fl.learn import get_task
+    from fl.learn.data import load_local_data
+    from fl.learn.synth import node_dir
 
     counts = [len(load_local_data(node_dir(root, i), get_task(cfg.task), use_cache=False).train)
               for i in range(cfg.data.nodes)]
@@ -295,11 +295,11 @@ def deploy_overhead(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
 
     from fl.config import from_flat
     from fl.deploy.demo import NodeOptions, run_config, run_demo
+    from fl.learn import get_task
+    from fl.learn.synth import synthesize
     from fl.packing import SWITCH_ENV
     from fl.server.simulation import simulate
-    from fl.tasks import get_task
     from nodes.roster import pin_local_federation
-    from nodes.synth import synthesize
 
     rounds = int(suite.settings.get("rounds", 3))
     sets = list(suite.settings["set"]) + list(cell.get("set", [])) + [f"seed={seed}"]

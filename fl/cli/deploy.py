@@ -15,6 +15,14 @@ from fl.errors import ConfigError, DataError
 
 
 def add_parsers(sub: Any, node: Any) -> None:
+    _add_certs(sub)
+    _add_server(sub)
+    _add_node(node)
+    _add_app(sub)
+    _add_demo(sub)
+
+
+def _add_certs(sub: Any) -> None:
     certs = sub.add_parser("certs", help="TLS certificates and node keys").add_subparsers(dest="certs_command",
                                                                                            required=True)
     create = certs.add_parser("create", help="a CA, the SuperLink's certificate and a key pair per node")
@@ -25,6 +33,8 @@ def add_parsers(sub: Any, node: Any) -> None:
     create.add_argument("--days", type=int, default=365, help="validity of the certificates")
     create.set_defaults(func=cmd_certs_create)
 
+
+def _add_server(sub: Any) -> None:
     server = sub.add_parser("server", help="the coordinator's SuperLink").add_subparsers(dest="server_command",
                                                                                           required=True)
     start = server.add_parser("start", help="run the SuperLink (TLS, node authentication) in the foreground")
@@ -54,6 +64,8 @@ def add_parsers(sub: Any, node: Any) -> None:
     submit.add_argument("--timeout", type=float, default=24 * 3600)
     submit.set_defaults(func=cmd_server_submit)
 
+
+def _add_node(node: Any) -> None:
     check = node.add_parser("check", help="validate and summarise the local dataset (nothing is sent)")
     check.add_argument("--data", required=True, help="the node's data folder (with dataset.json)")
     check.add_argument("--task", help="seg2d, seg3d (default: from dataset.json's tensorImageSize)")
@@ -61,6 +73,16 @@ def add_parsers(sub: Any, node: Any) -> None:
                        help="accept DICOM files that still carry identifying attributes")
     check.add_argument("--json", action="store_true")
     check.set_defaults(func=cmd_node_check)
+    _add_node_start(node)
+    approve = node.add_parser("approve", help="approve an app version (FAB hash) to run on this node")
+    approve.add_argument("hash", help="SHA-256 from the coordinator's `fl app hash`, after reviewing that code")
+    approve.add_argument("--data", required=True, help="the node's data folder")
+    approve.add_argument("--note", default="", help="free text kept beside the hash")
+    approve.set_defaults(func=cmd_node_approve)
+    _add_roster(node)
+
+
+def _add_node_start(node: Any) -> None:
     nstart = node.add_parser("start", help="start this hospital's SuperNode")
     nstart.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator's SuperLink")
     nstart.add_argument("--data", required=True, help="the node's data folder")
@@ -94,11 +116,9 @@ def add_parsers(sub: Any, node: Any) -> None:
                         help="torch threads for training (default: torch's, all cores); set it when several "
                              "nodes share a machine")
     nstart.set_defaults(func=cmd_node_start)
-    approve = node.add_parser("approve", help="approve an app version (FAB hash) to run on this node")
-    approve.add_argument("hash", help="SHA-256 from the coordinator's `fl app hash`, after reviewing that code")
-    approve.add_argument("--data", required=True, help="the node's data folder")
-    approve.add_argument("--note", default="", help="free text kept beside the hash")
-    approve.set_defaults(func=cmd_node_approve)
+
+
+def _add_roster(node: Any) -> None:
     roster = node.add_parser("roster", help="the consortium roster (malicious-secure aggregation): this site's "
                                             "signing key and the pinned list of sites").add_subparsers(
         dest="roster_command", required=True)
@@ -114,11 +134,15 @@ def add_parsers(sub: Any, node: Any) -> None:
     rshow.add_argument("--data", required=True, help="the node's data folder")
     rshow.set_defaults(func=cmd_roster_show)
 
+
+def _add_app(sub: Any) -> None:
     app = sub.add_parser("app", help="the Flower app bundle").add_subparsers(dest="app_command", required=True)
     ahash = app.add_parser("hash", help="SHA-256 of the app bundle (FAB) nodes will receive for this folder")
     ahash.add_argument("folder", nargs="?", default=".")
     ahash.set_defaults(func=cmd_app_hash)
 
+
+def _add_demo(sub: Any) -> None:
     demo = sub.add_parser("demo", help="demonstrations").add_subparsers(dest="demo_command", required=True)
     ddeploy = demo.add_parser("deploy", help="SuperLink + 3 SuperNodes on localhost with TLS and node "
                                              "authentication, 2 DP rounds")
@@ -197,7 +221,7 @@ def cmd_server_submit(args: argparse.Namespace) -> int:
 
 
 def _task_for(data: Path, name: str | None) -> Any:
-    from fl.tasks import get_task
+    from fl.learn import get_task
 
     if name:
         return get_task(name)

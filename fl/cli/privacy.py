@@ -14,6 +14,17 @@ from fl.privacy import accounting
 
 def add_parsers(sub: Any) -> Any:
     """Add ``privacy`` and ``node``; returns ``node``'s subparsers for the deployment commands."""
+    _add_privacy(sub)
+    node = sub.add_parser("node", help="the node operator's commands").add_subparsers(dest="node_command", required=True)
+    _add_node_policy(node)
+    budget = node.add_parser("budget", help="record-level and client-level budgets: spent and remaining")
+    budget.add_argument("--data", required=True, help="the node's data folder")
+    budget.add_argument("--json", action="store_true")
+    budget.set_defaults(func=cmd_node_budget)
+    return node
+
+
+def _add_privacy(sub: Any) -> None:
     privacy = sub.add_parser("privacy", help="privacy accounting").add_subparsers(dest="privacy_command", required=True)
     for name, func in (("estimate", cmd_estimate), ("calibrate", cmd_calibrate)):
         parser = privacy.add_parser(name, help="epsilon for a setting" if name == "estimate"
@@ -29,27 +40,18 @@ def add_parsers(sub: Any) -> Any:
         parser.add_argument("--json", action="store_true")
         parser.set_defaults(func=func)
 
-    def federation_args(parser: argparse.ArgumentParser, epsilon_help: str) -> None:
-        """What plan and tune share: the config, overrides, the sites' case counts and the target."""
-        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-        counts = parser.add_mutually_exclusive_group(required=True)
-        counts.add_argument("--cases", help="training cases per node, comma-separated (or a lower bound each)")
-        counts.add_argument("--min-cases", type=int, help="a lower bound on every node's training cases")
-        parser.add_argument("--epsilon", type=float, required=True, help=epsilon_help)
-        parser.add_argument("--delta", type=float, default=1e-5)
-
     planner = privacy.add_parser("plan", help="which guarantee (record-level per site, client-level, both) can carry "
                                               "utility for a federation, with the noise-to-signal figures")
     planner.add_argument("config", nargs="?", default="configs/quickstart.toml",
                          help="run config: nodes, rounds, local epochs, batch size, task and trained parameters")
-    federation_args(planner, "target epsilon of each guarantee, whole run")
+    _federation_args(planner, "target epsilon of each guarantee, whole run")
     planner.add_argument("--json", action="store_true")
     planner.set_defaults(func=cmd_plan)
 
     tuner = privacy.add_parser("tune", help="DP-SGD steps, clipping norm and learning rate searched on a public "
                                             "proxy federation (never the private data); writes the run config")
     tuner.add_argument("config", help="the run config to tune (its rounds, task, pretraining, local_dp options)")
-    federation_args(tuner, "record-level epsilon per node, whole run")
+    _federation_args(tuner, "record-level epsilon per node, whole run")
     tuner.add_argument("--epochs", default="1,2,4,8", help="local epochs per round to try (default 1,2,4,8)")
     tuner.add_argument("--lrs", default="0.003,0.01,0.03", help="learning rates to try")
     tuner.add_argument("--clips", help="clipping norms to try (default: the config's local_dp.max_grad_norm)")
@@ -57,7 +59,18 @@ def add_parsers(sub: Any) -> Any:
     tuner.add_argument("--out", required=True, help="the tuned run config to write (TOML)")
     tuner.set_defaults(func=cmd_tune)
 
-    node = sub.add_parser("node", help="the node operator's commands").add_subparsers(dest="node_command", required=True)
+
+def _federation_args(parser: argparse.ArgumentParser, epsilon_help: str) -> None:
+    """What plan and tune share: the config, overrides, the sites' case counts and the target."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    counts = parser.add_mutually_exclusive_group(required=True)
+    counts.add_argument("--cases", help="training cases per node, comma-separated (or a lower bound each)")
+    counts.add_argument("--min-cases", type=int, help="a lower bound on every node's training cases")
+    parser.add_argument("--epsilon", type=float, required=True, help=epsilon_help)
+    parser.add_argument("--delta", type=float, default=1e-5)
+
+
+def _add_node_policy(node: Any) -> None:
     policy = node.add_parser("policy", help="set this node's record-level privacy policy")
     policy.add_argument("--data", required=True, help="the node's data folder")
     policy.add_argument("--epsilon", type=float, required=True, help="total record-level budget")
@@ -99,11 +112,6 @@ def add_parsers(sub: Any) -> Any:
                         help="roster sites assumed to collude with the coordinator: the malicious protocol's "
                              "threshold t must satisfy 2t > s + this")
     policy.set_defaults(func=cmd_node_policy)
-    budget = node.add_parser("budget", help="record-level and client-level budgets: spent and remaining")
-    budget.add_argument("--data", required=True, help="the node's data folder")
-    budget.add_argument("--json", action="store_true")
-    budget.set_defaults(func=cmd_node_budget)
-    return node
 
 
 def _checked(args: argparse.Namespace) -> None:
@@ -141,7 +149,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def trained_parameters(cfg: Any) -> int:
     """How many parameters DP-SGD trains under ``cfg`` (its network and ``local_dp.trainable``)."""
-    from fl.tasks.trainable import trained_count
+    from fl.learn.trainable import trained_count
 
     try:
         return trained_count(cfg.resolved_task().build_network(), cfg.local_dp.trainable)
@@ -222,7 +230,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _target(args)
     cases = _case_counts(args, cfg.data.nodes)
     task = cfg.resolved_task()
-    batch_size = task.batch_size if getattr(task, "kind", "") == "bundle" else cfg.train.batch_size
+    batch_size = task.batch_size
     result = plan(nodes=cfg.data.nodes, cases=cases, epsilon=args.epsilon, delta=args.delta, rounds=cfg.rounds,
                   epochs=cfg.train.epochs, batch_size=batch_size, params=trained_parameters(cfg),
                   client_sample_rate=client_sample_rate(cfg))

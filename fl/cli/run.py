@@ -68,10 +68,10 @@ def add_parsers(sub: Any) -> None:
 
 def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
     """Make the synthetic federation on first use, then check every node's folder."""
-    from fl.tasks import get_task
-    from nodes.data import CACHE_DIR, load_local_data
+    from fl.learn import get_task
+    from fl.learn.data import CACHE_DIR, load_local_data
+    from fl.learn.synth import node_dir, synthesize
     from nodes.policy import state_dir
-    from nodes.synth import node_dir, synthesize
 
     root, task = Path(cfg.data.root), cfg.resolved_task()
     if not root.exists():
@@ -82,7 +82,7 @@ def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
             synthesize(root, nodes=cfg.data.nodes, task=get_task(cfg.task), seed=cfg.seed,
                        image_size=cfg.data.image_size)
         else:
-            from nodes.synth_anatomy import synthesize_anatomy
+            from fl.learn.synth_anatomy import synthesize_anatomy
 
             synthesize_anatomy(root, nodes=cfg.data.nodes, kind=cfg.data.synthetic, seed=cfg.seed,
                                scale=cfg.data.synthetic_scale)
@@ -211,11 +211,11 @@ def _toml_str(text: str) -> str:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from fl.tasks import get_task
-    from nodes.synth import synthesize
+    from fl.learn import get_task
+    from fl.learn.synth import synthesize
 
     if args.kind:
-        from nodes.synth_anatomy import synthesize_anatomy
+        from fl.learn.synth_anatomy import synthesize_anatomy
 
         folders = synthesize_anatomy(args.out, nodes=args.nodes, kind=args.kind, seed=args.seed, scale=args.scale)
     else:
@@ -227,7 +227,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_tabular(args: argparse.Namespace) -> int:
-    from nodes.tabular import write_federation
+    from fl.learn.tabular import write_federation
 
     if not args.alpha > 0:
         raise DataError(f"--alpha: must be > 0, got {args.alpha}")

@@ -122,19 +122,8 @@ def node_key_pair() -> tuple[bytes, bytes]:
 def create(out: Path, hosts: list[str], nodes: list[str], *, days: int = 365) -> CertFiles:
     """Write a CA, the SuperLink certificate for ``hosts`` and a key pair per node into ``out``."""
     hosts = _check_hosts(hosts)
-    for name in nodes:
-        if not _NODE_NAME.match(name):
-            raise ConfigError(f"--nodes: {name!r} is not a valid node name (letters, digits, '.', '_', '-')")
-    if len(set(nodes)) != len(nodes):
-        raise ConfigError("--nodes: node names must be distinct")
-    if days < 1:
-        raise ConfigError(f"--days: must be at least 1, got {days}")
     files = CertFiles(out)
-    targets = [files.ca_cert, files.ca_key, files.server_cert, files.server_key]
-    targets += [p for n in nodes for p in (files.node_key(n), files.node_pub(n))]
-    clashes = [p for p in targets if p.exists()]
-    if clashes:
-        raise ConfigError(f"{clashes[0]}: already exists; certificates are never overwritten (choose another --out)")
+    _check_request(files, nodes, days)
 
     now = datetime.datetime.now(datetime.timezone.utc)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
@@ -170,6 +159,28 @@ def create(out: Path, hosts: list[str], nodes: list[str], *, days: int = 365) ->
         contents[files.node_key(name)] = (private, 0o600)
         contents[files.node_pub(name)] = (public, 0o644)
 
+    _write_staged(out, contents)
+    return files
+
+
+def _check_request(files: CertFiles, nodes: list[str], days: int) -> None:
+    """Valid, distinct node names, a positive validity, and no file of ``files`` there already."""
+    for name in nodes:
+        if not _NODE_NAME.match(name):
+            raise ConfigError(f"--nodes: {name!r} is not a valid node name (letters, digits, '.', '_', '-')")
+    if len(set(nodes)) != len(nodes):
+        raise ConfigError("--nodes: node names must be distinct")
+    if days < 1:
+        raise ConfigError(f"--days: must be at least 1, got {days}")
+    targets = [files.ca_cert, files.ca_key, files.server_cert, files.server_key]
+    targets += [p for n in nodes for p in (files.node_key(n), files.node_pub(n))]
+    clashes = [p for p in targets if p.exists()]
+    if clashes:
+        raise ConfigError(f"{clashes[0]}: already exists; certificates are never overwritten (choose another --out)")
+
+
+def _write_staged(out: Path, contents: dict[Path, tuple[bytes, int]]) -> None:
+    """Each file with its mode, written into a staging folder of ``out`` and renamed into place."""
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".certs-", dir=out))
     try:
@@ -182,4 +193,3 @@ def create(out: Path, hosts: list[str], nodes: list[str], *, days: int = 365) ->
             os.replace(staging / path.name, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return files

@@ -22,13 +22,13 @@ from fl.config import load
 from fl.deploy import certs as certs_mod
 from fl.deploy import processes as deploy
 from fl.errors import ConfigError, FederationError
+from fl.learn import get_task
+from fl.learn.synth import node_dir, synthesize
 from fl.registry import Registry
-from fl.tasks import get_task
 from nodes.ledger import Ledger
 from nodes.policy import state_dir
 from nodes.roster import pin_local_federation
 from nodes.supernode import approve, fab_hash_of
-from nodes.synth import node_dir, synthesize
 
 APP_DIR = Path(__file__).resolve().parents[2]
 MODEL = "deploy-demo"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -40,6 +41,11 @@ from fl.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
+
+    from fl.learn.data import LocalData
+    from fl.learn.dp_train import DpOptions
+    from fl.learn.task import PrivateSettings, TrainSettings
+    from fl.learn.train import EvalResult, TrainResult
 
 TRAIN_JSON = "configs/train.json"
 METADATA_JSON = "configs/metadata.json"
@@ -113,7 +119,6 @@ class BundleTask:
     lr_override: float | None = None
     batch_size_override: int | None = None
 
-    kind = "bundle"
     metric = "dice"  # the key metric (MeanDice) nodes report
     record_metric = "dice"
 
@@ -320,6 +325,65 @@ class BundleTask:
         outputs = (self.metadata.get("network_data_format") or {}).get("outputs", {}).get("pred", {})
         names = outputs.get("channel_def") or {}
         return [str(names.get(str(c), f"class {c}")) for c in range(first, self.out_channels)]
+
+    def with_lr(self, lr: float) -> BundleTask:
+        return dataclasses.replace(self, lr_override=lr)
+
+    @property
+    def bundle_digest(self) -> str:
+        return self.digest
+
+    def example_input(self) -> torch.Tensor:
+        """A zero input of the shape the bundle's metadata declares (``network_data_format``)."""
+        import torch
+
+        image = self.metadata["network_data_format"]["inputs"]["image"]
+        return torch.zeros(1, int(image["num_channels"]), *[int(n) for n in image["spatial_shape"]])
+
+    # --- data (:mod:`fl.learn.data`, :mod:`fl.learn.cases`) -----------------------------------
+    def load_data(self, data_dir: Path, *, use_cache: bool = True, disk_cache: Path | None = None) -> LocalData:
+        from fl.learn.data import load_bundle_cases
+
+        return load_bundle_cases(Path(data_dir).resolve(), self, use_cache, disk_cache)
+
+    def load_pooled(self, data_dirs: list[Path]) -> LocalData:
+        """Every node's cases in one list, preprocessed as each node does (no disk cache)."""
+        from fl.learn.cases import bundle_cases
+        from fl.learn.data import LocalData, read_datalist
+
+        lists = [read_datalist(Path(d).resolve(), modality_lists=True) for d in data_dirs]
+        return LocalData(bundle_cases([c for d in lists for c in d["training"]], self, None, train=True),
+                         bundle_cases([c for d in lists for c in d["validation"]], self, None, train=False),
+                         digest="")
+
+    def record_labels(self, data: LocalData) -> None:
+        del data
+        return None  # label maps in the node's files: descriptors count them there
+
+    # --- training (:mod:`fl.learn.bundle_train`) ----------------------------------------------
+    def check_private_options(self, options: DpOptions, net: torch.nn.Module) -> None:
+        from fl.learn.trainable import trained_names
+
+        trained_names(net, options.trainable)
+
+    def train(self, net: torch.nn.Module, split: Any, settings: TrainSettings) -> TrainResult:
+        from fl.learn.bundle_train import train_bundle
+
+        return train_bundle(net, self, split, epochs=settings.epochs, device=settings.device, amp=settings.amp,
+                            proximal_mu=settings.proximal_mu, generator=settings.generator, workers=settings.workers)
+
+    def train_private(self, net: torch.nn.Module, split: Any, settings: PrivateSettings) -> TrainResult:
+        from fl.learn.bundle_train import train_bundle_dp
+
+        return train_bundle_dp(net, self, split, epochs=settings.epochs, noise_multiplier=settings.noise_multiplier,
+                               max_grad_norm=settings.max_grad_norm, noise=settings.noise, device=settings.device,
+                               options=settings.options, generator=settings.generator)
+
+    def evaluate(self, net: torch.nn.Module, split: Any, *, device: torch.device | None = None,
+                 workers: int = 0, amp: bool = False) -> EvalResult:
+        from fl.learn.bundle_train import evaluate_bundle
+
+        return evaluate_bundle(net, self, split, device=device, workers=workers, amp=amp)
 
     # --- what goes into a version's manifest -----------------------------------------------
     def provenance(self) -> dict[str, Any]:

@@ -15,16 +15,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fl.learn import IMAGE_KEY, LABEL_KEY
+from fl.learn.cases import Cases
+from fl.learn.dp_train import DpOptions, WeightAverage, freeze_for_dp
+from fl.learn.train import EvalResult, TrainResult, fit
 from fl.privacy.noise import NoiseSource, SecureGaussian
-from fl.tasks import IMAGE_KEY, LABEL_KEY
-from fl.tasks.bundle import BundleTask
-from nodes.cases import Cases
-from nodes.dp_train import DpOptions, WeightAverage, freeze_for_dp
-from nodes.train import EvalResult, TrainResult, fit
+
+if TYPE_CHECKING:
+    from fl.learn.bundle import BundleTask
 
 
 def _plain(t: Any) -> torch.Tensor:
@@ -54,7 +56,7 @@ def train_bundle(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epochs
                  device: torch.device | None = None, amp: bool = False, proximal_mu: float = 0.0,
                  generator: torch.Generator | None = None, workers: int = 0) -> TrainResult:
     """Train ``net`` in place for ``epochs`` passes over ``cases`` with the bundle's loss and
-    optimizer (:func:`nodes.train.fit`); ``net`` is back on the CPU after."""
+    optimizer (:func:`fl.learn.train.fit`); ``net`` is back on the CPU after."""
     device = device or torch.device("cpu")
     _seed_transforms(cases, generator)
     batches = loader(cases, batch_size=task.batch_size, shuffle=True, workers=workers, device=device,
@@ -184,6 +186,32 @@ def onehot_outside(loss_fn: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
     return loss_fn, True
 
 
+def _check_private(task: BundleTask, noise_multiplier: float, max_grad_norm: float) -> None:
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+    if not task.private:
+        raise ValueError("train_bundle_dp needs the task's private (DP-SGD ready) network")
+
+
+def _one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """Label maps ``(cases, views, 1, ...)`` as one-hot ``(cases, views, classes, ...)``."""
+    from monai.networks.utils import one_hot
+
+    return one_hot(labels.flatten(0, 1), classes).view(*labels.shape[:2], classes, *labels.shape[3:])
+
+
+def _set_grad_samples(net: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]], loss_fn: Any,
+                      images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Each sampled case's gradient into ``grad_sample`` (for the DP optimizer to clip); returns
+    the summed loss of the cases."""
+    grads, losses = per_case_gradients(net, loss_fn, images, labels)
+    for name, p in named:
+        p.grad_sample = grads[name].detach()
+    return float(losses.detach().sum())
+
+
 def train_bundle_dp(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epochs: int, noise_multiplier: float,
                     max_grad_norm: float, noise: NoiseSource | None = None,
                     device: torch.device | None = None, options: DpOptions | None = None,
@@ -198,18 +226,12 @@ def train_bundle_dp(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epo
     ``options`` (:class:`DpOptions`): which parameters train (the others keep the global model's
     values), how many augmented views of each sampled case its gradient averages before
     clipping, and the decay of the weight average that is released instead of the last iterate.
-    None of them changes the mechanism the accountant charges: records are Poisson-sampled,
-    each record's gradient is clipped once, the noise is the same. ``generator`` draws the views'
+    None of them changes the mechanism the accountant charges. ``generator`` draws the views'
     random augmentations (not the sampling or the noise, which come from ``noise``)."""
-    from nodes.dp_train import NoiseInjectedDPOptimizer
-    from nodes.policy import local_event
+    from fl.learn.dp_train import NoiseInjectedDPOptimizer
+    from fl.privacy.accounting import local_event
 
-    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-        raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
-    if not task.private:
-        raise ValueError("train_bundle_dp needs the task's private (DP-SGD ready) network")
+    _check_private(task, noise_multiplier, max_grad_norm)
     noise = noise or SecureGaussian()
     device = device or torch.device("cpu")
     started = time.perf_counter()
@@ -235,13 +257,8 @@ def train_bundle_dp(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epo
             if chosen:
                 images, labels = _case_batch(cases, chosen, views)
                 if to_onehot:
-                    from monai.networks.utils import one_hot
-
-                    labels = one_hot(labels.flatten(0, 1), classes).view(*labels.shape[:2], classes, *labels.shape[3:])
-                grads, losses = per_case_gradients(net, loss_fn, images.to(device), labels.to(device))
-                for name, p in named:
-                    p.grad_sample = grads[name].detach()
-                loss_sum += float(losses.detach().sum())
+                    labels = _one_hot(labels, classes)
+                loss_sum += _set_grad_samples(net, named, loss_fn, images.to(device), labels.to(device))
                 seen += len(chosen)
             else:  # an empty Poisson sample still releases noise, as the accountant assumes
                 for _, p in named:
@@ -252,9 +269,15 @@ def train_bundle_dp(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epo
         if average is not None:
             average.copy_to(net)
     finally:
-        for _, p in named:
-            p.grad_sample = None
-        for p in frozen:
-            p.requires_grad_(True)
-        net.to("cpu")
+        _restore(net, named, frozen)
     return TrainResult(loss=loss_sum / max(seen, 1), seconds=time.perf_counter() - started, steps=event.steps)
+
+
+def _restore(net: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]],
+             frozen: list[torch.nn.Parameter]) -> None:
+    """``net`` as DP-SGD found it: no per-case gradients held, every parameter trainable, on the CPU."""
+    for _, p in named:
+        p.grad_sample = None
+    for p in frozen:
+        p.requires_grad_(True)
+    net.to("cpu")

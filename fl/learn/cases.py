@@ -16,22 +16,46 @@ later rounds read no file at all; cases beyond the budget are read from the disk
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.data import PersistentDataset
 
 from fl.errors import DataError
-from fl.tasks import IMAGE_KEY, LABEL_KEY
-from fl.tasks.bundle import BundleTask
+from fl.learn import IMAGE_KEY, LABEL_KEY
+
+if TYPE_CHECKING:
+    from fl.learn.bundle import BundleTask
 
 CACHE_FORMAT = 1  # bump when what the cache holds changes
 MEMORY_BUDGET_ENV = "ONCOFED_MEMORY_CACHE_GB"
+
+
+@functools.lru_cache(maxsize=1)
+def image_loader() -> Any:
+    """One MONAI ``LoadImage`` per process. Building one instantiates every reader MONAI knows;
+    with pydicom installed and no GPU codec its DICOM reader warns each time, so the loader is
+    built once, with that notice (a GPU decoder we don't use) kept out of the node's log."""
+    import logging
+    import warnings
+
+    from monai.transforms import LoadImage
+
+    codec_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = codec_log.level
+    codec_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            return LoadImage(image_only=True)
+    finally:
+        codec_log.setLevel(level)
 
 
 def memory_budget() -> int:
@@ -82,8 +106,6 @@ def _reason(exc: Exception) -> str:
 
 def _failing_file(item: dict[str, Any], exc: Exception) -> DataError:
     """Name the file a case failed on: the first that MONAI cannot read, else its image."""
-    from nodes.data import image_loader
-
     for key in (IMAGE_KEY, LABEL_KEY):
         for path in _files(item, key):
             try:

@@ -2,14 +2,13 @@
 
 The node reads only its own folder. Every image case goes through MONAI's reader and the
 task's bundle preprocessing once, is checked (readable, finite, image and label on one grid,
-label values the network can learn) and kept on the node's disk (:mod:`nodes.cases`); the
+label values the network can learn) and kept on the node's disk (:mod:`fl.learn.cases`); the
 loaded dataset is also kept in the node process, keyed by the folder, the task and the size and
 modification time of every file, so later rounds reuse it and an edited dataset is read again.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import threading
@@ -21,8 +20,8 @@ from typing import Any
 import torch
 
 from fl.errors import DataError
-from fl.tasks import IMAGE_KEY, LABEL_KEY, Task
-from nodes.synth import DATASET_JSON
+from fl.learn import IMAGE_KEY, LABEL_KEY, Task
+from fl.learn.synth import DATASET_JSON
 
 SPLITS = ("training", "validation")
 CACHE_DIR = "cache"  # in a node's state folder: its preprocessed cases, kept between processes
@@ -44,7 +43,7 @@ class LocalData:
     """A node's training and held-out validation cases, and the dataset's SHA-256 digest (it never
     leaves the node: what does is :func:`nodes.policy.keyed_fingerprint` of it)."""
 
-    train: Any  # Split (tabular records) or nodes.cases.Cases (image cases)
+    train: Any  # Split (tabular records) or fl.learn.cases.Cases (image cases)
     val: Any
     digest: str
 
@@ -101,27 +100,6 @@ def case_files(case: dict[str, Any]) -> list[Path]:
     return [p for key in (IMAGE_KEY, LABEL_KEY) for p in (case[key] if isinstance(case[key], list) else [case[key]])]
 
 
-@functools.lru_cache(maxsize=1)
-def image_loader() -> Any:
-    """One MONAI ``LoadImage`` per process. Building one instantiates every reader MONAI knows;
-    with pydicom installed and no GPU codec its DICOM reader warns each time, so the loader is
-    built once, with that notice (a GPU decoder we don't use) kept out of the node's log."""
-    import logging
-    import warnings
-
-    from monai.transforms import LoadImage
-
-    codec_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
-    level = codec_log.level
-    codec_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
-            return LoadImage(image_only=True)
-    finally:
-        codec_log.setLevel(level)
-
-
 def digest(data_dir: Path, datalist: dict[str, list[dict[str, Path]]]) -> str:
     """SHA-256 over ``dataset.json`` and the bytes of every file it lists, in list order.
 
@@ -176,20 +154,15 @@ def load_local_data(data_dir: str | Path, task: Task, *, use_cache: bool = True,
     """Validate and load a node's dataset; raises :class:`DataError` naming the bad file.
 
     Image tasks (a bundle, or a catalogue task's shipped bundle) get their cases one by one
-    (:mod:`nodes.cases`), each preprocessed and checked now, and kept in ``disk_cache`` (this
+    (:mod:`fl.learn.cases`), each preprocessed and checked now, and kept in ``disk_cache`` (this
     node's state folder's ``cache``) between processes, keyed by every file's path, size and
     modification time and by the bundle; a fresh process reads it instead of preprocessing again."""
-    data_dir = Path(data_dir).resolve()
-    if getattr(task, "kind", "segmentation") == "tabular":
-        return _load_tabular(data_dir, task, use_cache)
-    if getattr(task, "kind", "segmentation") != "bundle":
-        task = task.bundle_task()
-    return _load_bundle_cases(data_dir, task, use_cache, disk_cache)
+    return task.load_data(Path(data_dir).resolve(), use_cache=use_cache, disk_cache=disk_cache)
 
 
-def _load_bundle_cases(data_dir: Path, task: Any, use_cache: bool, disk_cache: Path | None) -> LocalData:
+def load_bundle_cases(data_dir: Path, task: Any, use_cache: bool, disk_cache: Path | None) -> LocalData:
     """A bundle task's cases, each preprocessed and checked now (or found in ``disk_cache``)."""
-    from nodes.cases import bundle_cases
+    from fl.learn.cases import bundle_cases
 
     datalist = read_datalist(data_dir, modality_lists=True)
 
@@ -204,8 +177,8 @@ def _load_bundle_cases(data_dir: Path, task: Any, use_cache: bool, disk_cache: P
     return _CACHE.get_or_load(key, load)
 
 
-def _load_tabular(data_dir: Path, task: Any, use_cache: bool) -> LocalData:
-    from nodes import tabular
+def load_tabular(data_dir: Path, task: Any, use_cache: bool) -> LocalData:
+    from fl.learn import tabular
 
     if not (data_dir / DATASET_JSON).is_file():
         raise DataError(f"{data_dir / DATASET_JSON}: missing (a tabular node folder needs dataset.json)")

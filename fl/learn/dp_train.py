@@ -18,11 +18,11 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+from fl.learn import Task
+from fl.learn.data import Split
+from fl.learn.train import TrainResult
+from fl.privacy.accounting import local_event
 from fl.privacy.noise import NoiseSource, SecureGaussian
-from fl.tasks import Task
-from nodes.data import Split
-from nodes.policy import local_event
-from nodes.train import TrainResult
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class DpOptions:
     """What a run asks of a node's DP-SGD beyond the mechanism's noise and clipping norm (the
     ``local_dp`` keys of :mod:`fl.config`); none of them changes what the accountant charges."""
 
-    trainable: str = "all"  # fl.tasks.trainable.TRAINABLE
+    trainable: str = "all"  # fl.learn.trainable.TRAINABLE
     views: int = 1  # augmented views of a sampled record, averaged before clipping (De et al. 2022)
     view_augment: str = "flips"  # flips (and quarter turns) on top of the bundle's random transforms, or bundle
     ema_decay: float = 0.0  # > 0: release the exponential moving average of the iterates
@@ -47,7 +47,7 @@ class DpOptions:
 def freeze_for_dp(net: torch.nn.Module, trainable: str) -> list[torch.nn.Parameter]:
     """Turn off the gradients of the parameters ``trainable`` leaves out (before any optimizer or
     per-sample machinery sees the network); returns them, for the caller to turn back on."""
-    from fl.tasks.trainable import trained_names
+    from fl.learn.trainable import trained_names
 
     keep = set(trained_names(net, trainable))
     frozen = [p for name, p in net.named_parameters() if name not in keep and p.requires_grad]

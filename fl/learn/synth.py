@@ -16,11 +16,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fl.errors import DataError
-from fl.tasks import Task
+from fl.learn import ImageSpec
 
 DATASET_JSON = "dataset.json"
 
@@ -75,7 +76,7 @@ def site_profiles(nodes: int, image_size: int, rng: np.random.Generator) -> list
     return profiles
 
 
-def _case(task: Task, size: int, profile: SiteProfile, rs: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+def _case(task: ImageSpec, size: int, profile: SiteProfile, rs: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
     from monai.data.synthetic import create_test_image_2d, create_test_image_3d
 
     common = dict(
@@ -132,7 +133,7 @@ def write_atomically(root: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def _write_site(folder: Path, task: Task, size: int, profile: SiteProfile, seed: int) -> None:
+def _write_site(folder: Path, task: ImageSpec, size: int, profile: SiteProfile, seed: int) -> None:
     rs = np.random.RandomState(seed)
 
     def make_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -144,7 +145,7 @@ def _write_site(folder: Path, task: Task, size: int, profile: SiteProfile, seed:
                         site_profile=asdict(profile))
 
 
-def _write_dataset_json(folder: Path, task: Task, name: str, description: str,
+def _write_dataset_json(folder: Path, task: ImageSpec, name: str, description: str,
                         entries: dict[str, list[dict[str, str]]], **extra: object) -> None:
     """The Decathlon-style ``dataset.json`` of synthetic cases written by :func:`write_cases`."""
     manifest = {
@@ -160,8 +161,15 @@ def _write_dataset_json(folder: Path, task: Task, name: str, description: str,
     (folder / DATASET_JSON).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def synthesize(root: str | Path, *, nodes: int, task: Task, seed: int = 0, image_size: int = 0,
+def synthesize(root: str | Path, *, nodes: int, task: Any, seed: int = 0, image_size: int = 0,
                train_cases: int = 0) -> list[Path]:
+    """Synthetic sites of catalogue task ``task`` under ``root`` (images, or a table's records);
+    returns the node folders."""
+    return task.synthesize(Path(root), nodes=nodes, seed=seed, image_size=image_size, train_cases=train_cases)
+
+
+def synthesize_images(root: str | Path, *, nodes: int, task: ImageSpec, seed: int = 0, image_size: int = 0,
+                      train_cases: int = 0) -> list[Path]:
     """Write one folder per node under ``root``; returns the node folders. ``train_cases``: every
     site gets this many training cases (and a quarter as many validation cases) instead of its
     profile's (16 to 48), e.g. a hospital-size federation for the benchmarks.
@@ -171,10 +179,6 @@ def synthesize(root: str | Path, *, nodes: int, task: Task, seed: int = 0, image
     refused rather than overwritten.
     """
     root = Path(root)
-    if getattr(task, "kind", "segmentation") == "tabular":
-        from nodes.tabular import write_federation
-
-        return write_federation(root, nodes=nodes, source="synthetic", seed=seed)
     size = image_size or task.image_size
     if nodes < 1:
         raise DataError(f"--nodes: need at least one node, got {nodes}")
@@ -196,7 +200,7 @@ def synthesize(root: str | Path, *, nodes: int, task: Task, seed: int = 0, image
     return [node_dir(root, i) for i in range(nodes)]
 
 
-def synthesize_public(root: str | Path, *, task: Task, cases: int, seed: int, image_size: int = 0) -> Path:
+def synthesize_public(root: str | Path, *, task: ImageSpec, cases: int, seed: int, image_size: int = 0) -> Path:
     """Public synthetic cases for pretraining (``pretrain.source = synthetic``): ``cases``
     training cases (and one validation case per eight), drawn in turn from four site profiles
     of the same public generator, with a public seed. Nothing here depends on any node's data.

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fl.errors import DataError
-from nodes.synth import DATASET_JSON, node_dir, write_atomically, write_cases
+from fl.learn.synth import DATASET_JSON, node_dir, write_atomically, write_cases
 
 KINDS = ("ct", "brain-mri")
 MODALITIES = ("T1", "T1ce", "T2", "FLAIR")

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fl.tasks import Task
-from nodes.data import Split
+from fl.learn import Task
+from fl.learn.data import Split
 
 
 @dataclass(frozen=True)

@@ -173,3 +173,9 @@ def calibrate(
         mid = (low + high) / 2
         low, high = (mid, high) if eps(mid) > target_epsilon else (low, mid)
     return high
+
+
+def local_event(num_examples: int, *, epochs: int, batch_size: int, noise_multiplier: float) -> GaussianEvent:
+    """The mechanism one private training call on a node applies to its records
+    (:func:`fl.learn.dp_train.train_local_dp`, :func:`fl.learn.bundle_train.train_bundle_dp`)."""
+    return dp_sgd_event(num_examples, epochs=epochs, batch_size=batch_size, noise_multiplier=noise_multiplier)

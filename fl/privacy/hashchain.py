@@ -9,7 +9,7 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,23 +24,34 @@ def _digest(entry: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def read_chain(path: Path, what: str) -> list[dict[str, Any]]:
-    """Every entry of ``path`` (none if it does not exist), after checking the whole chain."""
+def read_chain(path: Path, what: str,
+               check: Callable[[dict[str, Any], int], None] | None = None) -> list[dict[str, Any]]:
+    """Every entry of ``path`` (none if it does not exist), after checking the whole chain.
+    ``check(entry, line)`` runs on every entry first: a reader refuses a line written in a newer
+    format (:mod:`fl.schema`) as such, before its checksum, which a newer format may compute
+    otherwise, calls it altered."""
     if not path.exists():
         return []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ChainError(f"{path}: unreadable {what} ({exc})") from None
-    entries, prev = [], None
+    entries = []
     for number, line in enumerate(lines, start=1):
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             raise ChainError(f"{path}: line {number} is not JSON; the {what} was damaged") from None
+        if not isinstance(entry, dict):
+            raise ChainError(f"{path}: line {number} is not a JSON object; the {what} was damaged")
+        entries.append(entry)
+    if check is not None:
+        for number, entry in enumerate(entries, start=1):
+            check(entry, number)
+    prev = None
+    for number, entry in enumerate(entries, start=1):
         if entry.get("seq") != number or entry.get("prev") != prev or _digest(entry) != entry.get("hash"):
             raise ChainError(f"{path}: line {number} fails its checksum chain; the {what} was altered")
-        entries.append(entry)
         prev = entry["hash"]
     return entries
 

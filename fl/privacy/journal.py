@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fl import schema
 from fl.errors import OncoFedError
 from fl.privacy import hashchain
 from fl.privacy.accounting import GaussianEvent
@@ -39,11 +40,16 @@ class ReleaseJournal:
         """The journal beside the model's versions (``model_name`` is validated by the config)."""
         return cls(Path(registry_root) / model_name / JOURNAL_FILE)
 
+    def _version(self, entry: dict[str, Any], number: int) -> None:
+        """Refuse an entry written by a newer OncoFed (:mod:`fl.schema`), before its checksum."""
+        schema.check("privacy-journal", entry, f"{self.path}: line {number}", error=JournalError)
+
     def entries(self, lineage: str) -> list[dict[str, Any]]:
         try:
-            return [e for e in hashchain.read_chain(self.path, "release journal") if e.get("lineage") == lineage]
+            entries = hashchain.read_chain(self.path, "release journal", check=self._version)
         except hashchain.ChainError as exc:
             raise JournalError(f"{exc}; the client-level privacy history cannot be trusted") from None
+        return [e for e in entries if e.get("lineage") == lineage]
 
     def events(self, lineage: str) -> list[GaussianEvent]:
         return [GaussianEvent.from_dict(e["event"]) for e in self.entries(lineage) if e.get("event")]
@@ -61,9 +67,9 @@ class ReleaseJournal:
         ended); durable when this returns."""
         with hashchain.locked(self.path):
             try:
-                entries = hashchain.read_chain(self.path, "release journal")
+                entries = hashchain.read_chain(self.path, "release journal", check=self._version)
             except hashchain.ChainError as exc:
                 raise JournalError(str(exc)) from None
             hashchain.append_entry(self.path, entries, {**fields, "lineage": lineage,
                                                         "event": event.to_dict() if event is not None else None,
-                                                        "time": time.time()})
+                                                        "time": time.time(), **schema.stamp("privacy-journal")})

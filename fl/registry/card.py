@@ -158,7 +158,13 @@ def _limitations(sites: list[dict[str, Any]], trained: dict[str, Any], validated
 
 
 def render(card: dict[str, Any]) -> str:
-    m, t = card["model"], card["training"]
+    lines = (_intro(card) + _training(card) + _data(card) + _privacy(card) + _lineage(card) + _validation(card)
+             + _release_and_scope(card))
+    return "\n".join(lines) + "\n"
+
+
+def _intro(card: dict[str, Any]) -> list[str]:
+    m = card["model"]
     lines = [f"# Model card: {m['name']} v{m['version']}", "",
              f"Version hash `{m['hash']}`, weights SHA-256 `{m['weights_sha256']}`, created {m['created_at']}, "
              f"OncoFed {(m.get('software') or {}).get('oncofed', '?')}. Built by `fl models card` from the "
@@ -169,16 +175,25 @@ def render(card: dict[str, Any]) -> str:
         b = card["task"]["bundle"]
         lines.append(f"MONAI bundle `{b.get('name')}` {b.get('version')} (digest `{str(b.get('digest'))[:16]}`)"
                      + (f": {b['task']}." if b.get("task") else "."))
+    return lines
+
+
+def _training(card: dict[str, Any]) -> list[str]:
+    t = card["training"]
     s = t.get("strategy") or {}
-    lines += ["", "## Training", "",
-              f"{t['rounds']} round(s) over run(s) {', '.join(str(r) for r in t['runs'])}; strategy {s.get('name')}, "
-              f"{s.get('local_epochs')} local epoch(s), learning rate {s.get('local_lr')}, batch {s.get('batch_size')}; "
-              f"secure aggregation: {'yes' if t.get('secure_aggregation') else 'no'}.", "",
-              "| training site (keyed fingerprint) | cases | validated this version |", "| --- | --- | --- |"]
+    lines = ["", "## Training", "",
+             f"{t['rounds']} round(s) over run(s) {', '.join(str(r) for r in t['runs'])}; strategy {s.get('name')}, "
+             f"{s.get('local_epochs')} local epoch(s), learning rate {s.get('local_lr')}, batch {s.get('batch_size')}; "
+             f"secure aggregation: {'yes' if t.get('secure_aggregation') else 'no'}.", "",
+             "| training site (keyed fingerprint) | cases | validated this version |", "| --- | --- | --- |"]
     for site in card["training_sites"]:
         lines.append(f"| `{site['dataset_fingerprint'][:16]}` | {site['cases'] if site['cases'] is not None else '-'} "
                      f"| {'yes' if site['validated_this_version'] else 'no'} |")
-    lines += ["", "## Data", ""]
+    return lines
+
+
+def _data(card: dict[str, Any]) -> list[str]:
+    lines = ["", "## Data", ""]
     described = card["dataset_descriptors"]
     if not described:
         lines.append("No site has released dataset descriptors (each site's `release_descriptors` policy; "
@@ -201,18 +216,29 @@ def render(card: dict[str, Any]) -> str:
                          f"{d['cases_validation']} | {', '.join(d['modality']) or '-'} | "
                          f"{_span(d['spacing_finest_mm'], d['spacing_range_mm'], 0)} | "
                          f"{_span(d['spacing_coarsest_mm'], d['spacing_range_mm'], 1)} | {prevalence} | {release} |")
-    lines += ["", "## Privacy", ""]
+    return lines
+
+
+def _privacy(card: dict[str, Any]) -> list[str]:
+    lines = ["", "## Privacy", ""]
     settings, spent = card["privacy"]["settings"] or {}, card["privacy"]["spent"] or {}
     lines.append(f"Client-level DP: {json.dumps(settings.get('central')) if settings.get('central') else 'none'}; "
                  f"spent: {json.dumps(spent.get('client_level'))}.")
     lines.append(f"Record-level DP on each node: {json.dumps(settings.get('local')) if settings.get('local') else 'none'}; "
                  f"spent per node: {json.dumps(spent.get('record_level') or {})}.")
+    return lines
+
+
+def _lineage(card: dict[str, Any]) -> list[str]:
     pre = card["lineage"]["pretraining"]
-    lines += ["", "## Lineage", "", " -> ".join(card["lineage"]["versions"]) + ".",
-              "Pretraining: " + (f"{pre.get('source')} (public data SHA-256 `{str(pre.get('public_dataset_sha256'))[:16]}`, "
-                                 f"{pre.get('training_cases')} cases, {pre.get('epochs')} epochs)" if pre else "none") + ".",
-              "", "## Validation", "",
-              "| site | trained it | cases | score | interval | release | date |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    return ["", "## Lineage", "", " -> ".join(card["lineage"]["versions"]) + ".",
+            "Pretraining: " + (f"{pre.get('source')} (public data SHA-256 `{str(pre.get('public_dataset_sha256'))[:16]}`, "
+                               f"{pre.get('training_cases')} cases, {pre.get('epochs')} epochs)" if pre else "none") + "."]
+
+
+def _validation(card: dict[str, Any]) -> list[str]:
+    lines = ["", "## Validation", "",
+             "| site | trained it | cases | score | interval | release | date |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in card["validation"]:
         trained = {True: "yes", False: "no", None: "unknown"}[r.get("trained_it")]
         lines.append(f"| {r['site']} | {trained} | {r['cases']} | {r['score']:.3f} | [{r['ci_low']:.3f}, "
@@ -224,16 +250,20 @@ def render(card: dict[str, Any]) -> str:
                   "| site | class | score | interval | cases |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {site} | {label} | {v['score']:.3f} | [{v['ci_low']:.3f}, {v['ci_high']:.3f}] | {v['cases']:g} |"
                   for site, label, v in per_class]
+    return lines
+
+
+def _release_and_scope(card: dict[str, Any]) -> list[str]:
     rel = card["release"]
     tags = "; ".join(f"{t['tag']} (gate {t['gate']}, {t['time'][:10]})" for t in rel["tags"]) or "none"
-    lines += ["", f"The run config's release gate {rel['gate']}: " + (
+    lines = ["", f"The run config's release gate {rel['gate']}: " + (
         "passed" if not rel["gate_problems"] else "not passed (" + "; ".join(rel["gate_problems"]) + ")")
-              + f". Current tags, with the gate each passed: {tags}.", "", "## Limitations", ""]
+             + f". Current tags, with the gate each passed: {tags}.", "", "## Limitations", ""]
     lines += [f"- {item}" for item in card["limitations"]]
     lines += ["", "## What this card covers", ""]
     for source, items in card["coverage"].items():
         lines.append(f"- {source}: " + "; ".join(items) + ".")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _span(bins: list[float | None] | None, exact: list[float] | None, end: int) -> str:

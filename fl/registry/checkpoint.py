@@ -62,31 +62,9 @@ def manifest_fields(
         "run_id": run_id,
         "round": record["round"],
         "task": cfg.task_label,
-        "bundle": task.provenance() if getattr(task, "kind", "") == "bundle" else None,
-        "strategy": {
-            "name": cfg.strategy.name,
-            "fraction_train": cfg.strategy.fraction_train,
-            "fraction_evaluate": cfg.strategy.fraction_evaluate,
-            "min_nodes": cfg.min_nodes,
-            "server_lr": cfg.strategy.server_lr if cfg.strategy.name == "fedadam" else None,
-            "tau": cfg.strategy.tau if cfg.strategy.name == "fedadam" else None,
-            "server_momentum": cfg.strategy.server_momentum if cfg.strategy.name == "fedavgm" else None,
-            "server_step": cfg.strategy.server_step if cfg.strategy.name == "fedavgm" else None,
-            "proximal_mu": cfg.train.proximal_mu,
-            "local_epochs": cfg.train.epochs,
-            "local_lr": getattr(task, "lr", cfg.train.lr),
-            "batch_size": getattr(task, "batch_size", cfg.train.batch_size),
-            "batchnorm": cfg.train.batchnorm,
-        },
-        "dp": {
-            "central": {k: v for k, v in cfg.to_flat().items() if k.startswith("central_dp.")}
-            if cfg.central_dp.enabled else None,
-            "local": {"noise_multiplier": cfg.local_dp.noise_multiplier,
-                      "max_grad_norm": cfg.local_dp.max_grad_norm, "trainable": cfg.local_dp.trainable,
-                      "trained_parameters": (lineage or {}).get("trained_parameters"),
-                      "views": cfg.local_dp.views, "view_augment": cfg.local_dp.view_augment,
-                      "ema_decay": cfg.local_dp.ema_decay} if cfg.local_dp.enabled else None,
-        },
+        "bundle": task.provenance(),
+        "strategy": _strategy_fields(cfg, task),
+        "dp": _dp_settings(cfg, lineage),
         "secure_aggregation": {k: v for k, v in cfg.to_flat().items() if k.startswith("secagg.")}
         if cfg.secagg.enabled else None,
         "config_hash": cfg.settings_hash(),
@@ -116,6 +94,38 @@ def manifest_fields(
         "metrics": {"train": record.get("train", {}), "evaluate": record.get("evaluate", {})},
         "privacy": privacy,
     })
+
+
+def _strategy_fields(cfg: Config, task: Any) -> dict[str, Any]:
+    """The manifest's ``strategy``: aggregation and local training as the round ran them."""
+    return {
+        "name": cfg.strategy.name,
+        "fraction_train": cfg.strategy.fraction_train,
+        "fraction_evaluate": cfg.strategy.fraction_evaluate,
+        "min_nodes": cfg.min_nodes,
+        "server_lr": cfg.strategy.server_lr if cfg.strategy.name == "fedadam" else None,
+        "tau": cfg.strategy.tau if cfg.strategy.name == "fedadam" else None,
+        "server_momentum": cfg.strategy.server_momentum if cfg.strategy.name == "fedavgm" else None,
+        "server_step": cfg.strategy.server_step if cfg.strategy.name == "fedavgm" else None,
+        "proximal_mu": cfg.train.proximal_mu,
+        "local_epochs": cfg.train.epochs,
+        "local_lr": task.lr,
+        "batch_size": task.batch_size,
+        "batchnorm": cfg.train.batchnorm,
+    }
+
+
+def _dp_settings(cfg: Config, lineage: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's ``dp``: the client-level and record-level DP settings (None where off)."""
+    return {
+        "central": {k: v for k, v in cfg.to_flat().items() if k.startswith("central_dp.")}
+        if cfg.central_dp.enabled else None,
+        "local": {"noise_multiplier": cfg.local_dp.noise_multiplier,
+                  "max_grad_norm": cfg.local_dp.max_grad_norm, "trainable": cfg.local_dp.trainable,
+                  "trained_parameters": (lineage or {}).get("trained_parameters"),
+                  "views": cfg.local_dp.views, "view_augment": cfg.local_dp.view_augment,
+                  "ema_decay": cfg.local_dp.ema_decay} if cfg.local_dp.enabled else None,
+    }
 
 
 def _dp_view(cfg: Config, record: dict[str, Any], node_info: dict[str, dict[str, str]],
@@ -174,7 +184,7 @@ def resume_point(registry: Registry, cfg: Config) -> Version:
             f"this config says {cfg.task_label!r}"
         )
     recorded, task = (latest.manifest.get("bundle") or {}).get("digest"), cfg.resolved_task()
-    if getattr(task, "kind", "") == "bundle" and recorded is not None and recorded != task.digest:
+    if task.bundle_digest is not None and recorded is not None and recorded != task.bundle_digest:
         raise RegistryError(f"registry.resume: {latest.ref()} was trained with another version of bundle "
                             f"{task.root} (its configs differ)")
     return latest

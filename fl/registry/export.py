@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from fl.errors import ConfigError
+from fl.learn import Task, resolve_task
 from fl.registry import MANIFEST_FILE, Registry, Version
-from fl.tasks import Task, resolve_task
 
 FORMATS = ("bundle", "safetensors", "torchscript")
 # the Model Zoo's metadata schema (what `python -m monai.bundle verify_metadata` checks against)
@@ -45,13 +45,6 @@ def load_network(version: Version) -> tuple[Task, torch.nn.Module]:
     net = task.build_network()
     net.load_state_dict(load_file(version.weights))
     return task, net.eval()
-
-
-def _example(task: Any) -> torch.Tensor:
-    if getattr(task, "kind", "") == "tabular":
-        return torch.zeros(1, task.features)
-    image = task.metadata["network_data_format"]["inputs"]["image"]  # a bundle's input format
-    return torch.zeros(1, int(image["num_channels"]), *[int(n) for n in image["spatial_shape"]])
 
 
 def _from_bundle(version: Version, task: Any, net: torch.nn.Module, out: Path) -> None:
@@ -104,7 +97,7 @@ def _final_score(version: Version) -> float | None:
 
 def _bundle(version: Version, out: Path) -> None:
     task, net = load_network(version)
-    if getattr(task, "kind", "segmentation") != "bundle":
+    if task.bundle_digest is None:
         raise ConfigError(f"{version.ref()}: a MONAI bundle describes an image model; export task "
                           f"{task.name} as safetensors or torchscript")
     _from_bundle(version, task, net, out)
@@ -112,7 +105,7 @@ def _bundle(version: Version, out: Path) -> None:
 
 def _torchscript(version: Version, out: Path) -> None:
     task, net = load_network(version)
-    traced = torch.jit.trace(net, _example(task))
+    traced = torch.jit.trace(net, task.example_input())
     traced.save(str(out / "model.ts"))
 
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fl import schema
 from fl.errors import RegistryError
 
 VALIDATIONS_FILE = "validations.jsonl"
@@ -50,10 +51,15 @@ def read(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def check_chain(path: Path, first_prev: str | None) -> list[dict[str, Any]]:
+def check_chain(path: Path, first_prev: str | None, kind: str | None = None) -> list[dict[str, Any]]:
     """The records of ``path`` after checking each one's hash and its link to the one before
-    (the first to ``first_prev``); raises naming the first bad line."""
+    (the first to ``first_prev``); raises naming the first bad line. ``kind``: the format
+    (:mod:`fl.schema`) whose version every record is checked against first, so a record written by
+    a newer OncoFed is refused as such rather than called changed."""
     records = read(path)
+    if kind is not None:
+        for number, record in enumerate(records, start=1):
+            schema.check(kind, record, f"{path}: record {number}", error=RegistryError)
     prev = first_prev
     for number, record in enumerate(records, start=1):
         try:

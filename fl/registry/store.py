@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fl import schema
 from fl.errors import RegistryError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -137,6 +138,7 @@ class Registry:
             raise RegistryError(f"{path / MANIFEST_FILE}: unreadable manifest ({exc})") from None
         if not isinstance(manifest, dict):
             raise RegistryError(f"{path / MANIFEST_FILE}: manifest is not a JSON object")
+        schema.check("manifest", manifest, path / MANIFEST_FILE, error=RegistryError)
         return Version(path, manifest)
 
     def latest(self, name: str) -> Version | None:
@@ -202,7 +204,7 @@ class Registry:
         from fl.registry import records
 
         path = version.path / records.VALIDATIONS_FILE
-        found = records.check_chain(path, version.hash)
+        found = records.check_chain(path, version.hash, kind="validations")
         for number, record in enumerate(found, start=1):
             if record.get("version_hash") != version.hash:
                 raise RegistryError(f"{path}: record {number} tested other weights (version hash "
@@ -217,15 +219,17 @@ class Registry:
             current = self.get(version.ref())
             if current.hash != version.hash:
                 raise RegistryError(f"{version.ref()}: its manifest changed since it was validated; not recorded")
+            self.validations(current)
             return records.append(version.path / records.VALIDATIONS_FILE,
-                                  {**fields, "version": version.ref(), "version_hash": version.hash}, version.hash)
+                                  {**fields, "version": version.ref(), "version_hash": version.hash,
+                                   **schema.stamp("validations")}, version.hash)
 
     def tags(self, name: str, versions: list[Version] | None = None) -> list[dict[str, Any]]:
         """The model's promotions, oldest first, each checked against its chain and version."""
         from fl.registry import records
 
         path = self.root / check_name(name) / records.TAGS_FILE
-        found = records.check_chain(path, None)
+        found = records.check_chain(path, None, kind="tags")
         by_number = {v.number: v for v in (versions if versions is not None else self.versions(name))}
         for number, tag in enumerate(found, start=1):
             version = by_number.get(tag.get("version_number"))  # type: ignore[arg-type]
@@ -245,7 +249,7 @@ class Registry:
             self.tags(version.name)
             return records.append(folder / records.TAGS_FILE,
                                   {**fields, "tag": tag, "version_number": version.number,
-                                   "version_hash": version.hash}, None)
+                                   "version_hash": version.hash, **schema.stamp("tags")}, None)
 
     # ----- writing -----------------------------------------------------------------------
     def check_writable(self, name: str) -> None:
@@ -306,6 +310,7 @@ class Registry:
                 _write(staging / STATE_FILE, state)
                 manifest = {
                     **fields,
+                    **schema.stamp("manifest"),
                     "name": name,
                     "version": number,
                     "parent": current,

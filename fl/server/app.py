@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl.config import Config, from_flat
 from fl.engine_env import prompt_object_pulls
+from fl.errors import ConfigError
 from fl.server.observer import LogObserver, Observer
 from fl.server.rounds import run_federation
 
@@ -32,6 +33,10 @@ def make_server_app(observer: Observer | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         prompt_object_pulls()  # the replies' arrays, in a deployment (fl.engine_env)
         cfg = from_flat(dict(context.run_config), source="run config")
+        try:
+            cfg.check_resources()  # where the config enters the coordinator: its bundle, its public cases
+        except ConfigError as exc:
+            raise ConfigError(f"run config: {exc}") from None
         if cfg.validation.ref:  # fl validate: one evaluation of a registered version at every site
             from fl.server.validate import run_validation
 

@@ -11,7 +11,12 @@ log = logging.getLogger("flwr.oncofed.server")  # under Flower's logger: same ha
 
 
 class Observer(Protocol):
-    """Receives progress from the round loop (the CLI draws it; the default logs it)."""
+    """Receives progress from the round loop (the CLI draws it; the default logs it).
+
+    ``on_phase`` reports a phase's replies as they arrive (``done`` of ``total``). In a round's
+    ``evaluate`` phase, ``done == total`` means every sampled node answered the evaluation of the
+    round's model, whose version is not committed yet. A test wraps an observer to inject a fault
+    at such a step (the kill of ``tests/test_crash_resume.py``); the round loop holds no test hook."""
 
     def on_start(self, rounds: int) -> None: ...
     def on_phase(self, server_round: int, phase: str, done: int, total: int) -> None: ...

@@ -3,7 +3,7 @@
 DP fine-tuning from a network that already knows the task keeps far more utility than DP
 training from scratch (De et al. 2022; ``../shared/research/dp-utility.md``). The server trains
 the task's network, before round 1, on public cases only: the public synthetic generator
-(``pretrain.source = synthetic``: ``nodes.synth.synthesize_public``, whose parameters and seed
+(``pretrain.source = synthetic``: ``fl.learn.synth.synthesize_public``, whose parameters and seed
 are public) or a folder of public cases with a ``dataset.json``. No node's data is involved, so
 the nodes' budgets pay nothing for it.
 
@@ -16,7 +16,6 @@ manifest), so a model's lineage says what it started from.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -46,8 +45,8 @@ def _settings(cfg: Config) -> dict[str, Any]:
 
 def public_folder(cfg: Config, cache: Path) -> Path:
     """The public cases' folder: the synthetic source written once under ``cache``, or the named folder."""
-    from fl.tasks import get_task
-    from nodes.synth import synthesize_public
+    from fl.learn import get_task
+    from fl.learn.synth import synthesize_public
 
     p = cfg.pretrain
     if p.source != "synthetic":
@@ -60,7 +59,7 @@ def public_folder(cfg: Config, cache: Path) -> Path:
 
 def pretrained(cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The pretrained initial weights and their provenance (trained now, or found in the cache)."""
-    from nodes.data import digest, read_datalist
+    from fl.learn.data import digest, read_datalist
 
     task = cfg.resolved_task()
     cache = Path(cfg.registry.root) / ".pretrained"
@@ -83,7 +82,7 @@ def pretrained(cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     data = save_torch({k: v.detach().contiguous() for k, v in weights.items()})
     provenance = {
         **settings,
-        "source": cfg.pretrain.source if cfg.pretrain.source != "synthetic" else "synthetic (nodes.synth.synthesize_public)",
+        "source": cfg.pretrain.source if cfg.pretrain.source != "synthetic" else "synthetic (fl.learn.synth.synthesize_public)",
         "public_dataset_sha256": fingerprint,
         "training_cases": len(datalist["training"]),
         "final_loss": loss,
@@ -98,18 +97,18 @@ def pretrained(cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def _train(cfg: Config, task: Any, datalist: dict[str, Any]) -> tuple[dict[str, torch.Tensor], float, float]:
     """The task's network trained on the public cases with its own loss and optimizer."""
-    from nodes.bundle_train import train_bundle
-    from nodes.cases import bundle_cases
-    from nodes.device import resolve
+    from fl.learn import TrainSettings
+    from fl.learn.cases import bundle_cases
+    from fl.learn.device import resolve
 
-    task = dataclasses.replace(task, lr_override=cfg.pretrain.lr)
+    task = task.with_lr(cfg.pretrain.lr)
     torch.manual_seed(cfg.seed)
     net = task.build_network()
     cases = bundle_cases(datalist["training"], task, None, train=True)
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.pretrain.seed)
     device = resolve(cfg.train.device)  # the server's own device (train.device: auto takes its GPU)
-    result = train_bundle(net, task, cases, epochs=cfg.pretrain.epochs, generator=generator, device=device)
+    result = task.train(net, cases, TrainSettings(epochs=cfg.pretrain.epochs, generator=generator, device=device))
     seconds = time.perf_counter() - started
     log.info("pretrained on %d public cases on %s in %.1f s (loss %.4f)", len(cases), device, seconds, result.loss)
     return {k: v.detach().cpu() for k, v in net.state_dict().items()}, seconds, result.loss

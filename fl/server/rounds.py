@@ -1,16 +1,14 @@
 """The server's round loop: the round's steps, in order, and nothing else.
 
-Each round: check the client-level budget; train (sample, instruct, collect, validate, aggregate
-and noise: :mod:`fl.server.phases` and the strategy); journal the release; evaluate; commit the
-version with its manifest. Sampling and aggregation stay Flower's (``configure_train``,
+Each round (a step of :class:`Federation`): check the client-level budget; train (sample, instruct,
+collect, validate, aggregate and noise: :mod:`fl.server.phases` and the strategy); journal the
+release; evaluate; commit the version with its manifest. Sampling and aggregation stay Flower's (``configure_train``,
 ``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate`` of the configured strategy).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,24 +31,22 @@ from fl.server.run_folder import RunFolder
 from fl.server.witness import LedgerWitness
 from strategies import build_strategy
 from strategies.central_account import CentralAccount, privacy_record
+from strategies.reply_checks import check_replies
 from strategies.state import encode_state, restore_state
 from strategies.updates import same_dtypes
-from strategies.validation import validate
 
 log = logging.getLogger("flwr.oncofed.server")  # under Flower's logger: same handler, same levels
 
 TRAIN, EVALUATE = "train", "evaluate"
 REFUSALS = {wire.ERROR_BUDGET, wire.ERROR_POLICY}  # a node's own decision, not a fault
-# tests only: kill this process group right after round N's model left the server, before its commit
-CRASH_AFTER_RELEASE = "ONCOFED_CRASH_AFTER_RELEASE"
 
 
 def _task_spec(cfg: Config) -> dict[str, Any]:
     """What names the task to a node: the catalogue name, or the bundle's path and digest."""
     spec: dict[str, Any] = {wire.TASK: cfg.task, wire.BATCHNORM: cfg.train.batchnorm, wire.WORKERS: cfg.train.workers}
     task = cfg.resolved_task()
-    if getattr(task, "kind", "") == "bundle":  # a catalogue task's shipped bundle, or the run's own
-        spec.update({wire.BUNDLE: cfg.bundle, wire.BUNDLE_DIGEST: task.digest})
+    if task.bundle_digest is not None:  # a catalogue task's shipped bundle, or the run's own
+        spec.update({wire.BUNDLE: cfg.bundle, wire.BUNDLE_DIGEST: task.bundle_digest})
     return spec
 
 
@@ -68,12 +64,7 @@ def _instructions(cfg: Config) -> tuple[ConfigRecord, ConfigRecord]:
         }
     )
     if cfg.local_dp.enabled:
-        train[wire.LOCAL_NOISE_MULTIPLIER] = cfg.local_dp.noise_multiplier
-        train[wire.LOCAL_MAX_GRAD_NORM] = cfg.local_dp.max_grad_norm
-        train[wire.LOCAL_TRAINABLE] = cfg.local_dp.trainable
-        train[wire.LOCAL_VIEWS] = cfg.local_dp.views
-        train[wire.LOCAL_VIEW_AUGMENT] = cfg.local_dp.view_augment
-        train[wire.LOCAL_EMA_DECAY] = cfg.local_dp.ema_decay
+        train.update(wire.local_dp_instruction(cfg.local_dp))
     evaluate = ConfigRecord({**_task_spec(cfg), wire.BATCH_SIZE: cfg.train.batch_size, wire.DEVICE: cfg.train.device,
                              wire.AMP: cfg.train.amp})
     if cfg.local_dp.enabled:  # tells nodes the run is under DP: their metrics default to none
@@ -102,10 +93,10 @@ def lineage(cfg: Config, pretraining: dict[str, Any] | None) -> dict[str, Any]:
     """What every version of the run records about its start: the pretraining provenance and,
     under local DP, how many parameters DP-SGD trains (a choice this network cannot honour is a
     ConfigError now, not an error on every node)."""
-    from fl.tasks.trainable import trained_count
+    from fl.learn.trainable import trained_count
 
     trained = None
-    if cfg.local_dp.enabled and getattr(cfg.resolved_task(), "kind", "") == "bundle":
+    if cfg.local_dp.enabled and cfg.resolved_task().bundle_digest is not None:  # a bundle task (not tabular)
         try:
             trained = trained_count(cfg.resolved_task().build_network(), cfg.local_dp.trainable)
         except ValueError as exc:
@@ -113,140 +104,209 @@ def lineage(cfg: Config, pretraining: dict[str, Any] | None) -> dict[str, Any]:
     return {"pretraining": pretraining, "trained_parameters": trained}
 
 
-def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -> dict[str, Any]:
-    """Run ``cfg.rounds`` rounds, committing a registry version after each; return the summary."""
-    started = time.perf_counter()
-    grid = PackingGrid.wrap(grid)  # a message's content travels as one array (fl.packing)
-    registry = Registry(cfg.registry.root)
-    strategy = build_strategy(cfg)
-    if cfg.registry.resume:
-        start = resume_point(registry, cfg)
-        arrays = decode_weights(start.weights.read_bytes())
-        restore_state(strategy, start.state.read_bytes())
-        first_round, parent, resumed_from = int(start.manifest["round"]) + 1, start.hash, start.ref()
-        central = CentralAccount.resume(cfg, start.manifest)
-        pretraining = start.manifest.get("pretraining")
-    else:
-        newest = registry.latest(cfg.model_name)
-        (arrays, pretraining), first_round = start_model(cfg), 1
-        parent, resumed_from = newest.hash if newest else None, None
-        central = CentralAccount.start(cfg)
-    start_lineage = lineage(cfg, pretraining)
-    mirror = MlflowMirror(cfg.registry.mlflow_uri) if cfg.registry.mlflow_uri else None
-    folder = RunFolder.create(run_dir, cfg)
-    train_cfg, eval_cfg = _instructions(cfg)
-    witness = LedgerWitness.of(cfg.registry.root)  # the nodes' ledger heads, sent back with every instruction
-    last_round = first_round + cfg.rounds - 1
-    observer.on_start(cfg.rounds)
+class Federation:
+    """One run of the round loop, step by step: :meth:`start` (fresh or resumed), then per round
+    :meth:`train`, :meth:`journal`, :meth:`evaluate` and :meth:`commit`; :meth:`finish` writes the
+    run folder. What the steps share (the global model, the chain's parent, the client-level
+    account, the history) lives on the object."""
 
-    def phase(server_round: int, name: str, messages: Iterable[Message]) -> PhaseResult:
-        def report(done: int, total: int) -> None:
-            observer.on_phase(server_round, name, done, total)
+    def __init__(self, grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -> None:
+        self.started = time.perf_counter()
+        self.cfg, self.run_dir, self.observer = cfg, run_dir, observer
+        self.secure = cfg.secagg.enabled  # SecAgg+: Flower's or the malicious-secure protocol (secure_phase)
+        self.grid = PackingGrid.wrap(grid)  # a message's content travels as one array (fl.packing)
+        self.registry = Registry(cfg.registry.root)
+        self.strategy = build_strategy(cfg)
+        self.history: list[dict[str, Any]] = []
+        self.versions: list[str] = []
+        self.stopped: str | None = None
 
-        return exchange(grid, messages, timeout=cfg.strategy.timeout, report=report)
+    def run(self) -> dict[str, Any]:
+        """Every round of ``cfg.rounds`` until one stops the run; the summary."""
+        self.start()
+        if self.cfg.strategy.evaluate_initial:
+            self.evaluate_initial()
+        for server_round in range(self.first_round, self.last_round + 1):
+            if not self.play_round(server_round):
+                break
+        return self.finish()
 
-    def evaluate(server_round: int) -> tuple[dict[str, Any], dict[str, str]]:
-        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(eval_cfg)), grid)
-        res = phase(server_round, EVALUATE, witness.with_acks(messages))
-        witness.observe(res.node_info())
+    # ----- start -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """The starting model, the chain it continues and the client-level account: from the newest
+        version (``registry.resume``) or fresh; then the run folder and the instructions."""
+        cfg = self.cfg
+        if cfg.registry.resume:
+            pretraining = self._resume()
+        else:
+            pretraining = self._fresh()
+        self.lineage = lineage(cfg, pretraining)
+        self.mirror = MlflowMirror(cfg.registry.mlflow_uri) if cfg.registry.mlflow_uri else None
+        self.folder = RunFolder.create(self.run_dir, cfg)
+        self.train_cfg, self.eval_cfg = _instructions(cfg)
+        self.witness = LedgerWitness.of(cfg.registry.root)  # the nodes' ledger heads, sent back with every instruction
+        self.last_round = self.first_round + cfg.rounds - 1
+        self.observer.on_start(cfg.rounds)
+
+    def _resume(self) -> dict[str, Any] | None:
+        start = resume_point(self.registry, self.cfg)
+        self.arrays = decode_weights(start.weights.read_bytes())
+        restore_state(self.strategy, start.state.read_bytes(), source=start.state)
+        self.first_round, self.parent, self.resumed_from = int(start.manifest["round"]) + 1, start.hash, start.ref()
+        self.central = CentralAccount.resume(self.cfg, start.manifest)
+        return start.manifest.get("pretraining")
+
+    def _fresh(self) -> dict[str, Any] | None:
+        newest = self.registry.latest(self.cfg.model_name)
+        (self.arrays, pretraining), self.first_round = start_model(self.cfg), 1
+        self.parent, self.resumed_from = newest.hash if newest else None, None
+        self.central = CentralAccount.start(self.cfg)
+        return pretraining
+
+    # ----- one round ---------------------------------------------------------------------------
+    def play_round(self, server_round: int) -> bool:
+        """Train, journal, evaluate, commit; False when the run stops before or during training."""
+        if (reason := self.central.would_exceed()) is not None:
+            self.stopped = f"stopped before round {server_round}: {reason}"
+            log.warning("%s", self.stopped)
+            return False
+        t0 = time.perf_counter()
+        trained = self.train(server_round)
+        if trained is None:
+            return False
+        res, train_agg = trained
+        self.journal(server_round)
+        ev, eval_failures = self.evaluate(server_round)
+        self.commit(server_round, res, train_agg, ev, eval_failures, t0)
+        return True
+
+    def train(self, server_round: int) -> tuple[PhaseResult, dict[str, float]] | None:
+        """One round's training, the new global model in ``self.arrays``: (replies, train metrics),
+        or None when every node refused. Under SecAgg+ the workflow aggregates; otherwise the
+        replies are validated, counted, then aggregated by the strategy."""
+        if self.secure:
+            res, new_arrays, train_agg = self._train_secure(server_round)
+        else:
+            res, new_arrays, train_agg = self._train_plain(server_round), None, None
+        for node, why in res.failures.items():
+            log.warning("round %d: node %s did not train (%s)", server_round, node, why)
+        self.witness.observe(res.node_info())
+        if (stopped := _too_few_replies(res, self.cfg, server_round)) is not None:
+            self.stopped = stopped
+            log.warning("%s", stopped)
+            return None
+        if not self.secure:  # aggregated once the replies are known to suffice
+            new_arrays, train_agg = self.strategy.aggregate_train(server_round, res.ok)
+        if new_arrays is None:
+            raise FederationError(f"round {server_round}: no node was sampled")
+        self.arrays = same_dtypes(new_arrays, self.arrays)
+        return res, dict(train_agg or {})
+
+    def _train_secure(self, server_round: int) -> tuple[PhaseResult, ArrayRecord | None, dict[str, float] | None]:
+        self.observer.on_phase(server_round, TRAIN, 0, 0)
+        # journaled ahead: the coordinator sees the unmasked sum inside the workflow, whatever follows
+        self.central.spend(server_round, self.run_dir.name, stage="before secure aggregation")
+        res, new_arrays, train_agg = secure_phase(self.grid, self.strategy, server_round, self.arrays,
+                                                  ConfigRecord(dict(self.train_cfg)), self.cfg,
+                                                  acks=self.witness.acks_for)
+        self.central.note(server_round, self.run_dir.name, str(res.outcome))
+        return res, new_arrays, train_agg
+
+    def _train_plain(self, server_round: int) -> PhaseResult:
+        messages = self.strategy.configure_train(server_round, self.arrays, ConfigRecord(dict(self.train_cfg)),
+                                                 self.grid)
+        res = self._phase(server_round, TRAIN, self.witness.with_acks(messages))
+        res.ok, rejected = check_replies(res.ok, self.arrays, self.cfg.strategy.max_update_norm)
+        res.failures.update({node: f"rejected, {why}" for node, why in rejected.items()})
+        return res
+
+    def journal(self, server_round: int) -> None:
+        """The round's client-level release, journaled before the model leaves for evaluation (under
+        SecAgg+ it was journaled ahead of the workflow, in :meth:`_train_secure`)."""
+        if not self.secure:
+            self.central.spend(server_round, self.run_dir.name)
+
+    def evaluate(self, server_round: int) -> tuple[dict[str, Any], dict[str, str]]:
+        """The global model scored by the sampled nodes: (the round's evaluate record, failures)."""
+        messages = self.strategy.configure_evaluate(server_round, self.arrays, ConfigRecord(dict(self.eval_cfg)),
+                                                    self.grid)
+        res = self._phase(server_round, EVALUATE, self.witness.with_acks(messages))
+        self.witness.observe(res.node_info())
         # nodes whose policy releases no metrics reply with their count only; a weighted mean
         # over every reply would pull the score towards 0
         scored = [m for m in res.ok if wire.score(dict(m.content[wire.METRICS])) is not None]
-        agg = strategy.aggregate_evaluate(server_round, scored) if scored else None
+        agg = self.strategy.aggregate_evaluate(server_round, scored) if scored else None
         dp_released = bool(scored) and all(m.content[wire.METRICS].get(wire.METRICS_DP) == 1.0 for m in scored)
         # per-node quantities have no meaningful average: they stay in the per-node record
         aggregate = {k: v for k, v in (agg or {}).items() if k not in (wire.METRICS_DP, wire.EPSILON_RECORD)}
         return {"aggregate": aggregate, "nodes": res.per_node(), "dp_released": dp_released}, res.failures
 
-    def train(server_round: int) -> tuple[PhaseResult, ArrayRecord | None, dict[str, float] | None]:
-        instructions = ConfigRecord(dict(train_cfg))
-        if cfg.secagg.enabled:
-            observer.on_phase(server_round, TRAIN, 0, 0)
-            # journaled ahead: the coordinator sees the unmasked sum inside the workflow, whatever follows
-            central.spend(server_round, run_dir.name, stage="before secure aggregation")
-            res, new_arrays, train_agg = secure_phase(grid, strategy, server_round, arrays, instructions, cfg,
-                                                      acks=witness.acks_for)
-            central.note(server_round, run_dir.name, str(res.outcome))
-        else:
-            messages = strategy.configure_train(server_round, arrays, instructions, grid)
-            res = phase(server_round, TRAIN, witness.with_acks(messages))
-            res.ok, rejected = validate(res.ok, arrays, cfg.strategy.max_update_norm)
-            res.failures.update({node: f"rejected, {why}" for node, why in rejected.items()})
-            new_arrays, train_agg = None, None  # aggregated once the replies are known to suffice
-        for node, why in res.failures.items():
-            log.warning("round %d: node %s did not train (%s)", server_round, node, why)
-        witness.observe(res.node_info())
-        return res, new_arrays, train_agg
-
-    def finish_round(record: dict[str, Any]) -> None:
-        folder.append_round(record)
-        history.append(record)
-        observer.on_round(record)
-
-    history: list[dict[str, Any]] = []
-    if cfg.strategy.evaluate_initial:
+    def evaluate_initial(self) -> None:
+        """The starting model's evaluation, recorded as round ``first_round - 1``."""
         t0 = time.perf_counter()
-        ev, failures = evaluate(first_round - 1)
-        finish_round({"round": first_round - 1, "evaluate": ev, "failures": failures,
+        ev, failures = self.evaluate(self.first_round - 1)
+        self._record({"round": self.first_round - 1, "evaluate": ev, "failures": failures,
                       "seconds": time.perf_counter() - t0, "initial": True})
 
-    versions: list[str] = []
-    stopped: str | None = None
-    for server_round in range(first_round, last_round + 1):
-        if (reason := central.would_exceed()) is not None:
-            stopped = f"stopped before round {server_round}: {reason}"
-            log.warning("%s", stopped)
-            break
-        t0 = time.perf_counter()
-        res, new_arrays, train_agg = train(server_round)
-        if (stopped := _too_few_replies(res, cfg, server_round)) is not None:
-            log.warning("%s", stopped)
-            break
-        if not cfg.secagg.enabled:  # under SecAgg+ the workflow already gave the aggregate
-            new_arrays, train_agg = strategy.aggregate_train(server_round, res.ok)
-        if new_arrays is None:
-            raise FederationError(f"round {server_round}: no node was sampled")
-        arrays = same_dtypes(new_arrays, arrays)
-        if not cfg.secagg.enabled:  # journaled before the model leaves for evaluation
-            central.spend(server_round, run_dir.name)
-        ev, eval_failures = evaluate(server_round)
-        if os.environ.get(CRASH_AFTER_RELEASE) == str(server_round):  # fault injection for the resume tests
-            os.killpg(os.getpgid(0), signal.SIGKILL)
+    def commit(self, server_round: int, res: PhaseResult, train_agg: dict[str, float], ev: dict[str, Any],
+               eval_failures: dict[str, str], t0: float) -> None:
+        """The round's version (weights, strategy state, manifest) committed on the chain, mirrored,
+        and its record appended to the run folder."""
         trained = res.per_node()
         record: dict[str, Any] = {
             "round": server_round,
-            "train": {"aggregate": dict(train_agg or {}), "nodes": trained},
+            "train": {"aggregate": train_agg, "nodes": trained},
             "evaluate": ev,
-            "failures": _round_failures(server_round, res, getattr(strategy, "excluded", {}), eval_failures),
-            "privacy": privacy_record(central, trained, ev["nodes"]),
+            "failures": _round_failures(server_round, res, getattr(self.strategy, "excluded", {}), eval_failures),
+            "privacy": privacy_record(self.central, trained, ev["nodes"]),
         }
         t_commit = time.perf_counter()
-        version = registry.commit(
-            cfg.model_name,
-            weights=encode_weights(arrays),
-            state=encode_state(strategy),
-            fields=manifest_fields(cfg, run_id=run_dir.name, record=record,
-                                   node_info=res.node_info(), resumed_from=resumed_from, lineage=start_lineage),
-            expected_parent=parent,
+        version = self.registry.commit(
+            self.cfg.model_name,
+            weights=encode_weights(self.arrays),
+            state=encode_state(self.strategy),
+            fields=manifest_fields(self.cfg, run_id=self.run_dir.name, record=record, node_info=res.node_info(),
+                                   resumed_from=self.resumed_from, lineage=self.lineage),
+            expected_parent=self.parent,
         )
-        parent = version.hash
-        versions.append(version.ref())
-        if mirror is not None:
-            _publish(mirror, version)
+        self.parent = version.hash
+        self.versions.append(version.ref())
+        if self.mirror is not None:
+            _publish(self.mirror, version)
         record.update(version=version.ref(), commit_seconds=time.perf_counter() - t_commit,
                       seconds=time.perf_counter() - t0)
-        finish_round(record)
+        self._record(record)
 
-    if not versions:
-        raise FederationError(f"no round ran ({stopped})")
-    summary = _summary(cfg, history, wall=time.perf_counter() - started)
-    summary.update(first_round=first_round, last_round=history[-1]["round"], versions=versions,
-                   registry=str(registry.root), resumed_from=resumed_from, stopped=stopped,
-                   privacy=history[-1].get("privacy"))
-    folder.save_weights(arrays.to_torch_state_dict(), {"task": cfg.task_label, "version": versions[-1]})
-    folder.write_summary(summary)
-    folder.close()
-    return summary
+    # ----- end ---------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """The run's summary, the last weights and the summary file written; the run folder closed."""
+        if not self.versions:
+            raise FederationError(f"no round ran ({self.stopped})")
+        summary = _summary(self.cfg, self.history, wall=time.perf_counter() - self.started)
+        summary.update(first_round=self.first_round, last_round=self.history[-1]["round"], versions=self.versions,
+                       registry=str(self.registry.root), resumed_from=self.resumed_from, stopped=self.stopped,
+                       privacy=self.history[-1].get("privacy"))
+        self.folder.save_weights(self.arrays.to_torch_state_dict(),
+                                 {"task": self.cfg.task_label, "version": self.versions[-1]})
+        self.folder.write_summary(summary)
+        self.folder.close()
+        return summary
+
+    def _phase(self, server_round: int, name: str, messages: Iterable[Message]) -> PhaseResult:
+        def report(done: int, total: int) -> None:
+            self.observer.on_phase(server_round, name, done, total)
+
+        return exchange(self.grid, messages, timeout=self.cfg.strategy.timeout, report=report)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.folder.append_round(record)
+        self.history.append(record)
+        self.observer.on_round(record)
+
+
+def run_federation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -> dict[str, Any]:
+    """Run ``cfg.rounds`` rounds, committing a registry version after each; return the summary."""
+    return Federation(grid, cfg, run_dir, observer).run()
 
 
 def _too_few_replies(res: PhaseResult, cfg: Config, server_round: int) -> str | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import tomli_w
 
+from fl import schema
 from fl.config import Config
 from fl.errors import ConfigError
 from fl.files import atomic_write  # noqa: F401  (re-exported: the server's writers import it from here)
@@ -102,7 +103,7 @@ class RunFolder:
         """Append one round's metrics as a JSON line, flushed to disk, and to the TensorBoard
         event file in ``tensorboard/`` (watch a long run live: ``tensorboard --logdir RUN_DIR``)."""
         with open(self.path / METRICS_FILE, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.write(json.dumps({**record, **schema.stamp("run-metrics")}, sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         self._log_scalars(record)
@@ -135,11 +136,18 @@ class RunFolder:
         atomic_write(self.path / WEIGHTS_FILE, save(tensors, metadata=dict(metadata)))
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        atomic_write(self.path / SUMMARY_FILE, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(self.path / SUMMARY_FILE,
+                     (json.dumps({**summary, **schema.stamp("run-summary")}, indent=2, sort_keys=True) + "\n").encode())
 
     def read_summary(self) -> dict[str, Any]:
-        return dict(json.loads((self.path / SUMMARY_FILE).read_text(encoding="utf-8")))
+        path = self.path / SUMMARY_FILE
+        summary = dict(json.loads(path.read_text(encoding="utf-8")))
+        schema.check("run-summary", summary, path)
+        return summary
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        lines = (self.path / METRICS_FILE).read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        path = self.path / METRICS_FILE
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for number, record in enumerate(records, start=1):
+            schema.check("run-metrics", record, f"{path}: line {number}")
+        return records

@@ -4,8 +4,9 @@ The ServerApp runs in a thread of this process so the CLI can draw its progress;
 virtual node runs the ClientApp in a Ray actor that lives for the whole run (so a node's
 dataset cache survives across rounds). Flower's public ``run_simulation`` hands the
 ServerApp an empty run config, so this module calls the engine's entry point behind it,
-``flwr.simulation.run_simulation._run_simulation`` (pinned Flower 1.41.x; covered by the
-end-to-end test), with the run config given to both sides: the ServerApp through its
+``flwr.simulation.run_simulation._run_simulation`` (through
+:func:`fl.flower_compat.simulation.run_simulation_with_context`; Flower pinned exactly, checked by
+``tests/test_flower_compat.py`` and covered by the end-to-end test), with the run config given to both sides: the ServerApp through its
 context, the ClientApps through a generated app folder whose ``[tool.flwr.app.config]``
 holds the resolved config.
 """
@@ -57,11 +58,13 @@ def _app_dir(cfg: Config, where: Path) -> Path:
 
 
 def simulate(cfg: Config, observer: Observer | None = None) -> None:
-    """Run ``cfg`` with ``cfg.data.nodes`` virtual nodes; blocks until the last round."""
+    """Run ``cfg`` with ``cfg.data.nodes`` virtual nodes; blocks until the last round. What the
+    config names outside itself is checked here, in the caller's thread, before the engine starts."""
     from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.telemetry import EventType
 
+    cfg.check_resources()
+
+    from fl.flower_compat.simulation import run_simulation_with_context
     from fl.server.app import make_server_app
     if cfg.simulation.adversaries:
         from nodes.adversary import app as client_app
@@ -72,14 +75,11 @@ def simulate(cfg: Config, observer: Observer | None = None) -> None:
         server_context = Context(
             run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flat()
         )
-        _run_simulation(
+        run_simulation_with_context(
             num_supernodes=cfg.data.nodes,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
             client_app=client_app,
             server_app=make_server_app(observer),
-            backend_name="ray",
-            backend_config=backend_config(cfg),  # type: ignore[arg-type]
+            backend_config=backend_config(cfg),
             server_app_context=server_context,
             app_dir=str(_app_dir(cfg, Path(tmp))),
-            is_app=True,
         )

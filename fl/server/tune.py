@@ -3,7 +3,7 @@
 Tuning hyper-parameters on the private data would itself leak it (each trial is a release nobody
 accounts for), so the search runs on a public proxy federation only: one site per node, each with
 the case count the operator declares (a lower bound of the real one), drawn by the public synthetic
-generator (:func:`nodes.synth.synthesize_public`, public seed). Every candidate is a FedAvg run of
+generator (:func:`fl.learn.synth.synthesize_public`, public seed). Every candidate is a FedAvg run of
 the config's rounds, in this process, with DP-SGD on every proxy site, its noise calibrated so that
 the whole run meets the target epsilon at the declared case counts, from the config's own start
 (its public pretraining, if any). The best candidate, by the proxy sites' validation score averaged
@@ -47,9 +47,9 @@ def noise_for(cfg: Config, cases: list[int], epochs: int, epsilon: float, delta:
 
 def proxy_sites(cfg: Config, cases: list[int], folder: Path) -> list[Any]:
     """The public proxy federation: one synthetic site per declared count (written once)."""
-    from fl.tasks import get_task
-    from nodes.data import load_local_data
-    from nodes.synth import synthesize_public
+    from fl.learn import get_task
+    from fl.learn.data import load_local_data
+    from fl.learn.synth import synthesize_public
 
     sites = []
     for i, n in enumerate(cases):
@@ -67,28 +67,29 @@ def emulate(net: torch.nn.Module, task: Any, sites: list[Any], *, sigmas: list[f
     """A federation emulated in this process: ``rounds`` of record-level DP-SGD on every site (the
     nodes' own loop, site i with noise multiplier ``sigmas[i]``) from ``net``, averaged by cases
     (FedAvg); returns the sites' validation score, weighted by cases. ``net`` ends as the model."""
-    from nodes.bundle_train import evaluate_bundle, train_bundle_dp
+    from fl.learn import PrivateSettings
 
     for _ in range(rounds):
         states, weights = [], []
         for site, sigma in zip(sites, sigmas, strict=True):
             local = copy.deepcopy(net)
-            train_bundle_dp(local, task, site.train, epochs=epochs, noise_multiplier=sigma, max_grad_norm=clip,
-                            options=options, generator=generator, device=device)
+            task.train_private(local, site.train, PrivateSettings(epochs=epochs, noise_multiplier=sigma,
+                                                                  max_grad_norm=clip, options=options,
+                                                                  generator=generator, device=device))
             states.append({k: v.detach().cpu() for k, v in local.state_dict().items()})
             weights.append(len(site.train))
         net.load_state_dict({k: sum(w * s[k] for w, s in zip(weights, states)) / sum(weights) for k in states[0]})
-    scored = [(evaluate_bundle(net, task, site.val, device=device).score, len(site.val)) for site in sites]
+    scored = [(task.evaluate(net, site.val, device=device).score, len(site.val)) for site in sites]
     return sum(s * n for s, n in scored) / sum(n for _, n in scored)
 
 
 def run_candidate(cfg: Config, sites: list[Any], start: dict[str, torch.Tensor], candidate: Candidate,
                   sigma: float, seed: int) -> float:
     """One emulated federation on the proxy sites; the sites' validation score, weighted by cases."""
-    from nodes.device import resolve
-    from nodes.dp_train import DpOptions
+    from fl.learn.device import resolve
+    from fl.learn.dp_train import DpOptions
 
-    task = dataclasses.replace(cfg.resolved_task(), lr_override=candidate.lr)
+    task = cfg.resolved_task().with_lr(candidate.lr)
     options = DpOptions(trainable=cfg.local_dp.trainable, views=cfg.local_dp.views,
                         view_augment=cfg.local_dp.view_augment, ema_decay=cfg.local_dp.ema_decay)
     net = task.build_network()

@@ -5,7 +5,7 @@ hashes, in one evaluation message to every connected node, including nodes that 
 it: external validation. Each node runs the same evaluate handler as in training (its app
 approval, policy and ledger checks apply unchanged), scores its held-out cases locally and
 releases what its policy allows, with a confidence interval computed on the node
-(:mod:`nodes.validation`): exact metrics with a bootstrap interval, or a DP-noised score with an
+(:mod:`nodes.site_scores`): exact metrics with a bootstrap interval, or a DP-noised score with an
 interval derived from public quantities, or nothing. Only aggregates leave a site.
 
 Each released score becomes a validation record appended to the version's hash-chained
@@ -57,7 +57,12 @@ def version_config(cfg: Config, version: Version) -> Config:
     kept = {k: v for k, v in recorded.items() if k in cfg.to_flat() and k.split(".")[0] != "pretrain"}
     # one evaluation message per node: no aggregation-side mechanism (SecAgg+, client-level DP) takes part
     quiet = {"secagg.enabled": False, "central_dp.enabled": False}
-    return from_flat({**kept, **local, **quiet, "model_name": version.name}, source=f"{version.ref()} config")
+    vcfg = from_flat({**kept, **local, **quiet, "model_name": version.name}, source=f"{version.ref()} config")
+    try:
+        vcfg.check_resources()  # the version's bundle found and parsed, before any node is asked
+    except ConfigError as exc:
+        raise ConfigError(f"{version.ref()} config: {exc}") from None
+    return vcfg
 
 
 def app_hash(grid: Grid) -> str:
@@ -190,7 +195,7 @@ def run_validation(grid: Grid, cfg: Config, run_dir: Path, observer: Observer) -
         raise FederationError("validation: no node answered")
     trained = set(registry.training_sites(version))
     task = vcfg.resolved_task()
-    labels = task.class_labels() if hasattr(task, "class_labels") else []
+    labels = task.class_labels()
     records, malformed = site_records(res.ok, trained=trained, labels=labels, confidence=cfg.validation.confidence,
                                       provenance={"code_version": __version__, "app_hash": app_hash(grid),
                                                   "run_id": run_dir.name})

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fl import schema
 from fl.server.run_folder import atomic_write
 
 log = logging.getLogger("flwr.oncofed.server")
@@ -40,6 +41,7 @@ class LedgerWitness:
             raise OSError(f"{path}: unreadable ledger heads ({exc})") from None
         if not isinstance(raw, dict):
             raw = {}
+        schema.check("ledger-heads", raw, path)
         return cls(path, dict(raw.get("heads", {})), dict(raw.get("nodes", {})))
 
     def acks_for(self, node_id: int | str) -> str:
@@ -69,7 +71,7 @@ class LedgerWitness:
                 changed = True
         if changed:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            data = {"heads": self.heads, "nodes": self.nodes}
+            data = {"heads": self.heads, "nodes": self.nodes, **schema.stamp("ledger-heads")}
             atomic_write(self.path, (json.dumps(data, sort_keys=True, indent=1) + "\n").encode())
 
     def with_acks(self, messages: Iterable[Any]) -> list[Any]:

@@ -44,7 +44,7 @@ def check_reply(reply: Message, global_arrays: ArrayRecord, max_update_norm: flo
     return None
 
 
-def validate(
+def check_replies(
     replies: Iterable[Message], global_arrays: ArrayRecord, max_update_norm: float = 0.0
 ) -> tuple[list[Message], dict[str, str]]:
     """Split ``replies`` into accepted ones and ``{node: reason}`` for the excluded."""
