@@ -27,3 +27,10 @@ def test_no_function_is_longer_than_60_lines() -> None:
         if length > MAX_LINES
     ]
     assert not too_long, f"functions over {MAX_LINES} lines (split them into named steps):\n" + "\n".join(too_long)
+
+
+def test_a_long_function_is_named(tmp_path: Path) -> None:
+    planted = tmp_path / "planted.py"
+    body = "".join(f"    x{i} = {i}\n" for i in range(60))
+    planted.write_text(f"@decorated\ndef long_one():\n{body}\n\ndef short_one():\n    return 1\n")
+    assert function_lengths(planted) == [("long_one", 61), ("short_one", 2)]
