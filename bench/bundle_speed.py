@@ -55,11 +55,11 @@ def main() -> int:
     net = task.build_network()
     ours = task.train(net, data.train, TrainSettings(epochs=args.epochs, generator=torch.Generator().manual_seed(0)))
 
-    from fl.learn.bundle import _quiet_monai
+    from fl.learn.quiet import quiet_monai
 
     items = [{k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in case.items()}
              for case in read_datalist(data_dir, modality_lists=True)["training"]]
-    with _quiet_monai():
+    with quiet_monai():
         bundle_parser = task.parser()
         bundle_parser["train#dataset#data"] = items
         bundle_parser["max_epochs"] = args.epochs

@@ -23,21 +23,18 @@ the app's files, hence of its hash) or at the same absolute path in simulation.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
 import hashlib
 import json
-import logging
 import threading
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fl.errors import ConfigError
+from fl.learn.quiet import quiet_monai
 
 if TYPE_CHECKING:
     import torch
@@ -165,7 +162,7 @@ class BundleTask:
         return parser
 
     def _parsed(self, id_: str, **overrides: Any) -> Any:
-        with _PARSE_LOCK, _quiet_monai():
+        with _PARSE_LOCK, quiet_monai():
             parser = self.parser()
             for key, value in overrides.items():
                 parser[key] = value
@@ -413,25 +410,6 @@ def _locator() -> Any:
                     and all(s not in m for s in self.excludes)]
 
     return SnapshotLocator()
-
-
-@contextlib.contextmanager
-def _quiet_monai() -> Iterator[None]:
-    """Building a bundle's components instantiates MONAI's readers and transforms, which warn
-    about things that are not the bundle's: GPU codecs we don't use (one per reader) and MONAI's
-    own announced change of a default (``Orientationd``'s labels). Those notices stay out of
-    every node's log; any other warning shows."""
-    codec_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
-    level = codec_log.level
-    codec_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
-            warnings.filterwarnings("ignore", message=".*Orientationd.__init__:labels", category=FutureWarning)
-            warnings.filterwarnings("ignore", message="Detected deprecated name 'optional_packages_version'")
-            yield
-    finally:
-        codec_log.setLevel(level)
 
 
 def private_network(net: torch.nn.Module, root: Path) -> tuple[torch.nn.Module, dict[str, str]]:

@@ -42,20 +42,12 @@ def image_loader() -> Any:
     """One MONAI ``LoadImage`` per process. Building one instantiates every reader MONAI knows;
     with pydicom installed and no GPU codec its DICOM reader warns each time, so the loader is
     built once, with that notice (a GPU decoder we don't use) kept out of the node's log."""
-    import logging
-    import warnings
-
     from monai.transforms import LoadImage
 
-    codec_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
-    level = codec_log.level
-    codec_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
-            return LoadImage(image_only=True)
-    finally:
-        codec_log.setLevel(level)
+    from fl.learn.quiet import quiet_monai
+
+    with quiet_monai():
+        return LoadImage(image_only=True)
 
 
 def memory_budget() -> int:
