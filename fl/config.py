@@ -25,7 +25,7 @@ from typing import Any
 
 from fl import wire
 from fl.errors import ConfigError
-from fl.learn import TASK_NAMES
+from fl.learn import TASK_NAMES, Task
 from fl.learn.trainable import TRAINABLE
 
 Scalar = bool | int | float | str
@@ -514,12 +514,12 @@ class Config:
                     "the noise); leave it 0")
         return None
 
-    def resolved_task(self) -> Any:
+    def resolved_task(self) -> Task:
         """The run's task object: the bundle (converted for DP-SGD under local DP) or the catalogue's."""
         return self._task
 
     @functools.cached_property
-    def _task(self) -> Any:  # found and parsed once per config (a bundle's files are read then)
+    def _task(self) -> Task:  # found and parsed once per config (a bundle's files are read then)
         from fl.learn import resolve_task
 
         return resolve_task(self.task, self.bundle, private=self.local_dp.enabled, lr=self.train.lr,

@@ -96,7 +96,7 @@ def instructed_task(config: ConfigRecord, context: Context) -> Any:
                         lr=lr, batch_size=batch_size, inside_app=wire.NODE_PARTITION_ID not in context.node_config)
 
 
-def node_workers(config: ConfigRecord, context: Context, task: Any) -> int:
+def node_workers(config: ConfigRecord, context: Context, task: Task) -> int:
     """DataLoader workers: the run's ``train.workers``, or (-1) the bundle's own on a deployed node
     (at most its cores - 1) and none on a virtual node, which shares the machine."""
     import os
@@ -109,7 +109,7 @@ def node_workers(config: ConfigRecord, context: Context, task: Any) -> int:
     return max(0, min(task.loader_workers, (os.cpu_count() or 1) - 1))
 
 
-def _fedbn_path(msg: Message, config: ConfigRecord, folder: Path, task: Any) -> Path | None:
+def _fedbn_path(msg: Message, config: ConfigRecord, folder: Path, task: Task) -> Path | None:
     """Where this node keeps its own BatchNorm layers in this run (FedBN), or None."""
     from nodes import fedbn
 
@@ -475,7 +475,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({**records, wire.NODE_INFO: ConfigRecord(info)}), reply_to=msg)
 
 
-def _validation(folder: Path, data_dir: Path, data: LocalData, task: Any, policy: Policy, ledger: Ledger,
+def _validation(folder: Path, data_dir: Path, data: LocalData, task: Task, policy: Policy, ledger: Ledger,
                 config: ConfigRecord, server_round: int) -> tuple[dict[str, Any], ConfigRecord | None]:
     """``fl validate`` (federated validation of a version) at this site: its pseudonymous identity and
     dataset fingerprint, and its descriptors when asked; (node info, the descriptors record or None).
@@ -488,7 +488,7 @@ def _validation(folder: Path, data_dir: Path, data: LocalData, task: Any, policy
     return info, _descriptors(info, folder, data_dir, data, task, policy, ledger, config, server_round)
 
 
-def _descriptors(info: dict[str, Any], folder: Path, data_dir: Path, data: LocalData, task: Any, policy: Policy,
+def _descriptors(info: dict[str, Any], folder: Path, data_dir: Path, data: LocalData, task: Task, policy: Policy,
                  ledger: Ledger, config: ConfigRecord, server_round: int) -> ConfigRecord | None:
     """The dataset descriptors this site releases under their own policy, whatever metrics release
     (charged to the ledger when noisy); None, with the reason in ``info``, when it declines."""
@@ -503,7 +503,7 @@ def _descriptors(info: dict[str, Any], folder: Path, data_dir: Path, data: Local
     return ConfigRecord({k: v for k, v in described.items() if v not in (None, [])})
 
 
-def _released_scores(msg: Message, context: Context, task: Any, net: torch.nn.Module, data: LocalData,
+def _released_scores(msg: Message, context: Context, task: Task, net: torch.nn.Module, data: LocalData,
                      config: ConfigRecord, policy: Policy, ledger: Ledger, mode: str, folder: Path) -> dict[str, float]:
     """The scores this node's policy releases (``exact``, or ``noisy``: charged to the ledger first),
     with the site's interval and per-class scores when ``fl validate`` asks."""
@@ -532,7 +532,7 @@ def _charge_metrics(msg: Message, config: ConfigRecord, policy: Policy, ledger: 
                       time=time.time())
 
 
-def _score(msg: Message, context: Context, task: Any, net: torch.nn.Module, data: LocalData, config: ConfigRecord,
+def _score(msg: Message, context: Context, task: Task, net: torch.nn.Module, data: LocalData, config: ConfigRecord,
            folder: Path) -> Any:
     """The global model (with this node's own BatchNorm layers under FedBN) on the held-out cases."""
     device = node_device(config, context)
@@ -545,7 +545,7 @@ def _score(msg: Message, context: Context, task: Any, net: torch.nn.Module, data
                          amp=bool(config.get(wire.AMP, False)))
 
 
-def _release_metrics(result: Any, task: Any, policy: Policy, entry: dict[str, Any] | None) -> dict[str, float]:
+def _release_metrics(result: Any, task: Task, policy: Policy, entry: dict[str, Any] | None) -> dict[str, float]:
     """What leaves the node: the exact loss and score, or (``entry``: the charge made for it) the mean
     record score with DP noise, the record-level epsilon after it and the DP flag."""
     values: dict[str, float] = {}
@@ -558,7 +558,7 @@ def _release_metrics(result: Any, task: Any, policy: Policy, entry: dict[str, An
     return values
 
 
-def _intervals(result: Any, values: dict[str, float], task: Any, data: LocalData, config: ConfigRecord,
+def _intervals(result: Any, values: dict[str, float], task: Task, data: LocalData, config: ConfigRecord,
                policy: Policy, *, noisy: bool, per_class: bool) -> dict[str, float]:
     """``fl validate``: the site's interval around its score and, for a multi-class task, each class's."""
     from nodes.site_scores import bootstrap_interval, noisy_interval

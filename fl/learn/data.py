@@ -15,13 +15,17 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fl.errors import DataError
 from fl.learn import IMAGE_KEY, LABEL_KEY, Task
 from fl.learn.synth import DATASET_JSON
+
+if TYPE_CHECKING:
+    from fl.learn.bundle import BundleTask
+    from fl.learn.catalogue import TabularTask
 
 SPLITS = ("training", "validation")
 CACHE_DIR = "cache"  # in a node's state folder: its preprocessed cases, kept between processes
@@ -160,7 +164,7 @@ def load_local_data(data_dir: str | Path, task: Task, *, use_cache: bool = True,
     return task.load_data(Path(data_dir).resolve(), use_cache=use_cache, disk_cache=disk_cache)
 
 
-def load_bundle_cases(data_dir: Path, task: Any, use_cache: bool, disk_cache: Path | None) -> LocalData:
+def load_bundle_cases(data_dir: Path, task: BundleTask, use_cache: bool, disk_cache: Path | None) -> LocalData:
     """A bundle task's cases, each preprocessed and checked now (or found in ``disk_cache``)."""
     from fl.learn.cases import bundle_cases
 
@@ -177,7 +181,7 @@ def load_bundle_cases(data_dir: Path, task: Any, use_cache: bool, disk_cache: Pa
     return _CACHE.get_or_load(key, load)
 
 
-def load_tabular(data_dir: Path, task: Any, use_cache: bool) -> LocalData:
+def load_tabular(data_dir: Path, task: TabularTask, use_cache: bool) -> LocalData:
     from fl.learn import tabular
 
     if not (data_dir / DATASET_JSON).is_file():

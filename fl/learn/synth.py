@@ -16,12 +16,11 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from fl.errors import DataError
-from fl.learn import ImageSpec
+from fl.learn import ImageSpec, TabularTask
 
 DATASET_JSON = "dataset.json"
 
@@ -161,7 +160,7 @@ def _write_dataset_json(folder: Path, task: ImageSpec, name: str, description: s
     (folder / DATASET_JSON).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def synthesize(root: str | Path, *, nodes: int, task: Any, seed: int = 0, image_size: int = 0,
+def synthesize(root: str | Path, *, nodes: int, task: ImageSpec | TabularTask, seed: int = 0, image_size: int = 0,
                train_cases: int = 0) -> list[Path]:
     """Synthetic sites of catalogue task ``task`` under ``root`` (images, or a table's records);
     returns the node folders."""

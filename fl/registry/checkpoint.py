@@ -15,6 +15,7 @@ from safetensors.torch import save as save_torch
 
 from fl import __version__
 from fl.config import Config
+from fl.learn import Task
 from fl.registry import Registry, RegistryError, Version
 
 
@@ -96,7 +97,7 @@ def manifest_fields(
     })
 
 
-def _strategy_fields(cfg: Config, task: Any) -> dict[str, Any]:
+def _strategy_fields(cfg: Config, task: Task) -> dict[str, Any]:
     """The manifest's ``strategy``: aggregation and local training as the round ran them."""
     return {
         "name": cfg.strategy.name,

@@ -12,12 +12,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from fl.errors import ConfigError
 from fl.learn import Task, resolve_task
+from fl.learn.bundle import BundleTask
 from fl.registry import MANIFEST_FILE, Registry, Version
 
 FORMATS = ("bundle", "safetensors", "torchscript")
@@ -25,7 +25,7 @@ FORMATS = ("bundle", "safetensors", "torchscript")
 META_SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
 
 
-def version_task(version: Version) -> Any:
+def version_task(version: Version) -> Task:
     """The task a version was trained for; a bundle must still be the one it was trained with."""
     bundle = version.manifest.get("bundle")
     if bundle:
@@ -47,7 +47,7 @@ def load_network(version: Version) -> tuple[Task, torch.nn.Module]:
     return task, net.eval()
 
 
-def _from_bundle(version: Version, task: Any, net: torch.nn.Module, out: Path) -> None:
+def _from_bundle(version: Version, task: BundleTask, net: torch.nn.Module, out: Path) -> None:
     """A version trained from a bundle, back as that bundle: its configs (the network converted
     for DP-SGD where it was), the version's weights as ``models/model.pt``, and its metadata with
     the Model Zoo's fields (``schema`` included) and OncoFed's provenance."""

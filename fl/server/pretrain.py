@@ -29,6 +29,7 @@ from safetensors.torch import save as save_torch
 
 from fl.config import Config
 from fl.errors import ConfigError, DataError
+from fl.learn.bundle import BundleTask
 from fl.server.run_folder import atomic_write
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def pretrained(cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return weights, provenance
 
 
-def _train(cfg: Config, task: Any, datalist: dict[str, Any]) -> tuple[dict[str, torch.Tensor], float, float]:
+def _train(cfg: Config, task: BundleTask, datalist: dict[str, Any]) -> tuple[dict[str, torch.Tensor], float, float]:
     """The task's network trained on the public cases with its own loss and optimizer."""
     from fl.learn import TrainSettings
     from fl.learn.cases import bundle_cases

@@ -27,6 +27,7 @@ import torch
 
 from fl.config import Config
 from fl.errors import ConfigError
+from fl.learn import Task
 from fl.privacy import accounting
 
 PUBLIC_SEED = 20250201  # the proxy sites' seed: public, and apart from pretraining's
@@ -61,7 +62,7 @@ def proxy_sites(cfg: Config, cases: list[int], folder: Path) -> list[Any]:
     return sites
 
 
-def emulate(net: torch.nn.Module, task: Any, sites: list[Any], *, sigmas: list[float], rounds: int, epochs: int,
+def emulate(net: torch.nn.Module, task: Task, sites: list[Any], *, sigmas: list[float], rounds: int, epochs: int,
             clip: float, options: Any = None, generator: torch.Generator | None = None,
             device: torch.device | None = None) -> float:
     """A federation emulated in this process: ``rounds`` of record-level DP-SGD on every site (the
