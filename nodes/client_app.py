@@ -109,13 +109,16 @@ def node_workers(config: ConfigRecord, context: Context, task: Task) -> int:
     return max(0, min(task.loader_workers, (os.cpu_count() or 1) - 1))
 
 
-def _fedbn_path(msg: Message, config: ConfigRecord, folder: Path, task: Task) -> Path | None:
-    """Where this node keeps its own BatchNorm layers in this run (FedBN), or None."""
+def _own_batchnorm(msg: Message, config: ConfigRecord, folder: Path, task: Task, net: torch.nn.Module) -> Path | None:
+    """FedBN: this node's own BatchNorm layers of this run swapped into ``net``; where it keeps them,
+    or None when the run shares every layer."""
     from nodes import fedbn
 
     if config.get(wire.BATCHNORM, "fedavg") != "local":
         return None
-    return fedbn.local_path(folder, f"{msg.metadata.run_id}:{task.digest}")
+    path = fedbn.local_path(folder, f"{msg.metadata.run_id}:{task.digest}")
+    fedbn.swap_in(net, path)
+    return path
 
 
 def _prepare(content: RecordDict, context: Context) -> tuple[Task, torch.nn.Module, LocalData, Path]:
@@ -279,13 +282,11 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
                                           num_records=len(data.train), secure=secure, net=net)
     global_state = {k: v.clone() for k, v in net.state_dict().items()}
     device = node_device(config, context)
-    fedbn_path = _fedbn_path(msg, config, folder, task)
+    fedbn_path = _own_batchnorm(msg, config, folder, task, net)
+    result = _local_training(net, task, data, config, context, request, options, device, epochs)
     if fedbn_path is not None:
         from nodes import fedbn
 
-        fedbn.swap_in(net, fedbn_path)
-    result = _local_training(net, task, data, config, context, request, options, device, epochs)
-    if fedbn_path is not None:
         fedbn.keep_and_hide(net, global_state, fedbn_path)
     values = _train_metrics(result, config, policy, request, entry, net, global_state, num_examples=len(data.train))
     fingerprint = keyed_fingerprint(folder, data.digest)
@@ -536,11 +537,7 @@ def _score(msg: Message, context: Context, task: Task, net: torch.nn.Module, dat
            folder: Path) -> Any:
     """The global model (with this node's own BatchNorm layers under FedBN) on the held-out cases."""
     device = node_device(config, context)
-    fedbn_path = _fedbn_path(msg, config, folder, task)
-    if fedbn_path is not None:
-        from nodes import fedbn
-
-        fedbn.swap_in(net, fedbn_path)
+    _own_batchnorm(msg, config, folder, task, net)
     return task.evaluate(net, data.val, device=device, workers=node_workers(config, context, task),
                          amp=bool(config.get(wire.AMP, False)))
 

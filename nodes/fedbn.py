@@ -36,12 +36,12 @@ def local_path(state_dir: Path, run_key: str) -> Path:
 def swap_in(net: torch.nn.Module, path: Path) -> None:
     """Load this node's own BatchNorm layers into ``net`` (none yet: keep the global ones)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     if path.is_file():
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="pt") as handle:  # one read: the version, then the layers
             schema.check_metadata("fedbn", handle.metadata(), path)
-        net.load_state_dict(load_file(path), strict=False)
+            own = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (no iterator on it)
+        net.load_state_dict(own, strict=False)
 
 
 def keep_and_hide(net: torch.nn.Module, global_state: dict[str, torch.Tensor], path: Path) -> None:

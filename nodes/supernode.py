@@ -28,13 +28,7 @@ from pathlib import Path
 
 from fl import wire
 from fl.errors import ConfigError
-from fl.flower_compat.supernode import (  # node_wait_sites: re-exported for the node's tests
-    FLOWER_IDLE_SLEEP_S,
-    build_fab,
-    install_fab_guard,
-    node_wait_sites,  # noqa: F401
-    run_supernode_cli,
-)
+from fl.flower_compat.supernode import FLOWER_IDLE_SLEEP_S, build_fab, install_fab_guard, run_supernode_cli
 from fl.flower_compat.supernode import shorten_node_waits as compat_shorten_node_waits
 from nodes.app_check import AppRefused, check_fab
 

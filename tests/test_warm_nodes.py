@@ -136,7 +136,9 @@ def test_flower_still_waits_where_the_node_patch_expects() -> None:
     """Fails when Flower changes the SuperNode's fixed waits: then the patch would do nothing."""
     import flwr.supernode.start_client_internal as sci
 
-    assert supernode.node_wait_sites() == ["time.sleep(3)", "time.sleep(0.5)"]
+    from fl.flower_compat.supernode import node_wait_sites
+
+    assert node_wait_sites() == ["time.sleep(3)", "time.sleep(0.5)"]
     assert "time.sleep(3)" in inspect.getsource(sci.start_client_internal)
     assert "time.sleep(0.5)" in inspect.getsource(sci._push_messages)
 

@@ -12,7 +12,6 @@ the clipping norm however many patches it yields.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,7 @@ import torch
 
 from fl.learn import IMAGE_KEY, LABEL_KEY
 from fl.learn.cases import Cases
-from fl.learn.dp_train import DpOptions, WeightAverage, freeze_for_dp
+from fl.learn.dp_train import DpOptions, WeightAverage, check_mechanism, freeze_for_dp
 from fl.learn.train import EvalResult, TrainResult, fit
 from fl.privacy.noise import NoiseSource, SecureGaussian
 
@@ -187,10 +186,7 @@ def onehot_outside(loss_fn: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
 
 
 def _check_private(task: BundleTask, noise_multiplier: float, max_grad_norm: float) -> None:
-    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-        raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+    check_mechanism(noise_multiplier, max_grad_norm)
     if not task.private:
         raise ValueError("train_bundle_dp needs the task's private (DP-SGD ready) network")
 

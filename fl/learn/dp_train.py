@@ -92,6 +92,14 @@ class NoiseInjectedDPOptimizer(DPOptimizer):
             summed._processed = True  # Opacus's marker: this step's noise is in
 
 
+def check_mechanism(noise_multiplier: float, max_grad_norm: float) -> None:
+    """DP-SGD's two parameters are finite and positive (a ValueError naming the bad one)."""
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+
+
 def train_local_dp(
     net: torch.nn.Module,
     task: Task,
@@ -107,10 +115,7 @@ def train_local_dp(
 ) -> TrainResult:
     """DP-SGD (Adam update on the privatised gradient) for ``epochs`` passes in expectation, on
     ``device`` (the CPU by default); ``net`` is back on the CPU when this returns."""
-    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-        raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+    check_mechanism(noise_multiplier, max_grad_norm)
     noise = noise or SecureGaussian()
     device = device or torch.device("cpu")
     net.to(device)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from fl import wire
 from fl.config import Config
 from fl.errors import ConfigError
 from fl.learn import Task
@@ -91,8 +92,7 @@ def run_candidate(cfg: Config, sites: list[Any], start: dict[str, torch.Tensor],
     from fl.learn.dp_train import DpOptions
 
     task = cfg.resolved_task().with_lr(candidate.lr)
-    options = DpOptions(trainable=cfg.local_dp.trainable, views=cfg.local_dp.views,
-                        view_augment=cfg.local_dp.view_augment, ema_decay=cfg.local_dp.ema_decay)
+    options = DpOptions(**wire.local_dp_options(wire.local_dp_instruction(cfg.local_dp)))  # as the nodes get them
     net = task.build_network()
     net.load_state_dict(start)
     return emulate(net, task, sites, sigmas=[sigma] * len(sites), rounds=cfg.rounds, epochs=candidate.epochs,
