@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fl.errors import ConfigError
+from fl.errors import ConfigError, DataError
 from fl.learn.quiet import quiet_monai
 
 if TYPE_CHECKING:
@@ -322,6 +322,17 @@ class BundleTask:
         outputs = (self.metadata.get("network_data_format") or {}).get("outputs", {}).get("pred", {})
         names = outputs.get("channel_def") or {}
         return [str(names.get(str(c), f"class {c}")) for c in range(first, self.out_channels)]
+
+    def label_index(self, name: str) -> int:
+        """The class index of label ``name`` (case aside) in the bundle's metadata
+        (``network_data_format.outputs.pred.channel_def``, index -> name)."""
+        outputs = (self.metadata.get("network_data_format") or {}).get("outputs", {}).get("pred", {})
+        channel_def = outputs.get("channel_def") or {}
+        names = {str(v).casefold(): int(k) for k, v in channel_def.items()}
+        if name.casefold() not in names:
+            known = ", ".join(repr(str(v)) for v in channel_def.values()) or "none declared"
+            raise DataError(f"bundle {self.name} has no label {name!r} (its labels: {known})")
+        return names[name.casefold()]
 
     def with_lr(self, lr: float) -> BundleTask:
         return dataclasses.replace(self, lr_override=lr)

@@ -29,12 +29,14 @@ from monai.data import PersistentDataset
 
 from fl.errors import DataError
 from fl.learn import IMAGE_KEY, LABEL_KEY
+from fl.learn.dicom import IMAGE_SOURCE_KEY, LABEL_SOURCE_KEY
 
 if TYPE_CHECKING:
     from fl.learn.bundle import BundleTask
 
 CACHE_FORMAT = 1  # bump when what the cache holds changes
 MEMORY_BUDGET_ENV = "ONCOFED_MEMORY_CACHE_GB"
+SOURCE_KEYS = {IMAGE_KEY: IMAGE_SOURCE_KEY, LABEL_KEY: LABEL_SOURCE_KEY}  # a converted DICOM case's sources
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,6 +92,12 @@ def _files(item: dict[str, Any], key: str) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
+def _named(item: dict[str, Any], key: str) -> str:
+    """What an error names for a case's image or label: its DICOM source where it was converted
+    (:mod:`fl.learn.dicom_cache`), else its first file."""
+    return str(item.get(SOURCE_KEYS[key]) or _files(item, key)[0])
+
+
 def _reason(exc: Exception) -> str:
     text = str(exc).strip()
     # MONAI wraps a failing transform; its last line names the real cause
@@ -103,8 +111,9 @@ def _failing_file(item: dict[str, Any], exc: Exception) -> DataError:
             try:
                 image_loader()(path)
             except Exception as read_error:  # MONAI wraps every reader failure
-                return DataError(f"{path}: unreadable image ({_reason(read_error)})")
-    return DataError(f"{_files(item, IMAGE_KEY)[0]}: preprocessing failed ({_reason(exc)})")
+                shown = _named(item, key) if SOURCE_KEYS[key] in item else path
+                return DataError(f"{shown}: unreadable image ({_reason(read_error)})")
+    return DataError(f"{_named(item, IMAGE_KEY)}: preprocessing failed ({_reason(exc)})")
 
 
 def check_case(item: dict[str, Any], case: dict[str, Any], task: BundleTask) -> None:
@@ -112,7 +121,7 @@ def check_case(item: dict[str, Any], case: dict[str, Any], task: BundleTask) -> 
     values, the network's number of spatial dimensions, one grid for image and label, and label
     values it can learn (class indices below its outputs, or 0/1 per channel)."""
     image, label = case[IMAGE_KEY], case[LABEL_KEY]
-    image_path, label_path = _files(item, IMAGE_KEY)[0], _files(item, LABEL_KEY)[0]
+    image_path, label_path = _named(item, IMAGE_KEY), _named(item, LABEL_KEY)
     dims = task.spatial_dims
     if image.ndim - 1 != dims:
         raise DataError(f"{image_path}: {image.ndim - 1}-D image, task {task.name} needs {dims}-D")
@@ -155,8 +164,8 @@ class CheckedPersistentDataset(PersistentDataset):  # type: ignore[misc]
 
     def _pre_transform(self, item: dict[str, Any]) -> Any:
         paths = dict(item)
-        try:
-            case = super()._pre_transform(item)
+        try:  # the bundle's transforms see the files only (a case's source names stay out of batches)
+            case = super()._pre_transform({k: v for k, v in item.items() if k not in SOURCE_KEYS.values()})
         except Exception as exc:
             raise _failing_file(paths, exc) from None
         check_case(paths, case, self.task)
@@ -168,7 +177,7 @@ class CheckedPersistentDataset(PersistentDataset):  # type: ignore[misc]
         except DataError:
             raise
         except Exception as exc:  # a random transform failing on this case
-            raise DataError(f"{_files(self.data[index], IMAGE_KEY)[0]}: preprocessing failed "
+            raise DataError(f"{_named(self.data[index], IMAGE_KEY)}: preprocessing failed "
                             f"({_reason(exc)})") from None
 
     def warm(self) -> None:
@@ -204,8 +213,11 @@ def as_items(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def bundle_cases(cases: list[dict[str, Any]], task: BundleTask, cache_dir: Path | None, *, train: bool) -> Cases:
-    """The split's cases through the bundle's training (``train``) or validation preprocessing."""
-    items = as_items(cases)
+    """The split's cases through the bundle's training (``train``) or validation preprocessing;
+    DICOM cases as their NIfTI conversion (:func:`fl.learn.dicom_cache.convert_cases`)."""
+    from fl.learn.dicom_cache import convert_cases
+
+    items = as_items(convert_cases(cases, task.label_index, cache_dir))
     transform = task.train_transform() if train else task.val_transform()
     folder = None
     if cache_dir is not None:
