@@ -102,6 +102,10 @@ class DataConfig:
         "spacing, organ and lesion) or brain-mri (4 modalities, 3 nested tumour sub-regions).",
         _one_of("task", "ct", "brain-mri"))
     synthetic_scale: float = _key(1.0, "Size factor of ct / brain-mri synthetic volumes (0.25 to 8).", _positive)
+    synthetic_format: str = _key(
+        "nifti", "How ct / brain-mri synthetic sites are written: nifti, or dicom (ct only: a CT series per "
+        "case, labels as DICOM SEG at even-numbered nodes and RTSTRUCT at odd-numbered ones).",
+        _one_of("nifti", "dicom"))
 
 
 @dataclass(frozen=True)
@@ -421,6 +425,10 @@ class Config:
             )
         if self.bundle:
             self._check_bundle()
+        if self.data.synthetic_format == "dicom" and self.data.synthetic != "ct":
+            raise ConfigError(f"data.synthetic_format: dicom is written for data.synthetic = 'ct' only, not "
+                              f"{self.data.synthetic!r}; set data.synthetic = 'ct' or "
+                              "data.synthetic_format = 'nifti'")
         if self.simulation.adversaries > self.data.nodes:
             raise ConfigError(f"simulation.adversaries: {self.simulation.adversaries} is more than data.nodes")
         if not self.strategy.trim_beta < 0.5:

@@ -4,7 +4,8 @@ Each site is a hospital with its own scanner: voxel spacing (anisotropic for CT,
 thickness that differs from the in-plane spacing), orientation, image size that varies case by
 case, noise, intensity calibration and disease prevalence. Cases are written as NIfTI with the
 spacing and orientation in the affine, and a Decathlon-style ``dataset.json``, as a real node
-serves them. The generators draw shapes with NumPy only (no model, no download).
+serves them; CT sites also as DICOM (``fl.learn.synth_dicom``), the same cases for the same
+seed. The generators draw shapes with NumPy only (no model, no download).
 
 - ``ct``: Hounsfield units (air -1000, fat about -100, soft tissue about 40, bone 400-1000), a
   body ellipse with a spine, one spleen-like organ (label 1) and, in a site-dependent share of
@@ -27,6 +28,7 @@ from fl.errors import DataError
 from fl.learn.synth import DATASET_JSON, node_dir, write_atomically, write_cases
 
 KINDS = ("ct", "brain-mri")
+FORMATS = ("nifti", "dicom")
 MODALITIES = ("T1", "T1ce", "T2", "FLAIR")
 BRATS_LABELS = {"0": "background", "1": "necrotic tumour core", "2": "peritumoural oedema", "4": "enhancing tumour"}
 
@@ -150,14 +152,21 @@ def _affine(s: Scanner, shape: tuple[int, ...]) -> np.ndarray:
     return affine
 
 
-def _write_site(folder: Path, kind: str, s: Scanner, seed: int) -> None:
+def _write_site(folder: Path, kind: str, s: Scanner, seed: int, *, index: int, fmt: str) -> None:
     rng = np.random.default_rng(seed)
 
     def make_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         image, label = ct_case(s, rng) if kind == "ct" else brain_case(s, rng)
         return image, label, _affine(s, label.shape)
 
-    entries = write_cases(folder, (s.train_cases, s.val_cases), make_case)
+    counts = (s.train_cases, s.val_cases)
+    extra: dict[str, object] = {}  # keys a format adds to dataset.json
+    if fmt == "dicom":  # the same cases, drawn in the same order, as series with a SEG or an RTSTRUCT
+        from fl.learn.synth_dicom import MANIFEST, write_dicom_cases
+
+        entries, extra = write_dicom_cases(folder, counts, make_case, site=index, seed=seed), MANIFEST
+    else:
+        entries = write_cases(folder, counts, make_case)
     if kind == "ct":
         modality, labels = {"0": "CT"}, {"0": "background", "1": "spleen", "2": "lesion"}
     else:
@@ -170,19 +179,27 @@ def _write_site(folder: Path, kind: str, s: Scanner, seed: int) -> None:
         "labels": labels,
         "numTraining": s.train_cases,
         "site_profile": asdict(s),
+        **extra,
         **entries,
     }
     (folder / DATASET_JSON).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def synthesize_anatomy(root: str | Path, *, nodes: int, kind: str, seed: int = 0, scale: float = 1.0) -> list[Path]:
+def synthesize_anatomy(root: str | Path, *, nodes: int, kind: str, seed: int = 0, scale: float = 1.0,
+                       fmt: str = "nifti") -> list[Path]:
     """Write one ``kind`` site per node under ``root`` (written aside, then renamed into place).
 
     ``scale`` multiplies the image sizes (1: about 72-112 voxels in-plane for CT, 56-80 per axis
-    for MRI; hospital scans are larger, 512 x 512 x 100-600 for CT)."""
+    for MRI; hospital scans are larger, 512 x 512 x 100-600 for CT). ``fmt`` is ``nifti`` or, for
+    CT, ``dicom``: the same cases for the same seed, as a PACS export holds them (one series per
+    case, labels as DICOM SEG at even-numbered sites and as RTSTRUCT at odd-numbered ones)."""
     root = Path(root)
     if kind not in KINDS:
         raise DataError(f"--kind: {kind!r} is not one of {', '.join(KINDS)}")
+    if fmt not in FORMATS:
+        raise DataError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "dicom" and kind != "ct":
+        raise DataError(f"--format dicom: only --kind ct is written as DICOM, not {kind!r}; use --format nifti")
     if nodes < 1:
         raise DataError(f"--nodes: need at least one node, got {nodes}")
     if not 0.25 <= scale <= 8:
@@ -192,7 +209,7 @@ def synthesize_anatomy(root: str | Path, *, nodes: int, kind: str, seed: int = 0
 
     def write(staging: Path) -> None:
         for i, site in enumerate(sites):
-            _write_site(node_dir(staging, i), kind, site, seed=int(rng.integers(2**31)))
+            _write_site(node_dir(staging, i), kind, site, seed=int(rng.integers(2**31)), index=i, fmt=fmt)
 
     write_atomically(root, write)
     return [node_dir(root, i) for i in range(nodes)]
