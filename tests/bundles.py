@@ -58,3 +58,30 @@ def small_brats(out: Path, *, patch: int = 32) -> Path:
 
     _edit(out / "configs" / "train.json", change)
     return out
+
+
+def brats_boolean_label(bundle: Path) -> Path:
+    """``bundle`` (a BraTS-style copy) edited in place as Model Zoo's BraTS bundle 0.5.2 writes its
+    preprocessing: no ``Spacingd`` (its data is resampled to 1 mm already). ``Spacingd`` is what turns
+    the boolean label of ``ConvertToMultiChannelBasedOnBratsClassesd`` into floats; without it the
+    label reaches ``DiceLoss`` boolean, which MONAI 1.6 refuses with ``squared_pred``
+    (``linalg.vector_norm`` takes floating point tensors only)."""
+
+    def change(c: dict[str, Any]) -> None:
+        pre = c["train"]["preprocessing_transforms"]
+        pre[:] = [t for t in pre if t["_target_"] != "Spacingd"]
+
+    _edit(bundle / "configs" / "train.json", change)
+    return bundle
+
+
+def broken_flip(bundle: Path) -> Path:
+    """``bundle`` (a BraTS-style copy) edited in place: its first ``RandFlipd`` always flips, along an
+    axis the volumes lack, so that preprocessing fails in a random transform (after the data check)."""
+
+    def change(c: dict[str, Any]) -> None:
+        flip = next(t for t in c["train"]["random_transforms"] if t["_target_"] == "RandFlipd")
+        flip.update(prob=1.0, spatial_axis=5)
+
+    _edit(bundle / "configs" / "train.json", change)
+    return bundle

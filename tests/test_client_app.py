@@ -189,3 +189,47 @@ def test_a_deployed_node_trains_no_bundle_from_outside_its_approved_app(tiny_fed
     msg.content[wire.CONFIG][wire.BUNDLE] = "configs/bundles/seg2d"
     msg.content[wire.CONFIG][wire.BUNDLE_DIGEST] = bundle_digest(elsewhere)
     assert not app(msg, _context({wire.NODE_DATA_DIR: str(tiny_federation / "node-0")})).has_error()
+
+
+# ----- a failing bundle: the reply names where, never the data ------------------------------------
+@pytest.fixture(scope="module")
+def brain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fl.learn.synth_anatomy import synthesize_anatomy
+
+    return synthesize_anatomy(tmp_path_factory.mktemp("brain"), nodes=1, kind="brain-mri", seed=2, scale=0.25)[0]
+
+
+def _bundle_message(bundle: Path) -> Message:
+    from flwr.app import ArrayRecord
+
+    from fl.learn.bundle import BundleTask
+
+    task = BundleTask.load(str(bundle))
+    config = ConfigRecord({wire.TASK: "seg3d", wire.BUNDLE: str(bundle), wire.BUNDLE_DIGEST: task.digest,
+                           wire.EPOCHS: 1, wire.SEED: 0, wire.SERVER_ROUND: 1})
+    content = RecordDict({wire.ARRAYS: ArrayRecord(task.build_network().state_dict()), wire.CONFIG: config})
+    return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+
+
+def _virtual(site: Path) -> Context:  # a virtual node may train a bundle outside the app
+    return _context({wire.NODE_PARTITION_ID: int(site.name.split("-")[-1])}, {"data.root": str(site.parent)})
+
+
+@pytest.mark.parametrize("variant, component, data_error", [
+    ("boolean-label", "at loss: DiceLoss (monai.losses.dice) raised RuntimeError", False),
+    ("broken-flip", "at preprocessing: RandFlipd (monai.transforms.spatial.dictionary) in Flip raised IndexError", True),
+], ids=["boolean-label", "broken-flip"])
+def test_a_failing_bundle_is_named_in_the_reply_without_the_data(brain: Path, tmp_path: Path, variant: str,
+                                                                 component: str, data_error: bool,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """The reply names the stage, the bundle's component and the exception's type; MONAI's message
+    (the case's file, its shapes and values) stays in the node's log with the traceback."""
+    from bundles import brats_boolean_label, broken_flip, small_brats
+
+    make = {"boolean-label": brats_boolean_label, "broken-flip": broken_flip}[variant]
+    reply = app(_bundle_message(make(small_brats(tmp_path / variant, patch=16))), _virtual(brain))
+    assert reply.has_error()
+    assert reply.error.code == (wire.ERROR_DATASET_INVALID if data_error else wire.ERROR_TRAINING_FAILED)
+    assert component in reply.error.reason and reply.error.reason.endswith("details are in the node's log")
+    assert str(brain) not in reply.error.reason and "case_" not in reply.error.reason and "/" not in reply.error.reason
+    assert "Traceback" in caplog.text and ("Got Bool" in caplog.text or "index 5 is out of bounds" in caplog.text)
