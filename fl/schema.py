@@ -31,6 +31,8 @@ CURRENT: dict[str, int] = {
     "roster": 1,  # roster.json (the file a consortium distributes, and the node's pinned copy)
     "descriptors-cache": 1,  # descriptors.json
     "fedbn": 1,  # fedbn/<run>.safetensors (header metadata)
+    "series-index": 1,
+    "pseudonym-map": 1,  # pseudonyms.jsonl, one record per de-identified export (fl node deid)  # series-index.jsonl, one hash-chained entry per dataset trained on
     # on the coordinator, in the registry (registry.root)
     "manifest": 1,  # <model>/v<N>/manifest.json
     "validations": 1,  # <model>/v<N>/validations.jsonl, one hash-chained record per line

@@ -5,7 +5,10 @@ The data folder comes from the node config: ``data-dir`` in deployment
 reads ``<data.root>/node-<partition-id>`` from the run config. A reply carries weights,
 the example count and aggregate metrics, nothing else. A dataset that fails validation is
 reported to the server as a bare error code: the details (file names included) stay in the
-node's own log.
+node's own log. A task that fails (a bundle's transform, network or loss raising) is reported
+by its stage, the bundle's component and the exception's type (:mod:`nodes.failure`), never by
+the exception's message, which may carry the case's file names, shapes or values; the node's log
+keeps the traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +24,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
@@ -54,6 +67,7 @@ from nodes.policy import (
     plan_contribution,
     state_dir,
 )
+from nodes.provenance import index_local_data
 from nodes.witness import check_acknowledged, head
 
 log = logging.getLogger("flwr.oncofed.node")  # lands in the SuperNode's own log
@@ -192,20 +206,36 @@ def _private_generator() -> torch.Generator:
 
 
 def _refuse(msg: Message, exc: Exception) -> Message:
-    if isinstance(exc, (DataError, ConfigError)):
+    from nodes.failure import full_traceback
+
+    if isinstance(exc, (DataError, ConfigError)) and exc.__context__ is None:
         log.error("node %s: %s", msg.metadata.dst_node_id, exc)
-    else:
-        log.exception("node %s: local task failed", msg.metadata.dst_node_id)
+    else:  # the whole chain: a DataError or ConfigError raised from None hides what the bundle raised
+        log.error("node %s: local task failed\n%s", msg.metadata.dst_node_id, full_traceback(exc))
     if isinstance(exc, schema.NewerFormatError):  # before DataError: it is one too
         return Message(Error(code=wire.ERROR_TRAINING_FAILED, reason="a file in this node's state was written by a "
                              "newer OncoFed; the node refuses until its operator upgrades it"), reply_to=msg)
     code = wire.ERROR_DATASET_INVALID if isinstance(exc, DataError) else wire.ERROR_TRAINING_FAILED
     reason = {
-        DataError: "local dataset failed validation; details are in the node's log",
-        ConfigError: "the request or this node's own configuration (privacy policy, bundle) was refused; details "
-                     "are in the node's log",
-    }.get(type(exc), "local task failed; details are in the node's log")
-    return Message(Error(code=code, reason=reason), reply_to=msg)
+        DataError: "local dataset failed validation",
+        ConfigError: "the request or this node's own configuration (privacy policy, bundle) was refused",
+    }.get(type(exc), f"local {_KIND.get(msg.metadata.message_type, 'task')} failed")
+    return Message(Error(code=code, reason=f"{reason}{_where(exc)}; details are in the node's log"), reply_to=msg)
+
+
+_KIND = {MessageType.TRAIN: "training", MessageType.EVALUATE: "evaluation"}
+
+
+def _where(exc: Exception) -> str:
+    """Where the task failed, for the coordinator: the stage, the bundle's component and the exception's
+    type (:func:`nodes.failure.classify`), never the message, which may carry the case's file names,
+    shapes or values; nothing for an error of the node's own checks that names no component."""
+    from nodes.failure import classify
+
+    failure = classify(exc, stage="parse" if isinstance(exc, ConfigError) else None)  # building the bundle
+    if not failure.component and isinstance(exc, (DataError, ConfigError)):
+        return ""
+    return f" at {failure.reason()}" if failure.stage else f" ({failure.reason()})"
 
 
 def node_state_dir(context: Context, data_dir: Path) -> Path:
@@ -245,7 +275,7 @@ def _guarded(msg: Message, work: Any) -> Message:
         log.error("node %s: %s", msg.metadata.dst_node_id, exc)
         return Message(Error(code=wire.ERROR_LEDGER, reason="privacy ledger failed its checksum; node refuses to train"),
                        reply_to=msg)
-    except (DataError, ConfigError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure is a named error reply; its message stays here
         return _refuse(msg, exc)
 
 
@@ -278,8 +308,10 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
         local_event(len(data.train), epochs=epochs, batch_size=batch_size, noise_multiplier=request.noise_multiplier)
         if request else None
     )
+    fingerprint = keyed_fingerprint(folder, data.digest)
+    index_local_data(folder, fingerprint, data)  # the series it trains on, as tokens, before any spend
     contribution, entry = _admit_training(msg, config, context, folder, policy, ledger, request, event,
-                                          num_records=len(data.train), secure=secure, net=net)
+                                          num_records=len(data.train), secure=secure, net=net, dataset=fingerprint)
     global_state = {k: v.clone() for k, v in net.state_dict().items()}
     device = node_device(config, context)
     fedbn_path = _own_batchnorm(msg, config, folder, task, net)
@@ -289,7 +321,6 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
 
         fedbn.keep_and_hide(net, global_state, fedbn_path)
     values = _train_metrics(result, config, policy, request, entry, net, global_state, num_examples=len(data.train))
-    fingerprint = keyed_fingerprint(folder, data.digest)
     info = {wire.DATASET_FINGERPRINT: fingerprint, wire.DEVICE_NAME: describe(device), wire.LEDGER_HEAD: head(folder)}
     if secure:
         return _masked_reply(msg, net, global_state, values, info, config, context, contribution)
@@ -300,9 +331,10 @@ def _train(msg: Message, content: RecordDict, context: Context, secure: bool) ->
 
 def _admit_training(msg: Message, config: ConfigRecord, context: Context, folder: Path, policy: Policy,
                     ledger: Ledger, request: LocalDpRequest | None, event: Any, *, num_records: int, secure: bool,
-                    net: torch.nn.Module) -> tuple[Contribution, dict[str, Any] | None]:
+                    net: torch.nn.Module, dataset: str) -> tuple[Contribution, dict[str, Any] | None]:
     """Every check of the request (acknowledged ledger heads, contribution, budgets), then both ledger
-    entries, before any training: (this node's contribution, its record-level ledger entry or None)."""
+    entries, before any training: (this node's contribution, its record-level ledger entry or None).
+    The contribution names the ``dataset`` it was trained on (keyed fingerprint; it stays here)."""
     run, server_round = int(msg.metadata.run_id), int(config[wire.SERVER_ROUND])
     check_acknowledged(folder, config)
     contribution = _contribution(policy, config, context, run, server_round, secure, net)
@@ -312,7 +344,7 @@ def _admit_training(msg: Message, config: ConfigRecord, context: Context, folder
         entry = admit(policy, ledger, request, event, secure=secure, num_records=num_records,
                       distributed_noise=contribution.noise_multiplier is not None,
                       server_round=server_round, run=run, time=time.time())
-        contributions.append(client_event, **client_fields, time=time.time())
+        contributions.append(client_event, **client_fields, dataset=dataset, time=time.time())
     return contribution, entry
 
 

@@ -5,10 +5,11 @@ releases with ``fl validate`` for the model card, as its policy allows (``releas
   the label names. They are the operator's description of the dataset, not statistics of its
   records. The case count per split is public in OncoFed (it sets the DP-SGD sampling rate).
 - **Statistics of the records**, as counts over public bins: each case's finest and coarsest voxel
-  spacing in mm (:data:`SPACING_EDGES`), and for each declared foreground label the number of
-  cases that hold it. Adding or removing one case moves each spacing histogram by one and each
-  label count by at most one: L2 sensitivity ``sqrt(2 + labels)`` (``sqrt(labels)`` for tabular
-  records, which have no spacing).
+  spacing in mm (:data:`SPACING_EDGES`), for each declared foreground label the number of cases
+  that hold it, and per split the number of cases read from a DICOM series (so a model card can
+  say how many series trained it). Adding or removing one case moves each spacing histogram by
+  one, each label count and one split's series count by at most one: L2 sensitivity
+  ``sqrt(3 + labels)`` (``sqrt(labels)`` for tabular records, which have no spacing or series).
 
   - ``exact``: the counts, and the exact smallest and largest spacing.
   - ``noisy``: every count with ``N(0, (z * sensitivity)^2)``: one Gaussian mechanism of
@@ -34,6 +35,7 @@ import numpy as np
 
 from fl import schema
 from fl.errors import DataError
+from fl.learn.dicom import IMAGE_SOURCE_KEY
 from fl.learn.synth import DATASET_JSON
 
 SPACING_EDGES = (0.0, 0.5, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, math.inf)  # mm, public
@@ -89,8 +91,11 @@ def _read_case(label_path: Path) -> tuple[tuple[float, ...], np.ndarray]:
     return spacing, np.unique(np.asarray(image))
 
 
-def count(data_dir: Path, tabular_labels: Callable[[], np.ndarray] | None = None) -> dict[str, Any]:
-    """The exact counts of this node's cases (training and validation together), on the node only."""
+def count(data_dir: Path, tabular_labels: Callable[[], np.ndarray] | None = None,
+          cases: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """The exact counts of this node's cases (training and validation together), on the node only.
+    ``cases``: each split's cases as the data loader gives them (a DICOM case converted to the
+    files the bundle reads, naming its series), else ``dataset.json``'s files."""
     from fl.learn.data import SPLITS, read_datalist
 
     modality, labels = declared(data_dir)
@@ -101,14 +106,15 @@ def count(data_dir: Path, tabular_labels: Callable[[], np.ndarray] | None = None
         labels = labels or {1: "label 1"}
         holds = [int(np.sum(values == v)) for v in labels]
         return {"modality": modality or ["tabular"], "labels": list(labels.values()), "label_cases": holds,
-                "spacing_finest": None, "spacing_coarsest": None, "spacing_range": None,
+                "spacing_finest": None, "spacing_coarsest": None, "spacing_range": None, "dicom_series": None,
                 "sensitivity": math.sqrt(len(labels))}
-    datalist = read_datalist(data_dir, modality_lists=True)
+    datalist = cases if cases is not None else read_datalist(data_dir, modality_lists=True)
     holds = [0] * len(labels)
+    dicom = [sum(IMAGE_SOURCE_KEY in case for case in datalist[split]) for split in SPLITS]
     for split in SPLITS:
         for case in datalist[split]:
             try:
-                spacing, present = _read_case(case["label"])
+                spacing, present = _read_case(Path(case["label"]))
             except Exception as exc:  # noqa: BLE001 (any reader's failure names the file, on the node)
                 raise DataError(f"{case['label']}: cannot read its header and values ({exc})") from None
             if not spacing or not all(math.isfinite(s) and s > 0 for s in spacing):
@@ -121,7 +127,8 @@ def count(data_dir: Path, tabular_labels: Callable[[], np.ndarray] | None = None
                 holds[i] += value in present_set
     return {"modality": modality, "labels": list(labels.values()), "label_cases": holds,
             "spacing_finest": finest, "spacing_coarsest": coarsest,
-            "spacing_range": [min(spacings), max(spacings)], "sensitivity": math.sqrt(2 + len(labels))}
+            "spacing_range": [min(spacings), max(spacings)], "dicom_series": dicom,
+            "sensitivity": math.sqrt(3 + len(labels))}
 
 
 def release(exact: dict[str, Any], *, cases: tuple[int, int], noise_multiplier: float | None,
@@ -131,12 +138,13 @@ def release(exact: dict[str, Any], *, cases: tuple[int, int], noise_multiplier: 
     and the exact spacing range left out."""
     out = {"release": "exact", "noise_std": 0.0, "cases_training": cases[0], "cases_validation": cases[1],
            "modality": exact["modality"], "labels": exact["labels"], "spacing_edges": list(SPACING_EDGES[1:-1]),
-           **{k: exact[k] for k in ("label_cases", "spacing_finest", "spacing_coarsest", "spacing_range")}}
+           **{k: exact[k] for k in ("label_cases", "spacing_finest", "spacing_coarsest", "spacing_range",
+                                    "dicom_series")}}
     if noise_multiplier is None:
         return out
     std = noise_multiplier * exact["sensitivity"]
     out.update(release="noisy", noise_std=std, spacing_range=None)
-    for key in ("label_cases", "spacing_finest", "spacing_coarsest"):
+    for key in ("label_cases", "spacing_finest", "spacing_coarsest", "dicom_series"):
         if out[key] is not None:
             values = np.asarray(out[key], dtype=np.float64)
             out[key] = [float(v) for v in values + noise(values.size, std)]
@@ -207,7 +215,10 @@ def release_for(state: Path, data_dir: Path, data: Any, policy: Any, ledger: Any
         out["epsilon_after"] = float(entry["epsilon_after"])
     column = labels()
     source = SecureGaussian()
-    out.update(release(count(data_dir, None if column is None else lambda: column), cases=(len(data.train), len(data.val)),
+    splits = {"training": getattr(data.train, "items", None), "validation": getattr(data.val, "items", None)}
+    loaded = splits if all(v is not None for v in splits.values()) else None
+    out.update(release(count(data_dir, None if column is None else lambda: column, loaded),
+                       cases=(len(data.train), len(data.val)),
                        noise_multiplier=z if mode == NOISY else None,
                        noise=lambda n, std: source.gaussian((n,), std).numpy()))
     keep(state, key, out)

@@ -53,7 +53,7 @@ def test_exact_counts_bin_each_case_and_count_the_cases_holding_each_label(site:
         expected_coarsest[next(i for i in range(len(edges) - 1) if edges[i] <= max(spacing) < edges[i + 1])] += 1
     assert exact["spacing_finest"] == expected_finest and exact["spacing_coarsest"] == expected_coarsest
     assert exact["spacing_range"] == pytest.approx([0.7, 5.0])
-    assert exact["sensitivity"] == pytest.approx(math.sqrt(4))  # one case: two histograms, two labels
+    assert exact["sensitivity"] == pytest.approx(math.sqrt(5))  # one case: two histograms, two labels, a series count
 
 
 def test_a_noisy_release_adds_the_calibrated_noise_to_every_count_and_drops_the_exact_range(site: Path) -> None:
@@ -62,11 +62,12 @@ def test_a_noisy_release_adds_the_calibrated_noise_to_every_count_and_drops_the_
     draws = [descriptors.release(exact, cases=(3, 1), noise_multiplier=2.0, noise=lambda n, s: rng.normal(0, s, n))
              for _ in range(3000)]
     assert all(d["release"] == "noisy" and d["spacing_range"] is None for d in draws)
-    assert draws[0]["noise_std"] == pytest.approx(2.0 * 2.0)
-    noise = np.array([np.subtract(d["label_cases"] + d["spacing_finest"], exact["label_cases"] + exact["spacing_finest"])
-                      for d in draws])
-    assert noise.mean() == pytest.approx(0.0, abs=0.05)
-    assert noise.std(axis=0) == pytest.approx(np.full(noise.shape[1], 4.0), rel=0.06)
+    std = 2.0 * math.sqrt(5)
+    assert draws[0]["noise_std"] == pytest.approx(std)
+    keys = ("label_cases", "spacing_finest", "dicom_series")
+    noise = np.array([np.subtract(sum((d[k] for k in keys), []), sum((exact[k] for k in keys), [])) for d in draws])
+    assert noise.shape[1] == 2 + 8 + 2 and noise.mean() == pytest.approx(0.0, abs=0.06)
+    assert noise.std(axis=0) == pytest.approx(np.full(noise.shape[1], std), rel=0.06)
     plain = descriptors.release(exact, cases=(3, 1), noise_multiplier=None, noise=lambda n, s: 1 / 0)
     assert plain["release"] == "exact" and plain["label_cases"] == [2, 2] and plain["spacing_range"] == [0.7, 5.0]
 
@@ -82,7 +83,7 @@ def test_a_noisy_release_is_charged_once_then_served_again_unchanged(site: Path,
     policy = Policy(delta=1e-3, release_descriptors="noisy", descriptors_noise_multiplier=3.0)
     first, why = descriptors.release_for(state, site, _data(), policy, ledger, dp_requested=False, server_round=0,
                                          labels=lambda: None)
-    assert why is None and first["release"] == "noisy" and first["noise_std"] == pytest.approx(3.0 * 2.0)
+    assert why is None and first["release"] == "noisy" and first["noise_std"] == pytest.approx(3.0 * math.sqrt(5))
     events = ledger.events()
     assert len(events) == 1 and events[0].noise_multiplier == 3.0
     assert ledger.entries()[0]["release"] == "descriptors" and first["epsilon_after"] > 0

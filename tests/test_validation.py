@@ -120,9 +120,9 @@ def test_each_site_releases_its_dataset_descriptors_as_its_policy_says(validated
                           for split in ("training", "validation") for c in listed[split])
             assert d["release"] == "exact" and d["label_cases"] == [holding] and d["spacing_range"] == [1.0, 1.0]
             assert sum(d["spacing_finest"]) == d["cases_training"] + d["cases_validation"]
-        else:  # noisy: one Gaussian mechanism, z = 5 over sensitivity sqrt(2 + 1 label), charged once
+        else:  # noisy: one Gaussian mechanism, z = 5 over sensitivity sqrt(3 + 1 label), charged once
             assert d["release"] == "noisy" and d["spacing_range"] is None
-            assert d["noise_std"] == pytest.approx(5.0 * 3 ** 0.5)
+            assert d["noise_std"] == pytest.approx(5.0 * 4 ** 0.5)
             entries = Ledger.in_dir(state_dir(data / "node-2")).entries()
             assert [e["release"] for e in entries] == ["descriptors"]
             assert d["epsilon_after"] == pytest.approx(entries[0]["epsilon_after"])

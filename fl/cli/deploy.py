@@ -1,4 +1,4 @@
-"""Deployment commands: ``fl certs``, ``fl server``, ``fl node check|start|approve``,
+"""Deployment commands: ``fl certs``, ``fl server``, ``fl node check|deid|start|approve``,
 ``fl app hash`` and ``fl demo deploy``."""
 
 from __future__ import annotations
@@ -72,6 +72,10 @@ def _add_node(node: Any) -> None:
     check.add_argument("--allow-identifiable-dicom", action="store_true",
                        help="accept DICOM files that still carry identifying attributes")
     check.add_argument("--json", action="store_true")
+    check.add_argument("--bundle", help="also dry-run this MONAI bundle on one of the node's cases: preprocessing, "
+                                        "one training step and one evaluation on the node's device")
+    check.add_argument("--verbose", action="store_true", help="with --bundle: each stage's time and the "
+                                                              "failure's traceback")
     check.set_defaults(func=cmd_node_check)
     _add_node_start(node)
     approve = node.add_parser("approve", help="approve an app version (FAB hash) to run on this node")
@@ -80,6 +84,36 @@ def _add_node(node: Any) -> None:
     approve.add_argument("--note", default="", help="free text kept beside the hash")
     approve.set_defaults(func=cmd_node_approve)
     _add_roster(node)
+    _add_node_deid(node)
+    _add_node_provenance(node)
+
+
+def _add_node_provenance(node: Any) -> None:
+    prov = node.add_parser("provenance", help="which of this node's series trained a model version: matched on "
+                                              "the node against its own ledger; nothing is sent")
+    prov.add_argument("version", metavar="NAME:VERSION", help="the model version, e.g. oncofed:v3")
+    prov.add_argument("--registry", required=True, help="a copy of the registry folder holding the version")
+    prov.add_argument("--data", required=True, help="the node's data folder")
+    prov.add_argument("--reveal", action="store_true",
+                      help="also print this node's own Series Instance UIDs behind the tokens (on this screen only)")
+    prov.set_defaults(func=cmd_node_provenance)
+
+
+def _add_node_deid(node: Any) -> None:
+    deid = node.add_parser("deid", help="de-identify a folder of DICOM into a new folder (DICOM PS3.15 basic "
+                                        "profile, dicognito); the pseudonym map stays on this node")
+    deid.add_argument("source", nargs="?", metavar="IN", help="the folder to de-identify (with its dataset.json)")
+    deid.add_argument("out", nargs="?", metavar="OUT", help="a new (or empty) folder for the de-identified copy")
+    deid.add_argument("--keep-descriptors", action="store_true",
+                      help="keep descriptions (study, series, protocol; RTSTRUCT ROI names, which label mapping "
+                           "needs) after removing the patient's own names, IDs and dates from them: the Clean "
+                           "Descriptors option; review what remains")
+    deid.add_argument("--state", help="the folder with this node's key and the pseudonym map "
+                                      "(default: IN's state folder, IN/.oncofed)")
+    deid.add_argument("--lookup", metavar="PSEUDONYM",
+                      help="print the original PatientID and UIDs behind a pseudonymous PatientID or Study/Series "
+                           "UID, from the map")
+    deid.set_defaults(func=cmd_node_deid)
 
 
 def _add_node_start(node: Any) -> None:
@@ -236,20 +270,98 @@ def cmd_node_check(args: argparse.Namespace) -> int:
     from nodes.check import check_dataset
 
     data = Path(args.data)
-    report = check_dataset(data, _task_for(data, args.task), allow_identifiable=args.allow_identifiable_dicom)
+    report = check_dataset(data, _check_task(data, args), allow_identifiable=args.allow_identifiable_dicom)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-        return 0
+        dry = _dry_run(data, args)
+        print(json.dumps({**report.to_dict(), **({"dry_run": dry.to_dict()} if dry else {})}, indent=2))
+        return 1 if dry and not dry.passed else 0
     print(f"{report.data_dir}: valid for task {report.task}; fingerprint {report.fingerprint[:16]}...")
     for name, split in report.splits.items():
         shapes = ", ".join(f"{'x'.join(map(str, k))} ({v})" for k, v in split.shapes.items())
         spacing = ", ".join(f"{'x'.join(f'{s:g}' for s in k)} ({v})" for k, v in split.spacings.items()) or "-"
         print(f"  {name}: {split.cases} cases; shapes {shapes}; spacing {spacing}; "
               f"labels {sorted(split.label_values)}; foreground {split.foreground_fraction:.2%}")
-    if report.identifiable:
-        print(f"  warning: {len(report.identifiable)} DICOM file(s) carry identifying attributes (allowed by flag)")
+    if report.deidentification is not None and report.deidentification.findings:
+        print(f"  DICOM: {report.deidentification.summary()}")
+    if report.identifiable and report.deidentification is not None:
+        print(f"  warning: {len(report.identifiable)} DICOM file(s) carry identifying attributes or other "
+              f"de-identification findings (allowed by flag):\n" + "\n".join(report.deidentification.lines()))
+    dry = _dry_run(data, args)
+    if dry is not None:
+        print("\n".join(dry.lines(verbose=args.verbose)))
+    print("nothing was sent")
+    return 1 if dry and not dry.passed else 0
+
+
+def _check_task(data: Path, args: argparse.Namespace) -> Any:
+    """The task the data check validates for: the bundle that will train, else ``--task``."""
+    if not args.bundle:
+        return _task_for(data, args.task)
+    if args.task:
+        raise ConfigError("--task and --bundle: give one (the bundle is the task the node will train)")
+    from fl.learn.bundle import BundleTask
+
+    return BundleTask.load(args.bundle)
+
+
+def _dry_run(data: Path, args: argparse.Namespace) -> Any:
+    """With ``--bundle``: its dry run on one of the node's cases (:mod:`nodes.dry_run`), else None."""
+    if not args.bundle:
+        return None
+    from nodes.dry_run import dry_run
+
+    return dry_run(data, args.bundle)
+
+
+def cmd_node_deid(args: argparse.Namespace) -> int:
+    from nodes.deidentify import deidentify, lookup_lines
+    from nodes.policy import state_dir
+
+    source = Path(args.source).resolve() if args.source else None
+    state = Path(args.state).resolve() if args.state else state_dir(source) if source else None
+    if args.lookup is not None:
+        if state is None or args.out:
+            raise ConfigError("--lookup: name the de-identified folder IN (or --state), and no OUT")
+        print("\n".join(lookup_lines(state, args.lookup)))
+        return 0
+    if source is None or not args.out or state is None:
+        raise ConfigError("fl node deid IN OUT: name the folder to de-identify and a new folder for the copy")
+    export = deidentify(source, Path(args.out), state=state, keep_descriptors=args.keep_descriptors)
+    print("\n".join(export.lines()))
+    return 0
+
+
+def cmd_node_provenance(args: argparse.Namespace) -> int:
+    from fl.registry import Registry
+    from nodes.policy import state_dir
+    from nodes.provenance import answer, lineage_rounds
+
+    registry = Registry(args.registry)
+    version = registry.get(args.version)
+    registry.verify(version.name)  # an edited manifest must not steer the answer
+    rounds = lineage_rounds([v.manifest for v in registry.lineage(version)])
+    data = Path(args.data)
+    current = _current_cases(data) if args.reveal else None
+    found = answer(state_dir(data), version.ref(), rounds, current_cases=current)
+    print(f"{version.ref()}: {len(rounds)} round(s) in its lineage; this node contributed to "
+          f"{len(found.contributed)}, trained on {len(found.series)} dataset(s) of its own")
+    series = sorted(found.training_series())
+    print(f"  {len(series)} DICOM series of this node trained it" if series else
+          "  no DICOM series of this node trained it")
+    for token in series:
+        print(f"  {token[:32]}  {found.revealed.get(token, '') if args.reveal else ''}".rstrip())
+    if args.reveal and len(found.revealed) < len(series):
+        print(f"  {len(series) - len(found.revealed)} token(s) match none of the node's current series "
+              "(the dataset changed since)")
     print("nothing was sent")
     return 0
+
+
+def _current_cases(data: Path) -> list[dict[str, Any]]:
+    from fl.learn.data import SPLITS, read_datalist
+
+    datalist = read_datalist(data)
+    return [case for split in SPLITS for case in datalist[split]]
 
 
 def cmd_node_start(args: argparse.Namespace) -> int:

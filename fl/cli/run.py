@@ -39,7 +39,7 @@ def add_parsers(sub: Any) -> None:
     run.set_defaults(func=cmd_run)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
-    synth = data.add_parser("synth", help="write synthetic multi-site NIfTI data, one folder per node")
+    synth = data.add_parser("synth", help="write synthetic multi-site NIfTI or DICOM data, one folder per node")
     synth.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
     synth.add_argument("--nodes", type=int, required=True, help="number of sites")
     synth.add_argument("--task", default="seg2d", help="task from the catalogue (seg2d, seg3d)")
@@ -49,6 +49,9 @@ def add_parsers(sub: Any) -> None:
                        help="realistic volumes instead of a task's images: CT-like (HU, anisotropic spacing, "
                             "organ and lesion) or brain-MRI-like (4 modalities, 3 nested tumour sub-regions)")
     synth.add_argument("--scale", type=float, default=1.0, help="with --kind: image size factor")
+    synth.add_argument("--format", choices=["nifti", "dicom"], default="nifti",
+                       help="with --kind ct: dicom writes each case as a CT series with its labels as DICOM SEG "
+                            "(even-numbered sites) or RTSTRUCT (odd-numbered), the same cases as nifti")
     synth.set_defaults(func=cmd_data_synth)
     tab = data.add_parser("tabular", help="split a tabular dataset (real Breast Cancer Wisconsin, or synthetic) "
                                           "across nodes with label skew")
@@ -85,7 +88,7 @@ def prepare_data(cfg: Config, say: Callable[[str], None]) -> None:
             from fl.learn.synth_anatomy import synthesize_anatomy
 
             synthesize_anatomy(root, nodes=cfg.data.nodes, kind=cfg.data.synthetic, seed=cfg.seed,
-                               scale=cfg.data.synthetic_scale)
+                               scale=cfg.data.synthetic_scale, fmt=cfg.data.synthetic_format)
     for index in range(cfg.data.nodes):  # every case checked, and preprocessed into the node's own cache
         folder = node_dir(root, index)
         load_local_data(folder, task, use_cache=False, disk_cache=state_dir(folder) / CACHE_DIR)
@@ -214,10 +217,13 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from fl.learn import get_task
     from fl.learn.synth import synthesize
 
+    if args.format != "nifti" and not args.kind:
+        raise DataError(f"--format {args.format}: only --kind ct is written as DICOM; add --kind ct")
     if args.kind:
         from fl.learn.synth_anatomy import synthesize_anatomy
 
-        folders = synthesize_anatomy(args.out, nodes=args.nodes, kind=args.kind, seed=args.seed, scale=args.scale)
+        folders = synthesize_anatomy(args.out, nodes=args.nodes, kind=args.kind, seed=args.seed, scale=args.scale,
+                                     fmt=args.format)
     else:
         folders = synthesize(args.out, nodes=args.nodes, task=get_task(args.task), seed=args.seed,
                              image_size=args.image_size)

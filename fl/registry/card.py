@@ -113,7 +113,8 @@ def describe(d: dict[str, Any], confidence: float = 0.95) -> dict[str, Any]:
         share, half = min(max(held / total, 0.0), 1.0), z * std / total
         prevalence[name] = {"share": share, "ci_low": max(share - half, 0.0), "ci_high": min(share + half, 1.0)}
     return {"cases_training": int(d["cases_training"]), "cases_validation": int(d["cases_validation"]),
-            "modality": d["modality"], "spacing_finest_mm": span(d.get("spacing_finest")),
+            "modality": d["modality"], "dicom_series_training": (d.get("dicom_series") or [None])[0],
+            "spacing_finest_mm": span(d.get("spacing_finest")),
             "spacing_coarsest_mm": span(d.get("spacing_coarsest")), "spacing_range_mm": d.get("spacing_range"),
             "label_prevalence": prevalence, "release": d["release"], "noise_std": std,
             "epsilon_after": d.get("epsilon_after")}
@@ -202,6 +203,7 @@ def _data(card: dict[str, Any]) -> list[str]:
         lines += ["Dataset descriptors as each site released them with `fl validate`: exact, or counts with DP noise "
                   "(the interval covers the noise; a noisy spacing bin shows only above "
                   f"{VISIBLE_SIGMAS:g} noise stds).", "",
+                  *_series_line(described),
                   "| site | trained it | cases (train/val) | modality | spacing, finest axis (mm) | "
                   "spacing, coarsest axis (mm) | cases holding each label | release |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -217,6 +219,19 @@ def _data(card: dict[str, Any]) -> list[str]:
                          f"{_span(d['spacing_finest_mm'], d['spacing_range_mm'], 0)} | "
                          f"{_span(d['spacing_coarsest_mm'], d['spacing_range_mm'], 1)} | {prevalence} | {release} |")
     return lines
+
+
+def _series_line(described: list[dict[str, Any]]) -> list[str]:
+    """"Trained on N DICOM series from K sites", from the training sites' released series counts
+    (rounded; noisy counts say so)."""
+    counts = [(d["dicom_series_training"], d["noise_std"]) for d in described
+              if d["trained_it"] and d.get("dicom_series_training") is not None]
+    if not counts or sum(n for n, _ in counts) < 0.5:
+        return []
+    total, std = sum(n for n, _ in counts), math.sqrt(sum(s**2 for _, s in counts))
+    noisy = f" (DP counts: +/- {1.96 * std:.0f} at 95%)" if std else ""
+    return [f"Trained on {max(round(total), 0)} DICOM series{noisy} from {len(counts)} site(s), as they released "
+            "their counts; the series themselves are known to each site only (`fl node provenance`).", ""]
 
 
 def _privacy(card: dict[str, Any]) -> list[str]:

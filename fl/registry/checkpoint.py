@@ -51,7 +51,7 @@ def _finite(value: Any) -> Any:
 
 def manifest_fields(
     cfg: Config, *, run_id: str, record: dict[str, Any], node_info: dict[str, dict[str, str]],
-    resumed_from: str | None, lineage: dict[str, Any] | None = None
+    resumed_from: str | None, lineage: dict[str, Any] | None = None, flower_run: int | None = None
 ) -> dict[str, Any]:
     """Provenance of one round's global model (the registry adds version, parent and hashes).
 
@@ -61,6 +61,9 @@ def manifest_fields(
     task = cfg.resolved_task()
     common = {
         "run_id": run_id,
+        # the run's id on Flower's side, as every node's ledger records it: a site matches a version's
+        # rounds to its own contributions with it (nodes.provenance)
+        "flower_run_id": flower_run,
         "round": record["round"],
         "task": cfg.task_label,
         "bundle": task.provenance(),

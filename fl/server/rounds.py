@@ -266,7 +266,8 @@ class Federation:
             weights=encode_weights(self.arrays),
             state=encode_state(self.strategy),
             fields=manifest_fields(self.cfg, run_id=self.run_dir.name, record=record, node_info=res.node_info(),
-                                   resumed_from=self.resumed_from, lineage=self.lineage),
+                                   resumed_from=self.resumed_from, lineage=self.lineage,
+                                   flower_run=int(self.grid.run.run_id)),
             expected_parent=self.parent,
         )
         self.parent = version.hash
