@@ -198,7 +198,8 @@ def test_model_card_is_built_from_provenance_and_travels_in_the_bundle(validated
     assert not any("released no dataset descriptors" in line for line in card["limitations"])
     text = render(card)
     assert "## Data" in text and "| synthetic | 1 to 1.5 (smallest 1) | 1 to 1.5 (largest 1) |" in text
-    assert f"noisy (std {5 * 3 ** 0.5:.1f} per count" in text
+    # sensitivity sqrt(3 + labels): two spacing bins, a split's series count and the one label
+    assert f"noisy (std {5 * (3 + 1) ** 0.5:.1f} per count" in text
     assert f"| {worst['site']} |" in text and "EU AI Act Annex IV" in text and version.hash in text
     folder = export(version, "bundle", tmp_path / "export")
     assert (folder / "docs" / "MODEL_CARD.md").read_text() == text
