@@ -232,10 +232,14 @@ def _where(exc: Exception) -> str:
     shapes or values; nothing for an error of the node's own checks that names no component."""
     from nodes.failure import classify
 
-    failure = classify(exc, stage="parse" if isinstance(exc, ConfigError) else None)  # building the bundle
-    if not failure.component and isinstance(exc, (DataError, ConfigError)):
+    try:
+        failure = classify(exc, stage="parse" if isinstance(exc, ConfigError) else None)  # building the bundle
+        if not failure.component and isinstance(exc, (DataError, ConfigError)):
+            return ""
+        return f" at {failure.reason()}" if failure.stage else f" ({failure.reason()})"
+    except Exception:  # noqa: BLE001 - the reply must go out whatever the traceback holds; the log has it
+        log.exception("node: the failure could not be classified")
         return ""
-    return f" at {failure.reason()}" if failure.stage else f" ({failure.reason()})"
 
 
 def node_state_dir(context: Context, data_dir: Path) -> Path:

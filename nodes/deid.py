@@ -328,14 +328,32 @@ def burned_in(ds: Any, with_pixels: Callable[[], Any]) -> Finding | None:
 
 
 # ----- the files dataset.json reaches ------------------------------------------------------------
+_NOT_DICOM = (".nii", ".nii.gz", ".json", ".jsonl", ".gz", ".npy", ".npz", ".csv", ".txt", ".md", ".png",
+              ".jpg", ".jpeg", ".mha", ".nrrd", ".h5", ".pt", ".safetensors")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)+")
+
+
 def is_dicom(path: Path) -> bool:
+    """A ``.dcm`` file, a Part 10 file (``DICM`` after the preamble), or a bare data set with no
+    preamble and any name (as some exports write them) that holds a SOP Class UID: such a file is
+    checked and de-identified like the others, never copied as it is."""
     if path.suffix.lower() == ".dcm":
         return True
     try:
         with path.open("rb") as fh:
             fh.seek(128)
-            return fh.read(4) == b"DICM"
+            if fh.read(4) == b"DICM":
+                return True
     except OSError:
+        return False
+    if path.name.lower().endswith(_NOT_DICOM):
+        return False
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        return bool(_UID.fullmatch(str(ds.get("SOPClassUID", "")).strip()))
+    except Exception:  # noqa: BLE001 - whatever pydicom raises on a file that is not DICOM
         return False
 
 
@@ -402,6 +420,12 @@ def read_dicom(path: Path, *, pixels: bool = False) -> Any:
         raise DataError(f"{path}: unreadable DICOM header ({exc})") from None
     if len(ds) == 0:
         raise DataError(f"{path}: not a DICOM file (no data element could be read)")
+    if "TransferSyntaxUID" not in ds.file_meta:  # a bare data set: its encoding is the one it was read in
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+                                          if little else ExplicitVRBigEndian)
     return ds
 
 

@@ -10,7 +10,8 @@ dataset fingerprint of every round the node contributed to, before it trains.
 
 To answer "which of my series trained version vN", the node takes the version's lineage from the
 registry (each version's Flower run and round, public configuration) and matches it against its
-own contributions ledger: the rounds it contributed to, the datasets it trained on, their series
+own contributions ledger: the rounds it contributed to (recorded before training: a round whose
+update was then dropped counts too, so the answer is "may have trained"), the datasets, their series
 tokens, and, with ``reveal``, the node's current series whose tokens match (shown on the node
 only). Nothing of this is ever sent: the coordinator learns nothing it did not know.
 """
@@ -79,6 +80,8 @@ class Answer:
     contributed: dict[tuple[int, int], str | None] = field(default_factory=dict)
     absent: list[tuple[int, int]] = field(default_factory=list)
     series: dict[str, list[list[str]]] = field(default_factory=dict)  # dataset -> training cases' tokens
+    # rounds whose dataset is unknown here: a ledger entry naming none, or a dataset with no index entry
+    unknown: list[tuple[int, int]] = field(default_factory=list)
     revealed: dict[str, str] = field(default_factory=dict)  # token -> the node's own UID (reveal only)
 
     def training_series(self) -> set[str]:
@@ -99,8 +102,11 @@ def answer(folder: Path, version: str, rounds: list[tuple[int, int]], *,
         else:
             found.absent.append(key)
     index = {e["dataset"]: e["cases"] for e in _entries(folder / INDEX_FILE)}
-    for dataset in {d for d in found.contributed.values() if d}:
-        found.series[dataset] = list(index.get(dataset, {}).get("training", []))
+    for key, dataset in found.contributed.items():
+        if dataset is None or dataset not in index:
+            found.unknown.append(key)
+        else:
+            found.series[dataset] = list(index[dataset].get("training", []))
     if current_cases is not None:
         from fl.learn.dicom import source_series
 

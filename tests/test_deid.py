@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.filebase import DicomBytesIO
 
 from fl.cli import main
 from fl.errors import DataError
@@ -364,3 +365,23 @@ def test_profile_table_names_real_attributes() -> None:
     assert {"PatientName", "PatientID", "InstitutionName", "StudyDate", "SeriesDescription"} <= set(PROFILE)
     assert {rule_group for rule in PROFILE.values() for rule_group in rule.kept_by} == {o.keeps for o in OPTIONS.values()}
     assert PROFILE["StudyDate"].kept_by == {"dates"} and PROFILE["InstitutionName"].action == "X"
+
+
+def test_a_bare_data_set_without_preamble_or_suffix_is_checked_and_deidentified(tmp_path: Path) -> None:
+    site = tmp_path / "in"
+    site.mkdir()
+    ct = pydicom.dcmread(PYDICOM / "CT_small.dcm")
+    bare = site / "slice0001"  # no .dcm suffix, no preamble, no file meta: as some exports write them
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    pydicom.filewriter.write_dataset(buffer, ct)
+    bare.write_bytes(buffer.getvalue())
+    assert bare.read_bytes()[128:132] != b"DICM"
+    (site / "dataset.json").write_text(json.dumps({"training": [{"image": "slice0001"}]}))
+    flagged = _by_name(scan(site))
+    assert "PatientName" in _attributes(flagged["slice0001"])  # read and checked, not passed over
+    _deid(site, tmp_path / "out")
+    out = tmp_path / "out" / "slice0001"
+    again = pydicom.dcmread(out)
+    assert str(again.PatientID) != str(ct.PatientID) and not scan(tmp_path / "out").flagged
+    assert again.pixel_array.tolist() == ct.pixel_array.tolist()

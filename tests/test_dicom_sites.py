@@ -97,7 +97,7 @@ def test_a_site_answers_which_of_its_series_trained_a_version(sites: tuple[list[
     parent = None
     for r in (1, 2):
         parent = registry.commit("m", weights=b"w%d" % r, state=b"s", expected_parent=parent,
-                                 fields={"round": r, "flower_run_id": run}).hash
+                                 fields={"round": r, "flower_run_id": run, "run_id": "r"}).hash
     found = answer(folder, "m:v2", lineage_rounds([v.manifest for v in registry.versions("m")]))
     assert found.contributed == {(run, 1): fingerprint} and found.absent == [(run, 2)]
     assert len(found.training_series()) == len(cases["training"])
@@ -105,10 +105,17 @@ def test_a_site_answers_which_of_its_series_trained_a_version(sites: tuple[list[
     assert main(["node", "provenance", "m:v2", "--registry", str(tmp_path / "reg"), "--data", str(site),
                  "--reveal"]) == 0
     out = capsys.readouterr().out
-    assert f"{len(cases['training'])} DICOM series of this node trained it" in out and "nothing was sent" in out
+    assert f"{len(cases['training'])} DICOM series of this node may have trained it" in out and "nothing was sent" in out
     training_images = {source_series(c)[0] for c in cases["training"]}
     assert training_images <= set(out.split())  # revealed on the node's own screen
     assert not {source_series(c)[0] for c in cases["validation"]} & set(out.split())
+
+    (folder / INDEX_FILE).rename(folder / "index.moved")  # without its index, the node says it does not know
+    assert answer(folder, "m:v2", [(run, 1)]).unknown == [(run, 1)]
+    assert main(["node", "provenance", "m:v2", "--registry", str(tmp_path / "reg"), "--data", str(site)]) == 0
+    out = capsys.readouterr().out
+    assert "which series trained them is unknown" in out and "no indexed DICOM series" in out
+    (folder / "index.moved").rename(folder / INDEX_FILE)
 
     registry.commit("old", weights=b"w", state=b"s", expected_parent=None, fields={"round": 1})
     with pytest.raises(DataError, match="names no Flower run"):

@@ -67,6 +67,21 @@ def test_a_removed_version_breaks_the_chain(tmp_path: Path) -> None:
         registry.verify("m")
 
 
+def test_lineage_follows_the_run_and_its_resume_not_every_earlier_version(tmp_path: Path) -> None:
+    registry, parent = Registry(tmp_path / "reg"), None
+    runs = [("a", 1, None), ("a", 2, None), ("b", 1, None), ("b", 2, None), ("c", 3, "m:v4"), ("d", 3, "m:v2")]
+    for run, round_, resumed in runs:  # a fresh run b after a, c resumes b at v4, d resumes a at v2
+        parent = registry.commit("m", weights=f"{run}{round_}".encode(), state=b"s", expected_parent=parent,
+                                 fields={"round": round_, "run_id": run, "resumed_from": resumed}).hash
+    def refs(number: int) -> list[str]:
+        return [v.ref() for v in registry.lineage(registry.get(f"m:v{number}"))]
+    assert refs(2) == ["m:v1", "m:v2"]
+    assert refs(4) == ["m:v3", "m:v4"]  # run a is before it in the hash chain, not in its weights
+    assert refs(5) == ["m:v3", "m:v4", "m:v5"]
+    assert refs(6) == ["m:v1", "m:v2", "m:v6"]
+    registry.verify("m")
+
+
 def test_commit_from_a_stale_parent_is_refused(tmp_path: Path) -> None:
     registry = _chain(tmp_path, n=2)
     stale = registry.get("m:v1").hash

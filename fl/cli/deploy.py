@@ -343,10 +343,16 @@ def cmd_node_provenance(args: argparse.Namespace) -> int:
     data = Path(args.data)
     current = _current_cases(data) if args.reveal else None
     found = answer(state_dir(data), version.ref(), rounds, current_cases=current)
-    print(f"{version.ref()}: {len(rounds)} round(s) in its lineage; this node contributed to "
-          f"{len(found.contributed)}, trained on {len(found.series)} dataset(s) of its own")
+    print(f"{version.ref()}: {len(rounds)} round(s) in its lineage; this node's ledger records a contribution "
+          f"to {len(found.contributed)} (recorded before training: an update dropped later counts too), "
+          f"on {len(found.series)} indexed dataset(s) of its own")
     series = sorted(found.training_series())
-    print(f"  {len(series)} DICOM series of this node trained it" if series else
+    if found.unknown:
+        print(f"  {len(found.unknown)} of those round(s) trained on a dataset this node holds no series index for "
+              "(a ledger entry from before series were indexed, or an index that was removed): which series "
+              "trained them is unknown")
+    print(f"  {len(series)} DICOM series of this node may have trained it" if series else
+          "  no indexed DICOM series of this node trained it" if found.unknown else
           "  no DICOM series of this node trained it")
     for token in series:
         print(f"  {token[:32]}  {found.revealed.get(token, '') if args.reveal else ''}".rstrip())

@@ -189,8 +189,21 @@ class Registry:
 
     # ----- validation records and release tags (fl.registry.records) ---------------------
     def lineage(self, version: Version) -> list[Version]:
-        """``version`` and the versions before it, oldest first."""
-        return [v for v in self.versions(version.name) if v.number <= version.number]
+        """The versions whose training ``version``'s weights carry, oldest first: the earlier
+        rounds of its run (same ``run_id``), then, where that run resumed from a version, that
+        version's lineage. A fresh run of the same name starts from new weights, so the runs before
+        it are not in its lineage even though the hash chain (``parent``) orders them before it."""
+        chain: list[Version] = []
+        current: Version | None = version
+        versions = self.versions(version.name)
+        while current is not None:
+            run, number = current.manifest.get("run_id"), current.number
+            chain[:0] = [v for v in versions if v.number <= number and v.manifest.get("run_id") == run
+                         and (v.number == number or run is not None)]
+            ref = current.manifest.get("resumed_from")
+            earliest = chain[0].number
+            current = next((v for v in versions if v.ref() == ref and v.number < earliest), None) if ref else None
+        return chain
 
     def training_sites(self, version: Version) -> dict[str, int | None]:
         """The keyed dataset fingerprints of the nodes that trained ``version`` or its ancestors,
