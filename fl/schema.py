@@ -31,8 +31,11 @@ CURRENT: dict[str, int] = {
     "roster": 1,  # roster.json (the file a consortium distributes, and the node's pinned copy)
     "descriptors-cache": 1,  # descriptors.json
     "fedbn": 1,  # fedbn/<run>.safetensors (header metadata)
-    "series-index": 1,
-    "pseudonym-map": 1,  # pseudonyms.jsonl, one record per de-identified export (fl node deid)  # series-index.jsonl, one hash-chained entry per dataset trained on
+    "series-index": 1,  # series-index.jsonl, one hash-chained entry per dataset trained on
+    "pseudonym-map": 1,  # pseudonyms.jsonl, one record per de-identified export (fl node deid)
+    "approvals": 1,  # approvals.jsonl, one hash-chained entry per app approved or revoked
+    "requests": 1,  # requests.jsonl, one line per request the node served or refused, and why
+    "check-summary": 1,  # check-summary.json, the last `fl node check`'s summary
     # on the coordinator, in the registry (registry.root)
     "manifest": 1,  # <model>/v<N>/manifest.json
     "validations": 1,  # <model>/v<N>/validations.jsonl, one hash-chained record per line
@@ -42,6 +45,7 @@ CURRENT: dict[str, int] = {
     "strategy-state": 1,  # <model>/v<N>/state.safetensors (header metadata)
     # on the coordinator, in a run folder (output.dir/<run>)
     "run-metrics": 1,  # metrics.jsonl, one record per line
+    "run-status": 1,  # status.json: the round and phase a run is in
     "run-summary": 1,  # summary.json
 }
 

@@ -48,6 +48,7 @@ from fl.packing import packed_content_mod
 from fl.privacy.accounting import GaussianEvent, local_event
 from fl.privacy.clipping import clip
 from fl.privacy.noise import SecureGaussian, noisy_mean
+from nodes import requests_log
 from nodes.ledger import Ledger, LedgerError
 from nodes.policy import (
     EXACT,
@@ -264,8 +265,29 @@ def _clip_update(net: torch.nn.Module, global_state: dict[str, torch.Tensor], bo
     return 1.0 if norm <= bound else 0.0
 
 
-def _guarded(msg: Message, work: Any) -> Message:
-    """Run ``work()``; a refusal, a broken ledger or bad data becomes a named error reply."""
+def _guarded(msg: Message, work: Any, context: Context | None = None) -> Message:
+    """Run ``work()``; a refusal, a broken ledger or bad data becomes a named error reply. Either way
+    the outcome goes into the operator's request log (:mod:`nodes.requests_log`)."""
+    reply = _reply(msg, work)
+    if context is not None:
+        _log_request(msg, reply, context)
+    return reply
+
+
+def _log_request(msg: Message, reply: Message, context: Context) -> None:
+    try:
+        config = msg.content.config_records.get(wire.CONFIG) if msg.has_content() else None
+        server_round = int(config.get(wire.SERVER_ROUND)) if config and wire.SERVER_ROUND in config else None
+        error = reply.error if reply.has_error() else None
+        requests_log.record(node_state_dir(context, resolve_data_dir(context)), kind=str(msg.metadata.message_type),
+                            run=int(msg.metadata.run_id), server_round=server_round, served=error is None,
+                            code=int(error.code) if error is not None else None,
+                            reason=str(error.reason) if error is not None else "")
+    except Exception:  # noqa: BLE001 - the operator's log must never change the reply
+        log.exception("node: the request could not be logged")
+
+
+def _reply(msg: Message, work: Any) -> Message:
     try:
         return work()
     except Refusal as refusal:
@@ -294,7 +316,7 @@ def train(msg: Message, context: Context) -> Message:
                               wire.CONFIG: secure_config})
     # masked only on the two paths that mask it, whatever the server's message looks like
     secure = (protocol == "flower" and legacy is not None) or (protocol == "malicious" and legacy is None)
-    return _guarded(msg, lambda: _train(msg, content, context, secure))
+    return _guarded(msg, lambda: _train(msg, content, context, secure), context)
 
 
 def _train(msg: Message, content: RecordDict, context: Context, secure: bool) -> Message:
@@ -484,7 +506,7 @@ def _with_noise_share(update: dict[str, np.ndarray], config: ConfigRecord, conte
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global weights on the node's held-out cases and release what the node's policy
     allows: exact metrics, metrics with DP noise (charged to the ledger first), or none."""
-    return _guarded(msg, lambda: _evaluate(msg, context))
+    return _guarded(msg, lambda: _evaluate(msg, context), context)
 
 
 def _evaluate(msg: Message, context: Context) -> Message:

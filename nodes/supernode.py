@@ -18,6 +18,7 @@ exercise it against a live SuperLink).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import os
@@ -25,11 +26,14 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from fl import wire
+from fl import schema, wire
 from fl.errors import ConfigError
+from fl.files import atomic_write
 from fl.flower_compat.supernode import FLOWER_IDLE_SLEEP_S, build_fab, install_fab_guard, run_supernode_cli
 from fl.flower_compat.supernode import shorten_node_waits as compat_shorten_node_waits
+from fl.privacy import hashchain
 from nodes.app_check import AppRefused, check_fab
 
 log = logging.getLogger("flwr.oncofed.node")
@@ -61,20 +65,81 @@ def load_allowlist(state: Path) -> set[str]:
     return approved
 
 
-def approve(state: Path, fab_hash: str, note: str = "") -> Path:
-    """Add ``fab_hash`` to the node's allowlist (idempotent)."""
+APPROVALS_LOG = "approvals.jsonl"  # every approval and revocation, with its date and note (hash-chained)
+
+
+def check_hash(fab_hash: str) -> str:
     fab_hash = fab_hash.strip().lower()
     if not _HASH.match(fab_hash):
         raise ConfigError(f"app hash: {fab_hash!r} is not a SHA-256 hash (64 hex digits; see `fl app hash`)")
+    return fab_hash
+
+
+def _log(state: Path, action: str, fab_hash: str, note: str) -> None:
+    path = state / APPROVALS_LOG
+    with hashchain.locked(path):
+        try:
+            entries = hashchain.read_chain(path, "approvals log")
+        except hashchain.ChainError as exc:
+            raise ConfigError(str(exc)) from None
+        hashchain.append_entry(path, entries, {"action": action, "app": fab_hash, "note": note,
+                                               "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                               **schema.stamp("approvals")})
+
+
+def approve(state: Path, fab_hash: str, note: str = "") -> Path:
+    """Add ``fab_hash`` to the node's allowlist (idempotent) and log the approval with its date."""
+    fab_hash = check_hash(fab_hash)
     path = allowlist_path(state)
     if fab_hash in load_allowlist(state):
         return path
     state.mkdir(parents=True, exist_ok=True)
+    _log(state, "approve", fab_hash, note)
     with path.open("a", encoding="utf-8") as fh:
         fh.write(f"{fab_hash}  # {note}\n" if note else f"{fab_hash}\n")
         fh.flush()
         os.fsync(fh.fileno())
     return path
+
+
+def revoke(state: Path, fab_hash: str, note: str = "") -> Path:
+    """Take ``fab_hash`` off the allowlist (the file is replaced whole) and log it: the node refuses
+    any new run of that app from now on."""
+    fab_hash = check_hash(fab_hash)
+    if fab_hash not in load_allowlist(state):
+        raise ConfigError(f"app hash: {fab_hash[:16]}... is not approved on this node; nothing to revoke")
+    path = allowlist_path(state)
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.split("#", 1)[0].strip() != fab_hash]
+    _log(state, "revoke", fab_hash, note)
+    atomic_write(path, ("\n".join(kept) + "\n" if kept else "").encode())
+    return path
+
+
+def approved_apps(state: Path) -> list[dict[str, Any]]:
+    """Each approved hash with its note and the date of its newest approval (None for one approved
+    before the log existed), oldest first; and each revoked one, with the date it was revoked."""
+    approved = load_allowlist(state)
+    try:
+        log = hashchain.read_chain(state / APPROVALS_LOG, "approvals log")
+    except hashchain.ChainError as exc:
+        raise ConfigError(str(exc)) from None
+    newest: dict[str, dict[str, Any]] = {}
+    for entry in log:
+        newest[entry["app"]] = entry
+    notes = {}
+    path = allowlist_path(state)
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            entry, _, note = line.partition("#")
+            if entry.strip():
+                notes[entry.strip()] = note.strip()
+    out = [{"app": h, "approved": True, "note": (newest.get(h) or {}).get("note") or notes.get(h, ""),
+            "time": (newest.get(h) or {}).get("time") if (newest.get(h) or {}).get("action") == "approve" else None}
+           for h in sorted(approved, key=lambda h: (newest.get(h) or {}).get("seq", 0))]
+    out += [{"app": h, "approved": False, "note": e["note"], "time": e["time"]} for h, e in newest.items()
+            if e["action"] == "revoke" and h not in approved]
+    return out
 
 
 def fab_hash_of(app_dir: Path) -> str:

@@ -138,6 +138,13 @@ def test_noisy_metrics_are_charged_before_they_leave(tiny_federation: Path, tmp_
     refused = app(later, context)
     assert refused.has_error() and refused.error.code == wire.ERROR_BUDGET
     assert len(Ledger.in_dir(state_dir(site)).entries()) == 1
+    # the operator's request log (the node console) names both, the refusal with its code and reason
+    from nodes import requests_log
+
+    logged, counts = requests_log.read(state_dir(site))
+    assert [(r["kind"], r["outcome"], r["code"], r["server_round"]) for r in logged] == [
+        ("evaluate", "served", None, 1), ("evaluate", "refused", wire.ERROR_BUDGET, 2)]
+    assert "budget" in logged[-1]["reason"] and counts == {"served": 1, "refused": 1}
 
 
 def test_a_tampered_ledger_stops_evaluation_too(tiny_federation: Path, tmp_path: Path) -> None:

@@ -11,11 +11,11 @@ import pytest
 import torch
 from flwr.serverapp.strategy import FedAdam
 
-from fl.cli.models import diff
 from fl.config import Config
 from fl.errors import ConfigError
 from fl.registry import Registry
 from fl.registry.checkpoint import encode_weights
+from fl.registry.diff import diff
 from fl.registry.export import export, load_network
 from fl.server.rounds import initial_arrays
 from strategies.state import encode_state, restore_state

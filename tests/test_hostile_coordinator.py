@@ -90,7 +90,7 @@ def test_honest_round_accounts_each_nodes_own_share(sites: Path, tmp_path: Path)
         (entry,) = _contributions(folder)
         assert entry["noise_multiplier"] == pytest.approx(Z / math.sqrt(3))
         assert entry["event"] == {"noise_multiplier": pytest.approx(Z / math.sqrt(3)), "sample_rate": 1.0, "steps": 1}
-    from fl.cli.privacy import budget_report
+    from nodes.budget import budget_report
 
     client = budget_report(folders[1])["client_level"]  # what `fl node budget` shows the operator
     own = accounting.epsilon([accounting.GaussianEvent(Z / math.sqrt(3), 1.0, 1)], 1e-5)

@@ -17,13 +17,14 @@ EXIT_USER_ERROR = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    from fl.cli import bench, deploy, models, privacy, run
+    from fl.cli import bench, console, deploy, models, privacy, run
 
     parser = argparse.ArgumentParser(prog="fl", description="OncoFed: federated learning for medical imaging")
     sub = parser.add_subparsers(dest="command", required=True)
     run.add_parsers(sub)
     bench.add_parsers(sub)
     models.add_parsers(sub)
+    console.add_parsers(sub)
     node = privacy.add_parsers(sub)
     deploy.add_parsers(sub, node)
     return parser

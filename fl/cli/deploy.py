@@ -83,6 +83,18 @@ def _add_node(node: Any) -> None:
     approve.add_argument("--data", required=True, help="the node's data folder")
     approve.add_argument("--note", default="", help="free text kept beside the hash")
     approve.set_defaults(func=cmd_node_approve)
+    revoke = node.add_parser("revoke", help="revoke an approved app version (FAB hash): the node refuses new runs of it")
+    revoke.add_argument("hash", help="the approved SHA-256 to take off this node's list")
+    revoke.add_argument("--data", required=True, help="the node's data folder")
+    revoke.add_argument("--note", default="", help="why (kept in the node's approvals log)")
+    revoke.set_defaults(func=cmd_node_revoke)
+    console = node.add_parser("console", help="this node's web console for its operator: policy, approved apps, "
+                                              "ledger curves, requests, data check, worker (this machine only)")
+    console.add_argument("--data", required=True, help="the node's data folder")
+    from fl.cli.console import add_tls_arguments
+
+    add_tls_arguments(console, 8051)
+    console.set_defaults(func=cmd_node_console)
     _add_roster(node)
     _add_node_deid(node)
     _add_node_provenance(node)
@@ -273,6 +285,7 @@ def cmd_node_check(args: argparse.Namespace) -> int:
     report = check_dataset(data, _check_task(data, args), allow_identifiable=args.allow_identifiable_dicom)
     if args.json:
         dry = _dry_run(data, args)
+        _keep_summary(data, report, dry, args)
         print(json.dumps({**report.to_dict(), **({"dry_run": dry.to_dict()} if dry else {})}, indent=2))
         return 1 if dry and not dry.passed else 0
     print(f"{report.data_dir}: valid for task {report.task}; fingerprint {report.fingerprint[:16]}...")
@@ -289,8 +302,29 @@ def cmd_node_check(args: argparse.Namespace) -> int:
     dry = _dry_run(data, args)
     if dry is not None:
         print("\n".join(dry.lines(verbose=args.verbose)))
+    _keep_summary(data, report, dry, args)
     print("nothing was sent")
     return 1 if dry and not dry.passed else 0
+
+
+def _keep_summary(data: Path, report: Any, dry: Any, args: argparse.Namespace) -> None:
+    """The check's summary in the node's state folder, for the node console (it stays on the node)."""
+    import time
+
+    from fl import schema
+    from fl.files import atomic_write
+    from nodes.policy import state_dir
+
+    try:
+        modality = json.loads((data / "dataset.json").read_text(encoding="utf-8")).get("modality")
+    except (OSError, ValueError, AttributeError):
+        modality = None
+    summary = {**report.to_dict(), "modality": modality, "time": time.time(),
+               "allow_identifiable_dicom": bool(args.allow_identifiable_dicom), "bundle": args.bundle,
+               "dry_run": dry.to_dict() if dry else None, **schema.stamp("check-summary")}
+    folder = state_dir(data.resolve())
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "check-summary.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
 
 
 def _check_task(data: Path, args: argparse.Namespace) -> Any:
@@ -430,6 +464,23 @@ def cmd_node_approve(args: argparse.Namespace) -> int:
         raise DataError(f"--data: {data} is not a folder")
     print(approve(state_dir(data.resolve()), args.hash, args.note))
     return 0
+
+
+def cmd_node_revoke(args: argparse.Namespace) -> int:
+    from nodes.supernode import revoke
+
+    print(revoke(_node_state(args.data), args.hash, args.note))
+    return 0
+
+
+def cmd_node_console(args: argparse.Namespace) -> int:
+    from fl.cli.console import serve
+    from nodes.console import node_app
+
+    data = Path(args.data)
+    if not data.is_dir():
+        raise DataError(f"--data: {data} is not a folder")
+    return serve(lambda guard: node_app(data, guard), args, f"OncoFed node console for {data.resolve()}")
 
 
 def _node_state(data: str) -> Path:

@@ -147,6 +147,8 @@ class Federation:
         self.witness = LedgerWitness.of(cfg.registry.root)  # the nodes' ledger heads, sent back with every instruction
         self.last_round = self.first_round + cfg.rounds - 1
         self.observer.on_start(cfg.rounds)
+        self.folder.write_status(state="running", round=self.first_round, last_round=self.last_round,
+                                 phase="waiting for nodes", done=0, total=0)
 
     def _resume(self) -> dict[str, Any] | None:
         start = resume_point(self.registry, self.cfg)
@@ -203,6 +205,8 @@ class Federation:
         return res, dict(train_agg or {})
 
     def _train_secure(self, server_round: int) -> tuple[PhaseResult, ArrayRecord | None, dict[str, float] | None]:
+        self.folder.write_status(state="running", round=server_round, last_round=self.last_round,
+                                 phase="train (secure aggregation)", done=0, total=0)
         self.observer.on_phase(server_round, TRAIN, 0, 0)
         # journaled ahead: the coordinator sees the unmasked sum inside the workflow, whatever follows
         self.central.spend(server_round, self.run_dir.name, stage="before secure aggregation")
@@ -290,11 +294,15 @@ class Federation:
         self.folder.save_weights(self.arrays.to_torch_state_dict(),
                                  {"task": self.cfg.task_label, "version": self.versions[-1]})
         self.folder.write_summary(summary)
+        self.folder.write_status(state="finished", round=self.history[-1]["round"], last_round=self.last_round,
+                                 phase="stopped" if self.stopped else "done", stopped=self.stopped, done=0, total=0)
         self.folder.close()
         return summary
 
     def _phase(self, server_round: int, name: str, messages: Iterable[Message]) -> PhaseResult:
         def report(done: int, total: int) -> None:
+            self.folder.write_status(state="running", round=server_round, last_round=self.last_round, phase=name,
+                                     done=done, total=total)
             self.observer.on_phase(server_round, name, done, total)
 
         return exchange(self.grid, messages, timeout=self.cfg.strategy.timeout, report=report)

@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from fl.files import atomic_write  # noqa: F401  (re-exported: the server's writ
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+STATUS_FILE = "status.json"  # where the run is now (round, phase, replies), for the console's live view
 WEIGHTS_FILE = "model.safetensors"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -134,6 +136,14 @@ class RunFolder:
 
         tensors = {name: tensor.detach().contiguous() for name, tensor in state.items()}
         atomic_write(self.path / WEIGHTS_FILE, save(tensors, metadata=dict(metadata)))
+
+    def write_status(self, **fields: Any) -> None:
+        """Replace ``status.json``: the round and phase the run is in and how many of the sampled
+        nodes answered so far (rewritten as replies arrive; not fsynced: it is a view, the record of
+        a round is its line in ``metrics.jsonl``)."""
+        tmp = self.path / f".{STATUS_FILE}.tmp"
+        tmp.write_text(json.dumps({**fields, "time": time.time(), **schema.stamp("run-status")}), encoding="utf-8")
+        os.replace(tmp, self.path / STATUS_FILE)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write(self.path / SUMMARY_FILE,
