@@ -28,12 +28,11 @@ from starlette.routing import Route
 from fl.console.web import Assets, Guard, GuardMiddleware, Pages
 from fl.errors import OncoFedError
 from nodes import requests_log
-from nodes.budget import budget_report
 from nodes.ledger import Ledger, LedgerError
 from nodes.policy import load_policy, state_dir
 from nodes.supernode import approve, approved_apps, check_hash, revoke
 
-ENTRIES_PER_PAGE = 500
+ENTRIES_PER_PAGE = 200
 REQUESTS_SHOWN = 200
 
 
@@ -55,16 +54,33 @@ class _Cached:
         return self.entries
 
 
+CURVE_POINTS = 2000  # a longer ledger's curve is drawn through every k-th entry and the newest
+
+
 def curve(entries: list[dict[str, Any]], budget: float | None, title: str) -> dict[str, Any]:
     """Epsilon spent after each entry, as the node recorded it when it wrote the entry (an entry
-    that spends nothing carries the level before it)."""
+    that spends nothing carries the level before it). Spent budget only grows, so drawing every
+    k-th entry of a long ledger (and always the newest) changes the curve by less than one stride's
+    spend; the table lists every entry."""
     level, index, eps = 0.0, [], []
     for e in entries:
         if e.get("epsilon_after") is not None:
             level = float(e["epsilon_after"])
         index.append(int(e["seq"]))
         eps.append(level)
+    stride = max(-(-len(index) // CURVE_POINTS), 1)
+    if stride > 1:
+        keep = [*range(0, len(index) - 1, stride), len(index) - 1]
+        index, eps = [index[i] for i in keep], [eps[i] for i in keep]
+        title += f" (every {stride}th of {len(entries)} entries drawn)"
     return {"index": index, "epsilon": eps, "budget": budget, "title": title}
+
+
+def spent(entries: list[dict[str, Any]]) -> float:
+    """Epsilon spent, as the node's accountant recorded it with the newest entry that spends (each
+    entry's ``epsilon_after`` is the accountant over every event before it and its own, computed when
+    it was written; ``fl node budget`` recomputes it from the events)."""
+    return next((float(e["epsilon_after"]) for e in reversed(entries) if e.get("epsilon_after") is not None), 0.0)
 
 
 def node_view(data: Path, record: _Cached, client: _Cached, page: int) -> dict[str, Any]:
@@ -74,9 +90,16 @@ def node_view(data: Path, record: _Cached, client: _Cached, page: int) -> dict[s
     try:
         entries = record.read(Ledger.in_dir(state))
         contributions = client.read(Ledger.contributions_in(state))
-        report = budget_report(data)
     except LedgerError as exc:  # shown, not hidden: the node refuses to train until it is resolved
-        entries, contributions, report, problems = [], [], None, [str(exc)]
+        entries, contributions, problems = [], [], [str(exc)]
+    trains = [e for e in contributions if e.get("kind") == "train"]
+    budget = {"spent": spent(entries), "budget": policy.epsilon or None, "delta": policy.delta,
+              "accountant": policy.accountant,
+              "trainings": sum(1 for e in entries if e.get("release", "training") == "training"),
+              "releases": sum(1 for e in entries if e.get("release") == "metrics"),
+              "client_spent": spent(contributions), "client_budget": policy.client_epsilon or None,
+              "contributions": len(trains), "unnoised": sum(1 for e in trains if not e.get("event")),
+              "evaluations": sum(1 for e in contributions if e.get("kind") == "evaluate")}
     pages = max((len(entries) + ENTRIES_PER_PAGE - 1) // ENTRIES_PER_PAGE, 1)
     page = min(max(page, 1), pages)
     newest_first = entries[::-1][(page - 1) * ENTRIES_PER_PAGE: page * ENTRIES_PER_PAGE]
@@ -84,10 +107,8 @@ def node_view(data: Path, record: _Cached, client: _Cached, page: int) -> dict[s
     worker = _json(state / "worker" / "worker.json")
     return {
         "data": str(data), "state": str(state), "problems": problems,
-        "policy": dataclasses.asdict(policy), "apps": approved_apps(state),
-        "budget": report,
+        "policy": dataclasses.asdict(policy), "apps": approved_apps(state), "budget": budget,
         "ledger": {"entries": newest_first, "total": len(entries), "page": page, "pages": pages},
-        "contributions": contributions[::-1][:REQUESTS_SHOWN], "contributions_total": len(contributions),
         "charts": {"record": curve(entries, policy.epsilon or None, "Record-level ε spent (DP-SGD, noisy releases)"),
                    "client": curve(contributions, policy.client_epsilon or None,
                                    "Client-level ε against the coordinator (own noise)")},

@@ -56,6 +56,10 @@ class CoordinatorConsole:
     def version_of(self, request: Request) -> Any:
         return views.get_version(self.registry, request.path_params["name"], request.path_params["version"])
 
+    def checked(self, version: Any) -> list[Any] | None:
+        """The model's versions when the cached check found its chain sound (None: check again)."""
+        return None if self.verified.status(self.registry, version.name) else self.registry.versions(version.name)
+
     def home(self, request: Request) -> Response:
         return self.page("home.html", runs=views.runs_overview(self.runs),
                          models=views.models_overview(self.registry, self.verified), registry=self.registry.root,
@@ -86,12 +90,13 @@ class CoordinatorConsole:
     def card(self, request: Request) -> Response:
         v = self.version_of(request)
         return self.page("card.html", ref=v.ref(), name=v.name, number=v.number,
-                         card_html=_markdown(render(card_data(self.registry, v))))
+                         card_html=_markdown(render(card_data(self.registry, v, self.checked(v)))))
 
     def dossier(self, request: Request) -> Response:
         v = self.version_of(request)
         return self.page("dossier.html", ref=v.ref(), name=v.name, number=v.number,
-                         body=render_body(dossier_data(self.registry, v)))
+                         body=render_body(dossier_data(self.registry, v, lambda: self.verified.status(self.registry,
+                                                                                                       v.name))))
 
     def compare(self, request: Request) -> Response:
         name = request.path_params["name"]

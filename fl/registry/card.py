@@ -47,8 +47,10 @@ COVERAGE = {
 }
 
 
-def card_data(registry: Registry, version: Version) -> dict[str, Any]:
-    versions = registry.verify(version.name)
+def card_data(registry: Registry, version: Version, verified: list[Version] | None = None) -> dict[str, Any]:
+    """The card's facts; ``verified``: the model's versions as :meth:`Registry.verify` just returned
+    them (a caller that checked the chain already, and saw no file change since), else it is checked."""
+    versions = verified if verified is not None else registry.verify(version.name)
     m = version.manifest
     lineage = registry.lineage(version)
     trained = registry.training_sites(version)

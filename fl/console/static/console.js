@@ -10,7 +10,12 @@ function readJson(id) {
   return el ? JSON.parse(el.textContent) : null;
 }
 
-function line(x, y, name, extra) { return Object.assign({ x: x, y: y, name: name, type: "scatter", mode: "lines+markers" }, extra || {}); }
+function line(x, y, name, extra) {
+  return Object.assign({ x: x, y: y, name: name, type: "scatter", mode: x.length > 60 ? "lines" : "lines+markers" }, extra || {});
+}
+
+// a tick per round on a short run; Plotly's own spacing on a long one (a tick per round would draw hundreds)
+const roundAxis = (rounds) => Object.assign({ title: { text: "round" } }, rounds.length <= 20 ? { dtick: 1 } : {});
 
 function target(x, value, name) {
   if (!value || !x.length) return null;
@@ -23,7 +28,7 @@ function scoreFigure(view) {
   if (c.aggregate.some(v => v !== null)) data.push(line(c.rounds, c.aggregate, "score (aggregate)", { line: { width: 3 } }));
   for (const [node, series] of Object.entries(c.nodes)) data.push(line(series[0], series[1], "node " + node.slice(-6), { opacity: 0.6 }));
   if (c.train_loss.some(v => v !== null)) data.push(line(c.rounds, c.train_loss, "train loss", { yaxis: "y2", line: { dash: "dot" } }));
-  return { data: data, layout: { title: { text: "Score and loss by round" }, xaxis: { title: { text: "round" }, dtick: 1 },
+  return { data: data, layout: { title: { text: "Score and loss by round" }, xaxis: roundAxis(c.rounds),
     yaxis: { title: { text: "score" } }, yaxis2: { title: { text: "loss" }, overlaying: "y", side: "right" },
     margin: { t: 40, r: 50, l: 50, b: 40 }, legend: { orientation: "h", y: -0.25 } } };
 }
@@ -36,7 +41,7 @@ function epsilonFigure(view) {
   if (t1) data.push(t1);
   if (t2) data.push(t2);
   const title = data.length ? "Privacy spent (ε) by round" : "Privacy spent: no DP in this run";
-  return { data: data, layout: { title: { text: title }, xaxis: { title: { text: "round" }, dtick: 1 },
+  return { data: data, layout: { title: { text: title }, xaxis: roundAxis(c.rounds),
     yaxis: { title: { text: "ε" }, rangemode: "tozero" }, margin: { t: 40, r: 20, l: 50, b: 40 },
     legend: { orientation: "h", y: -0.25 } } };
 }
@@ -100,7 +105,7 @@ function ledgerPage() {
   if (!d) return;
   for (const [id, series] of [["chart-record", d.record], ["chart-client", d.client]]) {
     if (!document.getElementById(id)) continue;
-    const data = [line(series.index, series.epsilon, "ε spent", { mode: series.index.length > 200 ? "lines" : "lines+markers" })];
+    const data = [line(series.index, series.epsilon, "ε spent")];
     if (series.budget) data.push(target(series.index.length ? series.index : [0, 1], series.budget, "budget"));
     Plotly.react(id, data, { title: { text: series.title }, xaxis: { title: { text: "ledger entry" } },
       yaxis: { title: { text: "ε" }, rangemode: "tozero" }, margin: { t: 40, r: 20, l: 50, b: 40 },
