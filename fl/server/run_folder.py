@@ -8,6 +8,7 @@ one complete line per round and flushed to disk.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import threading
@@ -29,6 +30,8 @@ SUMMARY_FILE = "summary.json"
 STATUS_FILE = "status.json"  # where the run is now (round, phase, replies), for the console's live view
 WEIGHTS_FILE = "model.safetensors"
 TENSORBOARD_DIR = "tensorboard"
+
+log = logging.getLogger("flwr.oncofed.server")
 
 
 def scalars(record: Mapping[str, Any]) -> dict[str, float]:
@@ -142,8 +145,11 @@ class RunFolder:
         nodes answered so far (rewritten as replies arrive; not fsynced: it is a view, the record of
         a round is its line in ``metrics.jsonl``)."""
         tmp = self.path / f".{STATUS_FILE}.tmp"
-        tmp.write_text(json.dumps({**fields, "time": time.time(), **schema.stamp("run-status")}), encoding="utf-8")
-        os.replace(tmp, self.path / STATUS_FILE)
+        try:
+            tmp.write_text(json.dumps({**fields, "time": time.time(), **schema.stamp("run-status")}), encoding="utf-8")
+            os.replace(tmp, self.path / STATUS_FILE)
+        except OSError as exc:  # a view only: the round goes on, the console shows the run as silent
+            log.warning("run folder: could not write %s (%s)", STATUS_FILE, exc)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write(self.path / SUMMARY_FILE,
