@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from fl.console.web import Assets, Guard, GuardMiddleware, Pages
+from fl.console.web import read_object as _json
 from fl.errors import OncoFedError
 from nodes import requests_log
 from nodes.ledger import Ledger, LedgerError
@@ -116,14 +116,6 @@ def node_view(data: Path, record: _Cached, client: _Cached, page: int) -> dict[s
         "check": _json(state / "check-summary.json"), "worker": worker,
         "worker_age": time.time() - (state / "worker" / "worker.json").stat().st_mtime if worker else None,
     }
-
-
-def _json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def node_app(data_dir: Path, guard: Guard) -> Any:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fl import schema, wire
+from fl.console.web import read_object as _json
 from fl.errors import RegistryError
 from fl.registry import Registry, Version
 from fl.registry.release import Gate, judge, latest_per_site
@@ -40,14 +41,6 @@ def run_folder(runs: Path, name: str) -> Path:
     if not (folder / CONFIG_FILE).is_file():
         raise NotFound(f"no run {name!r} in {runs}")
     return folder
-
-
-def _json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _records(path: Path) -> list[dict[str, Any]]:

@@ -147,6 +147,15 @@ def _with_headers(send: Callable[..., Any], *, static: bool) -> Callable[..., An
     return wrapped
 
 
+def read_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object file as a console shows it: None where it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 # ----- templates and assets -----------------------------------------------------------------------
 def _json_for_script(value: Any) -> str:
     """JSON to put inside ``<script type="application/json">`` (no ``</script>`` can close it early)."""
