@@ -28,6 +28,7 @@ from fl.console.web import Assets, Guard, GuardMiddleware, Pages
 from fl.console.web import read_object as _json
 from fl.errors import OncoFedError
 from nodes import requests_log
+from nodes.budget import client_counts, record_counts
 from nodes.ledger import Ledger, LedgerError
 from nodes.policy import load_policy, state_dir
 from nodes.supernode import approve, approved_apps, check_hash, revoke
@@ -92,14 +93,9 @@ def node_view(data: Path, record: _Cached, client: _Cached, page: int) -> dict[s
         contributions = client.read(Ledger.contributions_in(state))
     except LedgerError as exc:  # shown, not hidden: the node refuses to train until it is resolved
         entries, contributions, problems = [], [], [str(exc)]
-    trains = [e for e in contributions if e.get("kind") == "train"]
     budget = {"spent": spent(entries), "budget": policy.epsilon or None, "delta": policy.delta,
-              "accountant": policy.accountant,
-              "trainings": sum(1 for e in entries if e.get("release", "training") == "training"),
-              "releases": sum(1 for e in entries if e.get("release") == "metrics"),
-              "client_spent": spent(contributions), "client_budget": policy.client_epsilon or None,
-              "contributions": len(trains), "unnoised": sum(1 for e in trains if not e.get("event")),
-              "evaluations": sum(1 for e in contributions if e.get("kind") == "evaluate")}
+              "accountant": policy.accountant, **record_counts(entries), **client_counts(contributions),
+              "client_spent": spent(contributions), "client_budget": policy.client_epsilon or None}
     pages = max((len(entries) + ENTRIES_PER_PAGE - 1) // ENTRIES_PER_PAGE, 1)
     page = min(max(page, 1), pages)
     newest_first = entries[::-1][(page - 1) * ENTRIES_PER_PAGE: page * ENTRIES_PER_PAGE]

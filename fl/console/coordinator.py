@@ -69,10 +69,6 @@ class CoordinatorConsole:
         folder = views.run_folder(self.runs, request.path_params["run"])
         return self.page("run.html", run=views.finite(views.run_view(folder)))
 
-    def run_data(self, request: Request) -> Response:
-        folder = views.run_folder(self.runs, request.path_params["run"])
-        return Response(json.dumps(views.finite(views.run_view(folder))), media_type="application/json")
-
     async def run_events(self, request: Request) -> Response:
         try:
             folder = views.run_folder(self.runs, request.path_params["run"])
@@ -146,7 +142,6 @@ def coordinator_app(registry_root: Path, runs_root: Path, guard: Guard) -> Any:
     routes = [
         Route("/", c.endpoint(c.home)),
         Route("/runs/{run}", c.endpoint(c.run)),
-        Route("/runs/{run}/data", c.endpoint(c.run_data)),
         Route("/runs/{run}/events", c.run_events),
         Route("/models/{name}", c.endpoint(c.model)),
         Route("/models/{name}/diff", c.endpoint(c.compare)),

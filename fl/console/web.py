@@ -203,9 +203,6 @@ class Pages:
                                                       **context)
         return HTMLResponse(html, status_code=status)
 
-    def error(self, status: int, message: str) -> HTMLResponse:
-        return self.render("error.html", status=status, message=message)
-
 
 def plotly_js() -> bytes:
     """Plotly's JavaScript, from the installed ``plotly`` package."""
