@@ -318,7 +318,7 @@ def test_a_killed_worker_fails_its_message_and_the_next_round_is_served(deployme
                                                                           tmp_path: Path) -> None:
     """Kill node 0's warm worker while it trains round 1: the round names node 0 (error 4007),
     round 2 completes with both nodes, the ledger has one entry per train message, and a second
-    run is served by fresh workers."""
+    run (the trained version's validation through the deployment) is served by fresh workers."""
     out, home = deployment["out"], deployment["home"]
     state0 = state_dir(node_dir(out / "data", 0))
     before = [len(Ledger.in_dir(state_dir(node_dir(out / "data", i))).entries()) for i in range(2)]
@@ -364,26 +364,20 @@ def test_a_killed_worker_fails_its_message_and_the_next_round_is_served(deployme
     lines1 = served(out / "logs" / "hospital-1.log", run_a["run-id"])
     assert [reads for _, _, reads, _ in lines1[2:]] == [0, 0, 0]  # rounds after the first read no case
 
-    flat_b = run_config(out, 1, 2, ["model_name='warm-b'", "output.run_name='warm-b'"])
-    with (tmp_path / "run-b.log").open("w") as fh:
-        deploy.submit(home, APP_DIR, deploy.write_run_config(flat_b, tmp_path / "rc-b.toml"), fh, timeout=600)
+    # a second run, served by fresh workers: the model just trained, validated through the deployment
+    _validate_through_the_deployment(out, home, tmp_path, "warm")
     run_b = deploy.last_run(home)
-    assert run_b["status"] == "finished:completed" and run_b["run-id"] != run_a["run-id"]
+    assert run_b["run-id"] != run_a["run-id"]
     pids_a = {pid for _, pid, _, _ in lines1}
     pids_b = {pid for _, pid, _, _ in served(out / "logs" / "hospital-1.log", run_b["run-id"])}
     assert len(pids_b) == 1 and not pids_a & pids_b  # a new run, a fresh worker: nothing of run A in it
 
 
-def test_fl_validate_runs_through_the_deployment_with_the_same_checks(deployment: dict,  # type: ignore[type-arg]
-                                                                     tmp_path: Path) -> None:
-    """A version trained on the deployment is validated through it: each SuperNode scores it on its
-    held-out cases under its own policy (exact metrics here), and the records name the run's FAB."""
-    out, home = deployment["out"], deployment["home"]
-    trained = run_config(out, 1, 2, ["model_name='checked'", "output.run_name='checked-train'"])
-    with (tmp_path / "train.log").open("w") as fh:
-        deploy.submit(home, APP_DIR, deploy.write_run_config(trained, tmp_path / "train.toml"), fh, timeout=600)
-    check = run_config(out, 1, 2, ["model_name='checked'", "output.run_name='checked-validate'",
-                                   "validation.ref='checked:v1'"])
+def _validate_through_the_deployment(out: Path, home: Path, tmp_path: Path, name: str) -> None:
+    """Version ``name:v2`` (trained on the deployment) validated through it: each SuperNode scores it
+    on its held-out cases under its own policy (exact metrics here), and the records name the run's FAB."""
+    check = run_config(out, 1, 2, [f"model_name='{name}'", f"output.run_name='{name}-validate'",
+                                   f"validation.ref='{name}:v2'"])
     # hospital 0's operator releases its dataset descriptors exactly; hospital 1 keeps auto (none under its budget)
     state = state_dir(node_dir(out / "data", 0))
     before = load_policy(state)
@@ -396,7 +390,7 @@ def test_fl_validate_runs_through_the_deployment_with_the_same_checks(deployment
     run = deploy.last_run(home)
     assert run["status"] == "finished:completed"
     registry = Registry(out / "registry")
-    version = registry.get("checked:v1")
+    version = registry.get(f"{name}:v2")
     records = registry.validations(version)
     assert len(records) == 2 and {r["trained_it"] for r in records} == {True}
     assert {r["app_hash"] for r in records} == {run["fab-hash"]}
@@ -407,5 +401,5 @@ def test_fl_validate_runs_through_the_deployment_with_the_same_checks(deployment
     assert described[0]["descriptors"]["cases_validation"] == described[0]["cases"]
     (declined,) = [r for r in records if r["descriptors"] is None]
     assert "releases no dataset descriptors" in declined["descriptors_declined"]
-    assert [v.number for v in registry.versions("checked")] == [1]  # validating commits no version
-    registry.verify("checked")
+    assert [v.number for v in registry.versions(name)] == [1, 2]  # validating commits no version
+    registry.verify(name)

@@ -61,11 +61,16 @@ def _run(tmp: Path, name: str, *extra: str, code: int = 0) -> dict[str, torch.Te
     return load_file(tmp / "runs" / name / "model.safetensors") if code == 0 else {}
 
 
-def test_secure_sum_equals_plain_fedavg(tmp_path: Path) -> None:
+def test_secure_sum_equals_plain_fedavg_and_a_node_requiring_it_refuses_plain_requests(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     synthesize(tmp_path / "data", nodes=3, task=get_task("seg2d"), image_size=32)
     _equal_sized(tmp_path / "data", 3, 12)
     plain = _run(tmp_path, "plain")
-    secure = _run(tmp_path, "secure", "--set", "secagg.enabled=true")
+    # the nodes' operators now require secure aggregation: the same round under SecAgg+ is served
+    require = ["--set", "node_policy.require_secagg=true"]
+    secure = _run(tmp_path, "secure", *require, "--set", "secagg.enabled=true")
+    policy = tomllib.loads((node_dir(tmp_path / "data", 0) / ".oncofed" / "policy.toml").read_text())
+    assert policy["require_secagg"] is True
     initial = initial_arrays(config.from_flat({"data.image_size": 32})).to_torch_state_dict()
     moved = max(float((plain[k] - v).abs().max()) for k, v in initial.items())
     assert moved > 1e-3  # the round did change the model
@@ -73,7 +78,8 @@ def test_secure_sum_equals_plain_fedavg(tmp_path: Path) -> None:
     assert worst < 1e-4, worst  # quantisation step 16 / 2**22 = 3.8e-6 per node
     # OncoFed's malicious-secure stages on the Simulation Engine: fl run makes each virtual node's site
     # key and pins one roster; the same model, to within quantisation
-    malicious = _run(tmp_path, "malicious", "--set", "secagg.enabled=true", "--set", "secagg.protocol='malicious'")
+    malicious = _run(tmp_path, "malicious", *require, "--set", "secagg.enabled=true",
+                     "--set", "secagg.protocol='malicious'")
     worst = max(float((plain[k] - malicious[k]).abs().max()) for k in plain)
     assert worst < 1e-4, worst
 
@@ -82,6 +88,12 @@ def test_secure_sum_equals_plain_fedavg(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "registry" / "secure" / "v1" / "manifest.json").read_text())
     assert [bool(n["dataset_fingerprint"]) for n in manifest["nodes"]] == [True] * 3  # provenance per node
     assert manifest["secure_aggregation"]["secagg.enabled"] is True
+
+    capsys.readouterr()
+    _run(tmp_path, "refused", *require, code=2)  # every node refuses to send its weights in the clear
+    err = capsys.readouterr().err
+    assert "every node refused" in err and "only under secure aggregation" in err
+    assert not (tmp_path / "registry" / "refused" / "v1").exists()
 
 
 def test_secure_aggregation_with_central_dp(tmp_path: Path) -> None:
@@ -95,21 +107,6 @@ def test_secure_aggregation_with_central_dp(tmp_path: Path) -> None:
     assert abs(line["privacy"]["client_level"]["epsilon"] - expected) < 1e-9
     # scalars travel unmasked beside the masked update: no clipping bit describing it among them
     assert all("update-norm-below-clip" not in n for n in line["train"]["nodes"].values())
-
-
-def test_node_requiring_secagg_refuses_plain_requests_and_trains_under_secagg(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    synthesize(tmp_path / "data", nodes=3, task=get_task("seg2d"), image_size=32)
-    common = ["--set", "node_policy.require_secagg=true"]
-    _run(tmp_path, "plain", *common, code=2)  # every node refuses to send its weights in the clear
-    err = capsys.readouterr().err
-    assert "every node refused" in err and "only under secure aggregation" in err
-    assert not (tmp_path / "registry" / "plain" / "v1").exists()
-    policy = tomllib.loads((node_dir(tmp_path / "data", 0) / ".oncofed" / "policy.toml").read_text())
-    assert policy["require_secagg"] is True
-    _run(tmp_path, "secure", *common, "--set", "secagg.enabled=true")
-    line = json.loads((tmp_path / "runs" / "secure" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert len(line["train"]["nodes"]) == 3 and line["failures"] == {}
 
 
 def test_instruction_shaped_like_secagg_outside_the_protocol_is_refused(tmp_path: Path) -> None:

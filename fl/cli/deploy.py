@@ -196,6 +196,11 @@ def _add_demo(sub: Any) -> None:
     ddeploy.add_argument("--rounds", type=int, default=2)
     ddeploy.add_argument("--budget", type=float, default=20.0, help="each node's record-level epsilon budget")
     ddeploy.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ddeploy.add_argument("--hosts", action="store_true",
+                         help="the coordinator and each hospital on a host of its own: a network namespace each "
+                              "(root and iproute2 needed), names NAME.oncofed.test, only the published port reachable")
+    ddeploy.add_argument("--front", choices=["gateway", "nginx"], default="gateway",
+                         help="what publishes the Fleet API: OncoFed's gateway, or nginx (Debian's package)")
     ddeploy.set_defaults(func=cmd_demo_deploy)
 
 
@@ -533,7 +538,7 @@ def cmd_demo_deploy(args: argparse.Namespace) -> int:
     from fl.deploy.demo import run_demo
 
     summary = run_demo(Path(args.out), rounds=args.rounds, budget=args.budget, overrides=args.overrides,
-                       say=lambda text: print(text, flush=True))
+                       say=lambda text: print(text, flush=True), hosts=args.hosts, front=args.front)
     rounds = ", ".join(f"{r}: {s:.1f} s" for r, s in summary["round_seconds"].items())
     print(f"run {summary['run_id']} {summary['status']}; versions {', '.join(summary['versions'])}")
     print(f"ledger entries per node: {summary['ledger_entries']}; final Dice {summary['final_dice']}")

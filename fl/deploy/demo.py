@@ -9,18 +9,21 @@ DP -> a summary. Certificates, logs, ledgers, the registry and the run folder st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fl.config import load
 from fl.deploy import certs as certs_mod
 from fl.deploy import processes as deploy
+from fl.deploy.hosts import Host, HostNetwork
 from fl.errors import ConfigError, FederationError
 from fl.learn import get_task
 from fl.learn.synth import node_dir, synthesize
@@ -64,9 +67,11 @@ class NodeOptions:
 
 
 def start_node(procs: deploy.Processes, out: Path, name: str, data: Path, link_port: int, *,
-               key: Path | None, budget: float | None, options: NodeOptions = NodeOptions(), nodes: int = 3) -> Any:
-    """One ``fl node start`` process for ``name`` (its own FLWR_HOME and log)."""
-    argv = [sys.executable, "-m", "fl.cli", "node", "start", "--superlink", f"127.0.0.1:{link_port}",
+               key: Path | None, budget: float | None, options: NodeOptions = NodeOptions(), nodes: int = 3,
+               host: Host | None = None, superlink: str = "127.0.0.1") -> Any:
+    """One ``fl node start`` process for ``name`` (its own FLWR_HOME and log), in ``host``'s network
+    namespace where one is given, dialling ``superlink:link_port``."""
+    argv = [sys.executable, "-m", "fl.cli", "node", "start", "--superlink", f"{superlink}:{link_port}",
             "--data", str(data), "--root-cert", str(out / "certs" / "ca.crt"), "--port", str(deploy.free_port()),
             *options.args(nodes)]
     if key is not None:
@@ -78,18 +83,49 @@ def start_node(procs: deploy.Processes, out: Path, name: str, data: Path, link_p
     home = out / "nodes" / name
     home.mkdir(parents=True, exist_ok=True)
     env = deploy.flower_env(home / "flwr-home", options.superexec_poll)
-    return procs.start(name, argv, env=env, cwd=home, log=out / "logs" / f"{name}.log")
+    return procs.start(name, host.argv(argv) if host else argv, env=env, cwd=home, log=out / "logs" / f"{name}.log")
 
 
-def start_gateway(procs: deploy.Processes, out: Path, link_port: int) -> int:
-    """``fl server gateway`` in front of the SuperLink; the port the nodes dial."""
-    port = deploy.free_port()
-    argv = [sys.executable, "-m", "fl.cli", "server", "gateway", "--certs", str(out / "certs"),
-            "--upstream", f"127.0.0.1:{link_port}", "--host", "127.0.0.1", "--port", str(port)]
-    proc = procs.start("gateway", argv, env=deploy.flower_env(out / "coordinator" / "flwr-home"),
-                       cwd=out / "coordinator", log=out / "logs" / "gateway.log")
-    deploy.wait_for_port("127.0.0.1", port, 60, proc, out / "logs" / "gateway.log")
+def start_gateway(procs: deploy.Processes, out: Path, link_port: int, *, front: str = "gateway",
+                  host: Host | None = None, port: int | None = None) -> int:
+    """The Fleet-only front of the SuperLink (``fl server gateway``, or nginx with ``front="nginx"``),
+    on the coordinator's address (``host``'s, else 127.0.0.1); the port the nodes dial."""
+    port = port or deploy.free_port()
+    address = host.address if host else "127.0.0.1"
+    if front == "nginx":
+        from fl.deploy import nginx
+
+        conf = nginx.write_config(out / "coordinator" / "nginx", listen=f"{address}:{port}",
+                                  server_name=host.fqdn if host else "localhost", upstream=f"127.0.0.1:{link_port}",
+                                  cert=out / "certs" / "superlink.crt", key=out / "certs" / "superlink.key",
+                                  ca_cert=out / "certs" / "ca.crt")
+        nginx.check(conf, host.argv([]) if host else None)
+        argv = nginx.argv(conf)
+    elif front == "gateway":
+        argv = [sys.executable, "-m", "fl.cli", "server", "gateway", "--certs", str(out / "certs"),
+                "--upstream", f"127.0.0.1:{link_port}", "--host", address, "--port", str(port)]
+    else:
+        raise ConfigError(f"--front: gateway or nginx, got {front!r}")
+    proc = procs.start("front", host.argv(argv) if host else argv, env=deploy.flower_env(out / "coordinator" / "flwr-home"),
+                       cwd=out / "coordinator", log=out / "logs" / f"{front}.log")
+    _wait_port(host, address, port, proc, out / "logs" / f"{front}.log")
     return port
+
+
+def _wait_port(host: Host | None, address: str, port: int, proc: Any, log: Path, timeout: float = 60) -> None:
+    """Wait until ``address:port`` listens, dialled from inside ``host``'s namespace where given."""
+    if host is None:
+        deploy.wait_for_port(address, port, timeout, proc, log)
+        return
+    import subprocess
+
+    probe = ("import socket,sys,time\nd=time.monotonic()+float(sys.argv[3])\nwhile time.monotonic()<d:\n"
+             "    try:\n        socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=0.5).close();"
+             "sys.exit(0)\n    except OSError: time.sleep(0.2)\nsys.exit(1)")
+    ok = subprocess.run(host.argv([sys.executable, "-c", probe, address, str(port), str(timeout)])).returncode == 0
+    if not ok or proc.poll() is not None:
+        raise FederationError(f"{address}:{port} in {host.name}: nothing listening; its log ends:\n"
+                              f"{deploy.log_tail(log)}")
 
 
 def wait_online(home: Path, count: int, timeout: float, procs: deploy.Processes) -> None:
@@ -114,14 +150,13 @@ def run_config(out: Path, rounds: int, nodes: int, overrides: list[str]) -> dict
     return cfg.to_flat()
 
 
-def prepare(out: Path, nodes: int) -> tuple[certs_mod.CertFiles, str]:
-    """Certificates, data, each node's approval of this checkout's app (its FAB hash), and each
-    node's site key with one consortium roster pinned on all (``secagg.protocol = "malicious"``;
-    3 nodes or more)."""
+def prepare(out: Path, nodes: int, names: list[str] | None = None) -> tuple[certs_mod.CertFiles, str]:
+    """Certificates (valid for localhost and the extra ``names``), data, each node's approval of this
+    checkout's app (its FAB hash), and each node's site key with one consortium roster pinned on all
+    (``secagg.protocol = "malicious"``; 3 nodes or more)."""
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: exists and is not empty; the demo writes a fresh folder")
-    names = node_names(nodes)
-    files = certs_mod.create(out / "certs", ["localhost", "127.0.0.1"], names)
+    files = certs_mod.create(out / "certs", ["localhost", "127.0.0.1", *(names or [])], node_names(nodes))
     synthesize(out / "data", nodes=nodes, task=get_task("seg2d"))
     fab = fab_hash_of(app_dir())
     for i in range(nodes):
@@ -130,42 +165,138 @@ def prepare(out: Path, nodes: int) -> tuple[certs_mod.CertFiles, str]:
     return files, fab
 
 
+@dataclass
+class Cluster:
+    """A coordinator (SuperLink, its Fleet-only front) and ``nodes`` hospitals, on localhost or, with
+    ``hosts``, each in its own network namespace (:mod:`fl.deploy.hosts`). Each part can be stopped
+    and started again (the fault benchmark does). ``isolation="process"`` runs the ServerApp under
+    the coordinator's own SuperExec, so it outlives a SuperLink restart."""
+
+    out: Path
+    nodes: int = 3
+    hosts: bool = False
+    front: str = "gateway"
+    budget: float | None = 20.0
+    options: NodeOptions = field(default_factory=NodeOptions)
+    isolation: str = "subprocess"
+    say: Callable[[str], None] = print
+
+    def __post_init__(self) -> None:
+        self.out = self.out.resolve()
+        self.names = node_names(self.nodes)
+        self.network = HostNetwork(self.names, tag=f"{os.getpid()}-{id(self) % 10000}") if self.hosts else None
+        self.home = self.out / "coordinator" / "flwr-home"
+        self.procs = deploy.Processes()
+        self.link_port = 9100 if self.hosts else deploy.free_port()
+        self.fleet_port = 9443 if self.hosts else 0
+        self.started: dict[str, Any] = {}
+
+    @property
+    def coordinator(self) -> Host | None:
+        return self.network.coordinator if self.network else None
+
+    def host(self, name: str) -> Host | None:
+        return self.network.hosts[name] if self.network else None
+
+    @property
+    def dial(self) -> str:
+        """The coordinator's name or address as the hospitals dial it."""
+        return self.network.coordinator.fqdn if self.network else "127.0.0.1"
+
+    def start(self) -> Cluster:
+        extra = [self.network.coordinator.fqdn] if self.network else []
+        self.files, self.fab = prepare(self.out, self.nodes, extra)
+        self.say(f"certificates in {self.files.root}; app hash {self.fab[:16]}... approved by {self.nodes} nodes")
+        if self.network:
+            self.network.up()
+            self.say("hosts: " + ", ".join(f"{h['fqdn']} {h['address']}" for h in self.network.describe()))
+        deploy.write_connection(self.home, f"127.0.0.1:{self.link_port}", self.files.ca_cert,
+                                netns=self.network.coordinator.netns if self.network else None)
+        self.start_superlink()
+        self.fleet_port = start_gateway(self.procs, self.out, self.link_port, front=self.front, host=self.coordinator,
+                                        port=self.fleet_port or None)
+        self.say(f"SuperLink on the coordinator's 127.0.0.1:{self.link_port} (TLS, node authentication); nodes "
+                 f"dial the Fleet-only {self.front} on {self.dial}:{self.fleet_port}")
+        for name in self.names:
+            deploy.register_node(self.home, self.files.node_pub(name), name)
+        for name in self.names:
+            self.start_node(name)
+        wait_online(self.home, self.nodes, 180, self.procs)
+        return self
+
+    def start_superlink(self) -> None:
+        argv = deploy.superlink_argv(self.files, self.out / "coordinator", "127.0.0.1", self.link_port,
+                                     isolation=self.isolation)
+        host, log = self.coordinator, self.out / "logs" / "superlink.log"
+        env = deploy.flower_env(self.home, self.options.coordinator_poll)
+        link = self.procs.start("superlink", host.argv(argv) if host else argv, env=env, cwd=self.out / "coordinator",
+                                log=log)
+        self.started["superlink"] = link
+        _wait_port(host, "127.0.0.1", self.link_port, link, log)
+        if self.isolation == "process" and not self._alive("superexec"):
+            argv = deploy.superexec_argv(self.files, "127.0.0.1", self.link_port)
+            self.started["superexec"] = self.procs.start("superexec", host.argv(argv) if host else argv, env=env,
+                                                         cwd=self.out / "coordinator",
+                                                         log=self.out / "logs" / "superexec.log")
+
+    def _alive(self, name: str) -> bool:
+        proc = self.started.get(name)
+        return proc is not None and proc.poll() is None
+
+    def start_node(self, name: str) -> Any:
+        i = self.names.index(name)
+        proc = start_node(self.procs, self.out, name, node_dir(self.out / "data", i), self.fleet_port,
+                          key=self.files.node_key(name), budget=self.budget, options=self.options, nodes=self.nodes,
+                          host=self.host(name), superlink=self.dial)
+        self.started[name] = proc
+        return proc
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a part's whole process group (a SuperNode with its worker and SuperExec)."""
+        proc = self.started[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def submit(self, flat: dict[str, Any], name: str, timeout: float) -> dict[str, Any]:
+        """Submit a run of ``flat`` and follow it to its end; the SuperLink's record of the run."""
+        path = deploy.write_run_config(flat, self.out / f"{name}.toml")
+        with (self.out / "logs" / f"{name}.log").open("w", encoding="utf-8") as log, \
+                contextlib.suppress(FederationError):
+            deploy.submit(self.home, app_dir(), path, log, timeout)
+        return deploy.last_run(self.home)
+
+    def stop(self) -> None:
+        self.procs.stop_all()
+        if self.network:
+            self.network.down()
+
+
 def run_demo(out: Path, *, rounds: int = 2, nodes: int = 3, budget: float | None = 20.0, timeout: float = 1200,
              overrides: list[str] | None = None, say: Callable[[str], None] = print,
-             options: NodeOptions = NodeOptions()) -> dict[str, Any]:
-    """Run the localhost deployment; a summary of what it produced."""
-    out = out.resolve()
-    files, fab = prepare(out, nodes)
-    say(f"certificates in {files.root}; app hash {fab[:16]}... approved by {nodes} nodes")
-    home = out / "coordinator" / "flwr-home"
-    link_port = deploy.free_port()
-    deploy.write_connection(home, f"127.0.0.1:{link_port}", files.ca_cert)
-    flat = run_config(out, rounds, nodes, overrides or [])
-    config_path = deploy.write_run_config(flat, out / "run-config.toml")
+             options: NodeOptions = NodeOptions(), hosts: bool = False, front: str = "gateway") -> dict[str, Any]:
+    """Run the deployment (localhost, or separate hosts in network namespaces); a summary of it."""
+    cluster = Cluster(out, nodes=nodes, hosts=hosts, front=front, budget=budget, options=options, say=say)
+    flat = run_config(cluster.out, rounds, nodes, overrides or [])
     started = time.monotonic()
-    with deploy.stopped_on_exit(deploy.Processes()) as procs:
-        link = procs.start("superlink", deploy.superlink_argv(files, out / "coordinator", "127.0.0.1", link_port),
-                           env=deploy.flower_env(home, options.coordinator_poll), cwd=out / "coordinator",
-                           log=out / "logs" / "superlink.log")
-        deploy.wait_for_port("127.0.0.1", link_port, 60, link, out / "logs" / "superlink.log")
-        fleet_port = start_gateway(procs, out, link_port)
-        say(f"SuperLink on 127.0.0.1:{link_port} (TLS, node authentication); nodes dial the Fleet-only "
-            f"gateway on 127.0.0.1:{fleet_port}")
-        for name in node_names(nodes):
-            deploy.register_node(home, files.node_pub(name), name)
-        for i, name in enumerate(node_names(nodes)):
-            start_node(procs, out, name, node_dir(out / "data", i), fleet_port, key=files.node_key(name), budget=budget,
-                       options=options, nodes=nodes)
-        wait_online(home, nodes, 180, procs)
-        modes = [name for name, key in (("local DP", "local_dp.enabled"), ("central DP", "central_dp.enabled"),
-                                         ("SecAgg+", "secagg.enabled")) if flat[key]]
-        say(f"{nodes} SuperNodes online ({'warm workers' if options.warm else 'a ClientApp process per message'}); "
-            f"submitting {rounds} rounds ({', '.join(modes) or 'no DP'}; node budget "
-            f"{'none' if budget is None else f'{budget:g}'})")
-        with (out / "logs" / "run.log").open("w", encoding="utf-8") as log:
-            deploy.submit(home, app_dir(), config_path, log, timeout)
-        run = deploy.last_run(home)
+    with deploy.stopped_on_exit(cluster.procs):
+        try:
+            cluster.start()
+            modes = [name for name, key in (("local DP", "local_dp.enabled"), ("central DP", "central_dp.enabled"),
+                                             ("SecAgg+", "secagg.enabled")) if flat[key]]
+            say(f"{nodes} SuperNodes online ({'warm workers' if options.warm else 'a ClientApp process per message'}); "
+                f"submitting {rounds} rounds ({', '.join(modes) or 'no DP'}; node budget "
+                f"{'none' if budget is None else f'{budget:g}'})")
+            config_path = deploy.write_run_config(flat, cluster.out / "run-config.toml")
+            with (cluster.out / "logs" / "run.log").open("w", encoding="utf-8") as log:
+                deploy.submit(cluster.home, app_dir(), config_path, log, timeout)
+            run = deploy.last_run(cluster.home)
+        finally:
+            cluster.stop()
+    out = cluster.out
     summary = summarise(out, run, nodes, time.monotonic() - started)
+    summary["hosts"] = cluster.network.describe() if cluster.network else None
+    summary["front"] = front
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if run.get("status") != "finished:completed":
         raise FederationError(f"run {run.get('run-id')} ended {run.get('status')}; see {out / 'logs' / 'run.log'}")

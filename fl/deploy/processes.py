@@ -58,21 +58,36 @@ def _tool(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def superlink_argv(certs: CertFiles, state: Path, host: str, port: int) -> list[str]:
-    """``flower-superlink`` with TLS, node authentication, a persistent database, no installs."""
+def superlink_argv(certs: CertFiles, state: Path, host: str, port: int, *, isolation: str = "subprocess") -> list[str]:
+    """``flower-superlink`` with TLS, node authentication, a persistent database, no installs.
+    ``isolation="process"``: the ServerApp runs under a separate SuperExec (:func:`superexec_argv`),
+    so it outlives a SuperLink restart instead of dying with it."""
     certs.require_server()
     return [
         _tool("flower-superlink"),
         "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
         "--ssl-keyfile", str(certs.server_key), "--enable-supernode-auth",
         "--disable-runtime-dependency-installation", "--database", str(state / "superlink.db"),
-        "--host", host, "--port", str(port),
+        "--host", host, "--port", str(port), "--isolation", isolation,
     ]
 
 
-def write_connection(home: Path, address: str, ca_cert: Path) -> Path:
-    """The coordinator's Flower CLI connection to its SuperLink, over TLS."""
+def superexec_argv(certs: CertFiles, host: str, port: int) -> list[str]:
+    """The coordinator's own SuperExec for a SuperLink under ``--isolation process``: it starts each
+    run's ServerApp against the SuperLink's runtime API (TLS, the coordinator's CA)."""
+    return [_tool("flower-superexec"), "--runtime-api-address", f"{host}:{port}", "--root-certificates",
+            str(certs.ca_cert)]
+
+
+NETNS_FILE = "netns"  # in a coordinator's FLWR_HOME: the network namespace its SuperLink lives in
+
+
+def write_connection(home: Path, address: str, ca_cert: Path, netns: str | None = None) -> Path:
+    """The coordinator's Flower CLI connection to its SuperLink, over TLS; ``netns``: the
+    coordinator's network namespace (``fl demo deploy --hosts``), where every ``flwr`` call runs."""
     home.mkdir(parents=True, exist_ok=True)
+    if netns is not None:
+        (home / NETNS_FILE).write_text(netns, encoding="utf-8")
     path = home / "config.toml"
     path.write_text(tomli_w.dumps({"superlink": {
         "default": CONNECTION, CONNECTION: {"address": address, "root-certificates": str(ca_cert.resolve())},
@@ -80,10 +95,16 @@ def write_connection(home: Path, address: str, ca_cert: Path) -> Path:
     return path
 
 
+def _in_netns(home: Path, argv: list[str]) -> list[str]:
+    """``argv`` inside the coordinator's network namespace, where its home names one."""
+    netns = home / NETNS_FILE
+    return ["ip", "netns", "exec", netns.read_text(encoding="utf-8").strip(), *argv] if netns.is_file() else argv
+
+
 def _flwr(home: Path, *args: str, timeout: float = 120) -> dict[str, Any]:
     """Run a ``flwr`` CLI command with ``--format json``; its JSON answer, or an error."""
-    proc = subprocess.run([_tool("flwr"), *args, "--format", "json"], env=flower_env(home), capture_output=True,
-                          text=True, timeout=timeout, cwd=home)
+    proc = subprocess.run(_in_netns(home, [_tool("flwr"), *args, "--format", "json"]), env=flower_env(home),
+                          capture_output=True, text=True, timeout=timeout, cwd=home)
     try:
         answer = json.loads(proc.stdout[proc.stdout.index("{"):])
     except ValueError:
@@ -124,9 +145,9 @@ def submit(home: Path, app_dir: Path, run_config: Path, log: IO[str], timeout: f
     """``flwr run APP oncofed --stream``: submit the run and follow its log until it ends."""
     if not (app_dir / "pyproject.toml").is_file():
         raise ConfigError(f"{app_dir}: not a Flower app folder (no pyproject.toml)")
-    proc = subprocess.run([_tool("flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(run_config),
-                           "--stream"], env=flower_env(home), stdout=log, stderr=subprocess.STDOUT,
-                          timeout=timeout, cwd=home)
+    proc = subprocess.run(_in_netns(home, [_tool("flwr"), "run", str(app_dir), CONNECTION, "--run-config",
+                                           str(run_config), "--stream"]),
+                          env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=home)
     if proc.returncode != 0:
         raise FederationError(f"flwr run exited with status {proc.returncode}; see {log.name}")
 
