@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from fl.cli import main
+from fl.deploy import hosts
 from fl.deploy import processes as deploy
 from fl.deploy.certs import create, node_key_pair
 from fl.deploy.demo import APP_DIR, node_names, prepare, run_config, start_gateway, start_node, wait_online
@@ -196,12 +197,32 @@ def _flower_processes(marker: str) -> list[str]:
     return found
 
 
+# separate hosts (network namespaces) and nginx in front where this machine allows (CI: root, and
+# .ci/run installs nginx); the same demo on localhost with OncoFed's gateway otherwise
+SEPARATE_HOSTS = hosts.available() is None and shutil.which("nginx") is not None
+
+
 def test_demo_deploy_runs_two_dp_rounds_and_stops_everything(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "fl.cli", "demo", "deploy", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "fl.cli", "demo", "deploy", "--out", str(out),
+                           *(["--hosts", "--front", "nginx"] if SEPARATE_HOSTS else [])],
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
+    if SEPARATE_HOSTS:
+        coordinator = next(h for h in summary["hosts"] if h["host"] == "coordinator")
+        published = f"{coordinator['address']}:9443"
+        for name in node_names(3):
+            seen = summary["exposure"][name]
+            # every listening socket of the other hosts was dialled (the SuperLink's, the other nodes'
+            # runtime APIs and workers): only the published port answered, and it refuses the Control API
+            assert published in seen["dialled"] and len(seen["dialled"]) >= 4, seen
+            assert seen["reachable"] == [published] and set(seen["control_api"].values()) == {403}, seen
+        peers = {line.split()[0] for line in (out / "coordinator" / "nginx" / "logs" / "access.log").read_text()
+                 .splitlines()}
+        assert peers == {h["address"] for h in summary["hosts"] if h["host"] != "coordinator"}  # each from its own host
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert not [h["netns"] for h in summary["hosts"] if h["netns"] in left]  # every namespace removed
     assert summary["status"] == "finished:completed"
     assert summary["versions"] == ["deploy-demo:v1", "deploy-demo:v2"]
     assert summary["ledger_entries"] == {name: 2 for name in node_names(3)}  # each node spent twice

@@ -222,7 +222,30 @@ class Cluster:
         for name in self.names:
             self.start_node(name)
         wait_online(self.home, self.nodes, 180, self.procs)
+        if self.network:
+            self.exposed = self.exposure()
+            self.say(f"from each hospital only {self.dial}:{self.fleet_port} answers; its Control API answers 403")
         return self
+
+    def exposure(self) -> dict[str, Any]:
+        """From each hospital's namespace: which listening sockets of the other hosts answer (only the
+        coordinator's published port may), and what the published port answers to the Control and
+        runtime APIs (403 each). A FederationError where either fails."""
+        from fl.deploy.hosts import front_answers, reachable_ports
+
+        assert self.network is not None
+        published = f"{self.network.coordinator.address}:{self.fleet_port}"
+        found: dict[str, Any] = {}
+        for name in self.names:
+            dialled = reachable_ports(self.network, name)
+            reachable = sorted(target for target, ok in dialled.items() if ok)
+            answers = front_answers(self.network, name, f"https://{self.dial}:{self.fleet_port}", self.files.ca_cert)
+            found[name] = {"dialled": sorted(dialled), "reachable": reachable, "control_api": answers}
+            if reachable != [published]:
+                raise FederationError(f"{name} reaches {reachable}; only the coordinator's {published} may be")
+            if set(answers.values()) != {403}:
+                raise FederationError(f"the published port answered {answers} to {name}; only 403 is acceptable")
+        return found
 
     def start_superlink(self) -> None:
         argv = deploy.superlink_argv(self.files, self.out / "coordinator", "127.0.0.1", self.link_port,
@@ -296,6 +319,7 @@ def run_demo(out: Path, *, rounds: int = 2, nodes: int = 3, budget: float | None
     out = cluster.out
     summary = summarise(out, run, nodes, time.monotonic() - started)
     summary["hosts"] = cluster.network.describe() if cluster.network else None
+    summary["exposure"] = getattr(cluster, "exposed", None)
     summary["front"] = front
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if run.get("status") != "finished:completed":

@@ -183,3 +183,30 @@ def reachable_ports(network: HostNetwork, source: str) -> dict[str, bool]:
     proc = subprocess.run(network.hosts[source].argv([sys.executable, "-c", _DIAL, json.dumps(targets)]),
                           capture_output=True, text=True, check=True)
     return dict(json.loads(proc.stdout))
+
+
+_PROBE = """
+import json, ssl, sys, urllib.error, urllib.request
+context = ssl.create_default_context(cafile=sys.argv[2])
+out = {}
+for path in json.loads(sys.argv[3]):
+    request = urllib.request.Request(sys.argv[1] + path, data=b"", method="POST")
+    try:
+        out[path] = urllib.request.urlopen(request, context=context, timeout=10).status
+    except urllib.error.HTTPError as exc:
+        out[path] = exc.code
+    except OSError as exc:
+        out[path] = str(exc)
+print(json.dumps(out))
+"""
+
+CONTROL_PATHS = ["/v1/control/start-run", "/v1/control/list-runs", "/v1/runtime/pull-messages"]
+
+
+def front_answers(network: HostNetwork, source: str, url: str, ca_cert: Path) -> dict[str, int | str]:
+    """What the coordinator's published port answers, from host ``source``, to requests for the
+    SuperLink's Control and runtime APIs (each must be 403)."""
+    proc = subprocess.run(network.hosts[source].argv([sys.executable, "-c", _PROBE, url, str(ca_cert),
+                                                      json.dumps(CONTROL_PATHS)]),
+                          capture_output=True, text=True, check=True)
+    return dict(json.loads(proc.stdout))
