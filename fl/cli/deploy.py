@@ -51,6 +51,15 @@ def _add_server(sub: Any) -> None:
     gateway.add_argument("--host", default="0.0.0.0", help="address the hospitals dial")
     gateway.add_argument("--port", type=int, default=9093)
     gateway.set_defaults(func=cmd_server_gateway)
+    site = server.add_parser("nginx-site", help="print an nginx server block that publishes only the Fleet API "
+                                                "(TLS, path allowlist, size and rate limits, access log)")
+    site.add_argument("--certs", required=True, help="folder from `fl certs create`")
+    site.add_argument("--upstream", default="127.0.0.1:9092", help="the SuperLink's HOST:PORT")
+    site.add_argument("--listen", default="9093", help="nginx listen value: PORT or ADDRESS:PORT")
+    site.add_argument("--server-name", required=True, help="the coordinator's name, as in its certificate")
+    site.add_argument("--max-body", default="64m", help="largest request (a model update) nginx accepts")
+    site.add_argument("--rate", default="40r/s", help="requests per second per address (limit_req)")
+    site.set_defaults(func=cmd_server_nginx_site)
     register = server.add_parser("register", help="register a node's public key (SuperNode authentication)")
     register.add_argument("public_key", help="the node's .pub file")
     register.add_argument("--name", required=True, help="the node's name, e.g. hospital-a")
@@ -236,6 +245,18 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     os.chdir(state)
     os.execve(argv[0], argv, deploy.flower_env(state / "flwr-home", deploy.COORDINATOR_SUPEREXEC_POLL_S))
     return 1  # not reached
+
+
+def cmd_server_nginx_site(args: argparse.Namespace) -> int:
+    from fl.deploy.certs import CertFiles
+    from fl.deploy.nginx import site_config
+
+    files = CertFiles(Path(args.certs).resolve())
+    files.require_server()
+    print(site_config(listen=args.listen, server_name=args.server_name, upstream=args.upstream,
+                      cert=files.server_cert, key=files.server_key, ca_cert=files.ca_cert, max_body=args.max_body,
+                      rate=args.rate, upstream_name=args.server_name))  # the SuperLink's certificate names it
+    return 0
 
 
 def cmd_server_gateway(args: argparse.Namespace) -> int:

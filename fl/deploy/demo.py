@@ -221,7 +221,7 @@ class Cluster:
             deploy.register_node(self.home, self.files.node_pub(name), name)
         for name in self.names:
             self.start_node(name)
-        wait_online(self.home, self.nodes, 180, self.procs)
+        wait_online(self.home, self.nodes, 120 + 15 * self.nodes, self.procs)  # nodes import torch at start
         if self.network:
             self.exposed = self.exposure()
             self.say(f"from each hospital only {self.dial}:{self.fleet_port} answers; its Control API answers 403")
