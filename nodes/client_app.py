@@ -41,7 +41,7 @@ from flwr.clientapp import ClientApp
 from fl import schema, wire
 from fl.errors import ConfigError, DataError
 from fl.learn import PrivateSettings, Task, TrainSettings, resolve_task
-from fl.learn.data import CACHE_DIR, LocalData, load_local_data
+from fl.learn.data import CACHE_DIR, LocalData
 from fl.learn.device import describe
 from fl.learn.synth import node_dir
 from fl.packing import packed_content_mod
@@ -70,6 +70,7 @@ from nodes.policy import (
 )
 from nodes.provenance import index_local_data
 from nodes.witness import check_acknowledged, head
+from nodes.working_set import SETS
 
 log = logging.getLogger("flwr.oncofed.node")  # lands in the SuperNode's own log
 
@@ -136,16 +137,25 @@ def _own_batchnorm(msg: Message, config: ConfigRecord, folder: Path, task: Task,
     return path
 
 
-def _prepare(content: RecordDict, context: Context) -> tuple[Task, torch.nn.Module, LocalData, Path]:
+def _prepare(content: RecordDict, context: Context, run_id: int) -> tuple[Task, torch.nn.Module, LocalData, Path]:
+    """The task, the global model and the node's data for this message, from the run's working set
+    (:mod:`nodes.working_set`): found, parsed and loaded at the run's first message, then reused."""
     if wire.NODE_PARTITION_ID in context.node_config:  # a virtual node shares the machine
         torch.set_num_threads(int(context.run_config.get("simulation.threads_per_node", 1)))
     config = content[wire.CONFIG]
-    task = instructed_task(config, context)
+    task = SETS.task(run_id, _task_key(config, context), lambda: instructed_task(config, context))
     data_dir = resolve_data_dir(context)
-    data = load_local_data(data_dir, task, disk_cache=node_state_dir(context, data_dir) / CACHE_DIR)
-    net = task.build_network()
-    net.load_state_dict(content[wire.ARRAYS].to_torch_state_dict())
-    return task, net, data, data_dir
+    kept = SETS.get(run_id, task, data_dir, node_state_dir(context, data_dir) / CACHE_DIR)
+    net = kept.network(content[wire.ARRAYS].to_torch_state_dict())
+    return task, net, kept.data, data_dir
+
+
+def _task_key(config: ConfigRecord, context: Context) -> tuple[Any, ...]:
+    """Everything of the instruction that :func:`instructed_task` reads: a message that differs in
+    any of it gets its own task, found and checked anew."""
+    return (str(config[wire.TASK]), str(config.get(wire.BUNDLE, "")), str(config.get(wire.BUNDLE_DIGEST, "")),
+            wire.LOCAL_NOISE_MULTIPLIER in config, config.get(wire.LR), config.get(wire.BATCH_SIZE),
+            wire.NODE_PARTITION_ID not in context.node_config)
 
 
 def _secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
@@ -268,7 +278,10 @@ def _clip_update(net: torch.nn.Module, global_state: dict[str, torch.Tensor], bo
 def _guarded(msg: Message, work: Any, context: Context | None = None) -> Message:
     """Run ``work()``; a refusal, a broken ledger or bad data becomes a named error reply. Either way
     the outcome goes into the operator's request log (:mod:`nodes.requests_log`)."""
-    reply = _reply(msg, work)
+    try:
+        reply = _reply(msg, work)
+    finally:
+        SETS.release()  # the run's kept network is free for this node's next message
     if context is not None:
         _log_request(msg, reply, context)
     return reply
@@ -320,7 +333,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, content: RecordDict, context: Context, secure: bool) -> Message:
-    task, net, data, data_dir = _prepare(content, context)
+    task, net, data, data_dir = _prepare(content, context, int(msg.metadata.run_id))
     config = content[wire.CONFIG]
     folder = node_state_dir(context, data_dir)
     policy, ledger = load_policy(folder), Ledger.in_dir(folder)
@@ -510,7 +523,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    task, net, data, data_dir = _prepare(msg.content, context)
+    task, net, data, data_dir = _prepare(msg.content, context, int(msg.metadata.run_id))
     config = msg.content[wire.CONFIG]
     folder = node_state_dir(context, data_dir)
     policy, ledger = load_policy(folder), Ledger.in_dir(folder)

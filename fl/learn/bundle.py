@@ -29,7 +29,7 @@ import functools
 import hashlib
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,7 @@ REQUIRED_IDS = ("network_def", "loss", "optimizer", "train#preprocessing", "vali
 DICE_TARGETS = ("MeanDice", "monai.handlers.MeanDice", "monai.handlers.mean_dice.MeanDice")
 APP_ROOT = Path(__file__).resolve().parents[2]  # the app's folder: fl/, nodes/, configs/ ...
 _PARSE_LOCK = threading.Lock()  # ConfigParser resolves in place; one instantiation at a time
+_KEPT_LOCK = threading.RLock()  # a task object's kept components (BundleTask._kept)
 
 
 def bundle_digest(root: Path) -> str:
@@ -115,6 +116,9 @@ class BundleTask:
     # a catalogue task's bundle trains with the run config's learning rate and batch size
     lr_override: float | None = None
     batch_size_override: int | None = None
+    # components parsed once per task object and reused (:meth:`_kept`): a node keeps one task object
+    # per run (:mod:`nodes.working_set`), so a message parses nothing after the run's first
+    _kept_components: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     metric = "dice"  # the key metric (MeanDice) nodes report
     record_metric = "dice"
@@ -172,6 +176,14 @@ class BundleTask:
                 raise ConfigError(f"{self.root / TRAIN_JSON}: cannot build '{id_}' ({type(exc).__name__}: "
                                   f"{str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''})") from None
 
+    def _kept(self, id_: str) -> Any:
+        """The component ``id_`` parsed once for this task object, then reused: only for components that
+        keep no state between uses (the loss, the validation inferer and post-processing)."""
+        with _KEPT_LOCK:
+            if id_ not in self._kept_components:
+                self._kept_components[id_] = self._parsed(id_)
+            return self._kept_components[id_]
+
     def _raw(self, id_: str, default: Any = None) -> Any:
         node: Any = self.train_config
         for part in id_.split("#"):
@@ -216,13 +228,26 @@ class BundleTask:
         return replaced
 
     def build_loss(self) -> torch.nn.Module:
-        return self._parsed("loss")
+        """The bundle's loss, parsed once per task object (a loss keeps no state between batches;
+        :func:`fl.learn.bundle_train.onehot_outside` changes a copy)."""
+        return self._kept("loss")
 
     def build_optimizer(self, net: torch.nn.Module) -> torch.optim.Optimizer:
-        """The bundle's optimizer (its type, learning rate and settings) over ``net``'s parameters."""
+        """The bundle's optimizer (its type, learning rate and settings) over ``net``'s parameters: parsed
+        the first time, then rebuilt from its class and settings without the parser where the bundle's
+        optimizer is one group over all the network's parameters (:func:`_optimizer_recipe`)."""
         import torch
 
-        optimizer = self._parsed("optimizer", network=net, network_def=net, device=torch.device("cpu"))
+        with _KEPT_LOCK:
+            recipe = self._kept_components.get("optimizer")
+        if recipe:
+            kind, settings = recipe
+            optimizer = kind(list(net.parameters()), **settings)
+        else:
+            optimizer = self._parsed("optimizer", network=net, network_def=net, device=torch.device("cpu"))
+            if recipe is None:
+                with _KEPT_LOCK:
+                    self._kept_components["optimizer"] = _optimizer_recipe(optimizer, net)
         if self.lr_override is not None:
             for group in optimizer.param_groups:
                 group["lr"] = self.lr_override
@@ -274,10 +299,19 @@ class BundleTask:
         return self._parsed("validate#preprocessing")
 
     def inferer(self) -> Any:
-        return self._parsed("validate#inferer")
+        """The bundle's validation inferer (its sliding-window settings as written), parsed once."""
+        return self._kept("validate#inferer")
 
     def postprocessing(self) -> Any:
-        return self._parsed("validate#postprocessing")
+        """The bundle's validation post-processing (deterministic transforms), parsed once."""
+        return self._kept("validate#postprocessing")
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Validation cases per inferer call: the bundle's own evaluator's (``validate#dataloader#batch_size``,
+        1 if unset); :func:`fl.learn.bundle_eval.evaluate_bundle` batches cases of one shape up to it."""
+        value = self._setting("validate#dataloader#batch_size", 1)
+        return value if isinstance(value, int) and value >= 1 else 1
 
     def key_metric(self) -> tuple[str, dict[str, Any]]:
         """The key metric's name and its Dice settings; only MeanDice is accepted (OncoFed
@@ -389,7 +423,7 @@ class BundleTask:
 
     def evaluate(self, net: torch.nn.Module, split: Any, *, device: torch.device | None = None,
                  workers: int = 0, amp: bool = False) -> EvalResult:
-        from fl.learn.bundle_train import evaluate_bundle
+        from fl.learn.bundle_eval import evaluate_bundle
 
         return evaluate_bundle(net, self, split, device=device, workers=workers, amp=amp)
 
@@ -403,6 +437,25 @@ class BundleTask:
         if self.private:
             out["dp_conversion"] = self.conversion()
         return out
+
+
+def _optimizer_recipe(optimizer: Any, net: Any) -> tuple[type, dict[str, Any]] | bool:
+    """``(class, settings)`` that rebuild ``optimizer`` over another copy of ``net`` without the config
+    parser: where it is one parameter group over all of ``net``'s parameters, in order, with the
+    class's own settings and nothing else; False (parse every time) for anything else."""
+    groups = optimizer.param_groups
+    if len(groups) != 1 or [id(p) for p in groups[0]["params"]] != [id(p) for p in net.parameters()]:
+        return False
+    settings = dict(optimizer.defaults)
+    if {k: v for k, v in groups[0].items() if k != "params"} != settings:
+        return False
+    try:
+        twin = type(optimizer)(list(net.parameters()), **settings)
+    except Exception:  # noqa: BLE001 - a class whose settings are not its arguments: parse every time
+        return False
+    if {k: v for k, v in twin.param_groups[0].items() if k != "params"} != settings:
+        return False
+    return type(optimizer), settings
 
 
 @functools.lru_cache(maxsize=1)
