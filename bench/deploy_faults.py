@@ -60,11 +60,16 @@ def status(cluster: Cluster, name: str) -> dict[str, Any]:
     return {}
 
 
+RUN_OVER = threading.Event()  # set when the submitted run's `flwr run` returned
+
+
 def wait_for(what: Callable[[], bool], timeout: float, label: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if what():
             return
+        if RUN_OVER.is_set() and not what():
+            raise RuntimeError(f"the run ended before {label}")
         time.sleep(0.05)
     raise TimeoutError(f"waited {timeout:.0f} s for {label}")
 
@@ -269,7 +274,16 @@ def run_fault(name: str, out: Path, rounds: int, front: str) -> dict[str, Any]:
                     wait_online(cluster.home, 3, 180, cluster.procs)
                 flat = run_config(cluster.out, rounds, 3, overrides)
                 result: dict[str, Any] = {}
-                submitter = threading.Thread(target=lambda: result.update(cluster.submit(flat, "first", 1800)))
+                RUN_OVER.clear()
+
+                def follow() -> None:
+                    try:
+                        result.update(cluster.submit(flat, "first", 1800))
+                    except Exception:  # noqa: BLE001 - the SuperLink may be down when it returns
+                        pass
+                    finally:
+                        RUN_OVER.set()
+                submitter = threading.Thread(target=follow)
                 submitter.start()
                 info = inject(cluster, "first")
                 submitter.join(timeout=1800)
