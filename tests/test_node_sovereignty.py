@@ -169,3 +169,33 @@ def test_the_coordinator_keeps_only_newer_heads_and_tells_each_node_its_own(tmp_
     assert json.loads(again.acks_for(1)) == {"a": {"record": [2, "x"], "contributions": [3, "y"]}}
     assert json.loads(again.acks_for(2)) == {"b": {"record": [1, "v"], "contributions": [1, "u"]}}  # not a's
     assert json.loads(again.acks_for(3)) == {} and json.loads(again.acks_for(9)) == {}
+
+
+def test_a_full_disk_leaves_no_torn_ledger_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ledger append that hits a full disk half-way fails, and the ledger is exactly as before:
+    the chain still verifies, and the next append (space freed) continues it."""
+    import errno
+    import os
+
+    from fl.privacy import hashchain
+    from fl.privacy.accounting import GaussianEvent
+
+    ledger = Ledger.in_dir(tmp_path)
+    event = GaussianEvent(1.0, 0.25, 8)
+    with ledger.locked():
+        ledger.append(event, server_round=1, run=7)
+    before = ledger.path.read_bytes()
+    real_write = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        real_write(fd, data[: len(data) // 2])  # the disk fills half-way through the line
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hashchain.os, "write", full)
+    with pytest.raises(OSError, match="No space"), ledger.locked():
+        ledger.append(event, server_round=2, run=7)
+    assert ledger.path.read_bytes() == before  # nothing half-written
+    monkeypatch.setattr(hashchain.os, "write", real_write)
+    with ledger.locked():
+        ledger.append(event, server_round=2, run=7)
+    assert [e["server_round"] for e in ledger.entries()] == [1, 2]  # the chain verifies

@@ -5,6 +5,8 @@ before it returns. A node's privacy ledger and the server's release journal are 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -61,10 +63,21 @@ def append_entry(path: Path, entries: list[dict[str, Any]], fields: dict[str, An
     entry = {**fields, "seq": len(entries) + 1, "prev": entries[-1]["hash"] if entries else None}
     entry["hash"] = _digest(entry)
     created = not path.exists()
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    line = (json.dumps(entry, sort_keys=True) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:  # the whole line or nothing: a full disk must not leave a torn line that breaks the chain
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.ENOSPC, f"{path}: short write (disk full?)")
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            raise
+    finally:
+        os.close(fd)
     if created:  # the new file's name must survive a crash too
         fd = os.open(path.parent, os.O_RDONLY)
         try:
