@@ -60,25 +60,29 @@ def status(cluster: Cluster, name: str) -> dict[str, Any]:
     return {}
 
 
-RUN_OVER = threading.Event()  # set when the submitted run's `flwr run` returned
-
-
 def wait_for(what: Callable[[], bool], timeout: float, label: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if what():
             return
-        if RUN_OVER.is_set() and not what():
-            raise RuntimeError(f"the run ended before {label}")
+
         time.sleep(0.05)
     raise TimeoutError(f"waited {timeout:.0f} s for {label}")
 
 
 def in_phase(cluster: Cluster, name: str, server_round: int, phase: str) -> Callable[[], bool]:
+    """The run is at ``server_round`` (or later) in ``phase`` ("train" includes "train (secure
+    aggregation)"); a RuntimeError if it finished first: the fault would come too late."""
     def check() -> bool:
         s = status(cluster, name)
-        return s.get("state") == "finished" or (s.get("round", 0) >= server_round and s.get("phase") == phase)
+        if s.get("state") == "finished":
+            raise RuntimeError(f"the run finished before round {server_round}'s {phase}")
+        return bool(s.get("round", 0) >= server_round and str(s.get("phase", "")).startswith(phase))
     return check
+
+
+def finished(cluster: Cluster, name: str) -> bool:
+    return status(cluster, name).get("state") == "finished"
 
 
 def worker_busy(cluster: Cluster, node: int, kind: str) -> Callable[[], bool]:
@@ -119,8 +123,7 @@ def link_down(cluster: Cluster, run: str) -> dict[str, Any]:
     wait_for(in_phase(cluster, run, 2, "train"), 600, "round 2's training")
     assert cluster.network is not None
     cluster.network.set_link("hospital-1", False)
-    wait_for(lambda: in_phase(cluster, run, 3, "train")() or status(cluster, run).get("state") == "finished", 900,
-             "round 3")
+    wait_for(lambda: finished(cluster, run) or in_phase(cluster, run, 3, "train")(), 900, "round 3")
     cluster.network.set_link("hospital-1", True)
     return {"injected": "hospital-1's link down from round 2's training until round 3 started",
             "error": r"(?i)failure|timed out|dropped|no reply|error"}
@@ -161,11 +164,48 @@ def disk_full(cluster: Cluster, run: str) -> dict[str, Any]:
     with filler.open("wb") as fh, contextlib.suppress(OSError):
         while True:
             fh.write(b"\0" * 65536)
-    wait_for(lambda: in_phase(cluster, run, 3, "train")() or status(cluster, run).get("state") == "finished", 900,
-             "round 3")
+    wait_for(lambda: finished(cluster, run) or in_phase(cluster, run, 3, "train")(), 900, "round 3")
     filler.unlink()
     return {"injected": "hospital-2's state folder (a 16 MB tmpfs) filled during round 2, freed at round 3",
             "error": r"(?i)no space|ENOSPC|disk"}
+
+
+def _ca_copy(cluster: Cluster, kind: str) -> Path:
+    """A CA certificate for a node to trust: the consortium's CA re-issued with a validity that
+    ended yesterday ("expired"), or another CA altogether ("other-ca")."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    real = x509.load_pem_x509_certificate(cluster.files.ca_cert.read_bytes())
+    if kind == "expired":
+        key = serialization.load_pem_private_key(cluster.files.ca_key.read_bytes(), password=None)
+        subject, end = real.subject, datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
+    else:
+        key = ec.generate_private_key(ec.SECP384R1())
+        subject, end = real.subject, datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=30)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(end - datetime.timedelta(days=30))
+            .not_valid_after(end).add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA384()))  # type: ignore[arg-type]
+    path = cluster.out / f"ca-{kind}.crt"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def bad_certificate(kind: str) -> Callable[[Cluster, str], dict[str, Any]]:
+    def inject(cluster: Cluster, run: str) -> dict[str, Any]:
+        wait_for(in_phase(cluster, run, 2, "train"), 600, "round 2's training")
+        cluster.kill("hospital-3")
+        cluster.start_node("hospital-3", root_cert=_ca_copy(cluster, kind))
+        wait_for(lambda: finished(cluster, run) or in_phase(cluster, run, 3, "evaluate")(), 900,
+                 "round 3's evaluation")
+        what = "the consortium CA re-issued expired yesterday" if kind == "expired" else "another CA"
+        return {"injected": f"hospital-3 (of 4) restarted in round 2 trusting {what}",
+                "error": r"(?i)certificate|SSL|TLS", "error_log": "hospital-3.log"}
+    return inject
 
 
 FAULTS: dict[str, tuple[Callable[[Cluster, str], dict[str, Any]], bool]] = {
@@ -175,6 +215,8 @@ FAULTS: dict[str, tuple[Callable[[Cluster, str], dict[str, Any]], bool]] = {
     "node-killed": (node_killed, True),
     "serverapp-killed": (serverapp_killed, True),
     "disk-full": (disk_full, True),
+    "cert-expired": (bad_certificate("expired"), True),
+    "cert-other-ca": (bad_certificate("other-ca"), True),
 }
 
 
@@ -239,6 +281,18 @@ def account(cluster: Cluster, runs: list[str], released_extra: int) -> dict[str,
             "journaled": journaled, "released": len(aggregated) + released_extra, "nodes": nodes}
 
 
+def task_details(cluster: Cluster) -> list[str]:
+    """The SuperLink's own reasons for each ServerApp task it marked failed (its SQLite database)."""
+    import sqlite3
+
+    with contextlib.suppress(sqlite3.Error), contextlib.closing(
+            sqlite3.connect(cluster.out / "coordinator" / "superlink.db")) as db:
+        return [f"{status}: {details}" for status, details in
+                db.execute("select sub_status, details from task where type = 'flwr-serverapp' order by pending_at")
+                if details]
+    return []
+
+
 def final_status(cluster: Cluster, timeout: float = 300) -> str:
     """The last run's status once the SuperLink says it finished (``flwr run --stream`` returns early
     when it loses the SuperLink; the run itself may go on)."""
@@ -254,7 +308,8 @@ def final_status(cluster: Cluster, timeout: float = 300) -> str:
 
 def run_fault(name: str, out: Path, rounds: int, front: str) -> dict[str, Any]:
     inject, secagg = FAULTS[name]
-    cluster = Cluster(out, nodes=3, hosts=True, front=front, budget=50.0, isolation="process",
+    nodes = 4 if name.startswith("cert-") else 3  # SecAgg+ goes on with 3 when one node cannot connect
+    cluster = Cluster(out, nodes=nodes, hosts=True, front=front, budget=50.0, isolation="process",
                       options=NodeOptions(), say=lambda _: None)
     row: dict[str, Any] = {"fault": name, "secagg": secagg}
     overrides = [f"model_name='{MODEL}'", "output.run_name='first'", "central_dp.enabled=true",
@@ -272,17 +327,12 @@ def run_fault(name: str, out: Path, rounds: int, front: str) -> dict[str, Any]:
                     from fl.deploy.demo import wait_online
 
                     wait_online(cluster.home, 3, 180, cluster.procs)
-                flat = run_config(cluster.out, rounds, 3, overrides)
+                flat = run_config(cluster.out, rounds, nodes, overrides)
                 result: dict[str, Any] = {}
-                RUN_OVER.clear()
 
                 def follow() -> None:
-                    try:
+                    with contextlib.suppress(Exception):  # the SuperLink may be down when `flwr run` returns
                         result.update(cluster.submit(flat, "first", 1800))
-                    except Exception:  # noqa: BLE001 - the SuperLink may be down when it returns
-                        pass
-                    finally:
-                        RUN_OVER.set()
                 submitter = threading.Thread(target=follow)
                 submitter.start()
                 info = inject(cluster, "first")
@@ -293,17 +343,21 @@ def run_fault(name: str, out: Path, rounds: int, front: str) -> dict[str, Any]:
                 if info.get("resume"):
                     done = Registry(cluster.out / "registry").versions(MODEL)
                     remaining = rounds - (done[-1].manifest["round"] if done else 0)
-                    again = run_config(cluster.out, remaining, 3, overrides[:1] + ["output.run_name='resumed'",
+                    again = run_config(cluster.out, remaining, nodes, overrides[:1] + ["output.run_name='resumed'",
                                                                                    "registry.resume=true"]
                                        + overrides[2:])
                     cluster.submit(again, "resumed", 1800)
                     row["outcome"] += f"; resumed: {final_status(cluster)}"
                     runs.append("resumed")
                 row.update(account(cluster, runs, info.get("released_before_kill", 0)))
+                row["run_folders"] = {run: f"{status(cluster, run).get('state')} at round {status(cluster, run).get('round')}"
+                                      for run in runs}
                 logs = sorted((cluster.out / "logs").glob("*.log"))
-                row["error"] = grep_first([cluster.out / "logs" / "first.log", *logs], info["error"])
+                first = [cluster.out / "logs" / info.get("error_log", "first.log")]
+                row["error"] = grep_first([*first, *logs], info["error"])
             finally:
                 cluster.stop()
+                row["superlink_says"] = task_details(cluster)
     finally:
         if mounted is not None:
             subprocess.run(["umount", "-l", str(mounted)], check=False)
@@ -321,7 +375,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             continue
         nodes = "; ".join(f"{n}: {v['ledger']}/{v['served_train']}/{v['received']} ({v['lost']}, {v['duplicates']}, "
                           f"{v['chain']})" for n, v in r["nodes"].items())
-        lines.append(f"| {r['fault']}: {r['injected']} | {'yes' if r['secagg'] else 'no'} | {r['outcome']} | "
+        outcome = f"{r['outcome']} ({'; '.join(r.get('superlink_says', []))}); run folder: " + \
+            ", ".join(r.get("run_folders", {}).values())
+        lines.append(f"| {r['fault']}: {r['injected']} | {'yes' if r['secagg'] else 'no'} | {outcome} | "
                      f"{r['versions']} ({r['registry_chain']}) | {r['journaled']} / {r['released']} | {nodes} | "
                      f"{r['error'] or '(none)'} |")
     return "\n".join(lines)

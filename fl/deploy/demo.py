@@ -68,11 +68,12 @@ class NodeOptions:
 
 def start_node(procs: deploy.Processes, out: Path, name: str, data: Path, link_port: int, *,
                key: Path | None, budget: float | None, options: NodeOptions = NodeOptions(), nodes: int = 3,
-               host: Host | None = None, superlink: str = "127.0.0.1") -> Any:
+               host: Host | None = None, superlink: str = "127.0.0.1", root_cert: Path | None = None) -> Any:
     """One ``fl node start`` process for ``name`` (its own FLWR_HOME and log), in ``host``'s network
     namespace where one is given, dialling ``superlink:link_port``."""
     argv = [sys.executable, "-m", "fl.cli", "node", "start", "--superlink", f"{superlink}:{link_port}",
-            "--data", str(data), "--root-cert", str(out / "certs" / "ca.crt"), "--port", str(deploy.free_port()),
+            "--data", str(data), "--root-cert", str(root_cert or out / "certs" / "ca.crt"), "--port",
+            str(deploy.free_port()),
             *options.args(nodes)]
     if key is not None:
         argv += ["--auth-key", str(key)]
@@ -266,11 +267,12 @@ class Cluster:
         proc = self.started.get(name)
         return proc is not None and proc.poll() is None
 
-    def start_node(self, name: str) -> Any:
+    def start_node(self, name: str, root_cert: Path | None = None) -> Any:
+        """Start (or restart) hospital ``name``; ``root_cert``: the CA it trusts (the consortium's by default)."""
         i = self.names.index(name)
         proc = start_node(self.procs, self.out, name, node_dir(self.out / "data", i), self.fleet_port,
                           key=self.files.node_key(name), budget=self.budget, options=self.options, nodes=self.nodes,
-                          host=self.host(name), superlink=self.dial)
+                          host=self.host(name), superlink=self.dial, root_cert=root_cert)
         self.started[name] = proc
         return proc
 
