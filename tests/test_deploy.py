@@ -424,3 +424,22 @@ def _validate_through_the_deployment(out: Path, home: Path, tmp_path: Path, name
     assert "releases no dataset descriptors" in declined["descriptors_declined"]
     assert [v.number for v in registry.versions(name)] == [1, 2]  # validating commits no version
     registry.verify(name)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed (.ci/run installs nginx-light)")
+def test_nginx_site_passes_nginx_own_check_and_allows_only_the_fleet_api(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from fl.deploy import nginx
+
+    files = create(tmp_path / "certs", ["link.example.org"], ["hospital-a"])
+    assert main(["server", "nginx-site", "--certs", str(files.root), "--server-name", "link.example.org",
+                 "--listen", f"127.0.0.1:{deploy.free_port()}"]) == 0
+    site = capsys.readouterr().out
+    assert "location /v1/fleet/" in site and "limit_except POST" in site and "return 403" in site
+    assert "proxy_ssl_verify on" in site and "proxy_ssl_name link.example.org" in site  # the SuperLink is checked
+    conf = nginx.write_config(tmp_path / "front", listen=f"127.0.0.1:{deploy.free_port()}", server_name="localhost",
+                              upstream="127.0.0.1:9", cert=files.server_cert, key=files.server_key, ca_cert=files.ca_cert)
+    nginx.check(conf)  # nginx -t accepts it
+    conf.write_text(conf.read_text().replace("client_max_body_size", "client_max_body_sise"))
+    with pytest.raises(ConfigError, match="client_max_body_sise"):
+        nginx.check(conf)  # its own reason, naming the directive
