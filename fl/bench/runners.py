@@ -199,18 +199,17 @@ def federation(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
 
 @runner("dp-cost")
 def dp_cost(suite: Suite, cell: Cell, seed: int, out: Path) -> Row:
-    task = str(cell.get("task"))
-    steps, threads = int(suite.settings.get("steps", 20)), int(suite.settings.get("threads", 2))
-    measured = {}
-    for mode in ("plain", "dp"):
-        proc = subprocess.run([sys.executable, str(REPO / "bench" / "dp_cost.py"), "--steps", str(steps), "--threads",
-                               str(threads), "--cell", task, mode], cwd=REPO, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise FederationError(f"dp_cost {task} {mode}: {proc.stderr.strip().splitlines()[-1:]}")
-        measured[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-    plain, dp = measured["plain"], measured["dp"]
-    return {"plain_step_ms": plain["step_ms"], "dp_step_ms": dp["step_ms"], "time_ratio": dp["step_ms"] / plain["step_ms"],
-            "plain_peak_mb": plain["peak_mb"], "dp_peak_mb": dp["peak_mb"], "batch": plain.get("batch")}
+    """Plain step, today's DP-SGD step and the ghost-clipping one, each in a fresh process
+    (``bench/dp_cost.py``); a cell's ``steps``/``warmup`` override the suite's."""
+    steps = int(cell.get("steps", suite.settings.get("steps", 20)))
+    warmup = int(cell.get("warmup", suite.settings.get("warmup", 3)))
+    threads = int(suite.settings.get("threads", 2))
+    proc = subprocess.run([sys.executable, "-c", "import sys, json; sys.path.insert(0, 'bench'); import dp_cost; "
+                           f"print(json.dumps(dp_cost.measure({str(cell.get('task'))!r}, seed={seed}, steps={steps}, "
+                           f"warmup={warmup}, threads={threads})))"], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise FederationError(f"dp_cost {cell.get('task')}: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @runner("overhead")

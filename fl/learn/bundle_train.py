@@ -208,13 +208,80 @@ def _set_grad_samples(net: torch.nn.Module, named: list[tuple[str, torch.nn.Para
     return float(losses.detach().sum())
 
 
+PER_CASE = ("auto", "ghost", "vmap")  # DpOptions.per_case
+
+
+class PrivateStep:
+    """One DP-SGD step's per-case clipping for a bundle network, by ``per_case``:
+
+    - ``vmap``: today's path, every case's whole gradient with :func:`per_case_gradients`, then
+      Opacus's DPOptimizer clips them;
+    - ``ghost``: :class:`fl.learn.ghost.GhostClipper`, per-case norms and the clipped sum from one
+      backward pass (ghost norm or per-case weight gradient per layer by the mixed rule, vmap of
+      the module alone for norm layers and activations with parameters), no per-case gradient of
+      the whole network;
+    - ``auto``: ``ghost`` where the network allows it, else ``vmap`` (the reason is logged).
+
+    The noise, its draw order and the update are the optimizer's either way. :attr:`method`
+    names what ran (e.g. "ghost/mixed: 3 ghost norm, 20 instantiate, 9 vmap (module)")."""
+
+    def __init__(self, net: torch.nn.Module, per_case: str = "auto", *, rule: str = "mixed") -> None:
+        from fl.learn.ghost import GhostClipper, Unsupported
+
+        if per_case not in PER_CASE:
+            raise ValueError(f"per-case method must be one of {PER_CASE}, got {per_case!r}")
+        self.net, self.per_case, self.clipper, self.method = net, per_case, None, "torch.func vmap"
+        self.fallback = ""
+        if per_case != "vmap":
+            try:
+                self.clipper = GhostClipper(net, rule=rule)
+            except Unsupported as exc:
+                self._fall_back(exc)
+
+    def _fall_back(self, exc: Exception) -> None:
+        import logging
+
+        if self.per_case == "ghost":
+            raise exc
+        if self.clipper is not None:
+            self.clipper.close()
+        self.clipper, self.method, self.fallback = None, "torch.func vmap", str(exc)
+        logging.getLogger(__name__).info("local DP: ghost clipping does not apply (%s); per-case gradients by "
+                                         "torch.func vmap", exc)
+
+    def run(self, optimizer: Any, named: list[tuple[str, torch.nn.Parameter]], loss_fn: Any,
+            images: torch.Tensor, labels: torch.Tensor) -> float:
+        """Clip, noise and step for the sampled cases; returns their summed loss."""
+        from fl.learn.ghost import Unsupported, summarise
+
+        if self.clipper is not None:
+            try:
+                sums, _, losses = self.clipper.clipped_sum(loss_fn, images, labels, optimizer.max_grad_norm)
+            except Unsupported as exc:
+                self._fall_back(exc)
+            else:
+                self.method = summarise(self.clipper.methods())
+                optimizer.step_clipped(sums)
+                return float(losses.sum())
+        loss = _set_grad_samples(self.net, named, loss_fn, images, labels)
+        optimizer.step()
+        return loss
+
+    def close(self) -> None:
+        if self.clipper is not None:
+            self.clipper.close()
+
+
 def train_bundle_dp(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epochs: int, noise_multiplier: float,
                     max_grad_norm: float, noise: NoiseSource | None = None,
                     device: torch.device | None = None, options: DpOptions | None = None,
                     generator: torch.Generator | None = None) -> TrainResult:
     """DP-SGD over cases with the bundle's loss and optimizer (see the module's docstring).
 
-    Per-case gradients come from :func:`per_case_gradients` rather than Opacus's
+    Per-case clipping is :class:`PrivateStep`'s (``options.per_case``): by default ghost/mixed
+    clipping (:mod:`fl.learn.ghost`), exact and without per-case gradients of the whole network;
+    with ``vmap`` (or where a layer rules ghost clipping out), per-case gradients come from
+    :func:`per_case_gradients` rather than Opacus's
     ``GradSampleModule``, whose backward hooks forbid the in-place additions MONAI's residual
     blocks make (SegResNet's ``x += identity``); Opacus's ``DPOptimizer`` then clips each case's
     gradient, adds the noise (from ``noise``) and steps the bundle's optimizer.
@@ -246,6 +313,7 @@ def train_bundle_dp(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epo
     average = WeightAverage(net, options.ema_decay) if options.ema_decay > 0 else None
     net.train()
     loss_sum, seen = 0.0, 0
+    private_step = PrivateStep(net, options.per_case)
     try:
         for _ in range(event.steps):
             chosen = torch.from_numpy(noise.uniform(len(cases)) < event.sample_rate).nonzero().flatten().tolist()
@@ -254,17 +322,18 @@ def train_bundle_dp(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epo
                 images, labels = _case_batch(cases, chosen, views)
                 if to_onehot:
                     labels = _one_hot(labels, classes)
-                loss_sum += _set_grad_samples(net, named, loss_fn, images.to(device), labels.to(device))
+                loss_sum += private_step.run(optimizer, named, loss_fn, images.to(device), labels.to(device))
                 seen += len(chosen)
             else:  # an empty Poisson sample still releases noise, as the accountant assumes
                 for _, p in named:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            optimizer.step()
+                optimizer.step()
             if average is not None:
                 average.update(net)
         if average is not None:
             average.copy_to(net)
     finally:
+        private_step.close()
         _restore(net, named, frozen)
     return TrainResult(loss=loss_sum / max(seen, 1), seconds=time.perf_counter() - started, steps=event.steps)
 

@@ -34,6 +34,9 @@ class DpOptions:
     views: int = 1  # augmented views of a sampled record, averaged before clipping (De et al. 2022)
     view_augment: str = "flips"  # flips (and quarter turns) on top of the bundle's random transforms, or bundle
     ema_decay: float = 0.0  # > 0: release the exponential moving average of the iterates
+    # how a bundle's per-case gradients are clipped (fl.learn.bundle_train.PER_CASE): "auto" is
+    # ghost/mixed clipping (fl.learn.ghost) where every layer allows it, else "vmap" (torch.func)
+    per_case: str = "auto"
 
     def __post_init__(self) -> None:
         if self.views < 1:
@@ -42,6 +45,8 @@ class DpOptions:
             raise ValueError(f"local_dp.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.view_augment not in ("flips", "bundle"):
             raise ValueError(f"local_dp.view_augment must be flips or bundle, got {self.view_augment!r}")
+        if self.per_case not in ("auto", "ghost", "vmap"):
+            raise ValueError(f"local_dp per-case method must be auto, ghost or vmap, got {self.per_case!r}")
 
 
 def freeze_for_dp(net: torch.nn.Module, trainable: str) -> list[torch.nn.Parameter]:
@@ -90,6 +95,22 @@ class NoiseInjectedDPOptimizer(DPOptimizer):
             noise = self.noise_source.gaussian(tuple(summed.shape), std).to(summed.device)
             p.grad = (summed.double() + noise).to(summed.dtype).view_as(p)
             summed._processed = True  # Opacus's marker: this step's noise is in
+
+    def step_clipped(self, clipped_sums: dict[int, torch.Tensor]) -> None:
+        """The step for per-case gradients clipped and summed elsewhere (:mod:`fl.learn.ghost`,
+        sums by parameter id): what :meth:`step` does after its own clipping, the same noise
+        draw (:meth:`add_noise`, parameters in the same order), the same division by the expected
+        batch size, the wrapped optimizer's update."""
+        for p in self.params:
+            p.summed_grad = clipped_sums[id(p)].to(p.dtype).view_as(p)
+        self.add_noise()
+        if self.loss_reduction == "mean":
+            for p in self.params:
+                p.grad /= self.expected_batch_size
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        self.original_optimizer.step()
 
 
 def check_mechanism(noise_multiplier: float, max_grad_norm: float) -> None:
