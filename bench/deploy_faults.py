@@ -293,7 +293,7 @@ def task_details(cluster: Cluster) -> list[str]:
     return []
 
 
-def final_status(cluster: Cluster, timeout: float = 300) -> str:
+def final_status(cluster: Cluster, timeout: float = 900) -> str:
     """The last run's status once the SuperLink says it finished (``flwr run --stream`` returns early
     when it loses the SuperLink; the run itself may go on)."""
     deadline, seen = time.monotonic() + timeout, "?"
@@ -312,7 +312,8 @@ def run_fault(name: str, out: Path, rounds: int, front: str) -> dict[str, Any]:
     cluster = Cluster(out, nodes=nodes, hosts=True, front=front, budget=50.0, isolation="process",
                       options=NodeOptions(), say=lambda _: None)
     row: dict[str, Any] = {"fault": name, "secagg": secagg}
-    overrides = [f"model_name='{MODEL}'", "output.run_name='first'", "central_dp.enabled=true",
+    # a lost message times out in 90 s instead of 600, so a round that cannot complete ends within the bench
+    overrides = [f"model_name='{MODEL}'", "output.run_name='first'", "strategy.timeout=90", "central_dp.enabled=true",
                  "central_dp.clip_on='client'", "central_dp.noise_multiplier=1.0", f"secagg.enabled={str(secagg).lower()}"]
     mounted = None
     started = time.monotonic()
@@ -340,15 +341,21 @@ def run_fault(name: str, out: Path, rounds: int, front: str) -> dict[str, Any]:
                 row["injected"] = info["injected"]
                 row["outcome"] = final_status(cluster)
                 runs = ["first"]
-                if info.get("resume"):
+                if info.get("resume") or not str(row["outcome"]).endswith("completed"):
+                    # what an operator does after a failed or stopped run: resume it from its last version
+                    if not str(row["outcome"]).startswith("finished"):
+                        with contextlib.suppress(Exception):
+                            deploy._flwr(cluster.home, "stop", str(deploy.last_run(cluster.home)["run-id"]),
+                                         deploy.CONNECTION)
+                        row["outcome"] += " (stopped by the operator)"
                     done = Registry(cluster.out / "registry").versions(MODEL)
                     remaining = rounds - (done[-1].manifest["round"] if done else 0)
-                    again = run_config(cluster.out, remaining, nodes, overrides[:1] + ["output.run_name='resumed'",
-                                                                                   "registry.resume=true"]
-                                       + overrides[2:])
-                    cluster.submit(again, "resumed", 1800)
-                    row["outcome"] += f"; resumed: {final_status(cluster)}"
-                    runs.append("resumed")
+                    if remaining > 0:
+                        again = run_config(cluster.out, remaining, nodes, overrides[:1] + [
+                            "output.run_name='resumed'", "registry.resume=true"] + overrides[2:])
+                        cluster.submit(again, "resumed", 1800)
+                        row["outcome"] += f"; resumed for {remaining} round(s): {final_status(cluster)}"
+                        runs.append("resumed")
                 row.update(account(cluster, runs, info.get("released_before_kill", 0)))
                 row["run_folders"] = {run: f"{status(cluster, run).get('state')} at round {status(cluster, run).get('round')}"
                                       for run in runs}
