@@ -278,13 +278,10 @@ def train_bundle_dp(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epo
                     generator: torch.Generator | None = None) -> TrainResult:
     """DP-SGD over cases with the bundle's loss and optimizer (see the module's docstring).
 
-    Per-case clipping is :class:`PrivateStep`'s (``options.per_case``): by default ghost/mixed
-    clipping (:mod:`fl.learn.ghost`), exact and without per-case gradients of the whole network;
-    with ``vmap`` (or where a layer rules ghost clipping out), per-case gradients come from
-    :func:`per_case_gradients` rather than Opacus's
-    ``GradSampleModule``, whose backward hooks forbid the in-place additions MONAI's residual
-    blocks make (SegResNet's ``x += identity``); Opacus's ``DPOptimizer`` then clips each case's
-    gradient, adds the noise (from ``noise``) and steps the bundle's optimizer.
+    Per-case clipping is :class:`PrivateStep`'s (``options.per_case``): ghost/mixed clipping
+    (:mod:`fl.learn.ghost`) by default; with ``vmap``, or where a layer rules ghost clipping out,
+    :func:`per_case_gradients` (not Opacus's hooks, which forbid MONAI's in-place residual
+    additions). The DP optimizer adds the noise (from ``noise``) and steps the bundle's optimizer.
 
     ``options`` (:class:`DpOptions`): which parameters train (the others keep the global model's
     values), how many augmented views of each sampled case its gradient averages before
@@ -295,9 +292,7 @@ def train_bundle_dp(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epo
     from fl.privacy.accounting import local_event
 
     _check_private(task, noise_multiplier, max_grad_norm)
-    noise = noise or SecureGaussian()
-    device = device or torch.device("cpu")
-    started = time.perf_counter()
+    noise, device, started = noise or SecureGaussian(), device or torch.device("cpu"), time.perf_counter()
     net.to(device)
     batch_size = task.batch_size
     event = local_event(len(cases), epochs=epochs, batch_size=batch_size, noise_multiplier=noise_multiplier)
