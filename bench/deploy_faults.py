@@ -75,14 +75,14 @@ def in_phase(cluster: Cluster, name: str, server_round: int, phase: str) -> Call
     aggregation)"); a RuntimeError if it finished first: the fault would come too late."""
     def check() -> bool:
         s = status(cluster, name)
-        if s.get("state") == "finished":
-            raise RuntimeError(f"the run finished before round {server_round}'s {phase}")
+        if s.get("state") in ("finished", "failed"):
+            raise RuntimeError(f"the run ended before round {server_round}'s {phase}")
         return bool(s.get("round", 0) >= server_round and str(s.get("phase", "")).startswith(phase))
     return check
 
 
 def finished(cluster: Cluster, name: str) -> bool:
-    return status(cluster, name).get("state") == "finished"
+    return status(cluster, name).get("state") in ("finished", "failed")
 
 
 def worker_busy(cluster: Cluster, node: int, kind: str) -> Callable[[], bool]:

@@ -94,6 +94,8 @@ def test_secure_sum_equals_plain_fedavg_and_a_node_requiring_it_refuses_plain_re
     err = capsys.readouterr().err
     assert "every node refused" in err and "only under secure aggregation" in err
     assert not (tmp_path / "registry" / "refused" / "v1").exists()
+    status = json.loads((tmp_path / "runs" / "refused" / "status.json").read_text())
+    assert status["state"] == "failed" and "only under secure aggregation" in status["error"]  # the console says why
 
 
 def test_secure_aggregation_with_central_dp(tmp_path: Path) -> None:

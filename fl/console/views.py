@@ -95,6 +95,8 @@ def run_status(folder: Path) -> dict[str, Any]:
         return {**status, "state": "finished"}
     if not status:
         return {"state": "unknown"}
+    if status.get("state") == "failed":  # the server wrote why before it stopped
+        return status
     if time.time() - float(status.get("time", 0)) > STALE_AFTER_S:
         return {**status, "state": "silent"}
     return status

@@ -124,11 +124,17 @@ class Federation:
     def run(self) -> dict[str, Any]:
         """Every round of ``cfg.rounds`` until one stops the run; the summary."""
         self.start()
-        if self.cfg.strategy.evaluate_initial:
-            self.evaluate_initial()
-        for server_round in range(self.first_round, self.last_round + 1):
-            if not self.play_round(server_round):
-                break
+        try:
+            if self.cfg.strategy.evaluate_initial:
+                self.evaluate_initial()
+            for server_round in range(self.first_round, self.last_round + 1):
+                if not self.play_round(server_round):
+                    break
+        except Exception as exc:  # the view says why the run ended; the error still ends it
+            last = self.history[-1]["round"] if self.history else self.first_round - 1
+            self.folder.write_status(state="failed", round=last, last_round=self.last_round, phase="failed",
+                                     error=f"{type(exc).__name__}: {exc}"[:2000], done=0, total=0)
+            raise
         return self.finish()
 
     # ----- start -------------------------------------------------------------------------------
