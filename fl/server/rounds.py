@@ -130,12 +130,12 @@ class Federation:
             for server_round in range(self.first_round, self.last_round + 1):
                 if not self.play_round(server_round):
                     break
+            return self.finish()
         except Exception as exc:  # the view says why the run ended; the error still ends it
             last = self.history[-1]["round"] if self.history else self.first_round - 1
             self.folder.write_status(state="failed", round=last, last_round=self.last_round, phase="failed",
                                      error=f"{type(exc).__name__}: {exc}"[:2000], done=0, total=0)
             raise
-        return self.finish()
 
     # ----- start -------------------------------------------------------------------------------
     def start(self) -> None:
