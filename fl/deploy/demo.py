@@ -282,6 +282,7 @@ class Cluster:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        self.procs.procs = [(n, p) for n, p in self.procs.procs if p is not proc]  # no longer one of ours
 
     def submit(self, flat: dict[str, Any], name: str, timeout: float) -> dict[str, Any]:
         """Submit a run of ``flat`` and follow it to its end; the SuperLink's record of the run."""
