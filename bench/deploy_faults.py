@@ -209,6 +209,17 @@ def bad_certificate(kind: str) -> Callable[[Cluster, str], dict[str, Any]]:
     return inject
 
 
+ERRORS = {  # what an operator reads for each fault, as each injector names it
+    "superlink-restart": r"(?i)connection to the superlink|unavailable",
+    "superlink-restart-no-secagg": r"(?i)connection to the superlink|unavailable",
+    "link-down": r"did not train|no reply within|Node Unavailable",
+    "node-killed": r"did not train|error 40\d\d|worker died",
+    "serverapp-killed": r"(?i)heartbeat|killed",
+    "disk-full": r"(?i)no space|ENOSPC|did not train",
+    "cert-expired": r"(?i)certificate|SSL|TLS",
+    "cert-other-ca": r"(?i)certificate|SSL|TLS",
+}
+
 FAULTS: dict[str, tuple[Callable[[Cluster, str], dict[str, Any]], bool]] = {
     "superlink-restart": (superlink_restart, True),
     "superlink-restart-no-secagg": (superlink_restart, False),
@@ -401,8 +412,14 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only print the table of an earlier --out")
     args = parser.parse_args()
     root = Path(args.out).resolve()
-    if args.report:
-        print(table(json.loads((root / "faults.json").read_text())))
+    if args.report:  # the error column read again from the logs kept under --out, with today's patterns
+        rows = json.loads((root / "faults.json").read_text())
+        for row in rows:
+            logs = root / row["fault"] / "logs"
+            if "error_running" not in row and logs.is_dir():
+                first = [logs / ("hospital-3.log" if row["fault"].startswith("cert-") else "first.log")]
+                row["error"] = grep_first([*first, *sorted(logs.glob("*.log"))], ERRORS[row["fault"]])
+        print(table(rows))
         return
     if root.exists():
         shutil.rmtree(root)
