@@ -134,10 +134,23 @@ def node_killed(cluster: Cluster, run: str) -> dict[str, Any]:
     wait_for(worker_busy(cluster, 0, "train"), 600, "hospital-0 training")
     time.sleep(0.3)
     cluster.kill("hospital-0")  # fl node start, its SuperNode, SuperExec and warm worker
+    killed = time.monotonic()
     time.sleep(3.0)
-    cluster.start_node("hospital-0")
-    return {"injected": "hospital-0's SuperNode and worker SIGKILLed while training round 2, restarted after 3 s",
-            "error": r"did not train|error 40\d\d|worker died"}
+    # the operator's supervisor (systemd Restart=on-failure, RestartSec=10): the SuperLink refuses to
+    # activate the node's key again until its old session expires, and the SuperNode then exits
+    starts = 0
+    while starts < 20:
+        proc = cluster.start_node("hospital-0")
+        starts += 1
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=45)
+        if proc.poll() is None:
+            break
+        cluster.procs.procs = [(n, p) for n, p in cluster.procs.procs if p is not proc]
+        time.sleep(10.0)
+    return {"injected": f"hospital-0's SuperNode and worker SIGKILLed while training round 2; restarted by a "
+                        f"supervisor every 10 s, online after {starts} start(s), "
+                        f"{time.monotonic() - killed:.0f} s after the kill", "error": ERRORS["node-killed"]}
 
 
 def serverapp_killed(cluster: Cluster, run: str) -> dict[str, Any]:
