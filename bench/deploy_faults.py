@@ -95,12 +95,16 @@ def worker_busy(cluster: Cluster, node: int, kind: str) -> Callable[[], bool]:
     return check
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the colour codes of Flower's log lines
+
+
 def grep_first(paths: list[Path], pattern: str) -> str:
     for path in paths:
         with contextlib.suppress(OSError):
             for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 if re.search(pattern, line):
-                    return f"{path.name}: {line.strip()[:220]}"
+                    plain = ANSI.sub("", line).strip()
+                    return f"{path.name}: {plain[:220]}"
     return ""
 
 
@@ -226,8 +230,8 @@ ERRORS = {  # what an operator reads for each fault, as each injector names it
     "node-killed": r"did not train|error 40\d\d|worker died",
     "serverapp-killed": r"(?i)heartbeat|killed",
     "disk-full": r"(?i)no space|ENOSPC|did not train",
-    "cert-expired": r"(?i)certificate|SSL|TLS",
-    "cert-other-ca": r"(?i)certificate|SSL|TLS",
+    "cert-expired": r"(?i)certificate verify failed|certificate",
+    "cert-other-ca": r"(?i)certificate verify failed|certificate",
 }
 
 FAULTS: dict[str, tuple[Callable[[Cluster, str], dict[str, Any]], bool]] = {
