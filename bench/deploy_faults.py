@@ -235,7 +235,7 @@ ERRORS = {  # what an operator reads for each fault, as each injector names it
     "superlink-restart-no-secagg": r"(?i)connection to the superlink|unavailable",
     "link-down": r"did not train|no reply within|Node Unavailable",
     "node-killed": r"did not train|error 40\d\d|worker died",
-    "serverapp-killed": r"(?i)heartbeat|killed",
+    "serverapp-killed": r"(?i)no heartbeat received",  # else the SuperLink's verdict, as `flwr ls` shows it
     "disk-full": r"(?i)no space|ENOSPC|did not train",
     "cert-expired": r"(?i)certificate verify failed|certificate",
     "cert-other-ca": r"(?i)certificate verify failed|certificate",
@@ -423,7 +423,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             ", ".join(r.get("run_folders", {}).values())
         lines.append(f"| {r['fault']}: {r['injected']} | {'yes' if r['secagg'] else 'no'} | {outcome} | "
                      f"{r['versions']} ({r['registry_chain']}) | {r['journaled']} / {r['released']} | {nodes} | "
-                     f"{r['error'] or '(none)'} |")
+                     f"{r['error'] or ('flwr ls: ' + r['superlink_says'][0] if r.get('superlink_says') else '(none)')} |")
     return "\n".join(lines)
 
 
