@@ -68,37 +68,14 @@ def train_bundle(net: torch.nn.Module, task: BundleTask, cases: Cases, *, epochs
                amp=amp, proximal_mu=proximal_mu)
 
 
-@torch.no_grad()
 def evaluate_bundle(net: torch.nn.Module, task: BundleTask, cases: Cases, *, device: torch.device | None = None,
                     workers: int = 0, amp: bool = False) -> EvalResult:
-    """The bundle's loss, inferer, post-processing and Dice on every validation case (whole
-    volumes, one at a time); ``net`` is back on the CPU after."""
-    from monai.data import decollate_batch
+    """The bundle's loss, inferer, post-processing and Dice on every validation case, one whole
+    volume at a time (:func:`fl.learn.bundle_eval.evaluate_bundle` with a batch of one: the dry run
+    and the tests' reference); ``net`` is back on the CPU after."""
+    from fl.learn.bundle_eval import evaluate_bundle as batched
 
-    device = device or torch.device("cpu")
-    amp = amp and device.type == "cuda"
-    net.to(device)
-    net.eval()
-    loss_fn, inferer, post = task.build_loss(), task.inferer(), task.postprocessing()
-    loss_sum, scores, per_class = 0.0, [], []
-    for batch in loader(cases, batch_size=1, shuffle=False, workers=workers, device=device):
-        image = _plain(batch[IMAGE_KEY]).to(device, non_blocking=True)
-        label = _plain(batch[LABEL_KEY]).to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            logits = inferer(image, net).float()
-        loss_sum += float(loss_fn(logits, label))
-        items = [post(item) for item in decollate_batch({"pred": logits, LABEL_KEY: label})]
-        preds = torch.stack([_plain(i["pred"]) for i in items])
-        truth = torch.stack([_plain(i[LABEL_KEY]) for i in items])
-        case_scores, class_scores = task.scores(preds, truth)
-        scores.append(case_scores.double().cpu())
-        per_class.append(class_scores.double().cpu())
-    net.to("cpu")
-    if not scores:
-        return EvalResult(loss=0.0, score=0.0, record_scores=torch.zeros(0, dtype=torch.float64))
-    per_case = torch.cat(scores)
-    return EvalResult(loss=loss_sum / len(per_case), score=float(per_case.mean()), record_scores=per_case,
-                      class_scores=torch.cat(per_class))
+    return batched(net, task, cases, device=device, workers=workers, amp=amp, batch_size=1)
 
 
 def _case_batch(cases: Cases, chosen: list[int], views: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
