@@ -260,6 +260,10 @@ class LocalDpConfig:
     view_augment: str = _key(
         "flips", "The views' augmentation: flips (random flips and quarter turns, on top of the bundle's own random "
         "transforms) or bundle (the bundle's random training transforms only).", _one_of("flips", "bundle"))
+    per_case: str = _key(
+        "auto", "How a node clips each case's gradient (bundle tasks; the same clipped sum either way): auto (ghost/mixed "
+        "clipping where the network allows, fl/learn/ghost.py, else per-case gradients by torch.func), ghost (refuse "
+        "the fallback) or vmap (per-case gradients always).", _one_of("auto", "ghost", "vmap"))
     ema_decay: float = _key(0.0, "Each node releases the exponential moving average of its DP-SGD iterates with this "
                                  "decay (post-processing, free of privacy cost); 0: the last iterate.",
                             lambda v: None if 0 <= v < 1 else "must be in [0, 1)")

@@ -101,8 +101,10 @@ LOCAL_VIEW_AUGMENT = "local-dp-view-augment"
 LOCAL_EMA_DECAY = "local-dp-ema-decay"
 # A train instruction's local-DP keys, each once for both sides: (wire key, ``local_dp`` config key and
 # DP-SGD option of the same name, its type, what a node assumes when the server sends none)
+LOCAL_PER_CASE = "local-dp-per-case"
 LOCAL_DP_OPTIONS = ((LOCAL_TRAINABLE, "trainable", str, "all"), (LOCAL_VIEWS, "views", int, 1),
-                    (LOCAL_VIEW_AUGMENT, "view_augment", str, "flips"), (LOCAL_EMA_DECAY, "ema_decay", float, 0.0))
+                    (LOCAL_VIEW_AUGMENT, "view_augment", str, "flips"), (LOCAL_EMA_DECAY, "ema_decay", float, 0.0),
+                    (LOCAL_PER_CASE, "per_case", str, "auto"))
 
 
 def local_dp_instruction(section: Any) -> dict[str, Any]:

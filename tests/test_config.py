@@ -118,6 +118,7 @@ def test_local_dp_keys_reach_the_node_by_name() -> None:
                                      "local_dp.ema_decay": 0.9})
     sent = wire.local_dp_instruction(cfg.local_dp)
     got = DpOptions(**wire.local_dp_options(sent))
-    assert got == DpOptions(trainable="decoder", views=3, view_augment=cfg.local_dp.view_augment, ema_decay=0.9)
+    assert got == DpOptions(trainable="decoder", views=3, view_augment=cfg.local_dp.view_augment, ema_decay=0.9,
+                            per_case="auto")
     assert DpOptions(**wire.local_dp_options({})) == DpOptions()  # a server that sends none: the plain mechanism
     assert sent[wire.LOCAL_NOISE_MULTIPLIER] == cfg.local_dp.noise_multiplier
