@@ -144,7 +144,7 @@ def supervise(cluster: Cluster, name: str) -> int:
             proc.wait(timeout=45)
         if proc.poll() is None:
             return starts
-        cluster.procs.procs = [(n, p) for n, p in cluster.procs.procs if p is not proc]
+        cluster.forget(proc)
         time.sleep(10.0)
     raise RuntimeError(f"{name} did not stay up after {starts} starts")
 

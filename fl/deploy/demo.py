@@ -282,7 +282,11 @@ class Cluster:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        self.procs.procs = [(n, p) for n, p in self.procs.procs if p is not proc]  # no longer one of ours
+        self.forget(proc)
+
+    def forget(self, proc: Any) -> None:
+        """A process that ended is no longer one of the cluster's (a restart is checked on its own)."""
+        self.procs.procs = [(n, p) for n, p in self.procs.procs if p is not proc]
 
     def submit(self, flat: dict[str, Any], name: str, timeout: float) -> dict[str, Any]:
         """Submit a run of ``flat`` and follow it to its end; the SuperLink's record of the run."""

@@ -61,28 +61,24 @@ server {{
     proxy_buffers 64 64k;
     limit_req zone=oncofed_fleet burst={burst} nodelay;
     limit_req_status 503;
+    # the upstream leg, for both proxied locations: TLS to the SuperLink, checked against the CA
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_ssl_trusted_certificate {ca_cert};
+    proxy_ssl_verify on;
+    proxy_ssl_name {upstream_name};
+    proxy_ssl_server_name on;
+    proxy_ssl_session_reuse on;
+    proxy_read_timeout 600s;
+    proxy_send_timeout 600s;
 
     location /v1/fleet/ {{
         limit_except POST {{ deny all; }}
         proxy_pass https://oncofed_superlink;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_ssl_trusted_certificate {ca_cert};
-        proxy_ssl_verify on;
-        proxy_ssl_name {upstream_name};
-        proxy_ssl_server_name on;
-        proxy_ssl_session_reuse on;
-        proxy_read_timeout 600s;
-        proxy_send_timeout 600s;
     }}
     location = /health {{
         limit_except GET {{ deny all; }}
         proxy_pass https://oncofed_superlink;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_ssl_trusted_certificate {ca_cert};
-        proxy_ssl_verify on;
-        proxy_ssl_name {upstream_name};
     }}
     location / {{
         return 403 "only the Fleet API is served here\\n";

@@ -184,15 +184,12 @@ class CheckedPersistentDataset(PersistentDataset):  # type: ignore[misc]
         """Preprocess (and so check) every case not in the cache yet, and hold every case in memory
         while the budget allows (cached cases were checked when they were written). Entries of files
         that changed or left the dataset are removed."""
-        if self.cache_dir is None:
-            for item in self.data:
-                self._cachecheck(item)
-            return
-        entries = [(item, self.cache_dir / f"{self.hash_func(item).decode()}.pt") for item in self.data]
-        for item, _ in entries:  # every case into memory now (within the budget), cached or preprocessed:
+        for item in self.data:  # every case into memory now (within the budget), cached or preprocessed:
             self._cachecheck(item)  # a sampled case never waits for the disk in a later round
-        for stale in set(self.cache_dir.glob("*.pt")) - {entry for _, entry in entries}:
-            stale.unlink(missing_ok=True)
+        if self.cache_dir is not None:
+            kept = {self.cache_dir / f"{self.hash_func(item).decode()}.pt" for item in self.data}
+            for stale in set(self.cache_dir.glob("*.pt")) - kept:
+                stale.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
