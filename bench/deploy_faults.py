@@ -186,7 +186,7 @@ def disk_full(cluster: Cluster, run: str) -> dict[str, Any]:
     state = state_dir(node_dir(cluster.out / "data", 2))
     wait_for(in_phase(cluster, run, 2, "train"), 600, "round 2's training")
     filler = state / "filler"
-    with filler.open("wb") as fh, contextlib.suppress(OSError):
+    with contextlib.suppress(OSError), filler.open("wb", buffering=0) as fh:  # ENOSPC on a write or the close
         while True:
             fh.write(b"\0" * 65536)
     wait_for(lambda: finished(cluster, run) or in_phase(cluster, run, 3, "train")(), 900, "round 3")
