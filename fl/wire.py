@@ -82,6 +82,7 @@ ERROR_APP_NOT_APPROVED = 4006  # the run's app (FAB) is not on the node operator
 ERROR_NODE_WORKER_DIED = 4007  # the node's warm worker process died while serving the message
 ERROR_APP_LOAD_FAILED = 4008  # the node's worker could not import the run's (approved) app
 ERROR_MALFORMED_REPLY = 4009  # the server could not unpack a reply's content (fl.packing)
+ERROR_NODE_FAILED = 4010  # the node itself failed while serving the message (its disk full, ...)
 
 # local DP (record level) in a train instruction; absent: no local DP
 LOCAL_NOISE_MULTIPLIER = "local-dp-noise-multiplier"

@@ -199,8 +199,13 @@ class Dispatcher:
         """``worker.json`` in the state folder: which process serves which run, and whether busy."""
         path = self.state / "worker" / STATUS_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"node_pid": os.getpid(), **fields}), encoding="utf-8")
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps({"node_pid": os.getpid(), **fields}), encoding="utf-8")
+            tmp.replace(path)
+        except OSError as exc:  # informational only; what guards the node's records (its ledger) raises itself
+            log.warning("could not write %s: %s", path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     # ----- the runtime API ----------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -250,9 +255,9 @@ class Dispatcher:
 
         client = task_client(self.address, token)
         heartbeat = start_heartbeat(client)
-        context = None
+        message = context = None
         status, details = TASK_FAILED, "the node could not serve the task"
-        served = None
+        served, replied = None, False
         try:
             message, context, run, fab = pull_task_input(client)
             kind = message.metadata.message_type
@@ -274,6 +279,7 @@ class Dispatcher:
                 reply, context, served = self._call(worker, job, message, context, run.run_id, kind)
                 self._status(worker_pid=self.active.pid if self.active else None, run_id=run.run_id, busy=None)
             push_message(client, reply, context)
+            replied = True
             if served.outcome == "ok":
                 status, details = TASK_COMPLETED, ""
             else:
@@ -281,8 +287,15 @@ class Dispatcher:
             log.info(SERVED_LOG, served.run_id, served.message_type, served.worker_pid, served.seconds,
                      served.data_files_read, served.outcome)
             return served
-        except Exception:  # noqa: BLE001 - the task fails; the node keeps serving
+        except Exception as exc:  # noqa: BLE001 - the task fails; the node keeps serving
             log.exception("could not serve a ClientApp task")
+            details = f"the node could not serve the message: {type(exc).__name__}: {exc}"
+            if message is not None and not replied:
+                # Flower's SuperNode waits for a reply to every message it handed out before it pulls
+                # the next one: without this error reply it would hang, its runtime API still open
+                with contextlib.suppress(Exception):
+                    push_message(client, Message(Error(code=wire.ERROR_NODE_FAILED, reason=details),
+                                                 reply_to=message), context)
             return None
         finally:
             with contextlib.suppress(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.deployment)
         elif module in FEDERATION_MODULES:
             item.add_marker(pytest.mark.federation)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_ray_cluster_per_test_process() -> Iterator[None]:
+    """The in-process simulations of one test process share one Ray cluster, started by the first
+    and shut down when the session ends. Flower's ``RayBackend.terminate`` shuts Ray down after
+    every run, and starting it again costs about 5 s on CI's two cores, paid by some thirty runs.
+    The virtual nodes (actors, each in its own worker process) are still created and killed per
+    run, so no node state crosses runs; the launch that ships (``fl run`` in its own process, as
+    the subprocess tests and ``make run`` run it) keeps Flower's own terminate."""
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    original = raybackend.RayBackend.terminate
+
+    def terminate_actors_only(self: raybackend.RayBackend) -> None:
+        for actor in self.pool.pool if self.pool else []:  # at once, not after their queued calls
+            raybackend.ray.kill(actor, no_restart=True)
+
+    raybackend.RayBackend.terminate = terminate_actors_only  # type: ignore[method-assign]
+    yield
+    raybackend.RayBackend.terminate = original  # type: ignore[method-assign]
+    if raybackend.ray.is_initialized():
+        raybackend.ray.shutdown()
