@@ -24,7 +24,7 @@ def tiny_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # The slow classes of test, by module: `pytest -m "not federation and not deployment"` is the quick
 # loop (a few minutes); CI runs everything and prints the 15 slowest tests (--durations=15).
-DEPLOYMENT_MODULES = {"test_deploy", "test_warm_nodes"}  # real SuperLink, SuperNodes and workers
+DEPLOYMENT_MODULES = {"test_deploy", "test_deploy_hosts", "test_warm_nodes"}  # real SuperLink, SuperNodes and workers
 FEDERATION_MODULES = {"test_simulation", "test_simulation_dp", "test_simulation_faults", "test_secagg",
                       "test_crash_resume", "test_validation", "test_distributed_noise"}  # federations on Flower's Simulation Engine
 

@@ -14,16 +14,21 @@ from monai.networks.utils import one_hot
 
 from fl.learn.bundle_train import PrivateStep, onehot_outside, per_case_gradients
 from fl.learn.dp_train import NoiseInjectedDPOptimizer
+from fl.learn import ghost
 from fl.learn.ghost import GhostClipper, Unsupported
 from fl.privacy.noise import SeededGaussian
 
 
-def _unet(dims: int) -> torch.nn.Module:
-    """A small MONAI UNet with residual units (conv, transposed conv, instance norm with
-    affine, PReLU), as the bundles build them."""
+NORMS = {"instance": ("instance", {"affine": True}),  # the seg bundles'
+         "group": ("group", {"num_groups": 1})}  # one group over all channels; instance: one per channel
+
+
+def _unet(dims: int, norm: str = "instance") -> torch.nn.Module:
+    """A small MONAI UNet with residual units (conv, transposed conv, a norm with affine
+    parameters, PReLU), as the bundles build them."""
     torch.manual_seed(0)
     return UNet(spatial_dims=dims, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2),
-                num_res_units=2, norm=("instance", {"affine": True}))
+                num_res_units=2, norm=NORMS[norm])
 
 
 def _cases(dims: int, cases: int = 4, patches: int = 3, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +57,15 @@ def _vmap_norms(net: torch.nn.Module, loss_fn: torch.nn.Module, images: torch.Te
 
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("rule", ["mixed", "ghost", "instantiate"])
-def test_per_case_norms_equal_the_vmap_paths(dims: int, rule: str) -> None:
-    net = _unet(dims)
+@pytest.mark.parametrize("norm", ["instance", "group"])
+@pytest.mark.parametrize("elementwise", ["closed form", "vmap (module)"])
+def test_per_case_norms_equal_the_vmap_paths(dims: int, rule: str, norm: str, elementwise: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    if elementwise == "vmap (module)":  # the path of any other module with parameters, on these layers
+        kind = ghost._kind
+        monkeypatch.setattr(ghost, "_kind", lambda m: "module" if kind(m) in ("groupnorm", "instancenorm", "prelu")
+                            else kind(m))
+    net = _unet(dims, norm)
     loss_fn, _ = onehot_outside(_loss())
     images, labels = _cases(dims)
     hot = _hot(labels)
@@ -65,7 +77,7 @@ def test_per_case_norms_equal_the_vmap_paths(dims: int, rule: str) -> None:
     finally:
         clipper.close()
     assert torch.allclose(norms, expected, rtol=1e-4, atol=1e-6), (norms, expected)
-    assert "vmap (module)" in methods  # instance norm affines and PReLU
+    assert elementwise in methods  # the norms' affines and PReLU
     if rule == "ghost":
         assert "ghost norm" in methods
     if rule == "instantiate":
@@ -90,8 +102,9 @@ def _step(net: torch.nn.Module, per_case: str, images: torch.Tensor, labels: tor
 
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("rule", ["mixed", "ghost"])
-def test_clipped_noised_update_equals_the_vmap_paths(dims: int, rule: str) -> None:
-    net = _unet(dims)
+@pytest.mark.parametrize("norm", ["instance", "group"])
+def test_clipped_noised_update_equals_the_vmap_paths(dims: int, rule: str, norm: str) -> None:
+    net = _unet(dims, norm)
     images, labels = _cases(dims)
     loss_fn, _ = onehot_outside(_loss())
     norms = _vmap_norms(net, loss_fn, images, _hot(labels))

@@ -21,9 +21,14 @@ hooks, in one backward that computes no parameter gradient at all):
     size, not the activations'). The clipped sum is then ``sum_i c_i G_i``: no second backward.
 
   Biases are always instantiated (``sum_t g_it``).
-- **Any other module with parameters of its own** (GroupNorm, InstanceNorm, PReLU, ...): its
-  per-case gradients by ``torch.func.vmap`` of that module alone, on its captured input and
-  output gradient ("vmap (module)"): exact, and as cheap as the module.
+- **GroupNorm, InstanceNorm with affine parameters and no running statistics, PReLU**: their
+  per-case gradients in closed form ("closed form"), elementwise from ``a`` and ``g``: the norm's
+  weight gradient is ``sum(x_hat * g)`` and its bias's ``sum(g)`` over a case's positions, with
+  ``x_hat`` the normalised input (the norm run again without its affine); PReLU's is
+  ``sum(min(a, 0) * g)``. One pass over the activation, no backward.
+- **Any other module with parameters of its own**: its per-case gradients by ``torch.func.vmap``
+  of that module alone, on its captured input and output gradient ("vmap (module)"): exact, and
+  as cheap as the module's forward and backward.
 
 So this is book-keeping in one backward pass (Bu et al. 2023, "book-keeping"): norms and clipped
 sum come from the same captured ``a`` and ``g``, with no second backward through the network.
@@ -66,12 +71,38 @@ class _Layer:
     method: str = ""
 
 
+INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
 def _kind(module: nn.Module) -> str:
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, CONVS) and not isinstance(module.padding, str):
         return "conv"
+    if isinstance(module, nn.GroupNorm) and module.affine:
+        return "groupnorm"
+    if isinstance(module, INSTANCE_NORMS) and module.affine and not module.track_running_stats:
+        return "instancenorm"
+    if isinstance(module, nn.PReLU):
+        return "prelu"
     return "module"
+
+
+def _closed_form(module: nn.Module, kind: str, a: torch.Tensor, g: torch.Tensor, cases: int
+                 ) -> dict[str, torch.Tensor]:
+    """Per-case gradients ``(cases, *shape)`` of a norm's affine parameters or PReLU's slope, from
+    the layer's input ``a`` and output gradient ``g`` (rows, channels, *positions)."""
+    positions = tuple(range(2, a.dim()))
+    if kind == "prelu":
+        slope = torch.clamp(a, max=0) * g  # d/dw of max(0, a) + w min(0, a)
+        per_row = slope.sum(positions) if module.weight.numel() > 1 else slope.flatten(1).sum(1, keepdim=True)
+        return {"weight": per_row.reshape(cases, -1, *module.weight.shape).sum(1)}
+    if kind == "groupnorm":
+        normalised = nn.functional.group_norm(a, module.num_groups, None, None, module.eps)
+    else:
+        normalised = nn.functional.instance_norm(a, eps=module.eps)
+    out = {"weight": (normalised * g).sum(positions), "bias": g.sum(positions)}
+    return {k: v.reshape(cases, -1, v.shape[-1]).sum(1) for k, v in out.items()}
 
 
 def _conv_input(module: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -185,6 +216,11 @@ class GhostClipper:
         kind = _kind(layer.module)
         if kind == "module":
             self._module_grads(layer, a, g, cases)
+        elif kind in ("groupnorm", "instancenorm", "prelu"):
+            layer.method = "closed form"
+            for key, value in _closed_form(layer.module, kind, a, g, cases).items():
+                if key in layer.params:
+                    self._add(layer, key, value)
         else:
             self._weight_grads(layer, kind, a, g, cases)
         layer.calls[index] = (a.new_empty(0), 0)  # release the activation once its layer is done
@@ -297,7 +333,7 @@ class GhostClipper:
         return _conv_weight_grad(layer.module, a, g * scale)
 
     def methods(self) -> dict[str, str]:
-        """The method each layer used at the last step (ghost norm, instantiate, vmap (module))."""
+        """The method each layer used at the last step (ghost norm, instantiate, closed form, vmap (module))."""
         return {layer.name: layer.method for layer in self.layers if layer.method}
 
 
