@@ -255,9 +255,8 @@ class Dispatcher:
 
         client = task_client(self.address, token)
         heartbeat = start_heartbeat(client)
-        message = context = None
-        status, details = TASK_FAILED, "the node could not serve the task"
-        served, replied = None, False
+        message = context = served = None
+        status, details, replied = TASK_FAILED, "the node could not serve the task", False
         try:
             message, context, run, fab = pull_task_input(client)
             kind = message.metadata.message_type
@@ -291,11 +290,7 @@ class Dispatcher:
             log.exception("could not serve a ClientApp task")
             details = f"the node could not serve the message: {type(exc).__name__}: {exc}"
             if message is not None and not replied:
-                # Flower's SuperNode waits for a reply to every message it handed out before it pulls
-                # the next one: without this error reply it would hang, its runtime API still open
-                with contextlib.suppress(Exception):
-                    push_message(client, Message(Error(code=wire.ERROR_NODE_FAILED, reason=details),
-                                                 reply_to=message), context)
+                _reply_error(client, message, context, details)
             return None
         finally:
             with contextlib.suppress(Exception):
@@ -340,6 +335,18 @@ class Dispatcher:
             if worker is not None:
                 worker.stop()
         self.active = self.spare = None
+
+
+def _reply_error(client: Any, message: Any, context: Any, details: str) -> None:
+    """Answer ``message`` with the node's own failure: Flower's SuperNode waits for a reply to each
+    message it handed out before it pulls the next, so without one it would hang, its runtime API
+    still open, serving nothing."""
+    from flwr.app import Error, Message
+
+    from fl.flower_compat.runtime import push_message
+
+    with contextlib.suppress(Exception):
+        push_message(client, Message(Error(code=wire.ERROR_NODE_FAILED, reason=details), reply_to=message), context)
 
 
 def _task_id() -> int:

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import fl.engine_env  # noqa: F401,E402  (before Flower is imported)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per test process, and per process it starts (deployed nodes, `fl` subprocesses):
+    # the test workers already use every core, and torch's default of one thread per core in each
+    # of them made the in-process training of one worker compete with the other's for the same cores
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from fl.learn import get_task  # noqa: E402
 from fl.learn.synth import synthesize  # noqa: E402
 

@@ -68,6 +68,14 @@ def _command(tmp: Path, name: str, rounds: int, *extra: str, kill_after_release:
             "--set", f"output.run_name={name}", *extra]
 
 
+def _resume(tmp: Path, rounds: int) -> int:
+    """The operator's ``fl run ... --resume`` after the crash (in this process: the crash is over)."""
+    from fl.cli import main
+
+    argv = _command(tmp, "resumed", rounds, "--resume")
+    return main(argv[argv.index("run"):])
+
+
 @pytest.mark.parametrize("kill_after", [2])  # one kill mid-run (1 and 3 ran the same path; CI time)
 def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_chain_and_epsilon(tmp_path: Path, kill_after: int) -> None:
     registry = Registry(tmp_path / "reg")
@@ -83,8 +91,7 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_chain_and_epsilon(tm
     assert kill_after <= len(done) < ROUNDS
 
     remaining = ROUNDS - done[-1].manifest["round"]
-    resumed = subprocess.run(_command(tmp_path, "resumed", remaining, "--resume"), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _resume(tmp_path, remaining) == 0
 
     versions = registry.verify("dp-central")
     assert [v.manifest["round"] for v in versions] == list(range(1, ROUNDS + 1))
@@ -112,8 +119,7 @@ def test_a_release_between_evaluation_and_commit_is_counted_after_resume(tmp_pat
     registry = Registry(tmp_path / "reg")
     assert [v.manifest["round"] for v in registry.verify("dp-central")] == [1]
 
-    resumed = subprocess.run(_command(tmp_path, "resumed", 2, "--resume"), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _resume(tmp_path, 2) == 0
     last = registry.verify("dp-central")[-1].manifest
     assert last["round"] == 3
     assert last["privacy"]["client_level"]["rounds"] == 4  # rounds 1, 2 (lost commit), 2 again, 3

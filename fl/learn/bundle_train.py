@@ -200,7 +200,7 @@ class PrivateStep:
     - ``auto``: ``ghost`` where the network allows it, else ``vmap`` (the reason is logged).
 
     The noise, its draw order and the update are the optimizer's either way. :attr:`method`
-    names what ran (e.g. "ghost/mixed: 3 ghost norm, 20 instantiate, 9 vmap (module)")."""
+    names what ran (e.g. "ghost/mixed: 9 closed form, 3 ghost norm, 20 instantiate")."""
 
     def __init__(self, net: torch.nn.Module, per_case: str = "auto", *, rule: str = "mixed") -> None:
         from fl.learn.ghost import GhostClipper, Unsupported
