@@ -12,12 +12,11 @@ from monai.losses import DiceCELoss, DiceLoss
 from monai.networks.nets import SegResNet, UNet
 from monai.networks.utils import one_hot
 
+from fl.learn import ghost
 from fl.learn.bundle_train import PrivateStep, onehot_outside, per_case_gradients
 from fl.learn.dp_train import NoiseInjectedDPOptimizer
-from fl.learn import ghost
 from fl.learn.ghost import GhostClipper, Unsupported
 from fl.privacy.noise import SeededGaussian
-
 
 NORMS = {"instance": ("instance", {"affine": True}),  # the seg bundles'
          "group": ("group", {"num_groups": 1})}  # one group over all channels; instance: one per channel
