@@ -12,10 +12,12 @@ TORCH  ?= torch==2.13.0
 run: $(STAMP)
 	$(VENV)/bin/fl run configs/quickstart.toml
 
-# two workers (pytest-xdist), each taking whole modules so a module's shared dataset or deployment
-# is built once: CI's two cores, about a third less wall time than one process
+# three workers (pytest-xdist), each taking whole modules so a module's shared dataset or deployment
+# is built once, longest modules first (tests/conftest.py). On CI's two cores two workers kept the
+# cores busy only about half the time (the tests wait on processes they start: engines, SuperLinks,
+# SuperNodes); a third fills the gaps
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -n 3 --dist loadfile
 
 setup: $(STAMP)
 
