@@ -13,11 +13,12 @@ run: $(STAMP)
 	$(VENV)/bin/fl run configs/quickstart.toml
 
 # three workers (pytest-xdist), each taking whole modules so a module's shared dataset or deployment
-# is built once, longest modules first (tests/conftest.py). On CI's two cores two workers kept the
-# cores busy only about half the time (the tests wait on processes they start: engines, SuperLinks,
-# SuperNodes); a third fills the gaps
+# is built once, in collection order, i.e. longest modules first (tests/conftest.py; xdist's own
+# reordering by the number of tests per module would start the long few-test modules last). On
+# CI's two cores two workers kept the cores busy only about half the time (the tests wait on the
+# processes they start: engines, SuperLinks, SuperNodes); a third fills the gaps
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n 3 --dist loadfile
+	$(VENV)/bin/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder
 
 setup: $(STAMP)
 
