@@ -32,6 +32,7 @@ message.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -288,7 +289,7 @@ class Dispatcher:
             return served
         except Exception as exc:  # noqa: BLE001 - the task fails; the node keeps serving
             log.exception("could not serve a ClientApp task")
-            details = f"the node could not serve the message: {type(exc).__name__}: {exc}"
+            details = f"the node could not serve the message ({_cause(exc)}); details are in the node's log"
             if message is not None and not replied:
                 _reply_error(client, message, context, details)
             return None
@@ -335,6 +336,15 @@ class Dispatcher:
             if worker is not None:
                 worker.stop()
         self.active = self.spare = None
+
+
+def _cause(exc: BaseException) -> str:
+    """What a failure's reply may say: its type and, for an OS error, the errno's name and text;
+    never the message itself, which may name a file on the node ("ENOSPC ...: '/data/...'")."""
+    cause = type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno:
+        cause += f" {errno.errorcode.get(exc.errno, exc.errno)}: {os.strerror(exc.errno)}"
+    return cause
 
 
 def _reply_error(client: Any, message: Any, context: Any, details: str) -> None:

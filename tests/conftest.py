@@ -40,9 +40,9 @@ FEDERATION_MODULES = {"test_simulation", "test_simulation_dp", "test_simulation_
                       "test_crash_resume", "test_validation", "test_distributed_noise"}  # federations on Flower's Simulation Engine
 
 
-# The longest modules (seconds of one CI run, 2026-12-07), first: pytest-xdist hands whole modules
-# to the workers in collection order, so the long ones start at once and the short ones fill the
-# workers' ends (longest first); modules not named here keep their order after these.
+# The longest modules (by one CI run, 2026-12-07), first: run with --no-loadscope-reorder (as the
+# Makefile does), pytest-xdist hands whole modules to the workers in collection order, so the long
+# ones start at once and the short ones fill the workers' ends; the others keep their order after.
 LONGEST_FIRST = ("test_bundle", "test_crash_resume", "test_deploy", "test_deploy_hosts", "test_secagg",
                  "test_simulation_faults", "test_console", "test_simulation", "test_hostile_coordinator",
                  "test_bench", "test_simulation_dp", "test_distributed_noise", "test_malicious_secagg",

@@ -56,16 +56,17 @@ def test_a_node_failing_while_it_serves_still_answers_with_its_error(tmp_path: P
     dispatcher = _dispatcher(tmp_path, api.fab)
 
     def no_space(run_id: int, digest: str) -> Any:
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/hospital/patient-0042/.oncofed/worker.json")
 
     monkeypatch.setattr(dispatcher, "worker_for", no_space)
     assert dispatcher.serve_task("token") is None
     (reply,) = api.replies  # answered, so the SuperNode goes on to its next message
     assert reply.has_error() and reply.error.code == wire.ERROR_NODE_FAILED
-    assert "No space left on device" in reply.error.reason
+    assert "OSError ENOSPC: No space left on device" in reply.error.reason
+    assert "/data" not in reply.error.reason and "patient" not in reply.error.reason  # no path leaves the node
     assert reply.metadata.reply_to_message_id == message.metadata.message_id
     (output,) = api.outputs
-    assert "No space left on device" in output["details"]
+    assert "ENOSPC" in output["details"] and "/data" not in output["details"]
 
 
 def test_the_informational_worker_status_never_fails_a_message(tmp_path: Path) -> None:
