@@ -66,22 +66,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def one_ray_cluster_per_test_process() -> Iterator[None]:
-    """The in-process simulations of one test process share one Ray cluster, started by the first
-    and shut down when the session ends. Flower's ``RayBackend.terminate`` shuts Ray down after
+    """The in-process simulations of one test process share one Ray cluster of one CPU, started by
+    the first and shut down when the session ends. Flower's ``RayBackend.terminate`` shuts Ray down after
     every run, and starting it again costs about 5 s on CI's two cores, paid by some thirty runs.
     The virtual nodes (actors, each in its own worker process) are still created and killed per
     run, so no node state crosses runs; the launch that ships (``fl run`` in its own process, as
     the subprocess tests and ``make run`` run it) keeps Flower's own terminate."""
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
-    original = raybackend.RayBackend.terminate
+    original, original_init = raybackend.RayBackend.terminate, raybackend.RayBackend.init_ray
 
     def terminate_actors_only(self: raybackend.RayBackend) -> None:
         for actor in self.pool.pool if self.pool else []:  # at once, not after their queued calls
             raybackend.ray.kill(actor, no_restart=True)
 
+    def one_cpu(self: raybackend.RayBackend, backend_config: dict) -> None:  # type: ignore[type-arg]
+        # one virtual node process per run (the nodes take turns on it): each such process imports
+        # torch and MONAI (about 8 CPU s), and the test workers already keep every core busy
+        init_args = {**backend_config.get("init_args", {}), "num_cpus": 1}
+        original_init(self, {**backend_config, "init_args": init_args})
+
     raybackend.RayBackend.terminate = terminate_actors_only  # type: ignore[method-assign]
+    raybackend.RayBackend.init_ray = one_cpu  # type: ignore[method-assign]
     yield
     raybackend.RayBackend.terminate = original  # type: ignore[method-assign]
+    raybackend.RayBackend.init_ray = original_init  # type: ignore[method-assign]
     if raybackend.ray.is_initialized():
         raybackend.ray.shutdown()
