@@ -98,6 +98,13 @@ def worker_busy(cluster: Cluster, node: int, kind: str) -> Callable[[], bool]:
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the colour codes of Flower's log lines
 
 
+def error_line(logs: Path, fault: str) -> str:
+    """What an operator reads for ``fault`` in a row's logs: the run's own log first (the node's
+    own for a certificate fault, where the run never hears of it), then every other log."""
+    first = logs / ("hospital-3.log" if fault.startswith("cert-") else "first.log")
+    return grep_first([first, *sorted(logs.glob("*.log"))], ERRORS[fault])
+
+
 def grep_first(paths: list[Path], patterns: list[str]) -> str:
     """The first line of ``paths`` (in order) that matches the first pattern matching anywhere."""
     texts = []
@@ -134,8 +141,7 @@ def link_down(cluster: Cluster, run: str) -> dict[str, Any]:
     cluster.network.set_link("hospital-1", False)
     wait_for(lambda: finished(cluster, run) or in_phase(cluster, run, 3, "train")(), 900, "round 3")
     cluster.network.set_link("hospital-1", True)
-    return {"injected": "hospital-1's link down from round 2's training until round 3 started",
-            }
+    return {"injected": "hospital-1's link down from round 2's training until round 3 started"}
 
 
 def supervise(cluster: Cluster, name: str) -> int:
@@ -196,8 +202,7 @@ def disk_full(cluster: Cluster, run: str) -> dict[str, Any]:
             fh.write(b"\0" * 65536)
     wait_for(lambda: finished(cluster, run) or in_phase(cluster, run, 3, "train")(), 900, "round 3")
     filler.unlink()
-    return {"injected": "hospital-2's state folder (a 16 MB tmpfs) filled during round 2, freed at round 3",
-            }
+    return {"injected": "hospital-2's state folder (a 16 MB tmpfs) filled during round 2, freed at round 3"}
 
 
 def _ca_copy(cluster: Cluster, kind: str) -> Path:
@@ -230,8 +235,7 @@ def bad_certificate(kind: str) -> Callable[[Cluster, str], dict[str, Any]]:
     nodes, so it goes on with the others while hospital-3 cannot connect."""
     def inject(cluster: Cluster, run: str) -> dict[str, Any]:
         what = "the consortium CA re-issued expired yesterday" if kind == "expired" else "another CA"
-        return {"injected": f"hospital-3 (of 4 registered) restarted before the run trusting {what}",
-                "error_log": "hospital-3.log"}
+        return {"injected": f"hospital-3 (of 4 registered) restarted before the run trusting {what}"}
     return inject
 
 
@@ -401,9 +405,7 @@ def run_fault(name: str, out: Path, rounds: int, front: str) -> dict[str, Any]:
                 row.update(account(cluster, runs, info.get("released_before_kill", 0)))
                 row["run_folders"] = {run: f"{status(cluster, run).get('state')} at round {status(cluster, run).get('round')}"
                                       for run in runs}
-                logs = sorted((cluster.out / "logs").glob("*.log"))
-                first = [cluster.out / "logs" / info.get("error_log", "first.log")]
-                row["error"] = grep_first([*first, *logs], ERRORS[name])
+                row["error"] = error_line(cluster.out / "logs", name)
             finally:
                 cluster.stop()
                 row["superlink_says"] = task_details(cluster)
@@ -446,8 +448,7 @@ def main() -> None:
         for row in rows:
             logs = root / row["fault"] / "logs"
             if "error_running" not in row and logs.is_dir():
-                first = [logs / ("hospital-3.log" if row["fault"].startswith("cert-") else "first.log")]
-                row["error"] = grep_first([*first, *sorted(logs.glob("*.log"))], ERRORS[row["fault"]])
+                row["error"] = error_line(logs, row["fault"])
         print(table(rows))
         return
     if root.exists():
