@@ -1,0 +1,130 @@
+"""The Simulation Engine's virtual-node processes, started while the coordinator starts.
+
+What Flower 1.41 does: ``_run_simulation`` starts the ServerApp's thread first, then the
+Simulation Engine, whose ``RayBackend`` starts Ray (``init_ray``, skipped when Ray is already
+up) and, in ``build``, a ``BasicActorPool`` of ``ClientAppActor`` actors, one Ray worker process
+per slot. Each such process imports the ClientApp's modules (torch, MONAI, the node's code) at its
+first message: 6 to 7 CPU seconds each on the project's 2-core machine, on the clock of the run's
+first round, after the coordinator has already spent as long importing the same libraries.
+
+What this module does: :class:`StartedNodes` starts Ray through ``RayBackend``'s own constructor
+(so ``init_ray``'s arguments, its ``PYTHONPATH`` runtime environment and any test patch of it
+apply) and creates the pool's actors in a background thread, each importing the given modules
+as it is created (Flower's ``on_actor_init_fn``), while the coordinator imports, checks its
+config and builds its first model. :func:`adopting` replaces ``RayBackend.build`` for one run so
+that the pool takes those actors instead of creating its own; the pool's own ``terminate`` stops
+them as it stops its own. The actors belong to the run that started them: created for it,
+adopted by it, killed when it ends or (:meth:`StartedNodes.discard`) when it fails before it
+starts; no state crosses runs.
+
+If Flower changes: the canary in ``tests/test_flower_compat.py`` checks ``RayBackend``'s
+constructor, ``build``'s signature, the pool's ``pool``, ``num_actors``, ``actors_capacity`` and
+``add_actors_to_pool``, and ``ClientAppActor``'s ``on_actor_init_fn``. If starting early fails
+(Ray, an actor), nothing is adopted and Flower starts its nodes as it always does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+log = logging.getLogger("flwr.oncofed.simulation")
+_OWNER_POLL_S = 1.0
+
+
+def import_modules(names: tuple[str, ...]) -> None:
+    """Import ``names`` in this (actor) process; a failure is logged, not raised: the first message
+    imports them again and fails there, through the ClientApp's own error path."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the actor must come up; its first message reports the failure
+            log.exception("virtual node: importing %s ahead of the first message failed", name)
+            return
+
+
+class StartedNodes:
+    """Ray and a pool's worth of virtual-node actors, starting in a background thread from creation."""
+
+    def __init__(self, backend_config: dict[str, Any], modules: tuple[str, ...], nodes: int) -> None:
+        # imported here, in the caller's thread: two threads importing one package's modules at
+        # once can meet Python's import-deadlock check
+        from flwr.server.superlink.fleet.vce.backend import raybackend
+        from flwr.simulation.ray_transport import ray_actor
+
+        self._raybackend, self._ray_actor = raybackend, ray_actor
+        self._config, self._modules, self._nodes = backend_config, modules, nodes
+        self._actors: list[Any] = []
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._start, name="oncofed-start-nodes", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        ray = self._raybackend.ray
+        owner = not ray.is_initialized()
+        try:
+            backend = self._raybackend.RayBackend(self._config)  # starts Ray unless it is up
+            # no more than the nodes: Flower fills the machine with actors, and one that never
+            # serves a message should not import torch and MONAI
+            capacity = min(self._nodes, self._ray_actor.pool_size_from_resources(backend.client_resources))
+            init = functools.partial(import_modules, self._modules)
+            actors = [self._ray_actor.ClientAppActor.options(**backend.client_resources).remote(  # type: ignore[attr-defined]
+                on_actor_init_fn=init) for _ in range(capacity)]
+        except Exception:  # noqa: BLE001 - Flower's own start follows and reports what is wrong
+            log.debug("virtual nodes could not be started early", exc_info=True)
+            actors = []
+        with self._lock:
+            self._actors = actors
+        self._ready.set()
+        # Ray starts its own processes with PR_SET_PDEATHSIG: they are killed when the *thread* that
+        # started them ends. The thread that started Ray lives as long as Ray does.
+        while owner and ray.is_initialized():
+            time.sleep(_OWNER_POLL_S)
+
+    def take(self) -> list[Any]:
+        """The started actors (none if starting failed), once; waits for the start to finish."""
+        self._ready.wait()
+        with self._lock:
+            actors, self._actors = self._actors, []
+        return actors
+
+    def discard(self) -> None:
+        """Kill the actors no run took (a run that failed before its engine started)."""
+        for actor in self.take():
+            with contextlib.suppress(Exception):
+                self._raybackend.ray.kill(actor, no_restart=True)
+
+
+@contextlib.contextmanager
+def adopting(started: StartedNodes) -> Iterator[None]:
+    """While inside, the Simulation Engine's actor pool starts with ``started``'s actors and creates
+    only the rest of its capacity (``RayBackend.build`` replaced, restored on exit)."""
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+    from flwr.simulation.ray_transport import ray_actor
+
+    original = raybackend.RayBackend.build
+
+    def build(self: Any, app_fn: Any) -> None:
+        pool = ray_actor.BasicActorPool(actor_type=ray_actor.ClientAppActor, client_resources=self.client_resources,
+                                        actor_kwargs=self.actor_kwargs)
+        actors = started.take()
+        for extra in actors[pool.actors_capacity:]:  # none unless the cluster shrank meanwhile
+            raybackend.ray.kill(extra, no_restart=True)
+        actors = actors[:pool.actors_capacity]
+        pool.add_actors_to_pool(pool.actors_capacity - len(actors))
+        pool.pool.extend(actors)  # last: the pool hands out its actors from the end of its list
+        pool.num_actors += len(actors)
+        self.pool, self.app_fn = pool, app_fn
+
+    raybackend.RayBackend.build = build  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        raybackend.RayBackend.build = original  # type: ignore[method-assign]
