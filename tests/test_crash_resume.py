@@ -55,7 +55,8 @@ def _launch(kill_after_release: int, argv: list[str]) -> int:
     from fl.server import simulation
 
     simulate = simulation.simulate
-    simulation.simulate = lambda cfg, observer=None: simulate(cfg, KillAfterRelease(kill_after_release, observer))
+    simulation.simulate = lambda cfg, observer=None, started=None: simulate(
+        cfg, KillAfterRelease(kill_after_release, observer), started)
     return main(argv)
 
 

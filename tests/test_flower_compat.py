@@ -216,6 +216,27 @@ def test_simulation_entry_point() -> None:
             "flwr.supercore.telemetry.EventType.PYTHON_API_RUN_SIMULATION_LEAVE", "fl/flower_compat/simulation.py")
 
 
+def test_the_actor_pool_pieces_the_early_start_relies_on() -> None:
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+    from flwr.simulation.ray_transport import ray_actor
+
+    recheck = "fl/flower_compat/warm_start.py (StartedNodes, adopting)"
+    _keywords(raybackend.RayBackend.build, "RayBackend.build", ("app_fn",), recheck)
+    _keywords(ray_actor.BasicActorPool.__init__, "BasicActorPool.__init__",
+              ("actor_type", "client_resources", "actor_kwargs"), recheck)
+    _keywords(ray_actor.ClientAppActor.__ray_metadata__.modified_class.__init__, "ClientAppActor.__init__",
+              ("on_actor_init_fn",), recheck)
+    _keywords(ray_actor.pool_size_from_resources, "pool_size_from_resources", ("client_resources",), recheck)
+    _canary("if not ray.is_initialized():" in inspect.getsource(raybackend.RayBackend.init_ray),
+            "RayBackend.init_ray (starts Ray only when it is not up)", recheck)
+    build = inspect.getsource(raybackend.RayBackend.build)
+    _canary("self.pool" in build and "self.app_fn = app_fn" in build, "RayBackend.build (sets pool and app_fn)", recheck)
+    pool = inspect.getsource(ray_actor.BasicActorPool)
+    for piece in ("self.pool: list", "self.num_actors", "self.actors_capacity", "def add_actors_to_pool",
+                  "actor = self.pool.pop()"):  # the last: idle actors are handed out from the end of the list
+        _canary(piece in pool, f"BasicActorPool ({piece!r})", recheck)
+
+
 # ----- engine: the object-pull retry patch -------------------------------------------------------
 
 def test_object_pulls_take_their_first_wait_from_a_keyword_default() -> None:

@@ -9,18 +9,23 @@ first round, after the coordinator has already spent as long importing the same 
 
 What this module does: :class:`StartedNodes` starts Ray through ``RayBackend``'s own constructor
 (so ``init_ray``'s arguments, its ``PYTHONPATH`` runtime environment and any test patch of it
-apply) and creates the pool's actors in a background thread, each importing the given modules
-as it is created (Flower's ``on_actor_init_fn``), while the coordinator imports, checks its
-config and builds its first model. :func:`adopting` replaces ``RayBackend.build`` for one run so
-that the pool takes those actors instead of creating its own; the pool's own ``terminate`` stops
-them as it stops its own. The actors belong to the run that started them: created for it,
-adopted by it, killed when it ends or (:meth:`StartedNodes.discard`) when it fails before it
-starts; no state crosses runs.
+apply) and creates actors, as many as the run has nodes and the machine has slots, in a
+background thread, each importing the given modules as it is created (Flower's
+``on_actor_init_fn``), while the coordinator imports, checks its config and builds its first
+model. Ray starts its own processes with ``PR_SET_PDEATHSIG``, which fires when the *thread* that
+started them ends, so that thread lives as long as Ray does. :func:`adopting` wraps, for one run,
+``RayBackend.init_ray`` (the engine waits for the early start rather than starting a second Ray
+beside it) and ``RayBackend.build`` (the pool takes the started actors, last in its list, which
+is where it hands actors out from, and creates only the rest of its capacity); the pool's own
+``terminate`` stops them as it stops its own. The actors belong to the run that started them:
+created for it, adopted by it, killed when it ends or (:meth:`StartedNodes.discard`) when it fails
+before its engine starts; no state crosses runs.
 
-If Flower changes: the canary in ``tests/test_flower_compat.py`` checks ``RayBackend``'s
-constructor, ``build``'s signature, the pool's ``pool``, ``num_actors``, ``actors_capacity`` and
-``add_actors_to_pool``, and ``ClientAppActor``'s ``on_actor_init_fn``. If starting early fails
-(Ray, an actor), nothing is adopted and Flower starts its nodes as it always does.
+If Flower changes: the canary in ``tests/test_flower_compat.py`` checks ``build``'s and the pool's
+signatures, that ``init_ray`` skips a running Ray, the pool's ``pool``, ``num_actors``,
+``actors_capacity``, ``add_actors_to_pool`` and that it hands out actors with ``pool.pop()``, and
+``ClientAppActor``'s ``on_actor_init_fn``. If starting early fails (Ray, an actor), nothing is
+adopted and Flower starts its nodes as it always does.
 """
 
 from __future__ import annotations
@@ -83,14 +88,22 @@ class StartedNodes:
         with self._lock:
             self._actors = actors
         self._ready.set()
-        # Ray starts its own processes with PR_SET_PDEATHSIG: they are killed when the *thread* that
-        # started them ends. The thread that started Ray lives as long as Ray does.
+        # Ray's own processes die with the thread that started them (PR_SET_PDEATHSIG)
         while owner and ray.is_initialized():
             time.sleep(_OWNER_POLL_S)
 
+    @property
+    def thread(self) -> threading.Thread:
+        """The thread that starts Ray and the actors (and, if it started Ray, lives as long as Ray)."""
+        return self._thread
+
+    def wait(self) -> None:
+        """Until Ray is up (or failed to start) and the actors are created."""
+        self._ready.wait()
+
     def take(self) -> list[Any]:
         """The started actors (none if starting failed), once; waits for the start to finish."""
-        self._ready.wait()
+        self.wait()
         with self._lock:
             actors, self._actors = self._actors, []
         return actors
@@ -104,12 +117,19 @@ class StartedNodes:
 
 @contextlib.contextmanager
 def adopting(started: StartedNodes) -> Iterator[None]:
-    """While inside, the Simulation Engine's actor pool starts with ``started``'s actors and creates
-    only the rest of its capacity (``RayBackend.build`` replaced, restored on exit)."""
+    """While inside, the Simulation Engine waits for ``started`` before it starts Ray (so it finds Ray
+    up instead of starting a second one beside it), and its actor pool starts with ``started``'s
+    actors, creating only the rest of its capacity (``RayBackend.init_ray`` and ``build`` wrapped,
+    restored on exit)."""
     from flwr.server.superlink.fleet.vce.backend import raybackend
     from flwr.simulation.ray_transport import ray_actor
 
-    original = raybackend.RayBackend.build
+    original_init, original_build = raybackend.RayBackend.init_ray, raybackend.RayBackend.build
+
+    def init_ray(self: Any, backend_config: Any) -> None:
+        if threading.current_thread() is not started.thread:  # the starting thread itself goes on
+            started.wait()
+        original_init(self, backend_config)
 
     def build(self: Any, app_fn: Any) -> None:
         pool = ray_actor.BasicActorPool(actor_type=ray_actor.ClientAppActor, client_resources=self.client_resources,
@@ -123,8 +143,10 @@ def adopting(started: StartedNodes) -> Iterator[None]:
         pool.num_actors += len(actors)
         self.pool, self.app_fn = pool, app_fn
 
+    raybackend.RayBackend.init_ray = init_ray  # type: ignore[method-assign]
     raybackend.RayBackend.build = build  # type: ignore[method-assign]
     try:
         yield
     finally:
-        raybackend.RayBackend.build = original  # type: ignore[method-assign]
+        raybackend.RayBackend.init_ray = original_init  # type: ignore[method-assign]
+        raybackend.RayBackend.build = original_build  # type: ignore[method-assign]
