@@ -227,10 +227,10 @@ def test_the_actor_pool_pieces_the_early_start_relies_on() -> None:
     _keywords(ray_actor.ClientAppActor.__ray_metadata__.modified_class.__init__, "ClientAppActor.__init__",
               ("on_actor_init_fn",), recheck)
     _keywords(ray_actor.pool_size_from_resources, "pool_size_from_resources", ("client_resources",), recheck)
-    _canary("if not ray.is_initialized():" in inspect.getsource(raybackend.RayBackend.init_ray),
-            "RayBackend.init_ray (starts Ray only when it is not up)", recheck)
-    build = inspect.getsource(raybackend.RayBackend.build)
-    _canary("self.pool" in build and "self.app_fn = app_fn" in build, "RayBackend.build (sets pool and app_fn)", recheck)
+    backend = inspect.getsource(raybackend)  # the module's source: this session's tests patch init_ray
+    _canary("if not ray.is_initialized():" in backend, "RayBackend.init_ray (starts Ray only when it is not up)", recheck)
+    _canary("self.pool = BasicActorPool(" in backend and "self.app_fn = app_fn" in backend,
+            "RayBackend.build (sets pool and app_fn)", recheck)
     pool = inspect.getsource(ray_actor.BasicActorPool)
     for piece in ("self.pool: list", "self.num_actors", "self.actors_capacity", "def add_actors_to_pool",
                   "actor = self.pool.pop()"):  # the last: idle actors are handed out from the end of the list

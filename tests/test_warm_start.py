@@ -20,7 +20,7 @@ from fl.flower_compat.warm_start import StartedNodes, adopting
 from fl.server.simulation import backend_config, node_modules
 
 REPO = Path(__file__).resolve().parents[1]
-MARK = "colorsys"  # a standard-library module nothing here imports: an actor holding it imported ahead
+MARK = "poplib"  # a standard-library module nothing here imports: an actor holding it imported ahead
 BROKEN = "oncofed_no_such_module"
 
 
