@@ -55,7 +55,8 @@ def import_modules(names: tuple[str, ...]) -> None:
 
 
 class StartedNodes:
-    """Ray and a pool's worth of virtual-node actors, starting in a background thread from creation."""
+    """Ray and the run's virtual-node actors (one per node, at most one per slot of the machine),
+    starting in a background thread from creation."""
 
     def __init__(self, backend_config: dict[str, Any], modules: tuple[str, ...], nodes: int) -> None:
         # imported here, in the caller's thread: two threads importing one package's modules at
