@@ -1,9 +1,9 @@
 """The virtual nodes started while the coordinator starts (:mod:`fl.flower_compat.warm_start`).
 
-Flower's actor pool, built inside :func:`adopting`, holds the started actors, which imported what
-they were told before any message (an actor Flower starts itself has not); the actors no run
-took are killed; a module that fails to import leaves the actor up for the ClientApp's own error
-path. The tests' Ray cluster has one CPU (``tests/conftest.py``): one actor at a time.
+Flower's actor pool, built inside :func:`adopting`, holds the started actors last, where it hands
+actors out from, and they imported what they were told before any message (an actor Flower starts
+itself has not); the actors no run took are killed; a module that fails to import leaves the actor
+up for the ClientApp's own error path. The tests' Ray cluster has one CPU (``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -57,13 +57,15 @@ def test_the_pool_takes_the_started_nodes_which_imported_ahead_of_any_message(co
     finally:
         _kill(cold)
 
-    started = StartedNodes(config, (MARK,), nodes=3)
+    half = {**config, "client_resources": {**config["client_resources"], "num_cpus": 0.5}}  # two slots
+    started = StartedNodes(half, (MARK,), nodes=1)  # one node: one actor started ahead, the other slot cold
     with adopting(started):
-        backend = _built(config)
+        backend = _built(half)
     try:
         pool = backend.pool
-        assert pool.num_actors == len(pool.pool) == pool.actors_capacity
+        assert pool.num_actors == len(pool.pool) == pool.actors_capacity == 2
         assert _holds(pool.pool[-1], MARK)  # the actor the pool hands out first
+        assert not _holds(pool.pool[0], MARK)  # Flower's own, for a second message at once
         assert started.take() == []  # adopted once
     finally:
         _kill(backend)
@@ -71,9 +73,16 @@ def test_the_pool_takes_the_started_nodes_which_imported_ahead_of_any_message(co
 
 def test_unadopted_nodes_are_killed_and_a_failed_import_leaves_the_node_up(config: dict[str, Any]) -> None:
     import ray
+    from ray.exceptions import RayActorError
 
-    StartedNodes(config, (MARK,), nodes=3).discard()
-    # the killed actor's CPU is free again: on this one-CPU cluster the next actor could not start otherwise
+    started = StartedNodes(config, (MARK,), nodes=3)
+    started.wait()
+    handles = list(started._actors)  # the test keeps its own handles: an actor outlives them otherwise
+    assert len(handles) == 1
+    started.discard()
+    with pytest.raises(RayActorError):
+        ray.get(handles[0].__ray_ready__.remote(), timeout=120)
+
     started = StartedNodes(config, (BROKEN, MARK), nodes=1)
     actors = started.take()
     try:

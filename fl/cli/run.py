@@ -15,7 +15,6 @@ from fl.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from fl.config import Config
-    from fl.flower_compat.warm_start import StartedNodes
 
 
 def add_parsers(sub: Any) -> None:
@@ -167,29 +166,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _simulate(config_path: str, overrides: list[str], out: str | None, resume: bool,
               verbose: bool) -> tuple[Path, float, Any]:
     """Load the config, check it, prepare the data and run it in the Simulation Engine with live
-    progress: (run folder, seconds, console)."""
+    progress: (run folder, seconds from the engine's start, console)."""
+    from rich.console import Console
+
     from fl import config as config_mod
-    from fl.server.simulation import start_nodes
+    from fl.server.app import run_dir_for
+    from fl.server.progress import LiveProgress
+    from fl.server.simulation import simulate, start_nodes
 
     overrides = overrides + ([f"output.dir={_toml_str(out)}"] if out else [])
     overrides += ["registry.resume=true"] if resume else []
     cfg = config_mod.load(config_path, overrides)
-    began = time.perf_counter()  # the engine's start: Ray and the virtual nodes' processes, while this
-    started = start_nodes(cfg)   # process checks the config and prepares the data
-    try:
-        run_dir, console = _checked_and_simulated(cfg, verbose, started)
-    finally:
-        started.discard()
-    return run_dir, time.perf_counter() - began, console
-
-
-def _checked_and_simulated(cfg: Config, verbose: bool, started: StartedNodes) -> tuple[Path, Any]:
-    from rich.console import Console
-
-    from fl.server.app import run_dir_for
-    from fl.server.progress import LiveProgress
-    from fl.server.simulation import simulate
-
     run_dir = run_dir_for(cfg).resolve()
     cfg = cfg.replace(
         **{
@@ -213,11 +200,15 @@ def _checked_and_simulated(cfg: Config, verbose: bool, started: StartedNodes) ->
         logging.getLogger("flwr").setLevel(logging.WARNING)
     if (warning := client_dp_warning(cfg)) is not None:
         console.print(f"[bold yellow]warning:[/] {warning}")
-    prepare_data(cfg, lambda text: console.print(f"[dim]{text}"))
-
-    with LiveProgress(console) as progress:
-        simulate(cfg, progress, started)
-    return run_dir, console
+    began = time.perf_counter()
+    started = start_nodes(cfg)  # Ray and the virtual nodes' processes start while the data are prepared
+    try:
+        prepare_data(cfg, lambda text: console.print(f"[dim]{text}"))
+        with LiveProgress(console) as progress:
+            simulate(cfg, progress, started)
+    finally:
+        started.discard()
+    return run_dir, time.perf_counter() - began, console
 
 
 def _toml_str(text: str) -> str:

@@ -34,6 +34,9 @@ import contextlib
 import functools
 import importlib
 import logging
+import os
+import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -54,6 +57,23 @@ def import_modules(names: tuple[str, ...]) -> None:
             return
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    del frame
+    sys.exit(signum)
+
+
+def _as_if_started_here() -> None:
+    """What starting Ray in this thread would have done to the process: ``ray.init`` on the main
+    thread makes SIGTERM a ``SystemExit`` (so ``finally`` blocks and exit hooks run), and Flower's
+    ``init_ray`` and ``ray.init`` write ``PYTHONPATH`` and ``PYTHONBREAKPOINT``. Writing a variable
+    the environment lacks reallocates it, which is unsafe while another thread reads it (torch's
+    and MONAI's imports do, in this thread), so both exist before the starting thread writes them."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    for name in ("PYTHONPATH", "PYTHONBREAKPOINT"):
+        os.environ.setdefault(name, "")  # empty: as if unset, for Python and for Flower's PYTHONPATH
+
+
 class StartedNodes:
     """Ray and the run's virtual-node actors (one per node, at most one per slot of the machine),
     starting in a background thread from creation."""
@@ -65,6 +85,8 @@ class StartedNodes:
         from flwr.simulation.ray_transport import ray_actor
 
         self._raybackend, self._ray_actor = raybackend, ray_actor
+        if not raybackend.ray.is_initialized():
+            _as_if_started_here()
         self._config, self._modules, self._nodes = backend_config, modules, nodes
         self._actors: list[Any] = []
         self._lock = threading.Lock()
@@ -75,6 +97,7 @@ class StartedNodes:
     def _start(self) -> None:
         ray = self._raybackend.ray
         owner = not ray.is_initialized()
+        actors: list[Any] = []
         try:
             backend = self._raybackend.RayBackend(self._config)  # starts Ray unless it is up
             # no more than the nodes: Flower fills the machine with actors, and one that never
@@ -85,10 +108,11 @@ class StartedNodes:
                 on_actor_init_fn=init) for _ in range(capacity)]
         except Exception:  # noqa: BLE001 - Flower's own start follows and reports what is wrong
             log.debug("virtual nodes could not be started early", exc_info=True)
-            actors = []
-        with self._lock:
-            self._actors = actors
-        self._ready.set()
+        finally:  # whatever happened, nobody waits for ever
+            with self._lock:
+                self._actors = actors
+            self._ready.set()
+        del actors  # the run holds the handles now: an actor dies when its last handle goes
         # Ray's own processes die with the thread that started them (PR_SET_PDEATHSIG)
         while owner and ray.is_initialized():
             time.sleep(_OWNER_POLL_S)
