@@ -35,8 +35,6 @@ import functools
 import importlib
 import logging
 import os
-import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -57,19 +55,12 @@ def import_modules(names: tuple[str, ...]) -> None:
             return
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    del frame
-    sys.exit(signum)
-
-
 def _as_if_started_here() -> None:
-    """What starting Ray in this thread would have done to the process: ``ray.init`` on the main
-    thread makes SIGTERM a ``SystemExit`` (so ``finally`` blocks and exit hooks run), and Flower's
-    ``init_ray`` and ``ray.init`` write ``PYTHONPATH`` and ``PYTHONBREAKPOINT``. Writing a variable
-    the environment lacks reallocates it, which is unsafe while another thread reads it (torch's
-    and MONAI's imports do, in this thread), so both exist before the starting thread writes them."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    """Flower's ``init_ray`` and ``ray.init`` write ``PYTHONPATH`` and ``PYTHONBREAKPOINT``. Writing a
+    variable the environment lacks reallocates it, which is unsafe while another thread reads it
+    (torch's and MONAI's imports do, in this one), so both exist before the starting thread writes
+    them. (``ray.init`` on the main thread would also install a SIGTERM handler; Ray's own native
+    handler aborts the process on SIGTERM either way, measured before and after this module.)"""
     for name in ("PYTHONPATH", "PYTHONBREAKPOINT"):
         os.environ.setdefault(name, "")  # empty: as if unset, for Python and for Flower's PYTHONPATH
 
