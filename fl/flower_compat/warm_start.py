@@ -55,7 +55,7 @@ def import_modules(names: tuple[str, ...]) -> None:
             return
 
 
-def _as_if_started_here() -> None:
+def _names_ray_writes_exist() -> None:
     """Flower's ``init_ray`` and ``ray.init`` write ``PYTHONPATH`` and ``PYTHONBREAKPOINT``. Writing a
     variable the environment lacks reallocates it, which is unsafe while another thread reads it
     (torch's and MONAI's imports do, in this one), so both exist before the starting thread writes
@@ -77,7 +77,7 @@ class StartedNodes:
 
         self._raybackend, self._ray_actor = raybackend, ray_actor
         if not raybackend.ray.is_initialized():
-            _as_if_started_here()
+            _names_ray_writes_exist()
         self._config, self._modules, self._nodes = backend_config, modules, nodes
         self._actors: list[Any] = []
         self._lock = threading.Lock()
