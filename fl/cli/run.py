@@ -170,8 +170,8 @@ def _simulate(config_path: str, overrides: list[str], out: str | None, resume: b
     from rich.console import Console
 
     from fl import config as config_mod
-    from fl.server.app import run_dir_for
     from fl.server.progress import LiveProgress
+    from fl.server.run_folder import run_dir_for
     from fl.server.simulation import simulate, start_nodes
 
     overrides = overrides + ([f"output.dir={_toml_str(out)}"] if out else [])

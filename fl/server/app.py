@@ -6,23 +6,15 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fl.config import Config, from_flat
+from fl.config import from_flat
 from fl.engine_env import prompt_object_pulls
 from fl.errors import ConfigError
 from fl.server.observer import LogObserver, Observer
 from fl.server.rounds import run_federation
-
-
-def run_dir_for(cfg: Config) -> Path:
-    """``output.dir/output.run_name``, naming the run after the model and time when unset."""
-    name = cfg.output.run_name or f"{cfg.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.output.dir) / name
+from fl.server.run_folder import run_dir_for
 
 
 def make_server_app(observer: Observer | None = None) -> ServerApp:

@@ -34,6 +34,12 @@ TENSORBOARD_DIR = "tensorboard"
 log = logging.getLogger("flwr.oncofed.server")
 
 
+def run_dir_for(cfg: Config) -> Path:
+    """``output.dir/output.run_name``, naming the run after the model and time when unset."""
+    name = cfg.output.run_name or f"{cfg.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.output.dir) / name
+
+
 def scalars(record: Mapping[str, Any]) -> dict[str, float]:
     """One round's numbers as TensorBoard tags: aggregates, per node, epsilon, seconds."""
     out: dict[str, float] = {}
