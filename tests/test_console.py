@@ -212,6 +212,17 @@ def test_the_node_ledger_curve_is_the_nodes_actual_spend(world: dict[str, Any], 
         node.running.stop()
 
 
+def _body_text(driver: Any) -> str:
+    """The page's text, or "" while the browser is between pages (the forged form's submission
+    navigates: its page may have no body yet, or lose the one just found)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    try:
+        return str(driver.find_element("tag name", "body").text)
+    except (NoSuchElementException, StaleElementReferenceException):
+        return ""
+
+
 def test_a_page_on_another_origin_cannot_approve_an_app(world: dict[str, Any], driver: Any) -> None:
     """The operator is logged in (cookie set); a page on another port of the same machine posts the
     approve form with the user's cookie. The console refuses it on its Origin."""
@@ -239,9 +250,9 @@ def test_a_page_on_another_origin_cannot_approve_an_app(world: dict[str, Any], d
         node.enter(driver, "/")  # the operator's session: the cookie is in this browser
         driver.get(f"http://127.0.0.1:{evil.server_address[1]}/")
         deadline = time.monotonic() + 20
-        while "refused" not in driver.find_element("tag name", "body").text and time.monotonic() < deadline:
+        while "refused" not in _body_text(driver) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert "cross-site request refused" in driver.find_element("tag name", "body").text
+        assert "cross-site request refused" in _body_text(driver)
         assert forged not in load_allowlist(state_dir(data))
     finally:
         evil.shutdown()
