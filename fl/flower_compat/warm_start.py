@@ -11,8 +11,8 @@ What this module does: :class:`StartedNodes` starts Ray through ``RayBackend``'s
 (so ``init_ray``'s arguments, its ``PYTHONPATH`` runtime environment and any test patch of it
 apply) and creates actors, as many as the run has nodes and the machine has slots, in a
 background thread, each importing the given modules as it is created (Flower's
-``on_actor_init_fn``), while the coordinator imports, checks its config and builds its first
-model. Ray starts its own processes with ``PR_SET_PDEATHSIG``, which fires when the *thread* that
+``on_actor_init_fn``), while the coordinator imports its own libraries, prepares the data and
+builds its first model. Ray starts its own processes with ``PR_SET_PDEATHSIG``, which fires when the *thread* that
 started them ends, so that thread lives as long as Ray does. :func:`adopting` wraps, for one run,
 ``RayBackend.init_ray`` (the engine waits for the early start rather than starting a second Ray
 beside it) and ``RayBackend.build`` (the pool takes the started actors, last in its list, which
